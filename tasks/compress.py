@@ -1,0 +1,102 @@
+"""Stage ``compress``: pruning, int8 quantisation and distillation of the fine-tuned model.
+
+Writes ``reports/compress.json`` (DVC metrics: size, latency, accuracy per variant),
+``reports/compression.md`` and ``models/compressed/`` (the distilled student).
+"""
+from __future__ import annotations
+
+from .common import atomic_path, device_for, load_checkpoint, load_domain, read_json, save_checkpoint, say, stage_main, write_json
+from .config import Params
+from .report import table
+from .training import target_splits
+
+
+def _measure(name: str, model, test_loader, example, iters: int, extra: dict | None = None) -> dict:
+    from tlcore import metrics
+    from tlcore.engine import predict
+
+    logits, y = predict(model, test_loader, "cpu")
+    row = {"variant": name, "accuracy": float((logits.argmax(1) == y).float().mean()),
+           "size_mb": metrics.model_size_mb(model), **metrics.latency_ms(model, example, iters=iters),
+           "throughput_ips": metrics.throughput(model, example)}
+    return {**row, **(extra or {})}
+
+
+def compress(params: Params) -> dict:
+    import torch
+
+    from tlcore import compress as C
+    from tlcore import data
+    from tlcore.engine import Loaders, TrainConfig, Trainer
+    from tlcore import models
+
+    cfg = params.compress
+    teacher, meta = load_checkpoint(params.path("models", "finetuned.pt"))
+    teacher = teacher.cpu().eval()
+    train_ds, test_ds = load_domain(params, "target", meta["arch"])
+    test_loader = data.make_loader(test_ds, params.evaluate.batch_size, train=False)
+    example = torch.stack([test_ds[i][0] for i in range(min(64, len(test_ds)))])
+    iters = params.evaluate.latency_iters
+    params.path("models", "compressed").mkdir(parents=True, exist_ok=True)
+    rows = [_measure("fp32", teacher, test_loader, example, iters, {"sparsity": C.sparsity(teacher)})]
+    for method in cfg.methods:
+        say(f"compress: {method}")
+        if method == "prune":
+            m = C.prune_unstructured(teacher, cfg.prune_amount)
+            rows.append(_measure(f"prune{int(cfg.prune_amount * 100)}", m, test_loader, example, iters, {"sparsity": C.sparsity(m)}))
+        elif method == "prune_structured":
+            m = C.prune_structured(teacher, cfg.prune_amount)
+            rows.append(_measure(f"prune_structured{int(cfg.prune_amount * 100)}", m, test_loader, example, iters,
+                                 {"sparsity": C.sparsity(m)}))
+        elif method == "int8":
+            calib_ds = train_ds.subset(range(min(256, len(train_ds))), transform=test_ds.transform)
+            calib = torch.stack([calib_ds[i][0] for i in range(len(calib_ds))])
+            rows.append(_measure("int8", C.quantize_int8(teacher, calib), test_loader, example, iters))
+        elif method == "distill":
+            rows.append(_distill(params, teacher, meta, train_ds, test_loader, example, iters))
+    base = rows[0]
+    for r in rows:
+        r["size_ratio"] = base["size_mb"] / r["size_mb"]
+        r["speedup_b1"] = base["latency_ms_p50"] / r["latency_ms_p50"]
+        r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
+    out = {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in rows}
+    write_json(params.path("reports", "compress.json"), out)
+    md = ["# Compression trade-offs", "", "Fine-tuned model and its compressed variants on the target test split "
+          "(CPU, batch-1 latency; throughput at batch 256).", "",
+          table(rows, ["variant", "accuracy", "accuracy_drop", "size_mb", "size_ratio", "latency_ms_p50",
+                       "latency_ms_p95", "speedup_b1", "throughput_ips", "sparsity"]), "",
+          "Unstructured pruning zeroes weights but keeps dense storage: its win is the sparsity column, "
+          "realised by a sparse runtime or compression of the file.", ""]
+    with atomic_path(params.path("reports", "compression.md")) as tmp:
+        tmp.write_text("\n".join(md))
+    return out
+
+
+def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> dict:
+    from tlcore import compress as C
+    from tlcore import data, models
+    from tlcore.engine import Loaders, TrainConfig, Trainer
+
+    cfg = params.compress
+    student_arch = cfg.student
+    if models.get_spec(student_arch).input_size != models.get_spec(meta["arch"]).input_size:
+        raise ValueError(f"compress.student {student_arch!r} takes another input size than {meta['arch']!r}; "
+                         f"pick a student with the same input size (e.g. tinycnn for smallcnn).")
+    labeled, pool, _ = target_splits(params, train_ds)
+    strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0)
+    student = models.create(student_arch, meta["num_classes"], in_channels=meta["in_channels"])
+    net = strat.setup(student, meta["num_classes"])
+    f = params.finetune
+    tcfg = TrainConfig(epochs=cfg.distill_epochs, steps_per_epoch=f.steps_per_epoch, lr=f.lr, weight_decay=f.weight_decay,
+                       seed=params.base.seed)
+    loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed),
+                      unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
+    Trainer(net, strat, tcfg, loaders, device=device_for(params)).fit()
+    student = net.model.cpu().eval()
+    save_checkpoint(params.path("models", "compressed", "student.pt"), student, meta["classes"], meta["in_channels"],
+                    {"stage": "compress", "teacher": meta["arch"]})
+    return _measure(f"distill_{student_arch}", student, test_loader, example, iters)
+
+
+if __name__ == "__main__":
+    stage_main(compress)

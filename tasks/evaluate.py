@@ -1,0 +1,96 @@
+"""Stage ``evaluate``: test-set metrics, baselines comparison, DVC plots and a readable report.
+
+Writes ``reports/metrics.json`` (flat DVC metrics), ``reports/per_class.csv`` and
+``reports/predictions.csv`` (DVC plots), PNG figures and ``reports/report.md``.
+"""
+from __future__ import annotations
+
+import csv
+
+from .common import atomic_path, device_for, load_checkpoint, load_domain, read_json, say, stage_main, write_json
+from .config import Params
+from .report import confusion_matrix_png, table, training_curves
+
+
+def evaluate(params: Params) -> dict:
+    import torch
+
+    from tlcore import data, metrics
+    from tlcore.engine import predict
+    from tlcore.models import count_params
+
+    device = device_for(params)
+    rep_dir = params.path("reports")
+    model, meta = load_checkpoint(params.path("models", "finetuned.pt"))
+    classes = meta["classes"]
+    _, test_ds = load_domain(params, "target", meta["arch"])
+    loader = data.make_loader(test_ds, params.evaluate.batch_size, train=False)
+    logits, y = predict(model.to(device), loader, device)
+    rep = metrics.classification_report(logits, y.numpy(), classes)
+    base = read_json(rep_dir / "baselines.json")
+    cpu_model = model.cpu().eval()
+    example = torch.stack([test_ds[i][0] for i in range(min(64, len(test_ds)))])
+    lat = metrics.latency_ms(cpu_model, example, iters=params.evaluate.latency_iters)
+    flat = {
+        "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"], "ece": rep["ece"],
+        "scratch_accuracy": base["scratch_accuracy"], "source_only_accuracy": base["source_only_accuracy"],
+        "transfer_gain": rep["accuracy"] - base["scratch_accuracy"],
+        **lat, "throughput_ips": metrics.throughput(cpu_model, example),
+        "params_m": count_params(cpu_model) / 1e6, "size_mb": metrics.model_size_mb(cpu_model),
+        "test_images": len(test_ds),
+    }
+    write_json(rep_dir / "metrics.json", flat)
+    _write_csv(rep_dir / "per_class.csv", rep["per_class"])
+    _write_csv(rep_dir / "predictions.csv",
+               [{"actual": classes[a], "predicted": classes[p]} for a, p in zip(y.tolist(), rep["predictions"])])
+    write_json(rep_dir / "evaluation.json", {k: v for k, v in rep.items() if k != "predictions"})
+    fig_dir = rep_dir / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    ft = read_json(rep_dir / "finetune.json")
+    pre = read_json(rep_dir / "pretrain.json")
+    training_curves({f"finetune ({ft['strategy']})": ft["history"], "scratch": base["scratch_history"],
+                     "pretrain (source)": pre["history"]}, fig_dir / "training_curves.png")
+    confusion_matrix_png(rep["confusion_matrix"], classes, fig_dir / "confusion_matrix.png",
+                         f"{ft['strategy']} on target test (acc {rep['accuracy']:.3f})")
+    _write_report(params, flat, rep, ft, pre)
+    say(f"evaluate: accuracy {flat['accuracy']:.4f} (scratch {flat['scratch_accuracy']:.4f}, "
+        f"source-only {flat['source_only_accuracy']}), transfer gain {flat['transfer_gain']:+.4f}")
+    return flat
+
+
+def _write_csv(path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) -> None:
+    so = flat["source_only_accuracy"]
+    lines = [
+        "# Transfer report", "",
+        f"Source `{params.data.source}` -> target `{params.data.target}`, backbone `{params.pretrain.backbone}`, "
+        f"strategy `{ft['strategy']}`, {params.data.labels_per_class} labels per class "
+        f"({ft['labeled']} labeled target images), seed {params.base.seed}.", "",
+        "## Accuracy on the target test split", "",
+        table([{"model": f"transfer ({ft['strategy']})", "accuracy": flat["accuracy"], "macro_f1": flat["macro_f1"]},
+               {"model": "scratch (same labels, no transfer)", "accuracy": flat["scratch_accuracy"]},
+               {"model": "source only (no adaptation)", "accuracy": so}], ["model", "accuracy", "macro_f1"]), "",
+        f"**Transfer gain over scratch: {flat['transfer_gain'] * 100:+.2f} points.** "
+        + ("Negative transfer: this model loses to training from scratch." if flat["transfer_gain"] <= 0 else ""), "",
+        f"Expected calibration error {flat['ece']:.4f}. Source model accuracy on its own test split: "
+        f"{pre.get('source_test_accuracy')}.", "",
+        "## Deployment figures (CPU)", "",
+        table([{k: flat[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb")}],
+              ["latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb"]), "",
+        "## Training curves", "", "![training curves](figures/training_curves.png)", "",
+        "## Confusion matrix", "", "![confusion matrix](figures/confusion_matrix.png)", "",
+        "## Per class", "", table(rep["per_class"], ["class", "precision", "recall", "f1", "support"]), "",
+        "Compression trade-offs: [compression.md](compression.md).", "",
+    ]
+    with atomic_path(params.path("reports", "report.md")) as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    stage_main(evaluate)

@@ -1,0 +1,47 @@
+"""Stage ``finetune``: transfer the source model to the target with the configured strategy."""
+from __future__ import annotations
+
+from .common import device_for, load_checkpoint, load_domain, read_json, save_checkpoint, say, stage_main, write_json
+from .config import Params
+from .training import TrainJob, run_job, target_splits
+
+
+def make_job(params: Params, strategy: str, strategy_params: dict | None = None) -> tuple[TrainJob, list[str]]:
+    """The target-side training job for ``strategy`` on the configured label budget."""
+    from tlcore import strategies
+
+    manifest = read_json(params.path("data", "manifest.json"))
+    source_model, meta = load_checkpoint(params.path("models", "source.pt"))
+    classes = manifest["target"]["classes"]
+    train_ds, _ = load_domain(params, "target", meta["arch"])
+    labeled, unlabeled, val = target_splits(params, train_ds)
+    uses = strategies._STRATEGIES[strategy].uses
+    source = load_domain(params, "source", meta["arch"])[0] if "source" in uses else None
+    transfers = strategies._STRATEGIES[strategy].transfers
+    job = TrainJob(
+        arch=meta["arch"], num_classes=len(classes), strategy=strategy, optim=params.finetune, seed=params.base.seed,
+        init_state=source_model.state_dict() if transfers else None,
+        strategy_params=strategy_params or {}, same_label_space=manifest["same_label_space"],
+        source=source, labeled=labeled, unlabeled=unlabeled if "unlabeled" in uses else None, val=val,
+    )
+    return job, classes
+
+
+def finetune(params: Params) -> dict:
+    """Fine-tune; writes ``models/finetuned.pt`` and ``reports/finetune.json`` (history)."""
+    from tlcore import models
+
+    device = device_for(params)
+    job, classes = make_job(params, params.finetune.strategy, params.finetune.strategy_params)
+    say(f"finetune: strategy {job.strategy} on {len(job.labeled)} labeled target images "
+        f"({params.data.labels_per_class} per class), {params.finetune.epochs} epochs, {device}")
+    model, history = run_job(job, device)
+    save_checkpoint(params.path("models", "finetuned.pt"), model, classes, models.get_spec(job.arch).default_in_channels,
+                    {"stage": "finetune", "strategy": job.strategy})
+    summary = {"strategy": job.strategy, "labeled": len(job.labeled), "history": history}
+    write_json(params.path("reports", "finetune.json"), summary)
+    return summary
+
+
+if __name__ == "__main__":
+    stage_main(finetune)

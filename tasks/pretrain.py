@@ -1,0 +1,49 @@
+"""Stage ``pretrain``: train the source model on the source domain -> ``models/source.pt``.
+
+Skipped (the backbone is only wrapped and saved) when ``pretrain.weights`` names torchvision
+ImageNet weights or a file the user has.
+"""
+from __future__ import annotations
+
+from .common import device_for, load_domain, read_json, save_checkpoint, say, stage_main, write_json
+from .config import Params
+from .training import TrainJob, run_job
+
+
+def accuracy(model, ds, device, batch_size: int = 256) -> float:
+    from tlcore import data
+    from tlcore.engine import predict
+
+    logits, y = predict(model, data.make_loader(ds, batch_size, train=False), device)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def pretrain(params: Params) -> dict:
+    """Train (or load) the source model; returns a summary."""
+    from tlcore import models
+
+    manifest = read_json(params.path("data", "manifest.json"))
+    classes = manifest["source"]["classes"]
+    arch = params.pretrain.backbone
+    spec = models.get_spec(arch)
+    out = params.path("models", "source.pt")
+    device = device_for(params)
+    if params.pretrain.weights:
+        say(f"pretrain: using given weights {params.pretrain.weights} for {arch}; no source training")
+        model = models.create(arch, len(classes), weights=params.pretrain.weights)
+        summary = {"weights": params.pretrain.weights, "history": [], "source_test_accuracy": None}
+    else:
+        train_ds, test_ds = load_domain(params, "source", arch)
+        say(f"pretrain: {arch} on {manifest['source']['name']} ({len(train_ds)} images, {params.pretrain.epochs} epochs, {device})")
+        job = TrainJob(arch, len(classes), "scratch", params.pretrain, params.base.seed, labeled=train_ds)
+        model, history = run_job(job, device)
+        acc = accuracy(model, test_ds, device)
+        say(f"pretrain: source test accuracy {acc:.4f}")
+        summary = {"weights": None, "history": history, "source_test_accuracy": acc}
+    save_checkpoint(out, model, classes, spec.default_in_channels, {"stage": "pretrain"})
+    write_json(params.path("reports", "pretrain.json"), summary)
+    return summary
+
+
+if __name__ == "__main__":
+    stage_main(pretrain)

@@ -1,0 +1,176 @@
+"""Stage ``register``: log the run to MLflow, register the model, and gate promotion to ``champion``.
+
+The new version always gets alias ``challenger``. It becomes ``champion`` only if it passes the
+gate in ``params.register``: accuracy >= ``min_accuracy``; >= the current champion's accuracy
+(measured on the same test data) + ``min_improvement``; and, when
+``require_positive_transfer``, a positive transfer gain over training from scratch. The
+decision and its reasons are printed and stored as tags. The model is stored as a state_dict
+checkpoint (loaded with ``weights_only=True`` plus its registry name), never as a pickle.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .common import git_info, params_hash, read_json, say, stage_main, write_json
+from .config import Params
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACTS = "mlruns"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def client():
+    import logging
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient()
+
+
+def dvc_lineage(lock_path: str | Path = "dvc.lock", manifest: dict | None = None) -> dict[str, str]:
+    """DVC content hashes of the data directories (from ``dvc.lock``), plus the manifest's split hashes."""
+    tags = {}
+    lock = Path(lock_path)
+    if lock.is_file():
+        with lock.open() as f:
+            stages = (yaml.safe_load(f) or {}).get("stages", {})
+        for out in stages.get("data", {}).get("outs", []):
+            role = Path(out["path"]).name
+            if role in ("source", "target"):
+                tags[f"data_{role}_dvc_md5"] = out.get("md5", "")
+    for role in ("source", "target"):
+        for split, info in (manifest or {}).get(role, {}).get("splits", {}).items():
+            tags[f"data_{role}_{split}_sha256"] = info["sha256"]
+    return tags
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _experiment(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    loc = None
+    if tracking_uri().startswith("sqlite:"):
+        loc = Path(os.environ.get("TL_MLFLOW_ARTIFACTS", DEFAULT_ARTIFACTS)).resolve().as_uri()
+    return c.create_experiment(name, artifact_location=loc)
+
+
+def champion_accuracy_on(c, name: str, test_hash: str, params: Params) -> tuple[object | None, float | None]:
+    """The current champion version and its accuracy on *this* test split."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        champ = c.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None, None
+    if champ.tags.get("data_target_test_sha256") == test_hash:
+        return champ, float(champ.tags["accuracy"])
+    return champ, evaluate_version(c, champ, params)  # other test data: measure it here
+
+
+def evaluate_version(c, version, params: Params) -> float:
+    import mlflow
+
+    from .common import load_checkpoint, load_domain
+    from .pretrain import accuracy
+
+    path = Path(mlflow.artifacts.download_artifacts(version.source)) / "model.pt"
+    model, meta = load_checkpoint(path)
+    _, test_ds = load_domain(params, "target", meta["arch"])
+    return accuracy(model, test_ds, "cpu")
+
+
+def gate(params: Params, metrics: dict, champion_acc: float | None) -> tuple[bool, list[str]]:
+    """The promotion decision and a reason per rule (each reason says pass/fail)."""
+    r = params.register
+    acc, ok, reasons = metrics["accuracy"], True, []
+    good = acc >= r.min_accuracy
+    ok &= good
+    reasons.append(f"{'pass' if good else 'FAIL'}: accuracy {acc:.4f} {'>=' if good else '<'} min_accuracy {r.min_accuracy}")
+    if champion_acc is None:
+        reasons.append("pass: no current champion")
+    else:
+        need = champion_acc + r.min_improvement
+        good = acc >= need
+        ok &= good
+        reasons.append(f"{'pass' if good else 'FAIL'}: accuracy {acc:.4f} {'>=' if good else '<'} champion "
+                       f"{champion_acc:.4f} + min_improvement {r.min_improvement}")
+    if r.require_positive_transfer:
+        gain = metrics["transfer_gain"]
+        good = gain > 0
+        ok &= good
+        reasons.append(f"{'pass' if good else 'FAIL'}: transfer_gain {gain:+.4f} {'>' if good else '<='} 0 "
+                       f"(scratch {metrics['scratch_accuracy']:.4f})")
+    return ok, reasons
+
+
+def register(params: Params) -> dict:
+    import mlflow
+
+    c = client()
+    name = params.register.model_name
+    metrics = read_json(params.path("reports", "metrics.json"))
+    compress = read_json(params.path("reports", "compress.json")) if params.path("reports", "compress.json").is_file() else {}
+    manifest = read_json(params.path("data", "manifest.json"))
+    lineage = {**git_info(), **dvc_lineage("dvc.lock", manifest), "params_hash": params_hash(params)}
+    exp_id = _experiment(c, params.register.experiment)
+    staged = Path(tempfile.mkdtemp(prefix="tl-model-"))
+    try:
+        shutil.copy2(params.path("models", "finetuned.pt"), staged / "model.pt")
+        (staged / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+        with mlflow.start_run(experiment_id=exp_id) as run:
+            mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params.model_dump()).items()})
+            mlflow.log_metrics({k: float(v) for k, v in {**metrics, **_flatten(compress)}.items()
+                                if isinstance(v, (int, float)) and v is not None})
+            mlflow.set_tags(lineage)
+            mlflow.log_artifacts(str(staged), artifact_path="model")
+            if params.path("reports").is_dir():
+                mlflow.log_artifacts(str(params.path("reports")), artifact_path="reports")
+            source_uri = f"{run.info.artifact_uri}/model"
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    if not c.search_registered_models(filter_string=f"name = '{name}'"):
+        c.create_registered_model(name, description="Transferred classifier registered by the transfer pipeline.")
+    champ, champ_acc = champion_accuracy_on(c, name, lineage.get("data_target_test_sha256", ""), params)
+    promoted, reasons = gate(params, metrics, champ_acc)
+    tags = {**lineage, "accuracy": str(metrics["accuracy"]), "transfer_gain": str(metrics["transfer_gain"]),
+            "strategy": params.finetune.strategy, "backbone": params.pretrain.backbone,
+            "gate_decision": "promoted" if promoted else "rejected", "gate_reasons": "; ".join(reasons)}
+    mv = c.create_model_version(name, source=source_uri, run_id=run.info.run_id, tags=tags)
+    c.set_registered_model_alias(name, "challenger", mv.version)
+    if promoted:
+        c.set_registered_model_alias(name, "champion", mv.version)
+    say(f"register: {name} version {mv.version} -> {'champion' if promoted else 'challenger only (not promoted)'}")
+    for r in reasons:
+        say(f"register:   {r}")
+    out = {"model_name": name, "version": int(mv.version), "promoted": promoted, "reasons": reasons,
+           "run_id": run.info.run_id, "model_uri": f"models:/{name}/{mv.version}",
+           "previous_champion": int(champ.version) if champ else None, "tracking_uri": tracking_uri(), **lineage}
+    write_json(params.path("reports", "registration.json"), out)
+    return out
+
+
+if __name__ == "__main__":
+    stage_main(register)

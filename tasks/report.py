@@ -1,0 +1,56 @@
+"""Figures and the markdown report (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def training_curves(histories: dict[str, list[dict]], path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, hist in histories.items():
+        if not hist:
+            continue
+        ep = [h["epoch"] for h in hist]
+        axes[0].plot(ep, [h["train_loss"] for h in hist], marker="o", label=name)
+        if "val_accuracy" in hist[0]:
+            axes[1].plot(ep, [h["val_accuracy"] for h in hist], marker="o", label=name)
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].set(title="validation accuracy (held-out target train)", xlabel="epoch")
+    for ax in axes:
+        if ax.lines:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def confusion_matrix_png(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    import numpy as np
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ConfusionMatrixDisplay(np.asarray(cm), display_labels=classes).plot(ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)

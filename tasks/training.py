@@ -1,0 +1,84 @@
+"""Turns params + datasets into a ``tlcore`` training run; the one code path every training stage uses.
+
+``TrainJob`` is plain data; :func:`run_job` builds the model, strategy, loaders and engine and
+trains. The Ray Train adapter runs this same function inside each worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Optim, Params, ParamsError
+
+
+@dataclass
+class TrainJob:
+    arch: str
+    num_classes: int
+    strategy: str
+    optim: Optim
+    seed: int
+    init_state: dict | None = None  # weights to start from (the source model); None = random
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    same_label_space: bool = True
+    source: Any = None  # ImageDataset (labeled source)
+    labeled: Any = None  # ImageDataset (labeled target)
+    unlabeled: Any = None  # ImageDataset (target pool, labels unused)
+    val: Any = None  # ImageDataset for per-epoch validation
+
+
+def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print):
+    """Model + strategy + loaders + :class:`tlcore.engine.Trainer` for ``job`` (nothing trained yet)."""
+    from tlcore import data, models, strategies
+    from tlcore.engine import Loaders, TrainConfig, Trainer, seed_everything
+
+    seed_everything(job.seed)
+    model = models.create(job.arch, job.num_classes if job.init_state is None else _head_size(job.init_state))
+    if job.init_state is not None:
+        models.load_transfer_state(model, job.init_state)
+    try:
+        strat = strategies.create_strategy(job.strategy, **{"label_smoothing": job.optim.label_smoothing, **job.strategy_params})
+    except TypeError as e:
+        raise ParamsError(f"finetune.strategy_params for {job.strategy!r} are invalid: {e}") from None
+    net = strat.setup(model, job.num_classes, job.same_label_space)
+    hook = loader_hook or (lambda dl: dl)
+    bs = job.optim.batch_size
+
+    def loader(ds, train=True, size=bs):
+        if ds is None or len(ds) == 0:
+            return None
+        return hook(data.make_loader(ds, size, train=train, seed=job.seed))
+
+    loaders = Loaders(target=loader(job.labeled), source=loader(job.source), unlabeled=loader(job.unlabeled),
+                      val=loader(job.val, train=False, size=256))
+    if "target" in strat.uses and loaders.target is None and not strat.uses >= {"source", "unlabeled"}:
+        raise ParamsError(
+            f"strategy {job.strategy!r} trains on labeled target images but data.labels_per_class = 0. "
+            f"Use an unsupervised adaptation strategy (dann, mcc, semi) or give a label budget >= 1."
+        )
+    cfg = TrainConfig(epochs=job.optim.epochs, steps_per_epoch=job.optim.steps_per_epoch, lr=job.optim.lr,
+                      optimizer=job.optim.optimizer, weight_decay=job.optim.weight_decay,
+                      scheduler=job.optim.scheduler, grad_clip=job.optim.grad_clip, seed=job.seed)
+    return Trainer(net, strat, cfg, loaders, device=device, callbacks=callbacks, wrap=wrap, log=log)
+
+
+def _head_size(state: dict) -> int:
+    return int(state["head.weight"].shape[0])
+
+
+def run_job(job: TrainJob, device, callbacks=()):
+    """Train ``job`` in this process; returns ``(model, history)``."""
+    trainer = build_trainer(job, device, callbacks)
+    history = trainer.fit()
+    return trainer.net.model, history
+
+
+def target_splits(params: Params, train_ds):
+    """Labeled / unlabeled-pool / validation subsets of the target training split (never test)."""
+    from tlcore import data
+
+    b = data.label_budget_split(train_ds.targets.numpy(), params.data.labels_per_class, params.base.seed,
+                                params.data.val_per_class)
+    keep = sorted(set(range(len(train_ds))) - set(b.val.tolist()))
+    val = train_ds.subset(b.val) if len(b.val) else None
+    return train_ds.subset(b.labeled), train_ds.subset(keep), val

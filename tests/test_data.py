@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tlcore import data, datasets, models
+
+
+def _tree(root, classes=("a", "b"), n=3, split="train"):
+    for c in classes:
+        d = root / split / c
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((10, 10), 40 * i, np.uint8)).save(d / f"{i}.png")
+
+
+@pytest.fixture
+def good(tmp_path):
+    _tree(tmp_path)
+    _tree(tmp_path, split="test", n=2)
+    return tmp_path
+
+
+def test_valid_tree_loads(good):
+    rep = data.validate_imagefolder(good)
+    assert rep["train"].counts == {"a": 3, "b": 3} and rep["test"].classes == ["a", "b"]
+    ds = data.load_split(good / "train", size=16, channels=3)
+    assert ds.images.shape == (6, 3, 16, 16) and ds.images.dtype == torch.uint8
+    assert ds.targets.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_corrupt_image_named_or_skipped(good, caplog):
+    bad = good / "train" / "a" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(data.DataValidationError, match="broken.png.*skip_corrupt"):
+        data.validate_imagefolder(good)
+    rep = data.validate_imagefolder(good, skip_corrupt=True)
+    assert rep["train"].skipped == [bad] and len(rep["train"].files) == 6
+    assert "skipped 1 corrupt" in caplog.text
+
+
+def test_non_image_file_named(good):
+    (good / "train" / "b" / "notes.txt").write_text("hi")
+    with pytest.raises(data.DataValidationError, match="not images.*notes.txt"):
+        data.validate_imagefolder(good)
+
+
+def test_empty_class_named(good):
+    (good / "train" / "c").mkdir()
+    with pytest.raises(data.DataValidationError, match=r"no readable images.*train/c"):
+        data.validate_imagefolder(good)
+
+
+def test_class_in_test_not_train_named(good):
+    _tree(good, classes=("z",), split="test")
+    with pytest.raises(data.DataValidationError, match=r"test.*classes that train/ does not: z"):
+        data.validate_imagefolder(good)
+
+
+def test_missing_split_named(tmp_path):
+    _tree(tmp_path)
+    with pytest.raises(data.DataValidationError, match=r"test does not exist"):
+        data.validate_imagefolder(tmp_path)
+
+
+def test_label_budget_stratified_deterministic_disjoint():
+    y = np.repeat(np.arange(5), 20)
+    a = data.label_budget_split(y, 3, seed=1, val_per_class=2)
+    b = data.label_budget_split(y, 3, seed=1, val_per_class=2)
+    c = data.label_budget_split(y, 3, seed=2, val_per_class=2)
+    assert np.array_equal(a.labeled, b.labeled) and not np.array_equal(a.labeled, c.labeled)
+    assert np.bincount(y[a.labeled]).tolist() == [3] * 5 and np.bincount(y[a.val]).tolist() == [2] * 5
+    parts = [set(a.labeled), set(a.unlabeled), set(a.val)]
+    assert sum(map(len, parts)) == 100 and set().union(*parts) == set(range(100))
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2])
+    with pytest.raises(ValueError, match="lower the label budget"):
+        data.label_budget_split(y, 25, seed=0)
+    assert len(data.label_budget_split(y, None, seed=0).labeled) == 100
+
+
+def test_transform_per_backbone():
+    x = torch.full((1, 32, 32), 255, dtype=torch.uint8)
+    t = data.build_transform(models.get_spec("smallcnn"), train=False)
+    assert torch.allclose(t(x), torch.ones(1, 32, 32))  # (1 - 0.5) / 0.5
+    t3 = data.build_transform(models.get_spec("resnet18"), train=True)
+    assert t3(torch.zeros(3, 64, 64, dtype=torch.uint8)).shape == (3, 64, 64)
+
+
+def test_synth_digits_deterministic_and_balanced():
+    x1, y1 = datasets.render_synth_digits(4, seed=3)
+    x2, y2 = datasets.render_synth_digits(4, seed=3)
+    x3, _ = datasets.render_synth_digits(4, seed=4)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and not np.array_equal(x1, x3)
+    assert np.bincount(y1).tolist() == [4] * 10 and x1.shape == (40, 32, 32) and x1.dtype == np.uint8
+    assert len(datasets.digit_fonts()) >= 10
+
+
+def test_optdigits_export_roundtrip(tmp_path):
+    root = datasets.materialize("optdigits", tmp_path / "optdigits", seed=0)
+    x, y = datasets.load_optdigits()
+    tr = data.load_split(root / "train", 32, 1)
+    te = data.load_split(root / "test", 32, 1)
+    assert len(tr) + len(te) == len(y) == 1797
+    assert np.bincount(tr.targets.numpy()).tolist() == [int(v) for v in np.bincount(y[datasets.stratified_split(y, 0.3, 0)[0]])]
+    train_idx, _ = datasets.stratified_split(y, 0.3, 0)
+    # PNG is lossless: the first exported image of class 0 equals the source pixels
+    first0 = train_idx[y[train_idx] == 0][0]
+    assert torch.equal(tr.images[0, 0], torch.from_numpy(x[first0]))
+    assert data.tree_hash(root / "test") == data.tree_hash(root / "test")

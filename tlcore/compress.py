@@ -1,0 +1,108 @@
+"""Compression: magnitude pruning, int8 post-training quantisation, knowledge distillation."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import losses
+from .strategies import Batch, Strategy, TransferNet
+
+
+def _prunable(model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, kinds)]
+
+
+def prune_unstructured(model: nn.Module, amount: float) -> nn.Module:
+    """Global L1 magnitude pruning of conv/linear weights; masks are made permanent. Returns a copy."""
+    m = copy.deepcopy(model)
+    targets = _prunable(m)
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    for mod, name in targets:
+        prune.remove(mod, name)
+    return m
+
+
+def prune_structured(model: nn.Module, amount: float) -> nn.Module:
+    """L2 pruning of whole conv output channels (``ln_structured``, dim 0); returns a copy."""
+    m = copy.deepcopy(model)
+    for mod, name in _prunable(m, (nn.Conv2d,)):
+        prune.ln_structured(mod, name, amount=amount, n=2, dim=0)
+        prune.remove(mod, name)
+    return m
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of zero weights over conv/linear layers."""
+    tot = zeros = 0
+    for mod, _ in _prunable(model):
+        tot += mod.weight.numel()
+        zeros += int((mod.weight == 0).sum())
+    return zeros / max(1, tot)
+
+
+def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str = "x86") -> nn.Module:
+    """Static int8 post-training quantisation of a conv net for CPU inference.
+
+    Route: FX graph mode (``torch.ao.quantization.quantize_fx``) with the ``x86`` backend. It is
+    the PyTorch-core route that quantises convolutions *and* linear layers statically and runs
+    with the fbgemm/onednn int8 kernels on CPU; eager mode needs hand-inserted Quant/DeQuant
+    stubs and fused modules, dynamic quantisation only covers Linear/RNN layers, and the PT2E
+    export route now lives in the separate ``torchao`` package. ``calibration`` is a float batch
+    ``(N, C, H, W)`` of representative inputs. Returns a new CPU model.
+    """
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = backend
+    m = copy.deepcopy(model).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(m, get_default_qconfig_mapping(backend), example_inputs=(calibration[:1].cpu(),))
+        with torch.no_grad():
+            for chunk in calibration.cpu().split(64):
+                prepared(chunk)
+        return convert_fx(prepared)
+
+
+class Distill(Strategy):
+    """Knowledge distillation (Hinton et al., 2015) into a student, as a strategy for the engine.
+
+    Uses labeled target batches (ground truth) and, when present, the unlabeled pool (soft
+    targets only). Not in the strategy registry: it needs a teacher instance.
+    """
+
+    name = "distill"
+    uses = frozenset({"target"})
+
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9, use_unlabeled: bool = False):
+        super().__init__()
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+        if use_unlabeled:
+            self.uses = frozenset({"target", "unlabeled"})
+
+    def setup(self, model, num_classes, same_label_space=True):
+        if model.num_classes != num_classes:
+            model.reset_head(num_classes)
+        return TransferNet(model)
+
+    def loss(self, net, batch: Batch, progress):
+        x, y = batch.target
+        dev = x.device
+        self.teacher.to(dev)
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        s_logits = net(x)["logits"]
+        loss = losses.distillation_loss(s_logits, t_logits, y, self.temperature, self.alpha)
+        if batch.unlabeled is not None:
+            with torch.no_grad():
+                tu = self.teacher(batch.unlabeled)
+            loss = loss + losses.distillation_loss(net(batch.unlabeled)["logits"], tu, None, self.temperature)
+        return loss, {"loss_distill": loss.item()}

@@ -1,0 +1,216 @@
+"""ImageFolder data: validation with clear errors, in-memory loading, transforms, label budgets.
+
+Trees look like ``root/{train,test}/<class_name>/*.png``. Images are decoded once into a
+uint8 tensor at the model's input size, so small-image training is not bound by PNG decoding.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from .models import ModelSpec
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "test")
+
+
+class DataValidationError(ValueError):
+    """An ImageFolder tree is not usable; the message names the files and the fix."""
+
+
+@dataclass
+class FolderReport:
+    """What :func:`validate_imagefolder` found for one split."""
+
+    classes: list[str]
+    files: list[tuple[Path, int]]
+    skipped: list[Path] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = {k: 0 for k in self.classes}
+        for _, y in self.files:
+            c[self.classes[y]] += 1
+        return c
+
+
+def _list(paths: list[Path], n: int = 5) -> str:
+    shown = ", ".join(str(p) for p in paths[:n])
+    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[str] | None = None) -> FolderReport:
+    """Check one split folder; raise :class:`DataValidationError` on the first kind of problem."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DataValidationError(
+            f"{split_dir} does not exist. An ImageFolder root needs train/ and test/ folders, each with one "
+            f"sub-folder per class holding its images (e.g. {split_dir}/cat/001.png)."
+        )
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataValidationError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class_name>/.")
+    classes = classes or found
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DataValidationError(
+            f"{split_dir} has classes that train/ does not: {', '.join(extra)}. A model cannot learn a class it "
+            f"never sees; add training images for them under train/<class>/ or remove them from {split_dir}."
+        )
+    files, non_images, corrupt, empty = [], [], [], []
+    for y, name in enumerate(classes):
+        cdir = split_dir / name
+        entries = sorted(p for p in cdir.iterdir() if p.is_file() and not p.name.startswith(".")) if cdir.is_dir() else []
+        imgs = [p for p in entries if p.suffix.lower() in IMG_EXTENSIONS]
+        non_images += [p for p in entries if p.suffix.lower() not in IMG_EXTENSIONS]
+        good = 0
+        for p in imgs:
+            try:
+                with Image.open(p) as im:
+                    im.load()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                corrupt.append(p)
+                continue
+            files.append((p, y))
+            good += 1
+        if good == 0 and split_dir.name == "train":
+            empty.append(cdir)
+    if non_images:
+        raise DataValidationError(
+            f"{len(non_images)} file(s) in {split_dir} are not images ({', '.join(sorted(IMG_EXTENSIONS))}): "
+            f"{_list(non_images)}. Move them out of the class folders."
+        )
+    if corrupt and not skip_corrupt:
+        raise DataValidationError(
+            f"{len(corrupt)} image(s) in {split_dir} are corrupt or unreadable: {_list(corrupt)}. Delete or "
+            f"re-export them, or set data.skip_corrupt: true to skip them (the count is logged)."
+        )
+    if corrupt:
+        log.warning("skipped %d corrupt image(s) in %s: %s", len(corrupt), split_dir, _list(corrupt))
+    if empty:
+        raise DataValidationError(
+            f"class folder(s) with no readable images: {_list(empty)}. Add images or delete the empty folder(s)."
+        )
+    return FolderReport(classes, files, corrupt)
+
+
+def validate_imagefolder(root: str | Path, skip_corrupt: bool = False) -> dict[str, FolderReport]:
+    """Validate ``root/train`` and ``root/test``; the test classes must be a subset of train's."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataValidationError(f"data root {root} does not exist; point data.source/data.target at an ImageFolder root or an embedded dataset name.")
+    train = validate_split(root / "train", skip_corrupt)
+    test = validate_split(root / "test", skip_corrupt, classes=train.classes)
+    return {"train": train, "test": test}
+
+
+def tree_hash(split_dir: str | Path) -> str:
+    """Content hash of a split: relative paths and bytes of every file, order-independent of the OS."""
+    h = hashlib.sha256()
+    split_dir = Path(split_dir)
+    for p in sorted(split_dir.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(split_dir).as_posix().encode())
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+class ImageDataset(Dataset):
+    """In-memory images ``(N, C, H, W)`` uint8 with int labels; ``transform`` maps uint8 -> float."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str], transform=None):
+        self.images, self.targets, self.classes, self.transform = images, targets.long(), classes, transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x.float() / 255), self.targets[i]
+
+    @classmethod
+    def from_numpy(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None) -> "ImageDataset":
+        """From ``(N, H, W)`` or ``(N, H, W, C)`` uint8 arrays."""
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
+        return cls(x, torch.from_numpy(np.asarray(labels)), classes, transform)
+
+    def subset(self, idx, transform="same") -> "ImageDataset":
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return ImageDataset(self.images[idx], self.targets[idx], self.classes,
+                            self.transform if transform == "same" else transform)
+
+
+def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bool = False,
+               classes: list[str] | None = None) -> ImageDataset:
+    """Validate and decode one split into an :class:`ImageDataset` at ``size`` x ``size``."""
+    rep = validate_split(Path(split_dir), skip_corrupt, classes)
+    mode = "L" if channels == 1 else "RGB"
+    arr = np.empty((len(rep.files), size, size, channels), dtype=np.uint8)
+    for i, (p, _) in enumerate(rep.files):
+        with Image.open(p) as im:
+            arr[i] = np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR)).reshape(size, size, channels)
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    return ImageDataset(images, torch.tensor([y for _, y in rep.files]), rep.classes)
+
+
+def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "standard"):
+    """Per-backbone transform on uint8 tensors: (train-time) affine jitter, scale to [0,1], normalise."""
+    c = channels or spec.default_in_channels
+    mean = spec.mean if len(spec.mean) == c else (sum(spec.mean) / len(spec.mean),) * c
+    std = spec.std if len(spec.std) == c else (sum(spec.std) / len(spec.std),) * c
+    ops: list = []
+    if train and augment != "none":
+        ops.append(v2.RandomAffine(degrees=12, translate=(0.1, 0.1), scale=(0.85, 1.15), shear=8))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+@dataclass
+class BudgetSplit:
+    labeled: np.ndarray
+    unlabeled: np.ndarray
+    val: np.ndarray
+
+
+def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per_class: int = 0) -> BudgetSplit:
+    """Stratified, seeded split of a training set into labeled / unlabeled pool / validation indices.
+
+    ``labels_per_class=None`` labels everything (after the validation hold-out). Raises
+    ``ValueError`` when a class has fewer images than asked for.
+    """
+    y = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    lab, unl, val = [], [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = len(idx) - val_per_class if labels_per_class is None else labels_per_class
+        if k + val_per_class > len(idx) or k < 0:
+            raise ValueError(
+                f"class {c} has {len(idx)} training images, fewer than labels_per_class={labels_per_class} + "
+                f"val_per_class={val_per_class}; lower the label budget."
+            )
+        val.append(idx[:val_per_class])
+        lab.append(idx[val_per_class:val_per_class + k])
+        unl.append(idx[val_per_class + k:])
+    return BudgetSplit(*(np.sort(np.concatenate(a)).astype(np.int64) for a in (lab, unl, val)))
+
+
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs."""
+    g = torch.Generator().manual_seed(seed)
+    if train and len(ds) < batch_size:
+        # a tiny labeled set (1 label/class) is repeated so one batch has `batch_size` items
+        reps = -(-batch_size // max(1, len(ds)))
+        ds = torch.utils.data.ConcatDataset([ds] * reps)
+    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g if train else None,
+                      num_workers=num_workers, persistent_workers=num_workers > 0)

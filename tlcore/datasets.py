@@ -1,0 +1,185 @@
+"""Embedded, offline datasets: ``synth_digits`` (source) and ``optdigits`` (real target).
+
+``synth_digits`` renders 0-9 from TrueType faces shipped with matplotlib, with random size,
+rotation, shear, aspect, stroke width, elastic (handwriting-like) distortion, blur, noise and
+an optional 8x8 low-resolution pass that mimics how optdigits was recorded. ``optdigits`` is
+scikit-learn's bundled UCI handwritten digits (1,797 images, 8x8, values 0-16), upsampled.
+Both export to ImageFolder PNG trees so the pipeline treats them like user data.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+EMBEDDED = ("synth_digits", "optdigits")
+CLASSES = [str(d) for d in range(10)]
+_SKIP = ("Display", "STIXNonUni", "STIXSiz", "cmex", "cmsy", "LastResort")
+
+
+@lru_cache(maxsize=1)
+def digit_fonts() -> tuple[str, ...]:
+    """Paths of matplotlib's bundled faces that render ten distinct, non-empty digit glyphs."""
+    import matplotlib
+
+    ttf = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    good = []
+    for p in sorted(ttf.glob("*.ttf")):
+        if any(s in p.name for s in _SKIP):
+            continue
+        glyphs = [_render_glyph(str(p), d, 40, 0) for d in CLASSES]
+        inked = [g for g in glyphs if g.sum() > 255 * 20]
+        distinct = {g.tobytes() for g in glyphs}
+        if len(inked) == 10 and len(distinct) == 10:
+            good.append(str(p))
+    if not good:
+        raise RuntimeError(f"no usable digit fonts found under {ttf}; reinstall matplotlib")
+    return tuple(good)
+
+
+def _render_glyph(font_path: str, text: str, size: int, stroke: int) -> np.ndarray:
+    font = ImageFont.truetype(font_path, size)
+    img = Image.new("L", (96, 96), 0)
+    ImageDraw.Draw(img).text((48, 48), text, fill=255, font=font, anchor="mm", stroke_width=stroke, stroke_fill=255)
+    return np.asarray(img)
+
+
+def upsample_lowres(img8: np.ndarray, size: int = 32) -> np.ndarray:
+    """Upsample an 8x8 uint8 image to ``size`` with bilinear interpolation (same for both domains)."""
+    return np.asarray(Image.fromarray(img8).resize((size, size), Image.BILINEAR))
+
+
+def _place(glyph: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Rotate/shear the glyph, crop its ink, rescale to a random box and centre it with jitter."""
+    im = Image.fromarray(glyph)
+    shear = rng.uniform(-0.3, 0.3)
+    im = im.transform(im.size, Image.AFFINE, (1, shear, -shear * 48, 0, 1, 0), resample=Image.BILINEAR)
+    im = im.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR)
+    bbox = im.getbbox() or (0, 0, 96, 96)
+    im = im.crop(bbox)
+    w, h = im.size
+    longest = rng.uniform(0.85, 1.0) * size
+    aspect = rng.uniform(0.8, 1.5)
+    scale = longest / max(w * aspect, h)
+    nw, nh = max(2, int(round(w * aspect * scale))), max(2, int(round(h * scale)))
+    im = im.resize((min(nw, size), min(nh, size)), Image.BILINEAR)
+    canvas = Image.new("L", (size, size), 0)
+    jx, jy = rng.integers(-2, 3, size=2)
+    canvas.paste(im, ((size - im.size[0]) // 2 + int(jx), (size - im.size[1]) // 2 + int(jy)))
+    return np.asarray(canvas)
+
+
+def _elastic(x: torch.Tensor, gen: torch.Generator, alpha: float = 2.0, sigma: float = 4.0) -> torch.Tensor:
+    """Elastic distortion (Simard et al. 2003) of a batch ``(N, 1, H, W)`` in [0, 1]."""
+    n, _, h, w = x.shape
+    disp = torch.rand(n, 2, h, w, generator=gen) * 2 - 1
+    k = int(4 * sigma) | 1
+    r = torch.arange(k) - k // 2
+    g = torch.exp(-(r.float() ** 2) / (2 * sigma**2))
+    g = (g / g.sum()).view(1, 1, 1, k).repeat(2, 1, 1, 1)
+    disp = F.conv2d(F.pad(disp, (k // 2, k // 2, 0, 0), mode="reflect"), g, groups=2)
+    disp = F.conv2d(F.pad(disp, (0, 0, k // 2, k // 2), mode="reflect"), g.transpose(2, 3), groups=2)
+    amp = torch.rand(n, 1, 1, 1, generator=gen) * alpha
+    disp = disp / disp.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6) * amp * 2 / h
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    grid = torch.stack([xx, yy], dim=-1).unsqueeze(0) + disp.permute(0, 2, 3, 1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def render_synth_digits(n_per_class: int, seed: int = 0, size: int = 32, lowres_prob: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``10 * n_per_class`` digits; returns ``(images uint8 (N, size, size), labels (N,))``.
+
+    Deterministic for a given ``seed``; classes are exactly balanced.
+    """
+    rng = np.random.default_rng(seed)
+    fonts = digit_fonts()
+    labels = np.repeat(np.arange(10), n_per_class)
+    rng.shuffle(labels)
+    imgs = np.empty((len(labels), size, size), dtype=np.uint8)
+    for i, d in enumerate(labels):
+        glyph = _render_glyph(fonts[rng.integers(len(fonts))], CLASSES[d], int(rng.integers(40, 60)), int(rng.integers(0, 4)))
+        imgs[i] = _place(glyph, rng, size)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(imgs).float().unsqueeze(1) / 255
+    x = _elastic(x, gen)
+    sig = torch.rand(len(x), generator=gen) * 1.2
+    blurred = torch.stack([_blur(xi, float(s)) for xi, s in zip(x, sig)])
+    out = (blurred.squeeze(1).clamp(0, 1) * 255).round().byte().numpy()
+    low = rng.random(len(out)) < lowres_prob
+    for i in np.flatnonzero(low):
+        small = np.asarray(Image.fromarray(out[i]).resize((8, 8), Image.BOX)).astype(np.float32)
+        small = np.round(small / max(1.0, small.max()) * 16) * 255 / 16  # optdigits stores 17 grey levels
+        out[i] = upsample_lowres(small.astype(np.uint8), size)
+    peak = out.reshape(len(out), -1).max(axis=1).clip(1, None).astype(np.float32)
+    out = (out.astype(np.float32) * (255 / peak)[:, None, None]).clip(0, 255)
+    noise = rng.normal(0, 1, out.shape) * rng.uniform(0, 12, (len(out), 1, 1))
+    return np.clip(out + noise, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma < 0.2:
+        return x
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.gaussian_blur(x, kernel_size=5, sigma=sigma)
+
+
+def load_optdigits(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 bundled UCI digits upsampled to ``size``: ``(uint8 (N, size, size), labels (N,))``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    small = np.round(d.images * 255 / 16).astype(np.uint8)
+    return np.stack([upsample_lowres(im, size) for im in small]), d.target.astype(np.int64)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed, seeded, stratified ``(train_idx, test_idx)``."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+    return np.sort(tr), np.sort(te)
+
+
+def export_imagefolder(root: str | Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write ``root/split/<class>/<i>.png`` for every image."""
+    for c in CLASSES:
+        (Path(root) / split / c).mkdir(parents=True, exist_ok=True)
+    for i, (im, y) in enumerate(zip(images, labels)):
+        Image.fromarray(im).save(Path(root) / split / CLASSES[y] / f"{i:05d}.png", optimize=False)
+
+
+def materialize(name: str, out_dir: str | Path, seed: int = 0, n_per_class: int = 600, test_per_class: int = 100,
+                test_fraction: float = 0.3, size: int = 32) -> Path:
+    """Write an embedded dataset as an ImageFolder tree at ``out_dir`` (atomically: temp dir + rename)."""
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded dataset {name!r}; choose one of: {', '.join(EMBEDDED)}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if name == "synth_digits":
+            x, y = render_synth_digits(n_per_class, seed=seed, size=size)
+            export_imagefolder(tmp, "train", x, y)
+            x, y = render_synth_digits(test_per_class, seed=seed + 7919, size=size)
+            export_imagefolder(tmp, "test", x, y)
+        else:
+            x, y = load_optdigits(size)
+            tr, te = stratified_split(y, test_fraction, seed)
+            export_imagefolder(tmp, "train", x[tr], y[tr])
+            export_imagefolder(tmp, "test", x[te], y[te])
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

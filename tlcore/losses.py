@@ -1,0 +1,72 @@
+"""Losses for transfer: supervised, joint, domain-adversarial, class-confusion and distillation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over ``(N, C)`` logits and ``(N,)`` int targets, with optional label smoothing."""
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
+def joint_loss(loss_source: torch.Tensor, loss_target: torch.Tensor, lam: float) -> torch.Tensor:
+    """Optimisation-based transfer ``L = L_S + lam * L_T`` (both scalars)."""
+    return loss_source + lam * loss_target
+
+
+def domain_adversarial_loss(domain_logits_s: torch.Tensor, domain_logits_t: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of a domain discriminator: source labelled 1, target 0.
+
+    Inputs are ``(N_s, 1)`` and ``(N_t, 1)`` logits computed on gradient-reversed features
+    (DANN, Ganin et al. 2016), so minimising this trains the discriminator and, through the
+    reversal, pushes the feature extractor towards domain-invariant features.
+    """
+    ls = F.binary_cross_entropy_with_logits(domain_logits_s, torch.ones_like(domain_logits_s))
+    lt = F.binary_cross_entropy_with_logits(domain_logits_t, torch.zeros_like(domain_logits_t))
+    return 0.5 * (ls + lt)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-sample Shannon entropy of ``(N, C)`` probabilities -> ``(N,)``."""
+    return -(probs * torch.log(probs + 1e-6)).sum(dim=1)
+
+
+def mcc_loss(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
+    """Minimum Class Confusion (Jin et al., ECCV 2020) on unlabeled target logits ``(N, C)``.
+
+    Temperature-scaled predictions are weighted by certainty (1 + exp(-entropy)); the
+    class-correlation matrix is row-normalised and its off-diagonal mass (confusion) is returned.
+    """
+    n, c = logits.shape
+    p = F.softmax(logits / temperature, dim=1)
+    w = 1 + torch.exp(-entropy(p).detach())
+    w = (n * w / w.sum()).unsqueeze(1)
+    conf = (p * w).t() @ p
+    conf = conf / conf.sum(dim=1, keepdim=True)
+    return (conf.sum() - torch.trace(conf)) / c
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None,
+                      temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al., 2015).
+
+    ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``; with no
+    ``target`` only the soft term is used. Logits are ``(N, C)``.
+    """
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean") * (t * t)
+    if target is None:
+        return soft
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, target)
+
+
+class LabelSmoothingCE(nn.Module):
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits, target):
+        return cross_entropy(logits, target, self.label_smoothing)

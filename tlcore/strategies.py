@@ -1,0 +1,364 @@
+"""Transfer strategies: each owns which parameters train, their learning-rate groups and its loss.
+
+Modelled on TLlib's ``Classifier.get_parameters()`` and fastai's ``fine_tune``. A strategy
+prepares a :class:`TransferNet` (the model plus any extra modules such as a domain
+discriminator), says which data streams it consumes (``uses``), and computes the loss of one
+step from a :class:`Batch`. The engine stays generic.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from . import losses
+from .layers import DomainDiscriminator, dann_lambda, grad_reverse
+from .models import TransferModel
+
+
+@dataclass
+class Batch:
+    """One training step's data; a stream a strategy does not use is ``None``."""
+
+    target: tuple[torch.Tensor, torch.Tensor] | None = None  # labeled target (x, y)
+    source: tuple[torch.Tensor, torch.Tensor] | None = None  # labeled source (x, y)
+    unlabeled: torch.Tensor | None = None  # unlabeled target images
+
+
+class TransferNet(nn.Module):
+    """The model being trained plus a strategy's extra modules; one ``forward`` for DDP.
+
+    ``forward(x, domain_coeff=None, source_head=False)`` returns a dict with ``features``
+    ``(N, D)``, ``logits`` ``(N, C)`` and, when asked, ``source_logits`` and ``domain``
+    (discriminator logits on gradient-reversed features, ``(N, 1)``).
+    """
+
+    def __init__(self, model: TransferModel, extras: dict[str, nn.Module] | None = None):
+        super().__init__()
+        self.model = model
+        self.extras = nn.ModuleDict(extras or {})
+
+    def forward(self, x: torch.Tensor, domain_coeff: float | None = None, source_head: bool = False):
+        f = self.model.backbone(x)
+        out = {"features": f, "logits": self.model.head(f)}
+        if source_head:
+            out["source_logits"] = self.extras["source_head"](f)
+        if domain_coeff is not None:
+            out["domain"] = self.extras["discriminator"](grad_reverse(f, domain_coeff))
+        return out
+
+
+_STRATEGIES: dict[str, type["Strategy"]] = {}
+
+
+def register_strategy(cls):
+    if cls.name in _STRATEGIES:
+        raise ValueError(f"strategy {cls.name!r} is already registered")
+    _STRATEGIES[cls.name] = cls
+    return cls
+
+
+def list_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def create_strategy(name: str, **hparams: Any) -> "Strategy":
+    if name not in _STRATEGIES:
+        raise KeyError(f"unknown strategy {name!r}; choose one of: {', '.join(list_strategies())}")
+    return _STRATEGIES[name](**hparams)
+
+
+def _unwrap(net: nn.Module) -> TransferNet:
+    return getattr(net, "module", net)
+
+
+def _set_trainable(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class Strategy:
+    """Base class. Subclasses set ``name``, ``uses`` and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    uses: ClassVar[frozenset[str]] = frozenset({"target"})
+    #: whether the model starts from the source weights (False only for ``scratch``)
+    transfers: ClassVar[bool] = True
+
+    def __init__(self, backbone_lr_mult: float = 1.0, reset_head: bool | None = None, label_smoothing: float = 0.0):
+        self.backbone_lr_mult = backbone_lr_mult
+        self.reset_head = reset_head
+        self.label_smoothing = label_smoothing
+        self.total_epochs = 1
+
+    # -- setup -------------------------------------------------------------------------------
+    def setup(self, model: TransferModel, num_classes: int, same_label_space: bool = True) -> TransferNet:
+        """Prepare ``model`` for the target task; returns the net the engine trains."""
+        reset = self.reset_head if self.reset_head is not None else not same_label_space
+        if reset or model.num_classes != num_classes:
+            model.reset_head(num_classes)
+        _set_trainable(model, True)
+        return TransferNet(model, self.extras(model))
+
+    def extras(self, model: TransferModel) -> dict[str, nn.Module]:
+        return {}
+
+    def param_groups(self, net: TransferNet, base_lr: float) -> list[dict]:
+        """Optimiser parameter groups, each ``{"name", "params", "lr"}``."""
+        net = _unwrap(net)
+        groups = [
+            {"name": "backbone", "params": list(net.model.backbone.parameters()), "lr": base_lr * self.backbone_lr_mult},
+            {"name": "head", "params": list(net.model.head.parameters()), "lr": base_lr},
+        ]
+        if len(net.extras):
+            groups.append({"name": "extras", "params": list(net.extras.parameters()), "lr": base_lr})
+        return groups
+
+    def on_epoch_start(self, net: nn.Module, epoch: int) -> None:
+        """Called before each epoch (0-based); strategies that unfreeze do it here."""
+
+    def train_mode(self, net: nn.Module) -> None:
+        """Put ``net`` in training mode; frozen parts keep BatchNorm statistics fixed."""
+        net.train()
+
+    # -- loss --------------------------------------------------------------------------------
+    def loss(self, net: nn.Module, batch: Batch, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch.target
+        out = net(x)
+        loss = losses.cross_entropy(out["logits"], y, self.label_smoothing)
+        return loss, {"loss_target": loss.item()}
+
+    def _target_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return losses.cross_entropy(logits, y, self.label_smoothing)
+
+
+@register_strategy
+class Scratch(Strategy):
+    """No transfer: every weight re-initialised, trained on the labeled target only (the baseline)."""
+
+    name = "scratch"
+    transfers = False
+
+    def setup(self, model, num_classes, same_label_space=True):
+        for m in model.modules():
+            if m is not model and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        model.reset_head(num_classes)
+        _set_trainable(model, True)
+        return TransferNet(model)
+
+
+@register_strategy
+class LinearProbe(Strategy):
+    """Feature-based transfer: frozen backbone (weights and BatchNorm statistics), new head."""
+
+    name = "linear_probe"
+
+    def setup(self, model, num_classes, same_label_space=True):
+        net = super().setup(model, num_classes, same_label_space)
+        _set_trainable(model.backbone, False)
+        return net
+
+    def param_groups(self, net, base_lr):
+        return [{"name": "head", "params": list(_unwrap(net).model.head.parameters()), "lr": base_lr}]
+
+    def train_mode(self, net):
+        net.train()
+        _unwrap(net).model.backbone.eval()
+
+
+@register_strategy
+class FineTune(Strategy):
+    """Model-based transfer: all layers train; the backbone at ``backbone_lr_mult`` x the head's rate."""
+
+    name = "finetune"
+
+    def __init__(self, backbone_lr_mult: float = 0.1, **kw):
+        super().__init__(backbone_lr_mult=backbone_lr_mult, **kw)
+
+
+@register_strategy
+class GradualUnfreeze(Strategy):
+    """Head only for ``freeze_epochs``, then every layer with discriminative learning rates.
+
+    Backbone stage ``i`` of ``n`` (input side first) gets ``lr * lr_decay ** (n - i)``, as in
+    ULMFiT/fastai ``fine_tune`` and Lightning's ``BackboneFinetuning``.
+    """
+
+    name = "gradual_unfreeze"
+
+    def __init__(self, freeze_epochs: int = 1, lr_decay: float = 0.5, **kw):
+        super().__init__(**kw)
+        self.freeze_epochs = freeze_epochs
+        self.lr_decay = lr_decay
+        self.frozen = True
+
+    @staticmethod
+    def stages(model: TransferModel) -> list[nn.Module]:
+        return [m for m in model.backbone.children() if any(True for _ in m.parameters())]
+
+    def setup(self, model, num_classes, same_label_space=True):
+        net = super().setup(model, num_classes, same_label_space)
+        self.frozen = self.freeze_epochs > 0
+        _set_trainable(model.backbone, not self.frozen)
+        return net
+
+    def param_groups(self, net, base_lr):
+        model = _unwrap(net).model
+        st = self.stages(model)
+        groups = [{"name": f"backbone.{i}", "params": list(m.parameters()), "lr": base_lr * self.lr_decay ** (len(st) - i)}
+                  for i, m in enumerate(st)]
+        return groups + [{"name": "head", "params": list(model.head.parameters()), "lr": base_lr}]
+
+    def on_epoch_start(self, net, epoch):
+        self.frozen = epoch < self.freeze_epochs
+        _set_trainable(_unwrap(net).model.backbone, not self.frozen)
+
+    def train_mode(self, net):
+        net.train()
+        if self.frozen:
+            _unwrap(net).model.backbone.eval()
+
+
+@register_strategy
+class Joint(Strategy):
+    """Optimisation-based transfer: ``L = L_S + lam * L_T`` on paired source/target batches.
+
+    When the label sets differ, the source keeps its own head (``extras.source_head``) and the
+    target gets a new one; with the same label set one head serves both.
+    """
+
+    name = "joint"
+    uses = frozenset({"source", "target"})
+
+    def __init__(self, lam: float = 1.0, **kw):
+        super().__init__(**kw)
+        self.lam = lam
+        self.separate_heads = False
+
+    def setup(self, model, num_classes, same_label_space=True):
+        self.separate_heads = not same_label_space
+        source_head = copy.deepcopy(model.head) if self.separate_heads else None
+        net = super().setup(model, num_classes, same_label_space)
+        if source_head is not None:
+            net.extras["source_head"] = source_head
+        return net
+
+    def loss(self, net, batch, progress):
+        (xs, ys), (xt, yt) = batch.source, batch.target
+        out = net(torch.cat([xs, xt]), source_head=self.separate_heads)
+        ns = xs.shape[0]
+        src_logits = (out["source_logits"] if self.separate_heads else out["logits"])[:ns]
+        ls = losses.cross_entropy(src_logits, ys)
+        lt = self._target_ce(out["logits"][ns:], yt)
+        return losses.joint_loss(ls, lt, self.lam), {"loss_source": ls.item(), "loss_target": lt.item()}
+
+
+class _SourceSupervised(Strategy):
+    """Shared setup for adaptation methods that train on labeled source + target images."""
+
+    def setup(self, model, num_classes, same_label_space=True):
+        if not same_label_space or model.num_classes != num_classes:
+            raise ValueError(
+                f"strategy {self.name!r} adapts a source classifier to the target, so source and target "
+                f"must share one label set; they differ here. Use 'joint', 'finetune' or 'linear_probe' instead."
+            )
+        return super().setup(model, num_classes, same_label_space=True)
+
+
+@register_strategy
+class DANN(_SourceSupervised):
+    """Domain-adversarial training (Ganin et al., JMLR 2016) with unlabeled target images.
+
+    ``L = CE(source) + trade_off * L_adv`` where the discriminator sees gradient-reversed
+    features and the reversal coefficient follows ``2/(1+exp(-10 p)) - 1``.
+    """
+
+    name = "dann"
+    uses = frozenset({"source", "unlabeled"})
+
+    def __init__(self, trade_off: float = 1.0, hidden: int = 256, **kw):
+        super().__init__(**kw)
+        self.trade_off = trade_off
+        self.hidden = hidden
+
+    def extras(self, model):
+        return {"discriminator": DomainDiscriminator(model.out_features, self.hidden)}
+
+    def loss(self, net, batch, progress):
+        (xs, ys), xu = batch.source, batch.unlabeled
+        coeff = dann_lambda(progress)
+        out = net(torch.cat([xs, xu]), domain_coeff=coeff)
+        ns = xs.shape[0]
+        ls = losses.cross_entropy(out["logits"][:ns], ys)
+        adv = losses.domain_adversarial_loss(out["domain"][:ns], out["domain"][ns:])
+        with torch.no_grad():
+            dom_acc = ((out["domain"][:ns] > 0).float().mean() + (out["domain"][ns:] <= 0).float().mean()) / 2
+        return ls + self.trade_off * adv, {"loss_source": ls.item(), "loss_adv": adv.item(),
+                                           "domain_acc": dom_acc.item(), "grl_coeff": coeff}
+
+
+@register_strategy
+class MCC(_SourceSupervised):
+    """Minimum Class Confusion (Jin et al., ECCV 2020): ``CE(source) + trade_off * MCC(target)``.
+
+    A strong, discriminator-free unsupervised domain-adaptation method on digit benchmarks.
+    """
+
+    name = "mcc"
+    uses = frozenset({"source", "unlabeled"})
+
+    def __init__(self, trade_off: float = 1.0, temperature: float = 2.5, **kw):
+        super().__init__(**kw)
+        self.trade_off = trade_off
+        self.temperature = temperature
+
+    def loss(self, net, batch, progress):
+        (xs, ys), xu = batch.source, batch.unlabeled
+        out = net(torch.cat([xs, xu]))
+        ns = xs.shape[0]
+        ls = losses.cross_entropy(out["logits"][:ns], ys)
+        lm = losses.mcc_loss(out["logits"][ns:], self.temperature)
+        return ls + self.trade_off * lm, {"loss_source": ls.item(), "loss_mcc": lm.item()}
+
+
+@register_strategy
+class SemiSupervised(_SourceSupervised):
+    """Semi-supervised adaptation: labeled source + the few labeled target + the unlabeled pool.
+
+    ``L = source_weight * CE(source) + CE(target) + trade_off * MCC(unlabeled)
+    + pseudo_weight * CE(unlabeled, confident pseudo-labels)`` (MCC plus self-training with a
+    confidence threshold, as in FixMatch's pseudo-labelling without strong augmentation).
+    """
+
+    name = "semi"
+    uses = frozenset({"source", "target", "unlabeled"})
+
+    def __init__(self, trade_off: float = 1.0, temperature: float = 2.5, source_weight: float = 1.0,
+                 pseudo_weight: float = 1.0, threshold: float = 0.95, **kw):
+        super().__init__(**kw)
+        self.trade_off, self.temperature = trade_off, temperature
+        self.source_weight, self.pseudo_weight, self.threshold = source_weight, pseudo_weight, threshold
+
+    def loss(self, net, batch, progress):
+        (xs, ys), xu = batch.source, batch.unlabeled
+        parts = [xs, xu] + ([batch.target[0]] if batch.target is not None else [])
+        out = net(torch.cat(parts))
+        ns, nu = xs.shape[0], xu.shape[0]
+        logits_u = out["logits"][ns:ns + nu]
+        ls = losses.cross_entropy(out["logits"][:ns], ys)
+        lm = losses.mcc_loss(logits_u, self.temperature)
+        probs = torch.softmax(logits_u.detach(), dim=1)
+        conf, pseudo = probs.max(dim=1)
+        mask = (conf >= self.threshold).float()
+        lp = (torch.nn.functional.cross_entropy(logits_u, pseudo, reduction="none") * mask).mean()
+        loss = self.source_weight * ls + self.trade_off * lm + self.pseudo_weight * lp
+        logs = {"loss_source": ls.item(), "loss_mcc": lm.item(), "pseudo_frac": mask.mean().item()}
+        if batch.target is not None:
+            lt = self._target_ce(out["logits"][ns + nu:], batch.target[1])
+            loss = loss + lt
+            logs["loss_target"] = lt.item()
+        return loss, logs
