@@ -9,7 +9,7 @@ from .common import device_for, load_checkpoint, load_domain, read_json, say, st
 from .config import Params
 from .finetune import make_job
 from .pretrain import accuracy
-from .training import run_job
+from .distributed import run_job_ray
 
 
 def baselines(params: Params) -> dict:
@@ -17,7 +17,7 @@ def baselines(params: Params) -> dict:
     manifest = read_json(params.path("data", "manifest.json"))
     job, _ = make_job(params, "scratch")
     say(f"baselines: scratch on {len(job.labeled)} labeled target images")
-    model, history = run_job(job, device)
+    model, history = run_job_ray(job, params, "baselines", manifest)
     _, test_ds = load_domain(params, "target", job.arch)
     out = {"scratch_accuracy": accuracy(model, test_ds, device), "scratch_history": history, "source_only_accuracy": None}
     if manifest["same_label_space"]:

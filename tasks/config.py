@@ -126,7 +126,7 @@ class Register(_Section):
 
 class Ray(_Section):
     address: str | None = None
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=0, description="0: Ray Train local mode (in-process, no cluster)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)

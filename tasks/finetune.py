@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from .common import device_for, load_checkpoint, load_domain, read_json, save_checkpoint, say, stage_main, write_json
 from .config import Params
-from .training import TrainJob, run_job, target_splits
+from .distributed import run_job_ray
+from .training import TrainJob, target_splits
 
 
 def make_job(params: Params, strategy: str, strategy_params: dict | None = None) -> tuple[TrainJob, list[str]]:
@@ -32,10 +33,11 @@ def finetune(params: Params) -> dict:
     from tlcore import models
 
     device = device_for(params)
+    manifest = read_json(params.path("data", "manifest.json"))
     job, classes = make_job(params, params.finetune.strategy, params.finetune.strategy_params)
     say(f"finetune: strategy {job.strategy} on {len(job.labeled)} labeled target images "
         f"({params.data.labels_per_class} per class), {params.finetune.epochs} epochs, {device}")
-    model, history = run_job(job, device)
+    model, history = run_job_ray(job, params, "finetune", manifest)
     save_checkpoint(params.path("models", "finetuned.pt"), model, classes, models.get_spec(job.arch).default_in_channels,
                     {"stage": "finetune", "strategy": job.strategy})
     summary = {"strategy": job.strategy, "labeled": len(job.labeled), "history": history}

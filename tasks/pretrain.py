@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from .common import device_for, load_domain, read_json, save_checkpoint, say, stage_main, write_json
 from .config import Params
-from .training import TrainJob, run_job
+from .distributed import run_job_ray
+from .training import TrainJob
 
 
 def accuracy(model, ds, device, batch_size: int = 256) -> float:
@@ -36,7 +37,7 @@ def pretrain(params: Params) -> dict:
         train_ds, test_ds = load_domain(params, "source", arch)
         say(f"pretrain: {arch} on {manifest['source']['name']} ({len(train_ds)} images, {params.pretrain.epochs} epochs, {device})")
         job = TrainJob(arch, len(classes), "scratch", params.pretrain, params.base.seed, labeled=train_ds)
-        model, history = run_job(job, device)
+        model, history = run_job_ray(job, params, "pretrain", manifest)
         acc = accuracy(model, test_ds, device)
         say(f"pretrain: source test accuracy {acc:.4f}")
         summary = {"weights": None, "history": history, "source_test_accuracy": acc}

@@ -54,6 +54,8 @@ class Loaders:
 
 
 class Callback(Protocol):
+    """``on_epoch_end`` is required; ``on_step_end(state, epoch, step)`` is called when defined."""
+
     def on_epoch_end(self, metrics: dict, state: "Trainer") -> None: ...
 
 
@@ -117,6 +119,7 @@ class Trainer:
         self.device = torch.device(device) if device else default_device()
         self.net = net.to(self.device)
         self.callbacks = list(callbacks)
+        self._step_callbacks = [cb for cb in self.callbacks if hasattr(cb, "on_step_end")]
         self.log = log or (lambda s: None)
         missing = [s for s in strategy.uses if getattr(loaders, s) is None]
         if missing and not (missing == ["target"] and strategy.uses >= {"source", "unlabeled"}):
@@ -188,6 +191,8 @@ class Trainer:
                 self.scheduler.step()
                 for k, v in {"loss": loss.item(), **logs}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                for cb in self._step_callbacks:
+                    cb.on_step_end(self, epoch, step)
             dt = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, **{f"train_{k}": v / self.steps_per_epoch for k, v in sums.items()},
                        "lr": self.optimizer.param_groups[-1]["lr"], "epoch_time_s": dt, "train_images_per_s": n_img / dt}
