@@ -162,7 +162,8 @@ def train_loop_per_worker(config: dict) -> None:
     local_dir = config.get("local_dir")
     cb = _RayReport(rank, _parse_fault(config.get("fault")), config.get("worker_log_dir"), shard, local_dir)
     trainer = build_trainer(job, device, callbacks=[cb], wrap=ray.train.torch.prepare_model, loader_hook=hook,
-                            log=(lambda s: say(f"[{config.get('stage', 'train')} w{rank}] {s}")) if rank == 0 else None)
+                            log=(lambda s: say(f"[{config.get('stage', 'train')} w{rank}] {s}")) if rank == 0 else None,
+                            replicas=world)
     state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:

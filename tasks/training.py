@@ -27,7 +27,7 @@ class TrainJob:
     val: Any = None  # ImageDataset for per-epoch validation
 
 
-def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print):
+def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print, replicas: int = 1):
     """Model + strategy + loaders + :class:`tlcore.engine.Trainer` for ``job`` (nothing trained yet)."""
     from tlcore import data, models, strategies
     from tlcore.engine import Loaders, TrainConfig, Trainer, seed_everything
@@ -47,7 +47,7 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
     def loader(ds, train=True, size=bs):
         if ds is None or len(ds) == 0:
             return None
-        return hook(data.make_loader(ds, size, train=train, seed=job.seed))
+        return hook(data.make_loader(ds, size, train=train, seed=job.seed, replicas=replicas if train else 1))
 
     loaders = Loaders(target=loader(job.labeled), source=loader(job.source), unlabeled=loader(job.unlabeled),
                       val=loader(job.val, train=False, size=256))

@@ -19,6 +19,7 @@ TINY = {
     "evaluate": {"latency_iters": 3},
     "compress": {"distill_epochs": 1},
     "base": {"num_threads": 1},
+    "ray": {"num_workers": 0},  # Ray Train local mode: the same loop, no cluster start-up per stage
 }
 
 
@@ -31,8 +32,9 @@ def env() -> dict:
     return e
 
 
-def sh(*args, cwd, check=True, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(a) for a in args], cwd=cwd, env=env(), capture_output=True, text=True, **kw)
+def sh(*args, cwd, check=True, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(a) for a in args], cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True,
+                       text=True, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r

@@ -205,12 +205,16 @@ def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per
     return BudgetSplit(*(np.sort(np.concatenate(a)).astype(np.int64) for a in (lab, unl, val)))
 
 
-def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs."""
+def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
+                replicas: int = 1) -> DataLoader:
+    """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs.
+
+    ``replicas`` is the number of data-parallel workers that will each take a shard of it.
+    """
     g = torch.Generator().manual_seed(seed)
-    if train and len(ds) < batch_size:
-        # a tiny labeled set (1 label/class) is repeated so one batch has `batch_size` items
-        reps = -(-batch_size // max(1, len(ds)))
+    if train and len(ds) < batch_size * replicas:
+        # a tiny labeled set (1 label/class) is repeated so every worker's shard fills one batch
+        reps = -(-batch_size * replicas // max(1, len(ds)))
         ds = torch.utils.data.ConcatDataset([ds] * reps)
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g if train else None,
                       num_workers=num_workers, persistent_workers=num_workers > 0)

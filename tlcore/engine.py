@@ -79,8 +79,13 @@ def _cycle(loader: DataLoader) -> Iterator:
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        n = 0
         for item in loader:
+            n += 1
             yield item
+        if n == 0:
+            raise ValueError(f"a training data loader yields no batches ({len(loader.dataset)} samples, "
+                             f"batch_size {loader.batch_size}, drop_last); lower the batch size.")
         epoch += 1
 
 

@@ -1,0 +1,100 @@
+"""Ray Train through the real stages as separate processes: driver interruption and a two-node cluster."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import env, make_repo, sh
+
+pytestmark = pytest.mark.slow
+RAY = Path(sys.executable).parent / "ray"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    r = make_repo(tmp_path_factory.mktemp("raycluster") / "repo",
+                  {"data": {"synth_per_class": 100}, "pretrain": {"epochs": 6, "batch_size": 32}})
+    sh(sys.executable, "-m", "tasks.data", cwd=r)
+    return r
+
+
+def _epochs(log_dir: Path, rank: int = 0) -> list[int]:
+    f = log_dir / f"rank{rank}.jsonl"
+    return [json.loads(x)["epoch"] for x in f.read_text().splitlines()] if f.exists() else []
+
+
+def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
+    e = {**env(), "TL_WORKER_LOG_DIR": str(tmp_path)}
+    args = [sys.executable, "-m", "tasks.pretrain", "-S", "ray.num_workers=1"]
+    proc = subprocess.Popen(args, cwd=repo, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while len(_epochs(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert len(_epochs(tmp_path)) >= 2, "the first run never reached epoch 2"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    try:
+        out1, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out1, _ = proc.communicate()
+    assert proc.returncode != 0 and not (repo / "models" / "source.pt").exists()
+    done_before = _epochs(tmp_path)
+    assert len(done_before) < 6, "interrupted too late to test resumption"
+    r = subprocess.run(args, cwd=repo, env=e, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    assert "resumed from checkpoint after epoch" in log
+    resumed_at = int(log.split("resumed from checkpoint after epoch")[1].split()[0])
+    assert resumed_at >= 2
+    after = _epochs(tmp_path)[len(done_before):]
+    assert after == list(range(resumed_at + 1, 7))  # continued, nothing from before the checkpoint redone
+    assert (repo / "models" / "source.pt").exists()
+    hist = json.loads((repo / "reports" / "pretrain.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    port = _free_port()
+    e = {"RAY_AUTH_MODE": "token"}  # `ray start` nodes authenticate with ~/.ray/auth_token
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    sh(RAY, "get-auth-token", "--generate", cwd=tmp_path, extra_env=e)  # a fresh machine may have no token yet
+    try:
+        sh(RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", "--resources={\"node_a\": 1}",
+           *common, cwd=tmp_path, extra_env=e)
+        sh(RAY, "start", f"--address=127.0.0.1:{port}", "--resources={\"node_b\": 1}", *common, cwd=tmp_path, extra_env=e)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            st = sh(RAY, "status", f"--address=127.0.0.1:{port}", cwd=tmp_path, extra_env=e, check=False)
+            if st.stdout.count(" node_") >= 2:
+                break
+            time.sleep(1)
+        yield f"127.0.0.1:{port}", e
+    finally:
+        sh(RAY, "stop", "--force", cwd=tmp_path, extra_env=e, check=False)
+
+
+def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster):
+    address, e = two_node_cluster
+    sh(sys.executable, "-m", "tasks.pretrain", "-S", "pretrain.epochs=1", cwd=repo)  # local mode source model
+    e = {**e, "TL_WORKER_LOG_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "tasks.finetune", "-S", f"ray.address={address}", "-S", "ray.num_workers=2"],
+                       cwd=repo, env={**env(), **e}, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(x) for rank in (0, 1) for x in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
+    nodes = {rec["node"] for rec in recs}
+    assert len(nodes) == 2, nodes  # one worker on each node
+    assert (repo / "models" / "finetuned.pt").exists()
