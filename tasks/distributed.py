@@ -82,8 +82,12 @@ class _RayReport:
             os._exit(1)
 
     def on_epoch_end(self, metrics: dict, state) -> None:
+        import resource
+
         import ray.train
         import torch
+
+        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kept in the history
 
         if self.log_dir:
             rec = {"epoch": metrics["epoch"], "pid": os.getpid(), "shard": self.shard[:64], "shard_size": len(self.shard),

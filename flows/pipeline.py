@@ -1,0 +1,155 @@
+"""``transfer_pipeline``: the DVC stages as Prefect tasks, with retries on I/O and report artifacts.
+
+Each Prefect task runs one stage through ``dvc repro --single-item <stage>``: the same
+``python -m tasks.<stage>`` that ``dvc.yaml`` declares, with DVC's lock and cache deciding
+whether it runs or is skipped, so the flow and ``dvc repro`` always agree and ``dvc status`` is
+clean afterwards. Runs on Prefect's ephemeral local API unless ``PREFECT_API_URL`` is set.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from prefect import flow, get_run_logger, task
+
+STAGES = ("data", "pretrain", "finetune", "baselines", "evaluate", "compress", "register")
+FAIL_ONCE_ENV = "TL_FLOW_FAIL_ONCE"  # test-only: "<task-name>:<marker path>" raises once in that task
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _maybe_fail(name: str) -> None:
+    spec = os.environ.get(FAIL_ONCE_ENV, "")
+    if spec.startswith(name + ":"):
+        marker = Path(spec.split(":", 1)[1])
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise ConnectionError(f"injected transient failure in {name}")
+
+
+def _dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess:
+    dvc = Path(sys.executable).parent / "dvc"
+    return subprocess.run([str(dvc) if dvc.exists() else "dvc", *args], cwd=repo, env=_env(),
+                          capture_output=True, text=True)
+
+
+@task(name="stage", task_run_name="{stage}")
+def run_stage(stage: str, repo: str, force: bool = False) -> dict:
+    """Reproduce one stage with DVC; returns whether it ran or was up to date."""
+    log = get_run_logger()
+    r = _dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], Path(repo))
+    for line in (r.stdout + r.stderr).splitlines():
+        if line.strip():
+            log.info(line)
+    if r.returncode != 0:
+        raise RuntimeError(f"stage {stage!r} failed (dvc exit {r.returncode}):\n{r.stderr[-2000:] or r.stdout[-2000:]}")
+    ran = f"Running stage '{stage}'" in r.stdout
+    return {"stage": stage, "ran": ran}
+
+
+@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+def register_stage(repo: str) -> dict:
+    """The registration stage talks to the MLflow tracking server: retried on failure."""
+    _maybe_fail("register")
+    return run_stage.fn("register", repo)
+
+
+@task(name="dvc-push", retries=3, retry_delay_seconds=[2, 5, 15])
+def dvc_push(repo: str) -> str:
+    """Push data and models to the DVC remote (network I/O: retried)."""
+    _maybe_fail("dvc-push")
+    r = _dvc(["push", "--quiet"], Path(repo))
+    if r.returncode != 0:
+        raise ConnectionError(f"dvc push failed: {r.stderr[-1000:]}")
+    return "pushed"
+
+
+@task(name="apply-params")
+def apply_params(repo: str, overrides: list[str]) -> list[str]:
+    """Validate the overrides (fail before any work), then write them into params.yaml."""
+    from tasks.cli import write_overrides
+    from tasks.config import load_params
+
+    params_file = Path(repo) / "params.yaml"
+    load_params(params_file, overrides)
+    if overrides:
+        write_overrides(params_file, overrides)
+    return overrides
+
+
+@task(name="publish-artifacts")
+def publish(repo: str) -> dict:
+    """Markdown report and per-class table as Prefect artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.common import read_json
+    from tasks.config import load_params
+
+    params = load_params(Path(repo) / "params.yaml")
+    rep = Path(repo) / params.base.reports_dir
+    m, reg = read_json(rep / "metrics.json"), read_json(rep / "registration.json")
+    comp = read_json(rep / "compress.json") if (rep / "compress.json").exists() else {}
+    so = m["source_only_accuracy"]
+    md = [
+        f"# Transfer pipeline: `{params.finetune.strategy}` ({params.data.source} -> {params.data.target})", "",
+        "| metric | value |", "|---|---|",
+        *(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()), "",
+        f"**Transfer gain over scratch:** {m['transfer_gain'] * 100:+.2f} points; over source-only: "
+        + (f"{(m['accuracy'] - so) * 100:+.2f} points." if so is not None else "n/a."), "",
+        f"**Gate:** {'promoted to champion' if reg['promoted'] else 'not promoted (challenger only)'}", "",
+        *(f"- {r}" for r in reg["reasons"]), "",
+        f"**Model:** `{reg['model_uri']}` in `{reg['tracking_uri']}` (run `{reg['run_id']}`)", "",
+    ]
+    if comp:
+        md += ["## Compression", "", "| variant | accuracy | size MB | p50 ms |", "|---|---|---|---|",
+               *(f"| {k} | {v['accuracy']:.4f} | {v['size_mb']:.3f} | {v['latency_ms_p50']:.3f} |" for k, v in comp.items())]
+    create_markdown_artifact(markdown="\n".join(md), key="transfer-report", description="Transfer pipeline report")
+    per_class = read_json(rep / "evaluation.json")["per_class"]
+    create_table_artifact(table=per_class, key="per-class-metrics", description="Per-class precision/recall/F1")
+    return {"metrics": m, "registration": reg}
+
+
+@flow(name="transfer-pipeline", log_prints=True)
+def transfer_pipeline(
+    repo: str = ".",
+    strategy: Optional[str] = None,
+    labels_per_class: Optional[int] = None,
+    backbone: Optional[str] = None,
+    finetune_epochs: Optional[int] = None,
+    num_workers: Optional[int] = None,
+    overrides: Optional[list[str]] = None,
+    force: bool = False,
+    push: bool = True,
+) -> dict:
+    """Run data -> pretrain -> finetune -> baselines -> evaluate -> compress -> register.
+
+    Typed parameters are shortcuts for ``-S`` overrides (``strategy`` is ``finetune.strategy``,
+    ``labels_per_class`` is ``data.labels_per_class`` ...); ``overrides`` takes any others.
+    """
+    repo = str(Path(repo).resolve())
+    sets = list(overrides or [])
+    for key, val in (("finetune.strategy", strategy), ("data.labels_per_class", labels_per_class),
+                     ("pretrain.backbone", backbone), ("finetune.epochs", finetune_epochs),
+                     ("ray.num_workers", num_workers)):
+        if val is not None:
+            sets.append(f"{key}={val}")
+    apply_params(repo, sets)
+    results = [run_stage(s, repo, force) for s in STAGES[:-1]]
+    results.append(register_stage(repo))
+    if push:
+        dvc_push(repo)
+    out = publish(repo)
+    ran = [r["stage"] for r in results if r["ran"]]
+    print(f"stages run: {', '.join(ran) or 'none (everything up to date)'}")
+    return {**out, "stages_run": ran}
+
+
+if __name__ == "__main__":
+    transfer_pipeline()

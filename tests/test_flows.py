@@ -1,0 +1,79 @@
+"""Prefect flows against a real temporary Prefect API (prefect_test_harness), real DVC, real MLflow."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import dvc, make_repo, set_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, harness):
+    return make_repo(tmp_path_factory.mktemp("flows") / "repo",
+                     {"register": {"min_accuracy": 0.0, "require_positive_transfer": False}})
+
+
+def _artifact(key):
+    from prefect.artifacts import Artifact
+
+    return Artifact.get(key)
+
+
+def test_transfer_pipeline_end_to_end(repo):
+    from flows.pipeline import transfer_pipeline
+
+    out = transfer_pipeline(repo=str(repo), strategy="finetune", labels_per_class=2)
+    assert out["registration"]["version"] == 1 and out["registration"]["promoted"]
+    assert set(out["stages_run"]) == {"data", "pretrain", "finetune", "baselines", "evaluate", "compress", "register"}
+    report = _artifact("transfer-report")
+    assert "Transfer gain over scratch" in report.data and "models:/digits-transfer/1" in report.data
+    table = _artifact("per-class-metrics")
+    assert "precision" in str(table.data)
+    assert dvc("status", cwd=repo).stdout.strip().endswith("up to date.")
+    assert any((repo / ".dvc-remote").rglob("*"))  # pushed
+    # the flow and `dvc repro` agree: nothing left to run
+    assert "Running stage" not in dvc("repro", cwd=repo).stdout
+
+
+def test_transient_failure_is_retried(repo, tmp_path, monkeypatch):
+    from flows.pipeline import FAIL_ONCE_ENV, transfer_pipeline
+
+    marker = tmp_path / "push-failed"
+    monkeypatch.setenv(FAIL_ONCE_ENV, f"dvc-push:{marker}")
+    out = transfer_pipeline(repo=str(repo))
+    assert marker.exists()  # the push failed once ...
+    assert out["stages_run"] == []  # ... was retried, and the (up-to-date) flow completed
+
+
+def test_retrain_skips_unchanged_data_and_retrains_changed(repo):
+    from flows.retrain import retrain
+
+    state = retrain(repo=str(repo), return_state=True)
+    assert state.is_completed() and "nothing to do" in state.message
+    assert dvc("status", cwd=repo).stdout.strip().endswith("up to date.")
+    set_params(repo, {"data": {"target_test_fraction": 0.25}})  # a different target split: new data
+    out = retrain(repo=str(repo))
+    assert out["retrained"] is True and "finetune" in out["stages_run"]
+    assert out["registration"]["version"] == 2
+
+
+def test_bad_override_fails_before_any_work(repo):
+    from flows.pipeline import transfer_pipeline
+
+    from tasks.config import ParamsError
+
+    before = (repo / "params.yaml").read_text()
+    with pytest.raises(ParamsError, match="finetune.lr"):
+        transfer_pipeline(repo=str(repo), overrides=["finetune.lr=-1"])
+    assert (repo / "params.yaml").read_text() == before
