@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Transfer-learning pipeline: DVC-versioned data, source pretraining, transfer, evaluation, "
                        "compression and gated MLflow registration.")
 STATE = {"debug": False}
@@ -70,6 +70,7 @@ def run(
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     force: bool = typer.Option(False, help="rerun every stage even if nothing changed"),
     push: bool = typer.Option(True, help="push data and models to the DVC remote afterwards"),
+    prefect: bool = typer.Option(False, "--prefect", help="run as the Prefect flow (retries, artifacts, UI)"),
 ):
     """Run the whole pipeline with `dvc repro` (only stages whose inputs changed run)."""
     from .config import ParamsError, load_params
@@ -78,12 +79,21 @@ def run(
         p = load_params(params, set_)
     except ParamsError as e:
         _fail(e)
+    if prefect:
+        from flows.pipeline import transfer_pipeline
+
+        transfer_pipeline(repo=str(params.resolve().parent), overrides=set_, force=force, push=push)
+        return _summary(p)
     if set_:
         write_overrides(params, set_)
         typer.echo(f"params: applied {' '.join(set_)} to {params}")
     _dvc("repro", *(["--force"] if force else []))
     if push:
         _dvc("push", "--quiet", check=False)
+    _summary(p)
+
+
+def _summary(p) -> None:
     reports = p.path("reports")
     typer.echo("\nDone.")
     typer.echo(f"  report:  {reports / 'report.md'}  (figures in {reports / 'figures'})")
@@ -122,5 +132,118 @@ def list_(what: str = typer.Argument("all", help="models | strategies | all")):
         typer.echo("strategies: " + ", ".join(list_strategies()))
 
 
+def _model_name(name: Optional[str]) -> str:
+    if name:
+        return name
+    from .config import load_params
+
+    return load_params().register.model_name
+
+
+@app.command()
+def models(name: Optional[str] = typer.Option(None, help="registered model name (default: register.model_name)")):
+    """Registered versions with aliases, key metrics, strategy, data hash and gate decision."""
+    from .registry import versions
+
+    rows = versions(_model_name(name))
+    cols = ["version", "aliases", "accuracy", "transfer_gain", "strategy", "gate", "data", "git", "created"]
+    fmt = lambda v: f"{float(v):.4f}" if isinstance(v, str) and v.replace(".", "", 1).lstrip("-").isdigit() and "." in v else str(v or "")
+    table = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+@app.command()
+def promote(name: str, version: int, why: str = typer.Option(..., "--why", help="reason, stored on the version"),
+            who: Optional[str] = typer.Option(None, help="defaults to the current user")):
+    """Make VERSION the champion explicitly (outside the gate); records who and why."""
+    from .registry import promote as do
+
+    r = do(name, version, why, who)
+    typer.echo(f"{name}: champion is now version {r['champion']} (was {r['previous']})")
+
+
+@app.command()
+def rollback(name: str, why: str = typer.Option(..., "--why"), who: Optional[str] = typer.Option(None)):
+    """Move champion back to the version the current champion replaced."""
+    from .registry import rollback as do
+
+    r = do(name, why, who)
+    typer.echo(f"{name}: champion rolled back from version {r['replaced']} to {r['champion']}")
+
+
+@app.command()
+def predict(paths: List[Path] = typer.Argument(..., help="image files or folders"),
+            name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion")):
+    """Classify images with the champion (or another alias); prints class and confidence."""
+    from .registry import predict as do
+
+    for r in do(paths, _model_name(name), alias):
+        typer.echo(f"{r['path']}\t{r['class']}\t{r['confidence']:.3f}")
+
+
+@app.command()
+def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraining"),
+          name: str = typer.Option("retrain", help="deployment name")):
+    """Serve the `retrain` flow on a cron schedule from this machine (Ctrl-C stops)."""
+    from flows.retrain import retrain
+
+    typer.echo(f"serving deployment retrain/{name} with cron {cron!r} for {Path.cwd()}")
+    retrain.serve(name=name, cron=cron, parameters={"repo": str(Path.cwd())})
+
+
+@app.command()
+def submit(address: str = typer.Option(..., help="Ray dashboard / job server, e.g. http://HEAD:8265"),
+           set_: List[str] = typer.Option([], "-S", "--set", help="param overrides for the job"),
+           follow_logs: bool = typer.Option(False, "--follow", help="stream the job's logs until it ends")):
+    """Submit the pipeline to a Ray cluster as a Ray Job (working dir shipped in runtime_env)."""
+    from .config import ParamsError, load_params
+    from .jobs import follow, submit as do
+
+    try:
+        load_params(Path("params.yaml"), set_)
+    except ParamsError as e:
+        _fail(e)
+    job_id = do(address, set_)
+    typer.echo(f"submitted job {job_id}")
+    typer.echo(f"follow it:  tl status {job_id} --address {address}   |   tl logs {job_id} --address {address} --follow")
+    if follow_logs:
+        for chunk in follow(address, job_id):
+            typer.echo(chunk, nl=False)
+
+
+@app.command()
+def status(job_id: str, address: str = typer.Option(..., help="e.g. http://HEAD:8265")):
+    """Status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from .jobs import status as do
+
+    typer.echo(do(address, job_id))
+
+
+@app.command()
+def logs(job_id: str, address: str = typer.Option(...), follow_logs: bool = typer.Option(False, "--follow")):
+    """Logs of a submitted job."""
+    from .jobs import follow, logs as do
+
+    if follow_logs:
+        for chunk in follow(address, job_id):
+            typer.echo(chunk, nl=False)
+    else:
+        typer.echo(do(address, job_id))
+
+
+def main() -> None:
+    """Console entry point: one-paragraph errors; `tl --debug ...` shows the traceback."""
+    try:
+        app()
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        if "--debug" in sys.argv:
+            raise
+        typer.secho(f"error: {e}\n(run `tl --debug ...` for the full traceback)", fg="red", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

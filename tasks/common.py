@@ -108,6 +108,8 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
         r = subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else ""
 
+    if os.environ.get("TL_GIT_COMMIT"):  # set by `tl submit`: the job runs on an uploaded copy
+        return {"git_commit": os.environ["TL_GIT_COMMIT"], "git_dirty": os.environ.get("TL_GIT_DIRTY", "unknown")}
     rev = run("rev-parse", "HEAD") or "unknown"
     dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
     return {"git_commit": rev, "git_dirty": str(dirty).lower()}

@@ -157,7 +157,8 @@ def register(params: Params) -> dict:
     promoted, reasons = gate(params, metrics, champ_acc)
     tags = {**lineage, "accuracy": str(metrics["accuracy"]), "transfer_gain": str(metrics["transfer_gain"]),
             "strategy": params.finetune.strategy, "backbone": params.pretrain.backbone,
-            "gate_decision": "promoted" if promoted else "rejected", "gate_reasons": "; ".join(reasons)}
+            "gate_decision": "promoted" if promoted else "rejected", "gate_reasons": "; ".join(reasons),
+            **({"previous_champion": str(champ.version)} if promoted and champ else {})}
     mv = c.create_model_version(name, source=source_uri, run_id=run.info.run_id, tags=tags)
     c.set_registered_model_alias(name, "challenger", mv.version)
     if promoted:

@@ -105,6 +105,29 @@ def test_gate_rejects_worse_and_promotes_better(repo):
     assert str(c.get_model_version_by_alias("digits-transfer", "champion").version) == str(reg["version"])
 
 
+def test_registry_cli_models_promote_rollback_predict(repo):
+    import sys
+    from pathlib import Path
+
+    tl = Path(sys.executable).parent / "tl"
+    c = _mlflow(repo)
+    champ = str(c.get_model_version_by_alias("digits-transfer", "champion").version)
+    listing = sh(tl, "models", cwd=repo).stdout
+    assert "champion" in listing and "rejected" in listing and "promoted" in listing
+    sh(tl, "promote", "digits-transfer", "1", "--why", "audit test", "--who", "tester", cwd=repo)
+    v1 = c.get_model_version("digits-transfer", "1")
+    assert str(c.get_model_version_by_alias("digits-transfer", "champion").version) == "1"
+    assert v1.tags["promoted_by"] == "tester" and v1.tags["promoted_why"] == "audit test"
+    assert v1.tags["previous_champion"] == champ
+    sh(tl, "rollback", "digits-transfer", "--why", "undo", cwd=repo)
+    assert str(c.get_model_version_by_alias("digits-transfer", "champion").version) == champ
+    out = sh(tl, "predict", "data/target/test/3", cwd=repo).stdout.strip().splitlines()
+    assert len(out) == len(list((repo / "data/target/test/3").iterdir()))
+    preds = [line.split("\t") for line in out]
+    assert all(p[1] in [str(i) for i in range(10)] and 0 < float(p[2]) <= 1 for p in preds)
+    assert sum(p[1] == "3" for p in preds) > len(preds) / 2  # the champion mostly recognises threes
+
+
 def test_dvc_exp_run_and_metrics_diff(repo):
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "baseline run", cwd=repo)

@@ -1,0 +1,78 @@
+"""infra/ and prefect.yaml stay consistent with the code, params.yaml and the installed versions."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from importlib.metadata import version
+
+import yaml
+
+from helpers import ROOT
+from tasks.config import load_params
+
+INFRA = ROOT / "infra"
+
+
+def _overrides(cmd: str) -> list[str]:
+    return [o.strip('"\'') for o in re.findall(r"-S\s+(\S+)", cmd)]
+
+
+def test_prefect_deployments_point_at_real_flows():
+    from prefect import Flow
+
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert doc["prefect-version"] == version("prefect")
+    assert {d["name"] for d in doc["deployments"]} >= {"retrain-nightly", "transfer-pipeline"}
+    for dep in doc["deployments"]:
+        path, fn = dep["entrypoint"].split(":")
+        assert (ROOT / path).is_file(), path
+        flow = getattr(importlib.import_module(path[:-3].replace("/", ".")), fn)
+        assert isinstance(flow, Flow)
+        assert set(dep.get("parameters", {})) <= set(inspect.signature(flow.fn).parameters)
+        for s in dep.get("schedules", []):
+            assert len(s["cron"].split()) == 5
+
+
+def test_ray_manifests_match_params_and_versions():
+    cluster = yaml.safe_load((INFRA / "k8s" / "raycluster.yaml").read_text())
+    job = yaml.safe_load((INFRA / "k8s" / "rayjob.yaml").read_text())
+    launcher = yaml.safe_load((INFRA / "cluster.yaml").read_text())
+    ray_version = version("ray")
+    assert cluster["spec"]["rayVersion"] == ray_version == job["spec"]["rayClusterSpec"]["rayVersion"]
+    entry = job["spec"]["entrypoint"]
+    assert "tl run" in entry
+    overrides = _overrides(entry)
+    params = load_params(ROOT / "params.yaml", overrides)  # every key in the manifest is a real, valid param
+    assert params.ray.use_gpu and params.ray.storage_path.startswith("s3://")
+    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+        workers = spec["workerGroupSpecs"][0]
+        gpus = int(workers["rayStartParams"]["num-gpus"])
+        limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) == gpus >= params.ray.gpus_per_worker
+        assert float(limits["cpu"]) >= params.ray.cpus_per_worker
+        assert workers["replicas"] >= params.ray.num_workers or workers.get("maxReplicas", 0) >= params.ray.num_workers
+    gpu_node = launcher["available_node_types"]["gpu_worker"]["resources"]
+    assert gpu_node["GPU"] >= 1 and gpu_node["CPU"] >= params.ray.cpus_per_worker
+
+
+def test_documented_submit_commands_are_valid():
+    text = (INFRA / "README.md").read_text() + (INFRA / "cluster.yaml").read_text()
+    cmds = re.findall(r"tl submit[^`\n]*(?:\n\s+-S[^`\n]*)*", text)
+    assert cmds
+    for cmd in cmds:
+        load_params(ROOT / "params.yaml", [o for o in _overrides(cmd) if "..." not in o])
+
+
+def test_dockerfile_and_compose_consistent():
+    docker = (INFRA / "Dockerfile").read_text()
+    for line in docker.splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), src
+    assert "requirements.lock" in docker and "tl" in docker
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    svc = compose["services"]
+    assert svc["prefect"]["image"].split(":")[1].startswith(version("prefect"))
+    assert svc["mlflow"]["image"].endswith("v" + version("mlflow-skinny"))
+    assert {"prefect", "postgres", "mlflow", "minio"} <= set(svc)
