@@ -48,18 +48,13 @@ def write_overrides(params_file: Path, overrides: list[str]) -> None:
     """Apply ``-S key=value`` to params.yaml in place, keeping comments (as ``dvc exp run -S`` does)."""
     from ruamel.yaml import YAML
 
-    from .config import parse_override
+    from .config import set_overrides
 
     y = YAML()
     y.preserve_quotes = True
+    y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     with params_file.open() as f:
-        doc = y.load(f)
-    for item in overrides:
-        keys, val = parse_override(item)
-        node = doc
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = val
+        doc = set_overrides(y.load(f), overrides)
     with params_file.open("w") as f:
         y.dump(doc, f)
 

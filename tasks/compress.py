@@ -5,7 +5,7 @@ Writes ``reports/compress.json`` (DVC metrics: size, latency, accuracy per varia
 """
 from __future__ import annotations
 
-from .common import atomic_path, device_for, load_checkpoint, load_domain, read_json, save_checkpoint, say, stage_main, write_json
+from .common import atomic_path, device_for, load_checkpoint, load_domain, save_checkpoint, say, stage_main, write_json
 from .config import Params
 from .report import table
 from .training import target_splits
@@ -27,8 +27,6 @@ def compress(params: Params) -> dict:
 
     from tlcore import compress as C
     from tlcore import data
-    from tlcore.engine import Loaders, TrainConfig, Trainer
-    from tlcore import models
 
     cfg = params.compress
     teacher, meta = load_checkpoint(params.path("models", "finetuned.pt"))

@@ -174,17 +174,21 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    out = copy.deepcopy(raw)
+def set_overrides(doc, overrides: list[str]):
+    """Apply ``-S key=value`` items to a nested mapping in place (a dict or a ruamel document)."""
     for item in overrides:
         keys, val = parse_override(item)
-        node = out
+        node = doc
         for k in keys[:-1]:
             node = node.setdefault(k, {})
-            if not isinstance(node, dict):
+            if not hasattr(node, "setdefault"):
                 raise ParamsError(f"override {item!r}: {k} is not a section.")
         node[keys[-1]] = val
-    return out
+    return doc
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    return set_overrides(copy.deepcopy(raw), overrides)
 
 
 def validate(raw: dict, origin: str = "params.yaml") -> Params:

@@ -1,7 +1,6 @@
 """Prefect flows against a real temporary Prefect API (prefect_test_harness), real DVC, real MLflow."""
 from __future__ import annotations
 
-import os
 
 import pytest
 

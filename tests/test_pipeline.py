@@ -70,7 +70,7 @@ def test_lineage_tags_match_dvc_lock(repo):
     import mlflow
     import torch
 
-    path = mlflow.artifacts.download_artifacts(f"models:/digits-transfer@champion") + "/model.pt"
+    path = mlflow.artifacts.download_artifacts("models:/digits-transfer@champion") + "/model.pt"
     blob = torch.load(path, map_location="cpu", weights_only=True)
     assert blob["arch"] == "smallcnn" and blob["classes"] == [str(i) for i in range(10)]
 

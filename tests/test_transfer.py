@@ -2,9 +2,6 @@
 with 1 label per class on optdigits, beats training from scratch on the same budget."""
 import time
 
-import numpy as np
-import torch
-
 from tlcore import data, datasets, models, strategies
 from tlcore.engine import Loaders, TrainConfig, Trainer, predict, seed_everything
 
@@ -12,14 +9,7 @@ from tlcore.engine import Loaders, TrainConfig, Trainer, predict, seed_everythin
 def test_finetune_beats_scratch_at_one_label_per_class():
     t0 = time.time()
     seed_everything(0)
-    spec = models.get_spec("smallcnn")
-    train_t, eval_t = data.build_transform(spec, True), data.build_transform(spec, False)
-    xs, ys = datasets.render_synth_digits(120, seed=0)
-    source = data.ImageDataset.from_numpy(xs, ys, datasets.CLASSES, train_t)
-    xt, yt = datasets.load_optdigits()
-    tr, te = datasets.stratified_split(yt, 0.3, seed=0)
-    target = data.ImageDataset.from_numpy(xt[tr], yt[tr], datasets.CLASSES, train_t)
-    test = data.ImageDataset.from_numpy(xt[te], yt[te], datasets.CLASSES, eval_t)
+    source, target, test = datasets.digits_task(models.get_spec("smallcnn"), 120, seed=0)
     budget = data.label_budget_split(target.targets.numpy(), 1, seed=0)
     labeled = target.subset(budget.labeled)
     test_loader = data.make_loader(test, 256, train=False)

@@ -183,3 +183,19 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, n_per_class: int 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def digits_task(spec, synth_per_class: int, seed: int = 0, test_fraction: float = 0.3):
+    """In-memory embedded task for ``spec``'s input: ``(source, target_train, target_test)`` ImageDatasets.
+
+    Training sets carry the train-time transform, the test set the eval transform; the target
+    split is the fixed one the pipeline exports (seed 0).
+    """
+    from .data import ImageDataset, build_transform
+
+    train_tf, eval_tf = build_transform(spec, True), build_transform(spec, False)
+    xs, ys = render_synth_digits(synth_per_class, seed=seed)
+    xt, yt = load_optdigits()
+    tr, te = stratified_split(yt, test_fraction, seed=0)
+    return (ImageDataset.from_numpy(xs, ys, CLASSES, train_tf), ImageDataset.from_numpy(xt[tr], yt[tr], CLASSES, train_tf),
+            ImageDataset.from_numpy(xt[te], yt[te], CLASSES, eval_tf))
