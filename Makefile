@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install run test test-fast bench lock clean
+.PHONY: install run test test-fast bench bench-quick lock clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
+# every number in docs/benchmarks.md comes from these scripts
 bench: install
 	$(PY) -m bench.transfer
+	$(PY) -m bench.compress
+	$(PY) -m bench.throughput
+	$(PY) -m bench.pipeline
+
+bench-quick: install
+	$(PY) -m bench.transfer --quick
 
 # refresh the exact resolved versions after changing dependencies in pyproject.toml
 lock: install

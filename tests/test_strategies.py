@@ -54,6 +54,7 @@ def test_full_strategies_train_every_parameter(name):
     assert n_trainable == sum(p.numel() for p in net.parameters())
     if name == "dann":
         assert any(n.startswith("extras.discriminator") for n in params)
+    assert "train_loss_target" in trainer.history[0]  # every one of them uses the labeled target batches
 
 
 def test_linear_probe_trains_only_head_and_keeps_bn_stats():

@@ -260,6 +260,19 @@ class Joint(Strategy):
 class _SourceSupervised(Strategy):
     """Shared setup for adaptation methods that train on labeled source + target images."""
 
+    def _forward(self, net, batch: Batch, **kw) -> tuple[dict, int, int]:
+        """One forward over ``[source, unlabeled, labeled target]`` (one pass keeps DDP and BN simple)."""
+        (xs, _), xu = batch.source, batch.unlabeled
+        parts = [xs, xu] + ([batch.target[0]] if batch.target is not None else [])
+        return net(torch.cat(parts), **kw), xs.shape[0], xu.shape[0]
+
+    def _add_target(self, out: dict, batch: Batch, end: int, loss: torch.Tensor, logs: dict):
+        """Add the labeled-target cross-entropy when the step has labeled target images."""
+        if batch.target is None:
+            return loss, logs
+        lt = self._target_ce(out["logits"][end:], batch.target[1])
+        return loss + lt, {**logs, "loss_target": lt.item()}
+
     def setup(self, model, num_classes, same_label_space=True):
         if not same_label_space or model.num_classes != num_classes:
             raise ValueError(
@@ -274,11 +287,12 @@ class DANN(_SourceSupervised):
     """Domain-adversarial training (Ganin et al., JMLR 2016) with unlabeled target images.
 
     ``L = CE(source) + trade_off * L_adv`` where the discriminator sees gradient-reversed
-    features and the reversal coefficient follows ``2/(1+exp(-10 p)) - 1``.
+    features and the reversal coefficient follows ``2/(1+exp(-10 p)) - 1``. With a label budget,
+    labeled target batches add a supervised term (semi-supervised DANN); with none it is pure UDA.
     """
 
     name = "dann"
-    uses = frozenset({"source", "unlabeled"})
+    uses = frozenset({"source", "unlabeled", "target"})
 
     def __init__(self, trade_off: float = 1.0, hidden: int = 256, **kw):
         super().__init__(**kw)
@@ -289,16 +303,16 @@ class DANN(_SourceSupervised):
         return {"discriminator": DomainDiscriminator(model.out_features, self.hidden)}
 
     def loss(self, net, batch, progress):
-        (xs, ys), xu = batch.source, batch.unlabeled
         coeff = dann_lambda(progress)
-        out = net(torch.cat([xs, xu]), domain_coeff=coeff)
-        ns = xs.shape[0]
-        ls = losses.cross_entropy(out["logits"][:ns], ys)
-        adv = losses.domain_adversarial_loss(out["domain"][:ns], out["domain"][ns:])
+        out, ns, nu = self._forward(net, batch, domain_coeff=coeff)
+        ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
+        d_s, d_t = out["domain"][:ns], out["domain"][ns:ns + nu]
+        adv = losses.domain_adversarial_loss(d_s, d_t)
         with torch.no_grad():
-            dom_acc = ((out["domain"][:ns] > 0).float().mean() + (out["domain"][ns:] <= 0).float().mean()) / 2
-        return ls + self.trade_off * adv, {"loss_source": ls.item(), "loss_adv": adv.item(),
-                                           "domain_acc": dom_acc.item(), "grl_coeff": coeff}
+            dom_acc = ((d_s > 0).float().mean() + (d_t <= 0).float().mean()) / 2
+        loss, logs = ls + self.trade_off * adv, {"loss_source": ls.item(), "loss_adv": adv.item(),
+                                                 "domain_acc": dom_acc.item(), "grl_coeff": coeff}
+        return self._add_target(out, batch, ns + nu, loss, logs)
 
 
 @register_strategy
@@ -306,10 +320,11 @@ class MCC(_SourceSupervised):
     """Minimum Class Confusion (Jin et al., ECCV 2020): ``CE(source) + trade_off * MCC(target)``.
 
     A strong, discriminator-free unsupervised domain-adaptation method on digit benchmarks.
+    Labeled target batches, when the budget has any, add a supervised term.
     """
 
     name = "mcc"
-    uses = frozenset({"source", "unlabeled"})
+    uses = frozenset({"source", "unlabeled", "target"})
 
     def __init__(self, trade_off: float = 1.0, temperature: float = 2.5, **kw):
         super().__init__(**kw)
@@ -317,12 +332,11 @@ class MCC(_SourceSupervised):
         self.temperature = temperature
 
     def loss(self, net, batch, progress):
-        (xs, ys), xu = batch.source, batch.unlabeled
-        out = net(torch.cat([xs, xu]))
-        ns = xs.shape[0]
-        ls = losses.cross_entropy(out["logits"][:ns], ys)
-        lm = losses.mcc_loss(out["logits"][ns:], self.temperature)
-        return ls + self.trade_off * lm, {"loss_source": ls.item(), "loss_mcc": lm.item()}
+        out, ns, nu = self._forward(net, batch)
+        ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
+        lm = losses.mcc_loss(out["logits"][ns:ns + nu], self.temperature)
+        logs = {"loss_source": ls.item(), "loss_mcc": lm.item()}
+        return self._add_target(out, batch, ns + nu, ls + self.trade_off * lm, logs)
 
 
 @register_strategy
@@ -344,12 +358,9 @@ class SemiSupervised(_SourceSupervised):
         self.source_weight, self.pseudo_weight, self.threshold = source_weight, pseudo_weight, threshold
 
     def loss(self, net, batch, progress):
-        (xs, ys), xu = batch.source, batch.unlabeled
-        parts = [xs, xu] + ([batch.target[0]] if batch.target is not None else [])
-        out = net(torch.cat(parts))
-        ns, nu = xs.shape[0], xu.shape[0]
+        out, ns, nu = self._forward(net, batch)
         logits_u = out["logits"][ns:ns + nu]
-        ls = losses.cross_entropy(out["logits"][:ns], ys)
+        ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
         lm = losses.mcc_loss(logits_u, self.temperature)
         probs = torch.softmax(logits_u.detach(), dim=1)
         conf, pseudo = probs.max(dim=1)
@@ -357,8 +368,4 @@ class SemiSupervised(_SourceSupervised):
         lp = (torch.nn.functional.cross_entropy(logits_u, pseudo, reduction="none") * mask).mean()
         loss = self.source_weight * ls + self.trade_off * lm + self.pseudo_weight * lp
         logs = {"loss_source": ls.item(), "loss_mcc": lm.item(), "pseudo_frac": mask.mean().item()}
-        if batch.target is not None:
-            lt = self._target_ce(out["logits"][ns + nu:], batch.target[1])
-            loss = loss + lt
-            logs["loss_target"] = lt.item()
-        return loss, logs
+        return self._add_target(out, batch, ns + nu, loss, logs)
