@@ -21,7 +21,7 @@ def main(argv=None) -> None:
 
     from bench.transfer import _optim
     from tasks.compress import _measure
-    from tasks.training import TrainJob, build_trainer
+    from tasks.training import TrainJob, run_job
     from tlcore import compress as C
     from tlcore import data, datasets, models
     from tlcore.engine import Loaders, TrainConfig, Trainer
@@ -30,15 +30,11 @@ def main(argv=None) -> None:
     eval_tf = test.transform
     labeled = target.subset(data.label_budget_split(target.targets.numpy(), args.labels_per_class, 0).labeled)
 
-    def fit(job):
-        t = build_trainer(job, "cpu", log=None)
-        t.fit()
-        return t.net.model
-
     print("training source model and fine-tune ...", flush=True)
-    src = fit(TrainJob("smallcnn", 10, "scratch", _optim(6, None, 128), 0, labeled=source))
-    teacher = fit(TrainJob("smallcnn", 10, "finetune", _optim(10, 25, 64), 0, init_state=src.state_dict(),
-                           labeled=labeled)).eval()
+    src, _ = run_job(TrainJob("smallcnn", 10, "scratch", _optim(6, None, 128), 0, labeled=source), "cpu", log=None)
+    teacher, _ = run_job(TrainJob("smallcnn", 10, "finetune", _optim(10, 25, 64), 0, init_state=src.state_dict(),
+                                 labeled=labeled), "cpu", log=None)
+    teacher.eval()
     loader = data.make_loader(test, 256, train=False)
     example = torch.stack([test[i][0] for i in range(64)])
     calib = torch.stack([target.subset(range(256), transform=eval_tf)[i][0] for i in range(256)])

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         return _write(saved["results"], saved["times"], saved["seeds"], budgets, args, saved.get("wall_s"))
     import torch
 
-    from tasks.training import TrainJob, build_trainer
+    from tasks.training import TrainJob, run_job
     from tlcore import data, datasets, models
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -72,9 +72,7 @@ def main(argv=None) -> None:
         print(f"  {method:<17} labels/class={col:<4} acc={acc:.4f} ({secs:.0f} s)", flush=True)
 
     def run(job):
-        trainer = build_trainer(job, "cpu", log=None)
-        trainer.fit()
-        return trainer.net.model
+        return run_job(job, "cpu", log=None)[0]
 
     t_all = time.time()
     for seed in seeds:

@@ -1,7 +1,7 @@
 """Turns params + datasets into a ``tlcore`` training run; the one code path every training stage uses.
 
-``TrainJob`` is plain data; :func:`run_job` builds the model, strategy, loaders and engine and
-trains. The Ray Train adapter runs this same function inside each worker.
+``TrainJob`` is plain data; :func:`build_trainer` builds the model, strategy, loaders and engine.
+The Ray Train adapter calls it inside each worker; :func:`run_job` trains in this process (benchmarks).
 """
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def _head_size(state: dict) -> int:
     return int(state["head.weight"].shape[0])
 
 
-def run_job(job: TrainJob, device, callbacks=()):
+def run_job(job: TrainJob, device, callbacks=(), log=print):
     """Train ``job`` in this process; returns ``(model, history)``."""
-    trainer = build_trainer(job, device, callbacks)
+    trainer = build_trainer(job, device, callbacks, log=log)
     history = trainer.fit()
     return trainer.net.model, history
 
