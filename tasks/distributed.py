@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -162,7 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
             shard.extend(int(i) for i in iter(prepared.sampler))
         return prepared
 
-    device = ray.train.torch.get_device() if world > 0 else torch.device("cpu")
+    device = ray.train.torch.get_device()
     local_dir = config.get("local_dir")
     cb = _RayReport(rank, _parse_fault(config.get("fault")), config.get("worker_log_dir"), shard, local_dir)
     trainer = build_trainer(job, device, callbacks=[cb], wrap=ray.train.torch.prepare_model, loader_hook=hook,
@@ -191,8 +192,6 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
     from ray.train.torch import TorchTrainer
 
     from tlcore import models
-
-    import logging
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     rc = params.ray

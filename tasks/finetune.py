@@ -16,9 +16,9 @@ def make_job(params: Params, strategy: str, strategy_params: dict | None = None)
     classes = manifest["target"]["classes"]
     train_ds, _ = load_domain(params, "target", meta["arch"])
     labeled, unlabeled, val = target_splits(params, train_ds)
-    uses = strategies._STRATEGIES[strategy].uses
+    cls = strategies.strategy_class(strategy)
+    uses, transfers = cls.uses, cls.transfers
     source = load_domain(params, "source", meta["arch"])[0] if "source" in uses else None
-    transfers = strategies._STRATEGIES[strategy].transfers
     job = TrainJob(
         arch=meta["arch"], num_classes=len(classes), strategy=strategy, optim=params.finetune, seed=params.base.seed,
         init_state=source_model.state_dict() if transfers else None,

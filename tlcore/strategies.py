@@ -65,10 +65,15 @@ def list_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-def create_strategy(name: str, **hparams: Any) -> "Strategy":
+def strategy_class(name: str) -> type["Strategy"]:
+    """The registered class (its ``uses`` and ``transfers`` say what data and init it needs)."""
     if name not in _STRATEGIES:
         raise KeyError(f"unknown strategy {name!r}; choose one of: {', '.join(list_strategies())}")
-    return _STRATEGIES[name](**hparams)
+    return _STRATEGIES[name]
+
+
+def create_strategy(name: str, **hparams: Any) -> "Strategy":
+    return strategy_class(name)(**hparams)
 
 
 def _unwrap(net: nn.Module) -> TransferNet:
