@@ -46,12 +46,12 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--out", default=str(DOC.parent / "transfer_benchmark.json"))
     ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved --out results")
+    ap.add_argument("--resume", action="store_true", help="keep the cells already in --out (same settings)")
     args = ap.parse_args(argv)
     if args.render:
         saved = json.loads(Path(args.out).read_text())
-        cols = saved.get("columns") or sorted({c for r in saved["results"].values() for c in r if c != "all"}, key=int)
-        budgets = [None if c == "all" else int(c) for c in cols]
-        return _write(saved["results"], saved["times"], saved["seeds"], budgets, args, saved.get("wall_s"))
+        budgets = [None if c == "all" else int(c) for c in saved["columns"]]
+        return _write(saved["results"], saved["times"], saved["seeds"], budgets, saved["settings"], saved.get("wall_s"))
     import torch
 
     from tasks.training import TrainJob, run_job
@@ -62,80 +62,122 @@ def main(argv=None) -> None:
     budgets = [0, 1, 10] if args.quick else BUDGETS
     epochs = max(2, args.epochs // 2) if args.quick else args.epochs
     spec = models.get_spec("smallcnn")
-    results: dict[str, dict[str, list[float]]] = {}
-    times: dict[str, list[float]] = {}
+    cols = ["all" if b is None else str(b) for b in budgets]
+    settings = {"quick": args.quick, "epochs": epochs, "steps": args.steps, "synth_per_class": args.synth_per_class}
+    saved = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else {}
+    if saved and saved.get("settings") != settings:
+        raise SystemExit(f"--resume: {args.out} was made with {saved.get('settings')}, not {settings}")
+    # results[method][column][seed] = accuracy; saved after every run, so a stopped grid keeps its cells
+    results: dict[str, dict[str, dict[str, float]]] = saved.get("results", {})
+    times: dict[str, list[float]] = saved.get("times", {})
+    t_all, wall0 = time.time(), saved.get("wall_s", 0.0)
 
-    def record(method, budget, acc, secs):
-        col = "all" if budget is None else str(budget)
-        results.setdefault(method, {}).setdefault(col, []).append(acc)
+    def save():
+        state = {"settings": settings, "results": results, "times": times, "seeds": seeds, "columns": cols,
+                 "wall_s": wall0 + time.time() - t_all}
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(args.out)
+        return state
+
+    def done(method, col, seed):
+        return str(seed) in results.get(method, {}).get(col, {})
+
+    def record(method, col, seed, acc, secs):
+        results.setdefault(method, {}).setdefault(col, {})[str(seed)] = acc
         times.setdefault(method, []).append(secs)
-        print(f"  {method:<17} labels/class={col:<4} acc={acc:.4f} ({secs:.0f} s)", flush=True)
+        print(f"  seed {seed} {method:<17} labels/class={col:<4} acc={acc:.4f} ({secs:.0f} s)", flush=True)
+        save()
 
     def run(job):
         return run_job(job, "cpu", log=None)[0]
 
-    t_all = time.time()
+    # columns outer, seeds inner: every finished column has all its seeds
+    tasks_ = {}
     for seed in seeds:
-        print(f"seed {seed}: pretraining the source model", flush=True)
         source, target, test = datasets.digits_task(spec, args.synth_per_class, seed=seed)
         test_loader = data.make_loader(test, 512, train=False)
+        print(f"seed {seed}: pretraining the source model", flush=True)
         t = time.time()
         src = run(TrainJob("smallcnn", 10, "scratch", _optim(6, None, 128), seed, labeled=source))
-        src_state = {k: v.clone() for k, v in src.state_dict().items()}
-        record("source_only", 0, _accuracy(src, test_loader), time.time() - t)
-        for budget in budgets:
-            split = data.label_budget_split(target.targets.numpy(), budget, seed)
-            labeled = target.subset(split.labeled)
-            pool = target  # the unlabeled pool: the whole target training split, labels unused (never test)
-            methods = (["scratch"] + TRANSFER) if budget != 0 else sorted(UDA)
+        if not done("source_only", "0", seed):
+            record("source_only", "0", seed, _accuracy(src, test_loader), time.time() - t)
+        tasks_[seed] = (source, target, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
+    for budget, col in zip(budgets, cols):
+        methods = (["scratch"] + TRANSFER) if budget != 0 else sorted(UDA)
+        for seed in seeds:
+            source, target, test_loader, src_state = tasks_[seed]
+            labeled = target.subset(data.label_budget_split(target.targets.numpy(), budget, seed).labeled)
             for m in methods:
-                uses_source = m in UDA or m == "joint"
+                if done(m, col, seed):
+                    continue
                 t = time.time()
                 job = TrainJob("smallcnn", 10, m, _optim(epochs, args.steps, 64), seed,
                                init_state=None if m == "scratch" else src_state,
-                               source=source if uses_source else None, labeled=labeled if budget != 0 else None,
-                               unlabeled=pool if m in UDA else None)
-                record(m, budget, _accuracy(run(job), test_loader), time.time() - t)
-        t = time.time()
-        full = TrainJob("smallcnn", 10, "scratch", _optim(epochs * 2, args.steps, 64), seed, labeled=target)
-        record("train_on_target", None, _accuracy(run(full), test_loader), time.time() - t)
-    wall = time.time() - t_all
-    cols = ["all" if b is None else str(b) for b in budgets]
-    Path(args.out).write_text(json.dumps({"results": results, "times": times, "seeds": seeds, "columns": cols,
-                                          "wall_s": wall}, indent=1))
-    _write(results, times, seeds, budgets, args, wall)
+                               source=source if m in UDA or m == "joint" else None,
+                               labeled=labeled if budget != 0 else None,
+                               # the unlabeled pool: the whole target training split, labels unused; never test
+                               unlabeled=target if m in UDA else None)
+                record(m, col, seed, _accuracy(run(job), test_loader), time.time() - t)
+            if budget is None and not done("train_on_target", "all", seed):
+                t = time.time()
+                full = TrainJob("smallcnn", 10, "scratch", _optim(epochs * 2, args.steps, 64), seed, labeled=target)
+                record("train_on_target", "all", seed, _accuracy(run(full), test_loader), time.time() - t)
+    state = save()
+    _write(results, times, seeds, budgets, settings, state["wall_s"])
 
 
-def _cell(vals):
+def _vals(cell: dict | list | None) -> list[float]:
+    return list(cell.values()) if isinstance(cell, dict) else list(cell or [])
+
+
+def _cell(vals, n_seeds: int = 0):
+    vals = _vals(vals)
     if not vals:
         return "–"
-    return f"{np.mean(vals) * 100:.1f} ± {np.std(vals) * 100:.1f}" if len(vals) > 1 else f"{vals[0] * 100:.1f}"
+    txt = f"{np.mean(vals) * 100:.1f} ± {np.std(vals) * 100:.1f}" if len(vals) > 1 else f"{vals[0] * 100:.1f}"
+    return txt + (f" (n={len(vals)})" if n_seeds and len(vals) < n_seeds else "")
 
 
-def _write(results, times, seeds, budgets, args, wall):
+def _diff(a, b) -> list[float]:
+    """Per-seed differences of two cells (matched by seed)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [a[k] - b[k] for k in a if k in b]
+    return [x - y for x, y in zip(_vals(a), _vals(b))]
+
+
+def _write(results, times, seeds, budgets, settings, wall):
     cols = ["all" if b is None else str(b) for b in budgets]
     cols += [] if "all" in cols else ["all"]  # the train-on-target ceiling
     order = ["source_only", "scratch"] + TRANSFER + ["train_on_target"]
-    so = np.mean(results["source_only"]["0"])
-    ceil = np.mean(results["train_on_target"]["all"])
+    n = len(seeds)
+    so = np.mean(_vals(results["source_only"]["0"]))
+    ceil_vals = _vals(results.get("train_on_target", {}).get("all"))
+    cmd = "python -m bench.transfer" + (" --quick" if settings["quick"] else "")
     lines = ["## Transfer benchmark: synth_digits -> optdigits", "",
-             f"`python -m bench.transfer{' --quick' if args.quick else ''}`: accuracy (%) on the fixed optdigits test "
-             f"split, mean ± std over {len(seeds)} seed(s), by target labels per class. Method hyper-parameters are the "
-             f"pipeline defaults, fixed in advance; {args.synth_per_class} synthetic images per class; {args.epochs if not args.quick else max(2, args.epochs // 2)} "
-             f"epochs x {args.steps} steps (batch 64) on the target side. Unsupervised rows (0 labels) use the unlabeled "
-             f"target training split; no test image is ever in the pool. "
-             f"Total wall time {f'{wall / 60:.1f} min' if wall else 'not recorded'} on {machine()}.", "",
+             f"`{cmd}`: accuracy (%) on the fixed optdigits test split, mean ± std over {n} seed(s) "
+             f"(`n=` marks a cell with fewer, from a grid stopped early and kept with `--resume`), by target labels per "
+             f"class. Method hyper-parameters are the pipeline defaults, fixed in advance; {settings['synth_per_class']} "
+             f"synthetic images per class; {settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
+             f"target side. The unlabeled pool is the target training split (labels unused); no test image is ever in it. "
+             f"Wall time so far {wall / 60:.1f} min on {machine()}.", "",
              "| method | " + " | ".join(cols) + " | s/run |", "|---" * (len(cols) + 2) + "|"]
     for m in order:
         if m in results:
-            row = [_cell(results[m].get(c, [])) for c in cols]
+            row = [_cell(results[m].get(c), n) for c in cols]
             lines.append(f"| {m} | " + " | ".join(row) + f" | {np.mean(times[m]):.0f} |")
-    lines += ["", f"Share of the source-only ({so * 100:.1f}) -> train-on-target ({ceil * 100:.1f}) gap recovered:", "",
-              "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m in ["scratch"] + TRANSFER:
-        if m in results:
-            row = [f"{(np.mean(results[m][c]) - so) / (ceil - so) * 100:.0f} %" if c in results[m] else "–" for c in cols]
-            lines.append(f"| {m} | " + " | ".join(row) + " |")
+    if ceil_vals:
+        ceil = np.mean(ceil_vals)
+        lines += ["", f"Share of the source-only ({so * 100:.1f}) -> train-on-target ({ceil * 100:.1f}) gap recovered:", "",
+                  "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for m in ["scratch"] + TRANSFER:
+            if m in results:
+                row = [f"{(np.mean(_vals(results[m][c])) - so) / (ceil - so) * 100:.0f} %" if c in results[m] else "–"
+                       for c in cols]
+                lines.append(f"| {m} | " + " | ".join(row) + " |")
+    else:
+        lines += ["", "The train-on-target ceiling (column `all`) was not reached in this run, so the gap-recovered "
+                  "table is omitted."]
     lines += ["", "Gain over `scratch` (points, mean ± std of the per-seed difference):", "",
               "| method | " + " | ".join(c for c in cols if c != "0") + " |", "|---" * len(cols) + "|"]
     for m in TRANSFER:
@@ -144,7 +186,7 @@ def _write(results, times, seeds, budgets, args, wall):
             if c == "0":
                 continue
             a, b = results.get(m, {}).get(c), results.get("scratch", {}).get(c)
-            row.append(_cell([x - y for x, y in zip(a, b)]) if a and b else "–")
+            row.append(_cell(_diff(a, b), n) if a and b else "–")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines += ["", "![accuracy vs labels per class](transfer_benchmark.png)"]
     _plot(results, cols, order)
@@ -161,7 +203,7 @@ def _plot(results, cols, order):
     xs = {c: (i, c) for i, c in enumerate(cols)}
     fig, ax = plt.subplots(figsize=(8, 5))
     for m in order:
-        pts = [(xs[c][0], np.mean(results[m][c]) * 100) for c in cols if c in results.get(m, {})]
+        pts = [(xs[c][0], np.mean(_vals(results[m][c])) * 100) for c in cols if c in results.get(m, {})]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m in ("source_only", "train_on_target") else "-")
     ax.set_xticks(range(len(cols)), cols)
