@@ -24,10 +24,10 @@ UDA = {"dann", "mcc", "semi"}
 BUDGETS = [0, 1, 2, 3, 5, 10, None]
 
 
-def _optim(epochs: int, steps: int | None, batch: int, lr: float = 3e-3):
+def _optim(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, precision: str = "auto"):
     from tasks.config import Optim
 
-    return Optim(epochs=epochs, steps_per_epoch=steps, batch_size=batch, lr=lr, weight_decay=5e-4)
+    return Optim(epochs=epochs, steps_per_epoch=steps, batch_size=batch, lr=lr, weight_decay=5e-4, precision=precision)
 
 
 def _accuracy(model, test_loader) -> float:
@@ -44,6 +44,8 @@ def main(argv=None) -> None:
     ap.add_argument("--synth-per-class", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=8, help="target-side epochs (x --steps steps)")
     ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="training precision (auto: bf16 where the CPU has native bf16)")
     ap.add_argument("--out", default=str(DOC.parent / "transfer_benchmark.json"))
     ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved --out results")
     ap.add_argument("--resume", action="store_true", help="keep the cells already in --out (same settings)")
@@ -56,6 +58,7 @@ def main(argv=None) -> None:
 
     from tasks.training import TrainJob, run_job
     from tlcore import data, datasets, models
+    from tlcore.engine import resolve_precision
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = list(range(1 if args.quick else args.seeds))
@@ -63,7 +66,8 @@ def main(argv=None) -> None:
     epochs = max(2, args.epochs // 2) if args.quick else args.epochs
     spec = models.get_spec("smallcnn")
     cols = ["all" if b is None else str(b) for b in budgets]
-    settings = {"quick": args.quick, "epochs": epochs, "steps": args.steps, "synth_per_class": args.synth_per_class}
+    settings = {"quick": args.quick, "epochs": epochs, "steps": args.steps, "synth_per_class": args.synth_per_class,
+                "precision": resolve_precision(args.precision, "cpu")}
     saved = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else {}
     if saved and saved.get("settings") != settings:
         raise SystemExit(f"--resume: {args.out} was made with {saved.get('settings')}, not {settings}")
@@ -99,7 +103,7 @@ def main(argv=None) -> None:
         test_loader = data.make_loader(test, 512, train=False)
         print(f"seed {seed}: pretraining the source model", flush=True)
         t = time.time()
-        src = run(TrainJob("smallcnn", 10, "scratch", _optim(6, None, 128), seed, labeled=source))
+        src = run(TrainJob("smallcnn", 10, "scratch", _optim(6, None, 128, precision=args.precision), seed, labeled=source))
         if not done("source_only", "0", seed):
             record("source_only", "0", seed, _accuracy(src, test_loader), time.time() - t)
         tasks_[seed] = (source, target, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
@@ -112,7 +116,7 @@ def main(argv=None) -> None:
                 if done(m, col, seed):
                     continue
                 t = time.time()
-                job = TrainJob("smallcnn", 10, m, _optim(epochs, args.steps, 64), seed,
+                job = TrainJob("smallcnn", 10, m, _optim(epochs, args.steps, 64, precision=args.precision), seed,
                                init_state=None if m == "scratch" else src_state,
                                source=source if m in UDA or m == "joint" else None,
                                labeled=labeled if budget != 0 else None,
@@ -121,7 +125,7 @@ def main(argv=None) -> None:
                 record(m, col, seed, _accuracy(run(job), test_loader), time.time() - t)
             if budget is None and not done("train_on_target", "all", seed):
                 t = time.time()
-                full = TrainJob("smallcnn", 10, "scratch", _optim(epochs * 2, args.steps, 64), seed, labeled=target)
+                full = TrainJob("smallcnn", 10, "scratch", _optim(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=target)
                 record("train_on_target", "all", seed, _accuracy(run(full), test_loader), time.time() - t)
     state = save()
     _write(results, times, seeds, budgets, settings, state["wall_s"])
@@ -159,7 +163,7 @@ def _write(results, times, seeds, budgets, settings, wall):
              f"(`n=` marks a cell with fewer, from a grid stopped early and kept with `--resume`), by target labels per "
              f"class. Method hyper-parameters are the pipeline defaults, fixed in advance; {settings['synth_per_class']} "
              f"synthetic images per class; {settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
-             f"target side. The unlabeled pool is the target training split (labels unused); no test image is ever in it. "
+             f"target side; {settings.get('precision', 'fp32')} training (autocast; `--precision`). The unlabeled pool is the target training split (labels unused); no test image is ever in it. "
              f"Wall time so far {wall / 60:.1f} min on {machine()}.", "",
              "| method | " + " | ".join(cols) + " | s/run |", "|---" * (len(cols) + 2) + "|"]
     for m in order:

@@ -86,7 +86,7 @@ def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> di
     net = strat.setup(student, meta["num_classes"])
     f = params.finetune
     tcfg = TrainConfig(epochs=cfg.distill_epochs, steps_per_epoch=f.steps_per_epoch, lr=f.lr, weight_decay=f.weight_decay,
-                       seed=params.base.seed)
+                       seed=params.base.seed, precision=f.precision)
     loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed),
                       unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
     Trainer(net, strat, tcfg, loaders, device=device_for(params)).fit()

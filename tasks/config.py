@@ -67,6 +67,8 @@ class Optim(_Section):
     steps_per_epoch: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(5.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast where the GPU/CPU computes bf16 natively, else fp32")
 
 
 class Pretrain(Optim):

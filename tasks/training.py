@@ -58,7 +58,8 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
         )
     cfg = TrainConfig(epochs=job.optim.epochs, steps_per_epoch=job.optim.steps_per_epoch, lr=job.optim.lr,
                       optimizer=job.optim.optimizer, weight_decay=job.optim.weight_decay,
-                      scheduler=job.optim.scheduler, grad_clip=job.optim.grad_clip, seed=job.seed)
+                      scheduler=job.optim.scheduler, grad_clip=job.optim.grad_clip, seed=job.seed,
+                      precision=job.optim.precision)
     return Trainer(net, strat, cfg, loaders, device=device, callbacks=callbacks, wrap=wrap, log=log)
 
 

@@ -86,6 +86,26 @@ def test_transform_per_backbone():
     assert t3(torch.zeros(3, 64, 64, dtype=torch.uint8)).shape == (3, 64, 64)
 
 
+def test_batched_affine_is_per_image_and_matches_single_calls():
+    x = torch.zeros(1, 1, 32, 32)
+    x[..., 8:24, 14:18] = 1
+    assert torch.allclose(data.random_affine(x, 0.0, 0.0, (1.0, 1.0), 0.0), x, atol=1e-6)  # identity
+    shifted = data.random_affine(x, 0.0, 0.25, (1.0, 1.0), 0.0)
+    assert not torch.allclose(shifted, x) and shifted.sum() > 0
+    t = data.build_transform(models.get_spec("smallcnn"), train=True)
+    batch = torch.zeros(16, 1, 32, 32, dtype=torch.uint8)
+    batch[..., 8:24, 14:18] = 255
+    out = t(batch)
+    assert out.shape == (16, 1, 32, 32) and out.dtype == torch.float32
+    # every image draws its own warp (torchvision's RandomAffine shares one per call)
+    assert len({tuple(o.flatten().round(decimals=3).tolist()) for o in out}) == 16
+    # the DataLoader path (ImageDataset.__getitems__) gives the same as per-item __getitem__ without randomness
+    ds = data.ImageDataset(batch, torch.arange(16) % 10, [str(i) for i in range(10)],
+                           data.build_transform(models.get_spec("smallcnn"), train=False))
+    xb, yb = next(iter(data.make_loader(ds, 8, train=False)))
+    assert torch.equal(xb, torch.stack([ds[i][0] for i in range(8)])) and yb.tolist() == list(range(8))
+
+
 def test_synth_digits_deterministic_and_balanced():
     x1, y1 = datasets.render_synth_digits(4, seed=3)
     x2, y2 = datasets.render_synth_digits(4, seed=3)

@@ -110,3 +110,30 @@ def test_unsupervised_strategies_run_without_labeled_target():
     ld.target = None
     hist = Trainer(net, strat, TrainConfig(epochs=1, steps_per_epoch=2), ld, device="cpu", log=None).fit()
     assert "train_loss_target" not in hist[0] and "train_loss_mcc" in hist[0]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_precision_and_channels_last(precision):
+    from tlcore.engine import resolve_precision
+
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    torch.manual_seed(0)
+    strat = strategies.create_strategy("dann")
+    net = strat.setup(models.create("smallcnn", 10), 10)
+    cfg = TrainConfig(epochs=1, steps_per_epoch=2, precision=precision, channels_last=True)
+    trainer = Trainer(net, strat, cfg, _loaders(), device="cpu", log=None)
+    assert trainer.precision == precision
+    out = net(torch.randn(4, 1, 32, 32), domain_coeff=1.0)
+    # the losses always see fp32, whatever the autocast dtype inside the network
+    assert {v.dtype for v in out.values()} == {torch.float32}
+    with trainer._amp():
+        inner = net.model.backbone(torch.randn(4, 1, 32, 32))
+    assert inner.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    conv = net.model.backbone[0][0].weight
+    assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
+    before = _snapshot(net)
+    hist = trainer.fit()
+    assert torch.isfinite(torch.tensor(hist[0]["train_loss"])) and _changed(before, net)

@@ -98,11 +98,11 @@ class Distill(Strategy):
         dev = x.device
         self.teacher.to(dev)
         with torch.no_grad():
-            t_logits = self.teacher(x)
+            t_logits = self.teacher(x).float()
         s_logits = net(x)["logits"]
         loss = losses.distillation_loss(s_logits, t_logits, y, self.temperature, self.alpha)
         if batch.unlabeled is not None:
             with torch.no_grad():
-                tu = self.teacher(batch.unlabeled)
+                tu = self.teacher(batch.unlabeled).float()
             loss = loss + losses.distillation_loss(net(batch.unlabeled)["logits"], tu, None, self.temperature)
         return loss, {"loss_distill": loss.item()}

@@ -15,7 +15,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import v2
 
 from .models import ModelSpec
 
@@ -137,6 +136,16 @@ class ImageDataset(Dataset):
         x = self.images[i]
         return (self.transform(x) if self.transform else x.float() / 255), self.targets[i]
 
+    def __getitems__(self, idx: list[int]) -> list:
+        """A whole batch at once (the DataLoader calls this): one transform call for a batch-capable
+        transform such as :class:`ImageTransform`, else one per image."""
+        if self.transform is not None and not getattr(self.transform, "batched", False):
+            return [self[i] for i in idx]
+        ii = torch.as_tensor(idx, dtype=torch.long)
+        x = self.images[ii]
+        x = self.transform(x) if self.transform else x.float() / 255
+        return list(zip(x.unbind(0), self.targets[ii].unbind(0)))
+
     @classmethod
     def from_numpy(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None) -> "ImageDataset":
         """From ``(N, H, W)`` or ``(N, H, W, C)`` uint8 arrays."""
@@ -163,16 +172,68 @@ def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bo
     return ImageDataset(images, torch.tensor([y for _, y in rep.files]), rep.classes)
 
 
+def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float],
+                  shear: float) -> torch.Tensor:
+    """Apply an independent random affine warp to each image of a float batch ``(N, C, H, W)``.
+
+    Same parameter ranges as ``torchvision.transforms.v2.RandomAffine`` (rotation in
+    ``[-degrees, degrees]``, shift up to ``translate`` of the size, zoom in ``scale``, x-shear in
+    ``[-shear, shear]`` degrees), but one ``grid_sample`` for the whole batch instead of a Python
+    call per image: torchvision draws one set of parameters per call, so a batch would share it.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+
+    def u(lo, hi):
+        return torch.empty(n, device=dev).uniform_(lo, hi)
+
+    ang, sh = torch.deg2rad(u(-degrees, degrees)), torch.deg2rad(u(-shear, shear))
+    s = u(*scale)
+    cos, sin, tan = torch.cos(ang), torch.sin(ang), torch.tan(sh)
+    # forward map in pixel units: rotation @ shear @ zoom, then a shift
+    a = torch.stack([torch.stack([cos, cos * tan - sin], 1), torch.stack([sin, sin * tan + cos], 1)], 1) * s[:, None, None]
+    t = torch.stack([u(-translate, translate) * w, u(-translate, translate) * h], 1)
+    # grid_sample wants the inverse map in normalised coords: D^-1 A^-1 D with D = diag(w/2, h/2)
+    d = torch.tensor([w / 2, h / 2], device=dev)
+    inv = torch.linalg.inv(a)
+    theta = torch.cat([inv * (d[None, None, :] / d[None, :, None]), (-inv @ t[:, :, None]) / d[None, :, None]], 2)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class ImageTransform(torch.nn.Module):
+    """uint8 ``(C, H, W)`` or a batch ``(N, C, H, W)`` -> normalised float, with an optional per-image
+    random affine at train time. Batch-capable (``batched = True``), so :class:`ImageDataset`
+    transforms a whole DataLoader batch in one call."""
+
+    batched = True
+
+    def __init__(self, mean, std, affine: dict | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.affine = affine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        single = x.dim() == 3
+        x = x[None] if single else x
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if self.affine:
+            x = random_affine(x, **self.affine)
+        x = (x - self.mean) / self.std
+        return x[0] if single else x
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}"
+
+
 def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "standard"):
     """Per-backbone transform on uint8 tensors: (train-time) affine jitter, scale to [0,1], normalise."""
     c = channels or spec.default_in_channels
     mean = spec.mean if len(spec.mean) == c else (sum(spec.mean) / len(spec.mean),) * c
     std = spec.std if len(spec.std) == c else (sum(spec.std) / len(spec.std),) * c
-    ops: list = []
-    if train and augment != "none":
-        ops.append(v2.RandomAffine(degrees=12, translate=(0.1, 0.1), scale=(0.85, 1.15), shear=8))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(ops)
+    affine = dict(degrees=12.0, translate=0.1, scale=(0.85, 1.15), shear=8.0) if train and augment != "none" else None
+    return ImageTransform(mean, std, affine)
 
 
 @dataclass
@@ -215,6 +276,7 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
     if train and len(ds) < batch_size * replicas:
         # a tiny labeled set (1 label/class) is repeated so every worker's shard fills one batch
         reps = -(-batch_size * replicas // max(1, len(ds)))
-        ds = torch.utils.data.ConcatDataset([ds] * reps)
+        ds = ds.subset(np.tile(np.arange(len(ds)), reps)) if isinstance(ds, ImageDataset) else \
+            torch.utils.data.ConcatDataset([ds] * reps)
     return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g if train else None,
                       num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -33,7 +33,7 @@ class TransferNet(nn.Module):
 
     ``forward(x, domain_coeff=None, source_head=False)`` returns a dict with ``features``
     ``(N, D)``, ``logits`` ``(N, C)`` and, when asked, ``source_logits`` and ``domain``
-    (discriminator logits on gradient-reversed features, ``(N, 1)``).
+    (discriminator logits on gradient-reversed features, ``(N, 1)``), all fp32.
     """
 
     def __init__(self, model: TransferModel, extras: dict[str, nn.Module] | None = None):
@@ -48,7 +48,8 @@ class TransferNet(nn.Module):
             out["source_logits"] = self.extras["source_head"](f)
         if domain_coeff is not None:
             out["domain"] = self.extras["discriminator"](grad_reverse(f, domain_coeff))
-        return out
+        # losses run in fp32 even when the forward ran under bf16 autocast
+        return {k: v.float() for k, v in out.items()}
 
 
 _STRATEGIES: dict[str, type["Strategy"]] = {}
