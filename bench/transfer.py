@@ -156,6 +156,8 @@ def _write(results, times, seeds, budgets, settings, wall):
     order = ["source_only", "scratch"] + TRANSFER + ["train_on_target"]
     n = len(seeds)
     so = np.mean(_vals(results["source_only"]["0"]))
+    complete = all(len(_vals(results.get(m, {}).get(c))) >= n
+                   for m in ["scratch"] + TRANSFER for c in cols if c != "0" or m in UDA)
     ceil_vals = _vals(results.get("train_on_target", {}).get("all"))
     cmd = "python -m bench.transfer" + (" --quick" if settings["quick"] else "")
     lines = ["## Transfer benchmark: synth_digits -> optdigits", "",
@@ -164,7 +166,7 @@ def _write(results, times, seeds, budgets, settings, wall):
              f"class. Method hyper-parameters are the pipeline defaults, fixed in advance; {settings['synth_per_class']} "
              f"synthetic images per class; {settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
              f"target side; {settings.get('precision', 'fp32')} training (autocast; `--precision`). The unlabeled pool is the target training split (labels unused); no test image is ever in it. "
-             f"Wall time so far {wall / 60:.1f} min on {machine()}.", "",
+             f"Wall time {'' if complete else 'so far '}{wall / 60:.1f} min on {machine()}.", "",
              "| method | " + " | ".join(cols) + " | s/run |", "|---" * (len(cols) + 2) + "|"]
     for m in order:
         if m in results:
@@ -192,7 +194,14 @@ def _write(results, times, seeds, budgets, settings, wall):
             a, b = results.get(m, {}).get(c), results.get("scratch", {}).get(c)
             row.append(_cell(_diff(a, b), n) if a and b else "–")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    lines += ["", "![accuracy vs labels per class](transfer_benchmark.png)"]
+    best = []
+    for c in cols:
+        cands = [(np.mean(_vals(results[m][c])), m) for m in ["scratch"] + TRANSFER if c in results.get(m, {})]
+        if cands:
+            acc, m = max(cands)
+            best.append(f"{c} → `{m}` {acc * 100:.1f}")
+    lines += ["", "Best method per column: " + ", ".join(best) + ".",
+              "", "![accuracy vs labels per class](transfer_benchmark.png)"]
     _plot(results, cols, order)
     print("\n".join(lines))
     print(f"wrote {write_section('transfer', chr(10).join(lines))}")
@@ -204,16 +213,25 @@ def _plot(results, cols, order):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = {c: (i, c) for i, c in enumerate(cols)}
     fig, ax = plt.subplots(figsize=(8, 5))
+    for m, style in (("source_only", ":"), ("train_on_target", "--")):  # references: horizontal lines
+        vals = [v for cell in results.get(m, {}).values() for v in _vals(cell)]
+        if vals:
+            ax.axhline(np.mean(vals) * 100, color="grey", linestyle=style, linewidth=1.2,
+                       label=f"{m} ({np.mean(vals) * 100:.1f})")
     for m in order:
-        pts = [(xs[c][0], np.mean(_vals(results[m][c])) * 100) for c in cols if c in results.get(m, {})]
+        if m in ("source_only", "train_on_target"):
+            continue
+        pts = [(i, np.mean(_vals(results[m][c])) * 100, np.std(_vals(results[m][c])) * 100)
+               for i, c in enumerate(cols) if c in results.get(m, {})]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=m, linestyle="--" if m in ("source_only", "train_on_target") else "-")
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=m)
     ax.set_xticks(range(len(cols)), cols)
-    ax.set(xlabel="target labels per class", ylabel="test accuracy (%)", title="synth_digits -> optdigits")
+    ax.set(xlabel="target labels per class", ylabel="test accuracy (%), mean ± std over seeds",
+           title="synth_digits -> optdigits")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(DOC.parent / "transfer_benchmark.png", dpi=110)
     plt.close(fig)

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from .common import device_for, load_checkpoint, load_domain, read_json, say, stage_main, write_json
+from .common import device_for, load_checkpoint, load_domain, say, stage_main, write_json
 from .config import Params
 from .finetune import make_job
 from .pretrain import accuracy
@@ -14,8 +14,7 @@ from .distributed import run_job_ray
 
 def baselines(params: Params) -> dict:
     device = device_for(params)
-    manifest = read_json(params.path("data", "manifest.json"))
-    job, _ = make_job(params, "scratch")
+    job, manifest = make_job(params, "scratch")
     say(f"baselines: scratch on {len(job.labeled)} labeled target images")
     model, history = run_job_ray(job, params, "baselines", manifest)
     _, test_ds = load_domain(params, "target", job.arch)

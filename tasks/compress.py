@@ -39,12 +39,9 @@ def compress(params: Params) -> dict:
     rows = [_measure("fp32", teacher, test_loader, example, iters, {"sparsity": C.sparsity(teacher)})]
     for method in cfg.methods:
         say(f"compress: {method}")
-        if method == "prune":
-            m = C.prune_unstructured(teacher, cfg.prune_amount)
-            rows.append(_measure(f"prune{int(cfg.prune_amount * 100)}", m, test_loader, example, iters, {"sparsity": C.sparsity(m)}))
-        elif method == "prune_structured":
-            m = C.prune_structured(teacher, cfg.prune_amount)
-            rows.append(_measure(f"prune_structured{int(cfg.prune_amount * 100)}", m, test_loader, example, iters,
+        if method in ("prune", "prune_structured"):
+            m = _prune(params, teacher, train_ds, structured=method == "prune_structured")
+            rows.append(_measure(f"{method}{int(cfg.prune_amount * 100)}", m, test_loader, example, iters,
                                  {"sparsity": C.sparsity(m)}))
         elif method == "int8":
             calib_ds = train_ds.subset(range(min(256, len(train_ds))), transform=test_ds.transform)
@@ -70,27 +67,46 @@ def compress(params: Params) -> dict:
     return out
 
 
-def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> dict:
+def _train_student(params: Params, teacher, student, train_ds, epochs: int, lr: float):
+    """Train ``student`` against ``teacher`` (soft targets on the labeled target and the unlabeled pool)."""
     from tlcore import compress as C
-    from tlcore import data, models
+    from tlcore import data
     from tlcore.engine import Loaders, TrainConfig, Trainer
 
-    cfg = params.compress
-    student_arch = cfg.student
-    if models.get_spec(student_arch).input_size != models.get_spec(meta["arch"]).input_size:
-        raise ValueError(f"compress.student {student_arch!r} takes another input size than {meta['arch']!r}; "
-                         f"pick a student with the same input size (e.g. tinycnn for smallcnn).")
+    cfg, f = params.compress, params.finetune
     labeled, pool, _ = target_splits(params, train_ds)
     strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0)
-    student = models.create(student_arch, meta["num_classes"], in_channels=meta["in_channels"])
-    net = strat.setup(student, meta["num_classes"])
-    f = params.finetune
-    tcfg = TrainConfig(epochs=cfg.distill_epochs, steps_per_epoch=f.steps_per_epoch, lr=f.lr, weight_decay=f.weight_decay,
+    net = strat.setup(student, teacher.num_classes)
+    tcfg = TrainConfig(epochs=epochs, steps_per_epoch=f.steps_per_epoch, lr=lr, weight_decay=f.weight_decay,
                        seed=params.base.seed, precision=f.precision)
     loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed),
                       unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
     Trainer(net, strat, tcfg, loaders, device=device_for(params)).fit()
-    student = net.model.cpu().eval()
+    return net.model.cpu().eval()
+
+
+def _prune(params: Params, teacher, train_ds, structured: bool):
+    """Prune the fine-tuned model, then (``prune_finetune_epochs`` > 0) let it recover by distilling
+    from the unpruned model with the masks held, so pruned weights stay zero."""
+    from tlcore import compress as C
+
+    cfg = params.compress
+    m = (C.prune_structured(teacher, cfg.prune_amount, permanent=False) if structured
+         else C.prune_unstructured(teacher, cfg.prune_amount, permanent=False))
+    if cfg.prune_finetune_epochs:
+        m = _train_student(params, teacher, m, train_ds, cfg.prune_finetune_epochs, params.finetune.lr / 3)
+    return C.make_permanent(m).eval()
+
+
+def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> dict:
+    from tlcore import models
+
+    student_arch = params.compress.student
+    if models.get_spec(student_arch).input_size != models.get_spec(meta["arch"]).input_size:
+        raise ValueError(f"compress.student {student_arch!r} takes another input size than {meta['arch']!r}; "
+                         f"pick a student with the same input size (e.g. tinycnn for smallcnn).")
+    student = models.create(student_arch, meta["num_classes"], in_channels=meta["in_channels"])
+    student = _train_student(params, teacher, student, train_ds, params.compress.distill_epochs, params.finetune.lr)
     save_checkpoint(params.path("models", "compressed", "student.pt"), student, meta["classes"], meta["in_channels"],
                     {"stage": "compress", "teacher": meta["arch"]})
     return _measure(f"distill_{student_arch}", student, test_loader, example, iters)

@@ -112,6 +112,8 @@ class Evaluate(_Section):
 class Compress(_Section):
     methods: list[Literal["prune", "prune_structured", "int8", "distill"]] = ["prune", "int8", "distill"]
     prune_amount: float = Field(0.5, gt=0, lt=1)
+    prune_finetune_epochs: int = Field(4, ge=0, description="recovery epochs after pruning (distilling from the "
+                                                            "unpruned model, masks held); 0: prune only")
     student: str = "tinycnn"
     distill_epochs: int = Field(8, ge=1)
     distill_temperature: float = Field(4.0, gt=0)

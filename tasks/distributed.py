@@ -169,6 +169,8 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = build_trainer(job, device, callbacks=[cb], wrap=ray.train.torch.prepare_model, loader_hook=hook,
                             log=(lambda s: say(f"[{config.get('stage', 'train')} w{rank}] {s}")) if rank == 0 else None,
                             replicas=world)
+    if rank == 0:
+        say(f"[{config.get('stage', 'train')}] training on {device}, {trainer.precision}, {world} worker(s)")
     state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:

@@ -35,7 +35,7 @@ def pretrain(params: Params) -> dict:
         summary = {"weights": params.pretrain.weights, "history": [], "source_test_accuracy": None}
     else:
         train_ds, test_ds = load_domain(params, "source", arch)
-        say(f"pretrain: {arch} on {manifest['source']['name']} ({len(train_ds)} images, {params.pretrain.epochs} epochs, {device})")
+        say(f"pretrain: {arch} on {manifest['source']['name']} ({len(train_ds)} images, {params.pretrain.epochs} epochs)")
         job = TrainJob(arch, len(classes), "scratch", params.pretrain, params.base.seed, labeled=train_ds)
         model, history = run_job_ray(job, params, "pretrain", manifest)
         acc = accuracy(model, test_ds, device)

@@ -45,6 +45,7 @@ def test_repro_end_to_end_then_noop(repo):
     comp = json.loads((repo / "reports/compress.json").read_text())
     assert {"fp32", "int8", "prune50", "distill_tinycnn"} <= set(comp)
     assert comp["int8"]["size_mb"] < comp["fp32"]["size_mb"] / 3
+    assert comp["prune50"]["sparsity"] >= 0.5  # recovery fine-tuning kept the pruned weights at zero
     reg = json.loads((repo / "reports/registration.json").read_text())
     assert reg["version"] == 1 and reg["promoted"] is True  # relaxed gate, no champion yet
     out2 = dvc("repro", cwd=repo).stdout

@@ -132,8 +132,16 @@ def test_precision_and_channels_last(precision):
     with trainer._amp():
         inner = net.model.backbone(torch.randn(4, 1, 32, 32))
     assert inner.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
-    conv = net.model.backbone[0][0].weight
-    assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+
+    class Layout:
+        def on_epoch_end(self, metrics, state):
+            w = net.model.backbone[0][0].weight
+            seen.append((w.dtype, w.is_contiguous(memory_format=torch.channels_last)))
+
+    trainer.callbacks.append(Layout())
     before = _snapshot(net)
     hist = trainer.fit()
     assert torch.isfinite(torch.tensor(hist[0]["train_loss"])) and _changed(before, net)
+    assert seen == [(torch.float32, True)]  # fp32 master weights, NHWC while training
+    assert net.model.backbone[0][0].weight.is_contiguous()  # the usual layout once fit() returns

@@ -15,23 +15,39 @@ def _prunable(model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[nn.M
     return [(m, "weight") for m in model.modules() if isinstance(m, kinds)]
 
 
-def prune_unstructured(model: nn.Module, amount: float) -> nn.Module:
-    """Global L1 magnitude pruning of conv/linear weights; masks are made permanent. Returns a copy."""
-    m = copy.deepcopy(model)
+def prune_unstructured(model: nn.Module, amount: float, scope: str = "global", permanent: bool = True) -> nn.Module:
+    """L1 magnitude pruning of conv/linear weights; returns a copy.
+
+    ``scope="global"`` ranks all weights together (layers end up with different sparsities);
+    ``"layer"`` prunes ``amount`` of every layer. ``permanent=False`` keeps ``torch.nn.utils.prune``'s masks attached, so
+    fine-tuning the copy keeps the pruned weights at zero; call :func:`make_permanent` after.
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    m = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     targets = _prunable(m)
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
-    for mod, name in targets:
-        prune.remove(mod, name)
-    return m
+    if scope == "global":
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    else:
+        for mod, name in targets:
+            prune.l1_unstructured(mod, name, amount=amount)
+    return make_permanent(m) if permanent else m
 
 
-def prune_structured(model: nn.Module, amount: float) -> nn.Module:
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Fold pruning masks into the weights (drops the ``weight_orig``/``weight_mask`` reparametrisation)."""
+    for mod in model.modules():
+        if prune.is_pruned(mod) and hasattr(mod, "weight_mask"):
+            prune.remove(mod, "weight")
+    return model
+
+
+def prune_structured(model: nn.Module, amount: float, permanent: bool = True) -> nn.Module:
     """L2 pruning of whole conv output channels (``ln_structured``, dim 0); returns a copy."""
     m = copy.deepcopy(model)
     for mod, name in _prunable(m, (nn.Conv2d,)):
         prune.ln_structured(mod, name, amount=amount, n=2, dim=0)
-        prune.remove(mod, name)
-    return m
+    return make_permanent(m) if permanent else m
 
 
 def sparsity(model: nn.Module) -> float:
@@ -81,7 +97,7 @@ class Distill(Strategy):
 
     def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9, use_unlabeled: bool = False):
         super().__init__()
-        self.teacher = teacher.eval()
+        self.teacher = copy.deepcopy(teacher).eval()  # frozen copy: the caller's model is left as it was
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
@@ -91,6 +107,7 @@ class Distill(Strategy):
     def setup(self, model, num_classes, same_label_space=True):
         if model.num_classes != num_classes:
             model.reset_head(num_classes)
+        model.requires_grad_(True)  # e.g. a pruned copy of a frozen model
         return TransferNet(model)
 
     def loss(self, net, batch: Batch, progress):

@@ -149,8 +149,9 @@ class Trainer:
         self.device = torch.device(device) if device else default_device()
         self.net = net.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
-        if cfg.channels_last and self.device.type in ("cpu", "cuda"):
-            self.net = self.net.to(memory_format=torch.channels_last)  # a no-op for parameters that are not 4-D
+        self._channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
+        if self._channels_last:  # before ``wrap``, so DDP's gradient buckets match the layout
+            self.net.to(memory_format=torch.channels_last)
         self.callbacks = list(callbacks)
         self._step_callbacks = [cb for cb in self.callbacks if hasattr(cb, "on_step_end")]
         self.log = log or (lambda s: None)
@@ -196,6 +197,16 @@ class Trainer:
         """Train from ``self.epoch`` to ``cfg.epochs``; returns the per-epoch metrics history."""
         iters = {s: _cycle(getattr(self.loaders, s)) for s in self.streams}
         total_steps = self.cfg.epochs * self.steps_per_epoch
+        if self._channels_last:  # in place (same Parameter objects); a no-op for non-4-D tensors
+            self.net.to(memory_format=torch.channels_last)
+        try:
+            self._fit(iters, total_steps)
+        finally:  # hand back the usual NCHW layout (pruning, export and views expect it)
+            if self._channels_last:
+                self.net.to(memory_format=torch.contiguous_format)
+        return self.history
+
+    def _fit(self, iters: dict, total_steps: int) -> None:
         for epoch in range(self.epoch, self.cfg.epochs):
             self.strategy.on_epoch_start(self.net, epoch)
             self.strategy.train_mode(self.model)
@@ -238,7 +249,6 @@ class Trainer:
             self.log(_format(metrics, self.cfg.epochs))
             for cb in self.callbacks:
                 cb.on_epoch_end(metrics, self)
-        return self.history
 
     def state_dict(self) -> dict:
         return {

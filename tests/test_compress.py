@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tlcore import compress as C
+from tlcore import models
+from tlcore.engine import Loaders, TrainConfig, Trainer
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.create("smallcnn", 10).eval()
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_pruning_hits_the_asked_sparsity_and_leaves_the_original(scope):
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    p = C.prune_unstructured(m, 0.5, scope=scope)
+    assert C.sparsity(p) == pytest.approx(0.5, abs=0.01) and C.sparsity(m) == 0
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert set(p.state_dict()) == set(m.state_dict())  # masks folded in: loads into a plain model
+    if scope == "layer":
+        convs = [mod for mod in p.modules() if isinstance(mod, torch.nn.Conv2d)]
+        assert all((c.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01) for c in convs)
+    with pytest.raises(ValueError, match="scope"):
+        C.prune_unstructured(m, 0.5, scope="random")
+
+
+def test_recovery_training_keeps_pruned_weights_at_zero():
+    teacher = _model()
+    student = C.prune_unstructured(teacher, 0.6, permanent=False)
+    zero_before = {n: (mod.weight == 0).clone() for n, mod in student.named_modules() if hasattr(mod, "weight_mask")}
+    strat = C.Distill(teacher)
+    net = strat.setup(student, 10)
+    x, y = torch.randn(32, 1, 32, 32), torch.arange(32) % 10
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, drop_last=True)
+    w0 = student.head.weight_orig.detach().clone()
+    Trainer(net, strat, TrainConfig(epochs=1, steps_per_epoch=3, lr=1e-2), Loaders(target=loader), device="cpu",
+            log=None).fit()
+    assert not torch.equal(w0, student.head.weight_orig)  # it trained
+    final = C.make_permanent(student)
+    assert not any(hasattr(mod, "weight_mask") for mod in final.modules())
+    for n, mod in final.named_modules():
+        if n in zero_before:
+            assert torch.all(mod.weight[zero_before[n]] == 0), n
+    assert C.sparsity(final) >= 0.6 - 0.01
+    assert all(p.requires_grad is False for p in strat.teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # the caller's teacher was not frozen in place
+
+
+def test_int8_agrees_with_fp32():
+    m = _model()
+    calib = torch.rand(64, 1, 32, 32) * 2 - 1
+    q = C.quantize_int8(m, calib)
+    x = torch.rand(32, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref, out = m(x), q(x)
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.9
