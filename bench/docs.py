@@ -5,6 +5,8 @@ import platform
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+# smoke runs (--quick) write here instead, so they never overwrite the measured results in docs/
+QUICK_DIR = Path(__file__).resolve().parents[1] / "bench_out"
 HEADER = "# Benchmarks\n\nEvery number below is written by a script in `bench/`; none is typed by hand.\n"
 
 
@@ -24,14 +26,15 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def write_section(name: str, body: str) -> Path:
+def write_section(name: str, body: str, doc: Path = DOC) -> Path:
+    """Replace (or append) the ``name`` section of ``doc``; returns ``doc``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = DOC.read_text() if DOC.exists() else HEADER
+    text = doc.read_text() if doc.exists() else HEADER
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-    return DOC
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return doc

@@ -70,7 +70,7 @@ def ray_run(ds, epochs: int, batch: int, workers: int, threads: int, storage: st
     images = sum(h["train_images_per_s"] * h["epoch_time_s"] for h in steady) * workers  # rank 0 counts its shard
     from tlcore.engine import resolve_precision
 
-    label = "fp32, like the plain loop" if precision == "fp32" else f"precision {precision} -> {resolve_precision(precision, 'cpu')}"
+    label = f"precision {precision}" + ("" if precision == "fp32" else f" -> {resolve_precision(precision, 'cpu')}")
     return {"setup": f"Ray Train, {workers} worker(s), {label}", "workers": workers, "threads": threads,
             "images_per_s": images / sum(h["epoch_time_s"] for h in steady),
             "startup_s": total - sum(h["epoch_time_s"] for h in hist),
@@ -104,9 +104,9 @@ def main(argv=None) -> None:
              f"`python -m bench.throughput --images {args.images} --epochs {args.epochs} --batch {args.batch}`: "
              f"`smallcnn` on synthetic digits, global batch {args.batch}, steady-state images/s over epochs 2..{args.epochs} "
              f"(start-up = everything outside the epochs: worker group, model/data set-up; `ray.init` took "
-             f"{ray_init_s:.1f} s on top). The fp32 rows measure Ray's overhead on the same arithmetic; the last row "
-             f"is the pipeline's default precision (`auto`: bf16 autocast + channels-last where the CPU has native "
-             f"bf16). Machine: {machine()}.", "",
+             f"{ray_init_s:.1f} s on top). The plain loop is fp32 in NCHW; the Ray rows run the project's engine "
+             f"(channels-last convolutions) in fp32, then at the pipeline's default precision `auto` (bf16 autocast "
+             f"where the CPU has native bf16). Machine: {machine()}.", "",
              "| setup | workers x threads | images/s | vs plain | start-up (s) | peak RSS per worker (MB) |",
              "|---|---|---|---|---|---|"]
     for r in rows:

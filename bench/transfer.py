@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.docs import DOC, machine, write_section
+from bench.docs import DOC, QUICK_DIR, machine, write_section
 
 TRANSFER = ["linear_probe", "finetune", "gradual_unfreeze", "joint", "dann", "mcc", "semi"]
 UDA = {"dann", "mcc", "semi"}
@@ -46,14 +46,19 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="training precision (auto: bf16 where the CPU has native bf16)")
-    ap.add_argument("--out", default=str(DOC.parent / "transfer_benchmark.json"))
+    ap.add_argument("--out", default=None, help="results JSON (default docs/transfer_benchmark.json; "
+                                                "bench_out/transfer_benchmark.json with --quick)")
     ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved --out results")
     ap.add_argument("--resume", action="store_true", help="keep the cells already in --out (same settings)")
     args = ap.parse_args(argv)
+    # a --quick smoke grid goes to bench_out/, never over the measured results in docs/
+    dest = QUICK_DIR if args.quick else DOC.parent
+    args.out = args.out or str(dest / "transfer_benchmark.json")
     if args.render:
         saved = json.loads(Path(args.out).read_text())
         budgets = [None if c == "all" else int(c) for c in saved["columns"]]
-        return _write(saved["results"], saved["times"], saved["seeds"], budgets, saved["settings"], saved.get("wall_s"))
+        dest = QUICK_DIR if saved["settings"]["quick"] else DOC.parent
+        return _write(saved["results"], saved["times"], saved["seeds"], budgets, saved["settings"], saved.get("wall_s"), dest)
     import torch
 
     from tasks.training import TrainJob, run_job
@@ -79,6 +84,7 @@ def main(argv=None) -> None:
     def save():
         state = {"settings": settings, "results": results, "times": times, "seeds": seeds, "columns": cols,
                  "wall_s": wall0 + time.time() - t_all}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(args.out)
@@ -128,7 +134,7 @@ def main(argv=None) -> None:
                 full = TrainJob("smallcnn", 10, "scratch", _optim(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=target)
                 record("train_on_target", "all", seed, _accuracy(run(full), test_loader), time.time() - t)
     state = save()
-    _write(results, times, seeds, budgets, settings, state["wall_s"])
+    _write(results, times, seeds, budgets, settings, state["wall_s"], dest)
 
 
 def _vals(cell: dict | list | None) -> list[float]:
@@ -150,7 +156,7 @@ def _diff(a, b) -> list[float]:
     return [x - y for x, y in zip(_vals(a), _vals(b))]
 
 
-def _write(results, times, seeds, budgets, settings, wall):
+def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.parent):
     cols = ["all" if b is None else str(b) for b in budgets]
     cols += [] if "all" in cols else ["all"]  # the train-on-target ceiling
     order = ["source_only", "scratch"] + TRANSFER + ["train_on_target"]
@@ -202,12 +208,12 @@ def _write(results, times, seeds, budgets, settings, wall):
             best.append(f"{c} → `{m}` {acc * 100:.1f}")
     lines += ["", "Best method per column: " + ", ".join(best) + ".",
               "", "![accuracy vs labels per class](transfer_benchmark.png)"]
-    _plot(results, cols, order)
+    _plot(results, cols, order, dest / "transfer_benchmark.png")
     print("\n".join(lines))
-    print(f"wrote {write_section('transfer', chr(10).join(lines))}")
+    print(f"wrote {write_section('transfer', chr(10).join(lines), dest / DOC.name)}")
 
 
-def _plot(results, cols, order):
+def _plot(results, cols, order, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +239,8 @@ def _plot(results, cols, order):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
-    fig.savefig(DOC.parent / "transfer_benchmark.png", dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
