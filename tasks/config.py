@@ -88,7 +88,7 @@ class Pretrain(Optim):
 
 
 class Finetune(Optim):
-    strategy: str = "finetune"
+    strategy: str = "semi"
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(25, ge=1)

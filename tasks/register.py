@@ -24,19 +24,26 @@ DEFAULT_ARTIFACTS = "mlruns"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    """``MLFLOW_TRACKING_URI`` or the project's sqlite file; a relative sqlite path is made absolute
+    (against the working directory) because MLflow caches one store per URI string in a process."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def client():
+    """An ``MlflowClient`` on :func:`tracking_uri`. It leaves MLflow's global URI alone:
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which every later subprocess
+    (a DVC stage run by a flow in the same process) would inherit."""
     import logging
 
-    import mlflow
     from mlflow import MlflowClient
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient()
+    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
 
 
 def dvc_lineage(lock_path: str | Path = "dvc.lock", manifest: dict | None = None) -> dict[str, str]:
@@ -96,7 +103,7 @@ def evaluate_version(c, version, params: Params) -> float:
     from .common import load_checkpoint, load_domain
     from .pretrain import accuracy
 
-    path = Path(mlflow.artifacts.download_artifacts(version.source)) / "model.pt"
+    path = Path(mlflow.artifacts.download_artifacts(version.source, tracking_uri=tracking_uri())) / "model.pt"
     model, meta = load_checkpoint(path)
     _, test_ds = load_domain(params, "target", meta["arch"])
     return accuracy(model, test_ds, "cpu")
@@ -130,6 +137,7 @@ def register(params: Params) -> dict:
     import mlflow
 
     c = client()
+    mlflow.set_tracking_uri(tracking_uri())  # the fluent run API below; this stage is its own process
     name = params.register.model_name
     metrics = read_json(params.path("reports", "metrics.json"))
     compress = read_json(params.path("reports", "compress.json")) if params.path("reports", "compress.json").is_file() else {}

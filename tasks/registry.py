@@ -5,7 +5,7 @@ import getpass
 import time
 from pathlib import Path
 
-from .register import client
+from .register import client, tracking_uri
 
 
 class RegistryError(RuntimeError):
@@ -84,9 +84,10 @@ def load_alias(name: str, alias: str = "champion"):
 
     from .common import load_checkpoint
 
-    client()
     try:
-        path = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{alias}")) / "model.pt"
+        # resolved through our client: a models:/ URI would go through MLflow's global registry URI
+        source = client().get_model_version_by_alias(name, alias).source
+        path = Path(mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri())) / "model.pt"
     except Exception as e:  # MlflowException or a missing artifact store
         raise RegistryError(f"cannot load {name}@{alias}: {e}. See `tl models`.") from None
     return load_checkpoint(path)

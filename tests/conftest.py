@@ -7,6 +7,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """Each test starts with the environment's MLflow URI; a test or library that exports one
+    (``mlflow.set_tracking_uri`` does) must not point later tests' subprocesses at its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
     import torch

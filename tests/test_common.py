@@ -28,3 +28,16 @@ def test_checkpoint_roundtrip_weights_only(tmp_path):
     assert torch.equal(m(x), m2(x))
     with pytest.raises(FileNotFoundError, match="dvc repro"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_registry_client_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI; a flow process that read the registry
+    would then send every later DVC stage (a subprocess) to that store."""
+    import os
+
+    from tasks.register import client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert client().search_registered_models() == []
+    assert "MLFLOW_TRACKING_URI" not in os.environ and (tmp_path / "mlflow.db").is_file()

@@ -24,12 +24,15 @@ def repo(tmp_path_factory):
                      {"register": {"min_accuracy": 0.0, "require_positive_transfer": False}})
 
 
+def _uri(repo) -> str:
+    return f"sqlite:///{repo / 'mlflow.db'}"
+
+
 def _mlflow(repo):
-    import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    return MlflowClient()
+    # no mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI to every later subprocess
+    return MlflowClient(tracking_uri=_uri(repo), registry_uri=_uri(repo))
 
 
 def test_repro_end_to_end_then_noop(repo):
@@ -71,7 +74,7 @@ def test_lineage_tags_match_dvc_lock(repo):
     import mlflow
     import torch
 
-    path = mlflow.artifacts.download_artifacts("models:/digits-transfer@champion") + "/model.pt"
+    path = mlflow.artifacts.download_artifacts(v.source, tracking_uri=_uri(repo)) + "/model.pt"
     blob = torch.load(path, map_location="cpu", weights_only=True)
     assert blob["arch"] == "smallcnn" and blob["classes"] == [str(i) for i in range(10)]
 
