@@ -21,11 +21,11 @@ def main(argv=None) -> None:
     import torch
 
     from bench.transfer import _optim
-    from tasks.compress import _measure
+    from tasks.compress import _measure, _prune, _train_student
+    from tasks.config import Params
     from tasks.training import TrainJob, run_job
     from tlcore import compress as C
     from tlcore import data, datasets, models
-    from tlcore.engine import Loaders, TrainConfig, Trainer
 
     source, target, test = datasets.digits_task(models.get_spec("smallcnn"), 500, seed=0)
     eval_tf = test.transform
@@ -41,14 +41,10 @@ def main(argv=None) -> None:
     calib = torch.stack([target.subset(range(256), transform=eval_tf)[i][0] for i in range(256)])
     rows = [_measure("fp32", teacher, loader, example, args.iters, {"sparsity": C.sparsity(teacher)})]
 
-    def distill_into(student, epochs, lr):
-        """Soft targets from the fine-tuned model on the labeled target and the unlabeled pool."""
-        strat = C.Distill(teacher, use_unlabeled=True)
-        net = strat.setup(student, 10)
-        Trainer(net, strat, TrainConfig(epochs=epochs, steps_per_epoch=25, lr=lr), Loaders(
-            target=data.make_loader(labeled, 64, True), unlabeled=data.make_loader(target, 64, True, seed=1)),
-            device="cpu", log=None).fit()
-        return C.make_permanent(net.model).eval()
+    def params(amount: float = 0.5) -> Params:
+        """The pipeline's defaults for this budget: the benchmark runs the compress stage's own code."""
+        return Params.model_validate({"data": {"labels_per_class": args.labels_per_class},
+                                      "compress": {"prune_amount": amount, "prune_finetune_epochs": args.recover_epochs}})
 
     def add(name, m):
         rows.append(_measure(name, m, loader, example, args.iters, {"sparsity": C.sparsity(m)}))
@@ -56,12 +52,13 @@ def main(argv=None) -> None:
     for amount in (0.5, 0.8):
         add(f"prune{int(amount * 100)} (global L1), no retraining", C.prune_unstructured(teacher, amount))
         add(f"prune{int(amount * 100)} (global L1) + {args.recover_epochs} recovery epochs",
-            distill_into(C.prune_unstructured(teacher, amount, permanent=False), args.recover_epochs, 1e-3))
+            _prune(params(amount), teacher, target, structured=False))
     add("prune25 (structured channels), no retraining", C.prune_structured(teacher, 0.25))
     add(f"prune25 (structured channels) + {args.recover_epochs} recovery epochs",
-        distill_into(C.prune_structured(teacher, 0.25, permanent=False), args.recover_epochs, 1e-3))
+        _prune(params(0.25), teacher, target, structured=True))
     rows.append(_measure("int8 (FX static, x86)", C.quantize_int8(teacher, calib), loader, example, args.iters))
-    add("distilled tinycnn (10 epochs)", distill_into(models.create("tinycnn", 10), 10, 3e-3))
+    p = params()
+    add("distilled tinycnn (10 epochs)", _train_student(p, teacher, models.create("tinycnn", 10), target, 10, p.finetune.lr))
     base = rows[0]
     lines = ["## Compression: the fine-tuned model", "",
              f"`python -m bench.compress`: `smallcnn` fine-tuned with {args.labels_per_class} labels per class; CPU, "
