@@ -20,8 +20,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import torch
 
-    from bench.transfer import _optim
-    from tasks.compress import _measure, _prune, _train_student
+    from bench.transfer import optim_config
+    from tasks.compress import measure_variant, prune_and_recover, train_student
     from tasks.config import Params
     from tasks.training import TrainJob, run_job
     from tlcore import compress as C
@@ -32,14 +32,14 @@ def main(argv=None) -> None:
     labeled = target.subset(data.label_budget_split(target.targets.numpy(), args.labels_per_class, 0).labeled)
 
     print("training source model and fine-tune ...", flush=True)
-    src, _ = run_job(TrainJob("smallcnn", 10, "scratch", _optim(6, None, 128), 0, labeled=source), "cpu", log=None)
-    teacher, _ = run_job(TrainJob("smallcnn", 10, "finetune", _optim(10, 25, 64), 0, init_state=src.state_dict(),
+    src, _ = run_job(TrainJob("smallcnn", 10, "scratch", optim_config(6, None, 128), 0, labeled=source), "cpu", log=None)
+    teacher, _ = run_job(TrainJob("smallcnn", 10, "finetune", optim_config(10, 25, 64), 0, init_state=src.state_dict(),
                                  labeled=labeled), "cpu", log=None)
     teacher.eval()
     loader = data.make_loader(test, 256, train=False)
     example = torch.stack([test[i][0] for i in range(64)])
     calib = torch.stack([target.subset(range(256), transform=eval_tf)[i][0] for i in range(256)])
-    rows = [_measure("fp32", teacher, loader, example, args.iters, {"sparsity": C.sparsity(teacher)})]
+    rows = [measure_variant("fp32", teacher, loader, example, args.iters, {"sparsity": C.sparsity(teacher)})]
 
     def params(amount: float = 0.5) -> Params:
         """The pipeline's defaults for this budget: the benchmark runs the compress stage's own code."""
@@ -47,18 +47,18 @@ def main(argv=None) -> None:
                                       "compress": {"prune_amount": amount, "prune_finetune_epochs": args.recover_epochs}})
 
     def add(name, m):
-        rows.append(_measure(name, m, loader, example, args.iters, {"sparsity": C.sparsity(m)}))
+        rows.append(measure_variant(name, m, loader, example, args.iters, {"sparsity": C.sparsity(m)}))
 
     for amount in (0.5, 0.8):
         add(f"prune{int(amount * 100)} (global L1), no retraining", C.prune_unstructured(teacher, amount))
         add(f"prune{int(amount * 100)} (global L1) + {args.recover_epochs} recovery epochs",
-            _prune(params(amount), teacher, target, structured=False))
+            prune_and_recover(params(amount), teacher, target, structured=False))
     add("prune25 (structured channels), no retraining", C.prune_structured(teacher, 0.25))
     add(f"prune25 (structured channels) + {args.recover_epochs} recovery epochs",
-        _prune(params(0.25), teacher, target, structured=True))
-    rows.append(_measure("int8 (FX static, x86)", C.quantize_int8(teacher, calib), loader, example, args.iters))
+        prune_and_recover(params(0.25), teacher, target, structured=True))
+    rows.append(measure_variant("int8 (FX static, x86)", C.quantize_int8(teacher, calib), loader, example, args.iters))
     p = params()
-    add("distilled tinycnn (10 epochs)", _train_student(p, teacher, models.create("tinycnn", 10), target, 10, p.finetune.lr))
+    add("distilled tinycnn (10 epochs)", train_student(p, teacher, models.create("tinycnn", 10), target, 10, p.finetune.lr))
     base = rows[0]
     lines = ["## Compression: the fine-tuned model", "",
              f"`python -m bench.compress`: `smallcnn` fine-tuned with {args.labels_per_class} labels per class; CPU, "

@@ -24,7 +24,7 @@ UDA = {"dann", "mcc", "semi"}
 BUDGETS = [0, 1, 2, 3, 5, 10, None]
 
 
-def _optim(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, precision: str = "auto"):
+def optim_config(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, precision: str = "auto"):
     from tasks.config import Optim
 
     return Optim(epochs=epochs, steps_per_epoch=steps, batch_size=batch, lr=lr, weight_decay=5e-4, precision=precision)
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
         test_loader = data.make_loader(test, 512, train=False)
         print(f"seed {seed}: pretraining the source model", flush=True)
         t = time.time()
-        src = run(TrainJob("smallcnn", 10, "scratch", _optim(6, None, 128, precision=args.precision), seed, labeled=source))
+        src = run(TrainJob("smallcnn", 10, "scratch", optim_config(6, None, 128, precision=args.precision), seed, labeled=source))
         if not done("source_only", "0", seed):
             record("source_only", "0", seed, _accuracy(src, test_loader), time.time() - t)
         tasks_[seed] = (source, target, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
                 if done(m, col, seed):
                     continue
                 t = time.time()
-                job = TrainJob("smallcnn", 10, m, _optim(epochs, args.steps, 64, precision=args.precision), seed,
+                job = TrainJob("smallcnn", 10, m, optim_config(epochs, args.steps, 64, precision=args.precision), seed,
                                init_state=None if m == "scratch" else src_state,
                                source=source if m in UDA or m == "joint" else None,
                                labeled=labeled if budget != 0 else None,
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
                 record(m, col, seed, _accuracy(run(job), test_loader), time.time() - t)
             if budget is None and not done("train_on_target", "all", seed):
                 t = time.time()
-                full = TrainJob("smallcnn", 10, "scratch", _optim(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=target)
+                full = TrainJob("smallcnn", 10, "scratch", optim_config(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=target)
                 record("train_on_target", "all", seed, _accuracy(run(full), test_loader), time.time() - t)
     state = save()
     _write(results, times, seeds, budgets, settings, state["wall_s"], dest)

@@ -8,21 +8,16 @@ clean afterwards. Runs on Prefect's ephemeral local API unless ``PREFECT_API_URL
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
 
-STAGES = ("data", "pretrain", "finetune", "baselines", "evaluate", "compress", "register")
+from tasks.project import configure_environment, dvc, stage_names
+
+configure_environment()  # before Prefect starts its ephemeral API: telemetry off, a start-up timeout for slow machines
+
 FAIL_ONCE_ENV = "TL_FLOW_FAIL_ONCE"  # test-only: "<task-name>:<marker path>" raises once in that task
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
 
 
 def _maybe_fail(name: str) -> None:
@@ -34,17 +29,11 @@ def _maybe_fail(name: str) -> None:
             raise ConnectionError(f"injected transient failure in {name}")
 
 
-def _dvc(args: list[str], repo: Path) -> subprocess.CompletedProcess:
-    dvc = Path(sys.executable).parent / "dvc"
-    return subprocess.run([str(dvc) if dvc.exists() else "dvc", *args], cwd=repo, env=_env(),
-                          capture_output=True, text=True)
-
-
 @task(name="stage", task_run_name="{stage}")
 def run_stage(stage: str, repo: str, force: bool = False) -> dict:
     """Reproduce one stage with DVC; returns whether it ran or was up to date."""
     log = get_run_logger()
-    r = _dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], Path(repo))
+    r = dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], repo, capture=True)
     for line in (r.stdout + r.stderr).splitlines():
         if line.strip():
             log.info(line)
@@ -65,7 +54,7 @@ def register_stage(repo: str) -> dict:
 def dvc_push(repo: str) -> str:
     """Push data and models to the DVC remote (network I/O: retried)."""
     _maybe_fail("dvc-push")
-    r = _dvc(["push", "--quiet"], Path(repo))
+    r = dvc(["push", "--quiet"], repo, capture=True)
     if r.returncode != 0:
         raise ConnectionError(f"dvc push failed: {r.stderr[-1000:]}")
     return "pushed"
@@ -74,8 +63,8 @@ def dvc_push(repo: str) -> str:
 @task(name="apply-params")
 def apply_params(repo: str, overrides: list[str]) -> list[str]:
     """Validate the overrides (fail before any work), then write them into params.yaml."""
-    from tasks.cli import write_overrides
     from tasks.config import load_params
+    from tasks.project import write_overrides
 
     params_file = Path(repo) / "params.yaml"
     load_params(params_file, overrides)
@@ -101,8 +90,9 @@ def publish(repo: str) -> dict:
         f"# Transfer pipeline: `{params.finetune.strategy}` ({params.data.source} -> {params.data.target})", "",
         "| metric | value |", "|---|---|",
         *(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()), "",
-        f"**Transfer gain over scratch:** {m['transfer_gain'] * 100:+.2f} points; over source-only: "
-        + (f"{(m['accuracy'] - so) * 100:+.2f} points." if so is not None else "n/a."), "",
+        (f"**Transfer gain over {m['gain_baseline']}:** {m['transfer_gain'] * 100:+.2f} points; over source-only: "
+         + (f"{(m['accuracy'] - so) * 100:+.2f} points." if so is not None else "n/a."))
+        if m.get("gain_baseline") else "**Transfer gain:** n/a (no baseline applies).", "",
         f"**Gate:** {'promoted to champion' if reg['promoted'] else 'not promoted (challenger only)'}", "",
         *(f"- {r}" for r in reg["reasons"]), "",
         f"**Model:** `{reg['model_uri']}` in `{reg['tracking_uri']}` (run `{reg['run_id']}`)", "",
@@ -141,7 +131,8 @@ def transfer_pipeline(
         if val is not None:
             sets.append(f"{key}={val}")
     apply_params(repo, sets)
-    results = [run_stage(s, repo, force) for s in STAGES[:-1]]
+    stages = stage_names(repo)
+    results = [run_stage(s, repo, force) for s in stages if s != "register"]
     results.append(register_stage(repo))
     if push:
         dvc_push(repo)

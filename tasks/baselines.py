@@ -1,30 +1,43 @@
 """Stage ``baselines``: the yardsticks every transfer claim is measured against.
 
-``scratch``: the same target label budget and schedule, trained from random weights.
-``source_only``: the source model applied to the target test split with no adaptation.
+``scratch``: the same target label budget and schedule, trained from random weights (skipped,
+``null``, when there are no target labels: nothing to train on).
+``source_only``: the source model applied to the target test split with no adaptation (``null``
+when source and target have different label sets).
 """
 from __future__ import annotations
 
 from .common import device_for, load_checkpoint, load_domain, say, stage_main, write_json
 from .config import Params
-from .finetune import make_job
-from .pretrain import accuracy
 from .distributed import run_job_ray
+from .training import target_job
 
 
 def baselines(params: Params) -> dict:
+    from tlcore import data, metrics
+
     device = device_for(params)
-    job, manifest = make_job(params, "scratch")
-    say(f"baselines: scratch on {len(job.labeled)} labeled target images")
-    model, history = run_job_ray(job, params, "baselines", manifest)
+    job, manifest = target_job(params, "scratch")
     _, test_ds = load_domain(params, "target", job.arch)
-    out = {"scratch_accuracy": accuracy(model, test_ds, device), "scratch_history": history, "source_only_accuracy": None}
+    test_loader = data.make_loader(test_ds, 256, train=False)
+    out = {"scratch_accuracy": None, "scratch_history": [], "source_only_accuracy": None}
+    if len(job.labeled):
+        say(f"baselines: scratch on {len(job.labeled)} labeled target images")
+        model, out["scratch_history"], _ = run_job_ray(job, params, "baselines", manifest)
+        out["scratch_accuracy"] = metrics.accuracy(model, test_loader, device)
+    else:
+        say("baselines: scratch skipped (no target labels to train it on); the gain is measured over source_only")
     if manifest["same_label_space"]:
         source_model, _ = load_checkpoint(params.path("models", "source.pt"))
-        out["source_only_accuracy"] = accuracy(source_model.to(device), test_ds, device)
-    say(f"baselines: scratch {out['scratch_accuracy']:.4f}, source_only {out['source_only_accuracy']}")
+        out["source_only_accuracy"] = metrics.accuracy(source_model, test_loader, device)
+    say("baselines: " + ", ".join(f"{k.removesuffix('_accuracy')} {_pct(out[k])}"
+                                  for k in ("scratch_accuracy", "source_only_accuracy")))
     write_json(params.path("reports", "baselines.json"), out)
     return out
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 100:.1f} %"
 
 
 if __name__ == "__main__":

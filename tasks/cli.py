@@ -27,36 +27,13 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env.setdefault("DO_NOT_TRACK", "1")
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    return env
-
-
 def _dvc(*args: str, check: bool = True) -> int:
-    dvc = Path(sys.executable).parent / "dvc"
-    r = subprocess.run([str(dvc) if dvc.exists() else "dvc", *args], env=_env())
+    from .project import dvc
+
+    r = dvc(list(args))
     if check and r.returncode != 0:
         _fail(RuntimeError(f"`dvc {' '.join(args)}` failed (exit {r.returncode}); see the output above."))
     return r.returncode
-
-
-def write_overrides(params_file: Path, overrides: list[str]) -> None:
-    """Apply ``-S key=value`` to params.yaml in place, keeping comments (as ``dvc exp run -S`` does)."""
-    from ruamel.yaml import YAML
-
-    from .config import set_overrides
-
-    y = YAML()
-    y.preserve_quotes = True
-    y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    with params_file.open() as f:
-        doc = set_overrides(y.load(f), overrides)
-    with params_file.open("w") as f:
-        y.dump(doc, f)
 
 
 @app.command()
@@ -80,6 +57,8 @@ def run(
         transfer_pipeline(repo=str(params.resolve().parent), overrides=set_, force=force, push=push)
         return _summary(p)
     if set_:
+        from .project import write_overrides
+
         write_overrides(params, set_)
         typer.echo(f"params: applied {' '.join(set_)} to {params}")
     _dvc("repro", *(["--force"] if force else []))
@@ -231,6 +210,9 @@ def logs(job_id: str, address: str = typer.Option(...), follow_logs: bool = type
 
 def main() -> None:
     """Console entry point: one-paragraph errors; `tl --debug ...` shows the traceback."""
+    from .project import configure_environment
+
+    configure_environment()
     try:
         app()
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from .common import atomic_path, device_for, load_checkpoint, load_domain, save_checkpoint, say, stage_main, write_json
 from .config import Params
+from .hardware import resolve_precision
 from .report import table
 from .training import target_splits
 
 
-def _measure(name: str, model, test_loader, example, iters: int, extra: dict | None = None) -> dict:
+def measure_variant(name: str, model, test_loader, example, iters: int, extra: dict | None = None) -> dict:
     from tlcore import metrics
     from tlcore.engine import predict
 
@@ -36,17 +37,17 @@ def compress(params: Params) -> dict:
     example = torch.stack([test_ds[i][0] for i in range(min(64, len(test_ds)))])
     iters = params.evaluate.latency_iters
     params.path("models", "compressed").mkdir(parents=True, exist_ok=True)
-    rows = [_measure("fp32", teacher, test_loader, example, iters, {"sparsity": C.sparsity(teacher)})]
+    rows = [measure_variant("fp32", teacher, test_loader, example, iters, {"sparsity": C.sparsity(teacher)})]
     for method in cfg.methods:
         say(f"compress: {method}")
         if method in ("prune", "prune_structured"):
-            m = _prune(params, teacher, train_ds, structured=method == "prune_structured")
-            rows.append(_measure(f"{method}{int(cfg.prune_amount * 100)}", m, test_loader, example, iters,
+            m = prune_and_recover(params, teacher, train_ds, structured=method == "prune_structured")
+            rows.append(measure_variant(f"{method}{int(cfg.prune_amount * 100)}", m, test_loader, example, iters,
                                  {"sparsity": C.sparsity(m)}))
         elif method == "int8":
             calib_ds = train_ds.subset(range(min(256, len(train_ds))), transform=test_ds.transform)
             calib = torch.stack([calib_ds[i][0] for i in range(len(calib_ds))])
-            rows.append(_measure("int8", C.quantize_int8(teacher, calib), test_loader, example, iters))
+            rows.append(measure_variant("int8", C.quantize_int8(teacher, calib), test_loader, example, iters))
         elif method == "distill":
             rows.append(_distill(params, teacher, meta, train_ds, test_loader, example, iters))
     base = rows[0]
@@ -67,7 +68,7 @@ def compress(params: Params) -> dict:
     return out
 
 
-def _train_student(params: Params, teacher, student, train_ds, epochs: int, lr: float):
+def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: float):
     """Train ``student`` against ``teacher`` (soft targets on the labeled target and the unlabeled pool)."""
     from tlcore import compress as C
     from tlcore import data
@@ -77,15 +78,17 @@ def _train_student(params: Params, teacher, student, train_ds, epochs: int, lr: 
     labeled, pool, _ = target_splits(params, train_ds)
     strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0)
     net = strat.setup(student, teacher.num_classes)
+    device = device_for(params)
+    precision, _ = resolve_precision(f.precision, student.arch, teacher.num_classes, f.batch_size, device)
     tcfg = TrainConfig(epochs=epochs, steps_per_epoch=f.steps_per_epoch, lr=lr, weight_decay=f.weight_decay,
-                       seed=params.base.seed, precision=f.precision)
+                       seed=params.base.seed, precision=precision)
     loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed),
                       unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
-    Trainer(net, strat, tcfg, loaders, device=device_for(params)).fit()
+    Trainer(net, strat, tcfg, loaders, device=device).fit()
     return net.model.cpu().eval()
 
 
-def _prune(params: Params, teacher, train_ds, structured: bool):
+def prune_and_recover(params: Params, teacher, train_ds, structured: bool):
     """Prune the fine-tuned model, then (``prune_finetune_epochs`` > 0) let it recover by distilling
     from the unpruned model with the masks held, so pruned weights stay zero."""
     from tlcore import compress as C
@@ -94,7 +97,7 @@ def _prune(params: Params, teacher, train_ds, structured: bool):
     m = (C.prune_structured(teacher, cfg.prune_amount, permanent=False) if structured
          else C.prune_unstructured(teacher, cfg.prune_amount, permanent=False))
     if cfg.prune_finetune_epochs:
-        m = _train_student(params, teacher, m, train_ds, cfg.prune_finetune_epochs, params.finetune.lr / 3)
+        m = train_student(params, teacher, m, train_ds, cfg.prune_finetune_epochs, params.finetune.lr / 3)
     return C.make_permanent(m).eval()
 
 
@@ -106,10 +109,10 @@ def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> di
         raise ValueError(f"compress.student {student_arch!r} takes another input size than {meta['arch']!r}; "
                          f"pick a student with the same input size (e.g. tinycnn for smallcnn).")
     student = models.create(student_arch, meta["num_classes"], in_channels=meta["in_channels"])
-    student = _train_student(params, teacher, student, train_ds, params.compress.distill_epochs, params.finetune.lr)
+    student = train_student(params, teacher, student, train_ds, params.compress.distill_epochs, params.finetune.lr)
     save_checkpoint(params.path("models", "compressed", "student.pt"), student, meta["classes"], meta["in_channels"],
                     {"stage": "compress", "teacher": meta["arch"]})
-    return _measure(f"distill_{student_arch}", student, test_loader, example, iters)
+    return measure_variant(f"distill_{student_arch}", student, test_loader, example, iters)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ class Optim(_Section):
     grad_clip: float | None = Field(5.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast where the GPU/CPU computes bf16 natively, else fp32")
+        "auto", description="auto: bf16 autocast where it is faster (a GPU with compute capability >= 8.0, "
+                            "or a CPU where a one-off measurement of the model says so), else fp32")
 
 
 class Pretrain(Optim):
@@ -130,9 +131,18 @@ class Register(_Section):
 
 class Ray(_Section):
     address: str | None = None
-    num_workers: int = Field(1, ge=0, description="0: Ray Train local mode (in-process, no cluster)")
+    num_workers: int = Field(0, ge=0, description="0: Ray Train local mode (in-process, no cluster start-up); "
+                                                  "N: N data-parallel workers")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto", description="auto: the CPUs of a node divided by the workers on it; torch threads per worker follow it")
+
+    @field_validator("cpus_per_worker")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and not v > 0:
+            raise ValueError("must be 'auto' or a number > 0")
+        return v
     gpus_per_worker: float = Field(0, ge=0)
     max_failures: int = Field(1, ge=0)
     storage_path: str = "ray_results"

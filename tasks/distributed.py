@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .common import say
 from .config import Params
+from .hardware import worker_cpus
 from .training import TrainJob, build_trainer
 
 DONE_MARKER = "_TL_DONE"
@@ -155,6 +156,9 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world > 1:
         job.optim = job.optim.model_copy(update={"batch_size": max(1, job.optim.batch_size // world)})
+    device = ray.train.torch.get_device()
+    precision, why = _agreed_precision(job, device, world)
+    job.optim = job.optim.model_copy(update={"precision": precision})
     shard: list[int] = []
 
     def hook(loader):
@@ -163,14 +167,14 @@ def train_loop_per_worker(config: dict) -> None:
             shard.extend(int(i) for i in iter(prepared.sampler))
         return prepared
 
-    device = ray.train.torch.get_device()
     local_dir = config.get("local_dir")
     cb = _RayReport(rank, _parse_fault(config.get("fault")), config.get("worker_log_dir"), shard, local_dir)
     trainer = build_trainer(job, device, callbacks=[cb], wrap=ray.train.torch.prepare_model, loader_hook=hook,
                             log=(lambda s: say(f"[{config.get('stage', 'train')} w{rank}] {s}")) if rank == 0 else None,
                             replicas=world)
     if rank == 0:
-        say(f"[{config.get('stage', 'train')}] training on {device}, {trainer.precision}, {world} worker(s)")
+        say(f"[{config.get('stage', 'train')}] training on {device}, {world} worker(s) x "
+            f"{torch.get_num_threads()} thread(s), precision {why}")
     state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -187,8 +191,29 @@ def train_loop_per_worker(config: dict) -> None:
     trainer.fit()
 
 
+def _agreed_precision(job: TrainJob, device, world: int) -> tuple[str, str]:
+    """Rank 0 resolves ``precision: auto`` (measured once per machine, cached); every rank uses its answer."""
+    import torch.distributed as dist
+
+    from .hardware import resolve_precision
+
+    decision = [None]
+    if world == 1 or dist.get_rank() == 0:
+        decision[0] = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device)
+    if world > 1 and dist.is_initialized():
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def _cluster_cpus() -> list[dict]:
+    import ray
+
+    return [{"CPU": n["Resources"]["CPU"]} for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+
+
 def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
-    """Train ``job`` with Ray Train as configured in ``params.ray``; returns ``(model, history)``."""
+    """Train ``job`` with Ray Train as configured in ``params.ray``; returns ``(model, history, info)``,
+    ``info`` saying how it ran (workers, threads, precision)."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -205,10 +230,12 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
     if local_run_dir is not None and (local_run_dir / DONE_MARKER).exists():
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"  # finished before: start fresh, never resume it
         local_run_dir = Path(storage) / name
-    resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker or 1} if rc.use_gpu else {})}
+    cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, _cluster_cpus() if rc.num_workers > 0 else None)
+    threads = params.base.num_threads or max(1, int(cpus))
+    resources = {"CPU": cpus, **({"GPU": rc.gpus_per_worker or 1} if rc.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "threads": rc.cpus_per_worker, "stage": stage,
+        train_loop_config={"job": job, "threads": threads, "stage": stage,
                            "fault": os.environ.get(FAULT_ENV), "worker_log_dir": os.environ.get(WORKER_LOG_ENV),
                            "run_dir": str(local_run_dir) if local_run_dir else None,
                            "local_dir": str(local_run_dir / "local") if rc.num_workers == 0 and local_run_dir else None},
@@ -226,7 +253,9 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
     model.load_state_dict({k[len("model."):]: v for k, v in state["net"].items() if k.startswith("model.")})
     if local_run_dir is not None and local_run_dir.is_dir():
         (local_run_dir / DONE_MARKER).write_text(json.dumps({"epochs": state["epoch"]}))
-    return model, state["history"]
+    info = {"workers": max(1, rc.num_workers), "threads_per_worker": threads,
+            "precision": state.get("config", {}).get("precision", job.optim.precision), "ray_run": name}
+    return model, state["history"], info
 
 
 def _num_classes(state: dict) -> int:

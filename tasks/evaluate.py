@@ -31,10 +31,12 @@ def evaluate(params: Params) -> dict:
     cpu_model = model.cpu().eval()
     example = torch.stack([test_ds[i][0] for i in range(min(64, len(test_ds)))])
     lat = metrics.latency_ms(cpu_model, example, iters=params.evaluate.latency_iters)
+    # the gain is over scratch (same labels, no transfer); with no labels, over source_only (no adaptation)
+    over = next((b for b in ("scratch", "source_only") if base[f"{b}_accuracy"] is not None), None)
     flat = {
         "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"], "ece": rep["ece"],
         "scratch_accuracy": base["scratch_accuracy"], "source_only_accuracy": base["source_only_accuracy"],
-        "transfer_gain": rep["accuracy"] - base["scratch_accuracy"],
+        "transfer_gain": rep["accuracy"] - base[f"{over}_accuracy"] if over else None, "gain_baseline": over,
         **lat, "throughput_ips": metrics.throughput(cpu_model, example),
         "params_m": count_params(cpu_model) / 1e6, "size_mb": metrics.model_size_mb(cpu_model),
         "test_images": len(test_ds),
@@ -53,9 +55,23 @@ def evaluate(params: Params) -> dict:
     confusion_matrix_png(rep["confusion_matrix"], classes, fig_dir / "confusion_matrix.png",
                          f"{ft['strategy']} on target test (acc {rep['accuracy']:.3f})")
     _write_report(params, flat, rep, ft, pre)
-    say(f"evaluate: accuracy {flat['accuracy']:.4f} (scratch {flat['scratch_accuracy']:.4f}, "
-        f"source-only {flat['source_only_accuracy']}), transfer gain {flat['transfer_gain']:+.4f}")
+    say(f"evaluate: accuracy {_pct(flat['accuracy'])} (scratch {_pct(flat['scratch_accuracy'])}, source-only "
+        f"{_pct(flat['source_only_accuracy'])}), transfer gain " + (
+            f"{flat['transfer_gain'] * 100:+.1f} points over {over}" if over else "n/a (no baseline applies)"))
     return flat
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 100:.1f} %"
+
+
+def _gain_line(flat: dict) -> str:
+    over = flat["gain_baseline"]
+    if over is None:
+        return "**Transfer gain: n/a** (no target labels to train scratch on, and no shared label set for source-only)."
+    label = {"scratch": "training from scratch", "source_only": "the source model without adaptation"}[over]
+    line = f"**Transfer gain over {over}: {flat['transfer_gain'] * 100:+.2f} points.** "
+    return line + (f"Negative transfer: this model loses to {label}." if flat["transfer_gain"] <= 0 else "")
 
 
 def _write_csv(path, rows: list[dict]) -> None:
@@ -76,10 +92,9 @@ def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) ->
         table([{"model": f"transfer ({ft['strategy']})", "accuracy": flat["accuracy"], "macro_f1": flat["macro_f1"]},
                {"model": "scratch (same labels, no transfer)", "accuracy": flat["scratch_accuracy"]},
                {"model": "source only (no adaptation)", "accuracy": so}], ["model", "accuracy", "macro_f1"]), "",
-        f"**Transfer gain over scratch: {flat['transfer_gain'] * 100:+.2f} points.** "
-        + ("Negative transfer: this model loses to training from scratch." if flat["transfer_gain"] <= 0 else ""), "",
+        _gain_line(flat), "",
         f"Expected calibration error {flat['ece']:.4f}. Source model accuracy on its own test split: "
-        f"{pre.get('source_test_accuracy')}.", "",
+        f"{_pct(pre.get('source_test_accuracy'))}.", "",
         "## Deployment figures (CPU)", "",
         table([{k: flat[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb")}],
               ["latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb"]), "",

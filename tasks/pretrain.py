@@ -11,17 +11,9 @@ from .distributed import run_job_ray
 from .training import TrainJob
 
 
-def accuracy(model, ds, device, batch_size: int = 256) -> float:
-    from tlcore import data
-    from tlcore.engine import predict
-
-    logits, y = predict(model, data.make_loader(ds, batch_size, train=False), device)
-    return float((logits.argmax(1) == y).float().mean())
-
-
 def pretrain(params: Params) -> dict:
     """Train (or load) the source model; returns a summary."""
-    from tlcore import models
+    from tlcore import data, metrics, models
 
     manifest = read_json(params.path("data", "manifest.json"))
     classes = manifest["source"]["classes"]
@@ -37,10 +29,10 @@ def pretrain(params: Params) -> dict:
         train_ds, test_ds = load_domain(params, "source", arch)
         say(f"pretrain: {arch} on {manifest['source']['name']} ({len(train_ds)} images, {params.pretrain.epochs} epochs)")
         job = TrainJob(arch, len(classes), "scratch", params.pretrain, params.base.seed, labeled=train_ds)
-        model, history = run_job_ray(job, params, "pretrain", manifest)
-        acc = accuracy(model, test_ds, device)
-        say(f"pretrain: source test accuracy {acc:.4f}")
-        summary = {"weights": None, "history": history, "source_test_accuracy": acc}
+        model, history, info = run_job_ray(job, params, "pretrain", manifest)
+        acc = metrics.accuracy(model, data.make_loader(test_ds, 256, train=False), device)
+        say(f"pretrain: source test accuracy {acc * 100:.1f} %")
+        summary = {"weights": None, **info, "history": history, "source_test_accuracy": acc}
     save_checkpoint(out, model, classes, spec.default_in_channels, {"stage": "pretrain"})
     write_json(params.path("reports", "pretrain.json"), summary)
     return summary

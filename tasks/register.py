@@ -100,13 +100,14 @@ def champion_accuracy_on(c, name: str, test_hash: str, params: Params) -> tuple[
 def evaluate_version(c, version, params: Params) -> float:
     import mlflow
 
+    from tlcore import data, metrics
+
     from .common import load_checkpoint, load_domain
-    from .pretrain import accuracy
 
     path = Path(mlflow.artifacts.download_artifacts(version.source, tracking_uri=tracking_uri())) / "model.pt"
     model, meta = load_checkpoint(path)
     _, test_ds = load_domain(params, "target", meta["arch"])
-    return accuracy(model, test_ds, "cpu")
+    return metrics.accuracy(model, data.make_loader(test_ds, 256, train=False), "cpu")
 
 
 def gate(params: Params, metrics: dict, champion_acc: float | None) -> tuple[bool, list[str]]:
@@ -125,11 +126,15 @@ def gate(params: Params, metrics: dict, champion_acc: float | None) -> tuple[boo
         reasons.append(f"{'pass' if good else 'FAIL'}: accuracy {acc:.4f} {'>=' if good else '<'} champion "
                        f"{champion_acc:.4f} + min_improvement {r.min_improvement}")
     if r.require_positive_transfer:
-        gain = metrics["transfer_gain"]
-        good = gain > 0
-        ok &= good
-        reasons.append(f"{'pass' if good else 'FAIL'}: transfer_gain {gain:+.4f} {'>' if good else '<='} 0 "
-                       f"(scratch {metrics['scratch_accuracy']:.4f})")
+        gain, over = metrics["transfer_gain"], metrics.get("gain_baseline", "scratch")
+        if gain is None:
+            reasons.append("pass: no baseline applies (no target labels for scratch, and different label sets "
+                           "for source_only)")
+        else:
+            good = gain > 0
+            ok &= good
+            reasons.append(f"{'pass' if good else 'FAIL'}: transfer_gain {gain:+.4f} {'>' if good else '<='} 0 "
+                           f"(over {over} {metrics[over + '_accuracy']:.4f})")
     return ok, reasons
 
 
@@ -164,6 +169,7 @@ def register(params: Params) -> dict:
     champ, champ_acc = champion_accuracy_on(c, name, lineage.get("data_target_test_sha256", ""), params)
     promoted, reasons = gate(params, metrics, champ_acc)
     tags = {**lineage, "accuracy": str(metrics["accuracy"]), "transfer_gain": str(metrics["transfer_gain"]),
+            "gain_baseline": str(metrics.get("gain_baseline")),
             "strategy": params.finetune.strategy, "backbone": params.pretrain.backbone,
             "gate_decision": "promoted" if promoted else "rejected", "gate_reasons": "; ".join(reasons),
             **({"previous_champion": str(champ.version)} if promoted and champ else {})}

@@ -69,9 +69,38 @@ def _head_size(state: dict) -> int:
 
 def run_job(job: TrainJob, device, callbacks=(), log=print):
     """Train ``job`` in this process; returns ``(model, history)``."""
+    from .hardware import resolve_precision
+
+    precision, why = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device)
+    job.optim = job.optim.model_copy(update={"precision": precision})
+    if log:
+        log(f"precision {why}")
     trainer = build_trainer(job, device, callbacks, log=log)
     history = trainer.fit()
     return trainer.net.model, history
+
+
+def target_job(params: Params, strategy: str, strategy_params: dict | None = None) -> tuple[TrainJob, dict]:
+    """The target-side training job for ``strategy`` on the configured label budget, and the data manifest."""
+    from tlcore import strategies
+
+    from .common import load_checkpoint, load_domain, read_json
+
+    manifest = read_json(params.path("data", "manifest.json"))
+    source_model, meta = load_checkpoint(params.path("models", "source.pt"))
+    classes = manifest["target"]["classes"]
+    train_ds, _ = load_domain(params, "target", meta["arch"])
+    labeled, unlabeled, val = target_splits(params, train_ds)
+    cls = strategies.strategy_class(strategy)
+    uses, transfers = cls.uses, cls.transfers
+    source = load_domain(params, "source", meta["arch"])[0] if "source" in uses else None
+    job = TrainJob(
+        arch=meta["arch"], num_classes=len(classes), strategy=strategy, optim=params.finetune, seed=params.base.seed,
+        init_state=source_model.state_dict() if transfers else None,
+        strategy_params=strategy_params or {}, same_label_space=manifest["same_label_space"],
+        source=source, labeled=labeled, unlabeled=unlabeled if "unlabeled" in uses else None, val=val,
+    )
+    return job, manifest
 
 
 def target_splits(params: Params, train_ds):

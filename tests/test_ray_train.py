@@ -49,7 +49,7 @@ def _records(log_dir, rank):
 def test_workers_train_report_and_checkpoint(ray_local, digits, tmp_path, monkeypatch, workers):
     monkeypatch.setenv(WORKER_LOG_ENV, str(tmp_path))
     params = _params(tmp_path, workers)
-    model, history = run_job_ray(_job(params, digits), params, f"test{workers}", MANIFEST)
+    model, history, _ = run_job_ray(_job(params, digits), params, f"test{workers}", MANIFEST)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     run_dirs = list((tmp_path / "ray_results").iterdir())
@@ -69,7 +69,7 @@ def test_worker_crash_resumes_from_last_checkpoint(ray_local, digits, tmp_path, 
     monkeypatch.setenv(FAULT_ENV, f"epoch=2,step=2,rank=1,marker={marker}")
     monkeypatch.setenv(WORKER_LOG_ENV, str(tmp_path))
     params = _params(tmp_path, 2, epochs=4, max_failures=1)
-    _, history = run_job_ray(_job(params, digits), params, "fault", MANIFEST)
+    _, history, _ = run_job_ray(_job(params, digits), params, "fault", MANIFEST)
     assert marker.exists()  # the worker really died once
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     epochs_done = [r["epoch"] for r in _records(tmp_path, 0)]
@@ -81,6 +81,6 @@ def test_worker_crash_resumes_from_last_checkpoint(ray_local, digits, tmp_path, 
 def test_finished_run_is_not_resumed(ray_local, digits, tmp_path):
     params = _params(tmp_path, 1, epochs=1)
     run_job_ray(_job(params, digits), params, "again", MANIFEST)
-    _, history = run_job_ray(_job(params, digits), params, "again", MANIFEST)
+    _, history, _ = run_job_ray(_job(params, digits), params, "again", MANIFEST)
     assert [h["epoch"] for h in history] == [1]
     assert len(list((tmp_path / "ray_results").iterdir())) == 2  # a fresh run, not the finished one

@@ -9,7 +9,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator, Literal, Protocol
 
 import numpy as np
@@ -33,8 +33,8 @@ class TrainConfig:
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
     grad_clip: float | None = 5.0
-    # "auto": bf16 autocast where the hardware computes bf16 natively (CUDA with bf16, or a CPU with
-    # AMX / AVX512-BF16), fp32 elsewhere. Weights, optimiser state and BatchNorm stay fp32 either way.
+    # "auto": :func:`resolve_precision` (callers pass a measured speed-up; see :func:`choose_precision`).
+    # Weights, optimiser state and BatchNorm stay fp32 either way.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: bool = True  # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
     seed: int = 0
@@ -78,24 +78,93 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def bf16_native(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bf16 in hardware (so autocast to bf16 is a speed-up, not an emulation)."""
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Sapphire Rapids and later): bf16 matmuls in hardware."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 or AMX); says nothing about speed."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_precision(device_type: str, *, cuda_capability: tuple[int, int] | None = None,
+                     cpu_bf16: bool = False, cpu_amx: bool = False,
+                     bf16_speedup: float | None = None, min_speedup: float = 1.1) -> tuple[str, str]:
+    """The ``auto`` rule, as a pure function: returns ``(precision, why)``.
+
+    - CUDA: bf16 from compute capability 8.0 (Ampere) on, where it runs on tensor cores; older
+      GPUs only emulate bf16 (``torch.cuda.is_bf16_supported()`` counts that too), so fp32.
+    - CPU: fp32 without bf16 kernels. With them, a measured ``bf16_speedup`` (bf16 steps per fp32
+      step on the real model) decides: bf16 only when it is at least ``min_speedup``. AVX512-BF16
+      without AMX is faster on some CPUs and slower on others, so it is never assumed. Without a
+      measurement, bf16 only with AMX.
+    """
+    if device_type == "cuda":
+        if cuda_capability is not None and cuda_capability >= (8, 0):
+            return "bf16", f"bf16: CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} >= 8.0"
+        cap = "unknown" if cuda_capability is None else f"{cuda_capability[0]}.{cuda_capability[1]}"
+        return "fp32", f"fp32: CUDA compute capability {cap} < 8.0 has no native bf16"
+    if device_type != "cpu" or not cpu_bf16:
+        return "fp32", f"fp32: no bf16 kernels on {device_type}"
+    if bf16_speedup is not None:
+        if bf16_speedup >= min_speedup:
+            return "bf16", f"bf16: {bf16_speedup:.2f}x faster than fp32 here (measured)"
+        return "fp32", f"fp32: bf16 is {bf16_speedup:.2f}x fp32 here (measured; needs >= {min_speedup}x)"
+    if cpu_amx:
+        return "bf16", "bf16: CPU has AMX"
+    return "fp32", "fp32: CPU has bf16 kernels but no AMX, and no measurement was given"
+
+
+def resolve_precision(precision: str, device: torch.device | str, bf16_speedup: float | None = None) -> str:
+    """``"auto"`` -> ``"bf16"`` or ``"fp32"`` by :func:`choose_precision`; other values pass through."""
+    if precision != "auto":
+        return precision
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
+    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
+    return choose_precision(device.type, cuda_capability=cap, cpu_bf16=cpu_bf16_kernels(), cpu_amx=cpu_has_amx(),
+                            bf16_speedup=bf16_speedup)[0]
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``"auto"`` -> ``"bf16"`` where :func:`bf16_native`, else ``"fp32"``; other values pass through."""
-    if precision == "auto":
-        return "bf16" if bf16_native(device) else "fp32"
-    return precision
+def measure_bf16_speedup(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu",
+                         steps: int = 6, warmup: int = 2) -> float:
+    """Training steps per second in bf16 autocast divided by fp32, on ``model`` (a throwaway copy is
+    fine: it is trained on random data). ``input_shape`` includes the batch dimension."""
+    import copy
+
+    device = torch.device(device)
+    x = torch.randn(*input_shape, device=device).to(memory_format=torch.channels_last)
+    rates = {}
+    for bf16 in (False, True, False, True):  # interleaved: a warming or busy machine skews both alike
+        m = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last).train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = m(x)
+                out = out["logits"] if isinstance(out, dict) else out
+            loss = out.float().square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(warmup):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.setdefault(bf16, []).append(steps / (time.perf_counter() - t))
+    return max(rates[True]) / max(rates[False])
 
 
 def _cycle(loader: DataLoader) -> Iterator:
@@ -149,6 +218,7 @@ class Trainer:
         self.device = torch.device(device) if device else default_device()
         self.net = net.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        self.cfg = cfg = replace(cfg, precision=self.precision)  # checkpoints record what was used
         self._channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
         if self._channels_last:  # before ``wrap``, so DDP's gradient buckets match the layout
             self.net.to(memory_format=torch.channels_last)

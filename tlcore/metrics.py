@@ -42,6 +42,15 @@ def classification_report(logits: torch.Tensor | np.ndarray, labels, classes: li
     }
 
 
+@torch.no_grad()
+def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` over ``loader``; the model is moved to ``device`` first."""
+    from .engine import predict
+
+    logits, y = predict(model.to(device), loader, device)
+    return float((logits.argmax(1) == y).float().mean())
+
+
 def model_size_mb(model: nn.Module) -> float:
     """Serialized size of the model's state_dict in MB (what a deployment ships)."""
     buf = io.BytesIO()

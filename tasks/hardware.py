@@ -1,0 +1,120 @@
+"""What this machine is good at: CPU threads per worker and the training precision, by measurement.
+
+``precision: auto`` asks :func:`tlcore.engine.choose_precision`. On a CPU with bf16 kernels it
+needs a measurement, because AVX512-BF16 without AMX is faster on some CPUs (AMD Zen 4: ~2x) and
+slower on others (Xeons without AMX: ~0.7x). :func:`resolve_precision` times a few training steps
+of the actual model in fp32 and in bf16 once per machine, model, input size, batch and thread
+count, and caches the answer in ``$TL_CACHE_DIR`` (default ``~/.cache/transfer-pipeline``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .common import write_json
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TL_CACHE_DIR"):
+        return Path(os.environ["TL_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "transfer-pipeline"
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on (respects taskset / cgroup CPU sets, unlike ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The CPU features every CPU speed figure depends on."""
+    from tlcore.engine import cpu_bf16_kernels, cpu_has_amx
+
+    return {"avx512_bf16": cpu_bf16_kernels(), "amx": cpu_has_amx()}
+
+
+def worker_cpus(num_workers: int, requested: float | str, cluster_nodes: list[dict] | None = None) -> float:
+    """CPUs per Ray worker: ``requested``, or for ``"auto"`` the CPUs of the smallest node divided by
+    the workers that land on it (all local CPUs in local mode, ``num_workers`` 0)."""
+    if requested != "auto":
+        return float(requested)
+    if num_workers == 0 or not cluster_nodes:
+        return float(max(1, local_cpus() // max(1, num_workers)))
+    per_node = min(n["CPU"] for n in cluster_nodes)
+    per_worker = per_node // math.ceil(num_workers / len(cluster_nodes))
+    return float(max(1, per_worker))
+
+
+def _key(arch: str, input_shape: tuple[int, ...], threads: int, device: str) -> str:
+    import torch
+
+    return "|".join([cpu_model(), f"torch {torch.__version__}", device, arch, "x".join(map(str, input_shape)),
+                     f"{threads} threads"])
+
+
+def _cached(key: str) -> float | None:
+    f = cache_dir() / "precision.json"
+    try:
+        return float(json.loads(f.read_text())[key]["bf16_speedup"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store(key: str, speedup: float) -> None:
+    f = cache_dir() / "precision.json"
+    try:
+        data = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        data = {}
+    data[key] = {"bf16_speedup": round(speedup, 3), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        write_json(f, data)
+    except OSError:  # a read-only home: measure again next time
+        pass
+
+
+def resolve_precision(requested: str, arch: str, num_classes: int, batch_size: int, device,
+                      measure: Callable[..., float] | None = None) -> tuple[str, str]:
+    """``(precision, why)`` for training ``arch`` on ``device``; ``requested`` other than auto passes through.
+
+    ``measure`` replaces :func:`tlcore.engine.measure_bf16_speedup` (tests pass both answers)."""
+    import torch
+
+    from tlcore import engine, models
+
+    if requested != "auto":
+        return requested, f"{requested}: set in params"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return engine.choose_precision("cuda", cuda_capability=torch.cuda.get_device_capability(device))
+    if device.type != "cpu" or not engine.cpu_bf16_kernels():
+        return engine.choose_precision(device.type, cpu_bf16=False)
+    spec = models.get_spec(arch)
+    shape = (min(batch_size, 32), spec.default_in_channels, spec.input_size, spec.input_size)
+    key = _key(arch, shape, torch.get_num_threads(), device.type)
+    speedup = _cached(key)
+    source = "cached"
+    if speedup is None:
+        model = models.create(arch, num_classes)
+        speedup = (measure or engine.measure_bf16_speedup)(model, shape, device)
+        _store(key, speedup)
+        source = "measured now"
+    prec, why = engine.choose_precision("cpu", cpu_bf16=True, cpu_amx=engine.cpu_has_amx(), bf16_speedup=speedup)
+    return prec, f"{why}, {source}"

@@ -1,0 +1,73 @@
+"""The project on disk, as the CLI and the flows both drive it: its environment, `dvc`, and params overrides.
+
+Both entry points (``tl`` and the Prefect flows) import this; it imports neither.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# What every process of a run needs, whoever started it (`tl`, `make`, a Prefect worker, a test):
+# no telemetry calls from an offline machine (their failures print tracebacks), and a Prefect
+# ephemeral API that is given time to start on a slow 2-core machine (its default is 20 s).
+QUIET_ENV = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_API_REQUEST_TIMEOUT": "120",
+}
+
+
+def configure_environment() -> None:
+    """Set :data:`QUIET_ENV` in this process (values the user set win) and put this interpreter's
+    ``bin/`` first on ``PATH``, so `dvc` and the stages' ``python -m tasks.<stage>`` run from the
+    same environment as the caller even when the venv is not activated."""
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = bindir + os.pathsep + path
+
+
+def tool(name: str) -> str:
+    """The executable ``name`` next to this interpreter, else from ``PATH``."""
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else name
+
+
+def dvc(args: list[str], repo: str | Path = ".", capture: bool = False) -> subprocess.CompletedProcess:
+    """Run ``dvc ARGS`` in ``repo`` with this environment (see :func:`configure_environment`)."""
+    configure_environment()
+    return subprocess.run([tool("dvc"), *args], cwd=repo, env=dict(os.environ), capture_output=capture, text=True)
+
+
+def stage_names(repo: str | Path = ".") -> list[str]:
+    """The pipeline's stages in ``dvc.yaml`` order (the one list of stages)."""
+    import yaml
+
+    with open(Path(repo) / "dvc.yaml") as f:
+        return list((yaml.safe_load(f) or {}).get("stages", {}))
+
+
+def write_overrides(params_file: Path, overrides: list[str]) -> None:
+    """Apply ``-S key=value`` to params.yaml, keeping comments (as ``dvc exp run -S`` does).
+
+    The new file is written next to the old one and renamed over it, so a reader never sees half a file."""
+    from ruamel.yaml import YAML
+
+    from .common import atomic_path
+    from .config import set_overrides
+
+    y = YAML()
+    y.preserve_quotes = True
+    y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    with params_file.open() as f:
+        doc = set_overrides(y.load(f), overrides)
+    with atomic_path(params_file) as tmp:
+        with tmp.open("w") as f:
+            y.dump(doc, f)
+        os.chmod(tmp, params_file.stat().st_mode)
