@@ -12,26 +12,14 @@ from .pipeline import run_stage, transfer_pipeline
 @task(name="champion-data-hash", retries=2, retry_delay_seconds=[2, 10])
 def champion_data_hashes(repo: str) -> dict | None:
     """Target data hashes recorded on the current champion (None if there is none)."""
-    import os
-
-    from mlflow.exceptions import MlflowException
-
     from tasks.config import load_params
+    from tasks.tracking import client, tracking_uri, version_by_alias
 
     params = load_params(Path(repo) / "params.yaml")
-    cwd = os.getcwd()
-    os.chdir(repo)  # the default sqlite tracking URI is relative to the project
-    try:
-        from tasks.register import client
-
-        c = client()
-        try:
-            v = c.get_model_version_by_alias(params.register.model_name, "champion")
-        except MlflowException:
-            return None
-        return {"version": v.version, **{k: v.tags.get(k) for k in ("data_target_train_sha256", "data_target_test_sha256")}}
-    finally:
-        os.chdir(cwd)
+    v = version_by_alias(client(tracking_uri(repo)), params.register.model_name, "champion")
+    if v is None:
+        return None
+    return {"version": v.version, **{k: v.tags.get(k) for k in ("data_target_train_sha256", "data_target_test_sha256")}}
 
 
 @flow(name="retrain", log_prints=True)

@@ -1,1 +1,10 @@
-"""Pipeline stages. Each is ``python -m tasks.<stage>`` (from dvc.yaml) and a function the flows call."""
+"""Pipeline stages (``python -m tasks.<stage>``), their helpers, and the ``tl`` CLI."""
+import importlib.util as _util
+import sys as _sys
+
+_missing = [m for m in ("torch", "pydantic", "yaml") if _util.find_spec(m) is None]
+if _missing:  # e.g. `dvc repro` from a shell where the venv is not active runs the system python
+    raise SystemExit(
+        f"error: {_sys.executable} has no {', '.join(_missing)}, so it is not this project's Python environment. "
+        f"Activate the project's virtual environment first (`source .venv/bin/activate`; `make install` creates it), "
+        f"then run the command again.")

@@ -107,11 +107,15 @@ def list_(what: str = typer.Argument("all", help="models | strategies | all")):
 
 
 def _model_name(name: Optional[str]) -> str:
+    """``--name`` or ``register.model_name`` from the project's params.yaml (read without validating it:
+    validation imports torch, which a registry listing does not need)."""
     if name:
         return name
-    from .config import load_params
+    from .config import Register, load_raw
+    from .tracking import project_root
 
-    return load_params().register.model_name
+    raw = load_raw(project_root() / "params.yaml")
+    return (raw.get("register") or {}).get("model_name") or Register().model_name
 
 
 @app.command()

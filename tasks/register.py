@@ -9,7 +9,6 @@ checkpoint (loaded with ``weights_only=True`` plus its registry name), never as 
 """
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,33 +17,8 @@ import yaml
 
 from .common import git_info, params_hash, read_json, say, stage_main, write_json
 from .config import Params
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_ARTIFACTS = "mlruns"
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` or the project's sqlite file; a relative sqlite path is made absolute
-    (against the working directory) because MLflow caches one store per URI string in a process."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        uri = prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
-
-
-def client():
-    """An ``MlflowClient`` on :func:`tracking_uri`. It leaves MLflow's global URI alone:
-    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which every later subprocess
-    (a DVC stage run by a flow in the same process) would inherit."""
-    import logging
-
-    from mlflow import MlflowClient
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
-
+from .registry import refresh
+from .tracking import client, experiment_id, tracking_uri, version_by_alias
 
 def dvc_lineage(lock_path: str | Path = "dvc.lock", manifest: dict | None = None) -> dict[str, str]:
     """DVC content hashes of the data directories (from ``dvc.lock``), plus the manifest's split hashes."""
@@ -74,23 +48,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _experiment(c, name: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    loc = None
-    if tracking_uri().startswith("sqlite:"):
-        loc = Path(os.environ.get("TL_MLFLOW_ARTIFACTS", DEFAULT_ARTIFACTS)).resolve().as_uri()
-    return c.create_experiment(name, artifact_location=loc)
-
-
 def champion_accuracy_on(c, name: str, test_hash: str, params: Params) -> tuple[object | None, float | None]:
     """The current champion version and its accuracy on *this* test split."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champ = c.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+    champ = version_by_alias(c, name, "champion")
+    if champ is None:
         return None, None
     if champ.tags.get("data_target_test_sha256") == test_hash:
         return champ, float(champ.tags["accuracy"])
@@ -148,7 +109,7 @@ def register(params: Params) -> dict:
     compress = read_json(params.path("reports", "compress.json")) if params.path("reports", "compress.json").is_file() else {}
     manifest = read_json(params.path("data", "manifest.json"))
     lineage = {**git_info(), **dvc_lineage("dvc.lock", manifest), "params_hash": params_hash(params)}
-    exp_id = _experiment(c, params.register.experiment)
+    exp_id = experiment_id(c, params.register.experiment)
     staged = Path(tempfile.mkdtemp(prefix="tl-model-"))
     try:
         shutil.copy2(params.path("models", "finetuned.pt"), staged / "model.pt")
@@ -184,6 +145,7 @@ def register(params: Params) -> dict:
            "run_id": run.info.run_id, "model_uri": f"models:/{name}/{mv.version}",
            "previous_champion": int(champ.version) if champ else None, "tracking_uri": tracking_uri(), **lineage}
     write_json(params.path("reports", "registration.json"), out)
+    refresh(name, c)  # `tl models` right after a run reads the cache instead of starting MLflow
     return out
 
 

@@ -1,48 +1,105 @@
-"""Model-registry operations behind ``tl models / promote / rollback / predict`` (MLflow)."""
+"""Model-registry operations behind ``tl models / promote / rollback / predict`` (MLflow).
+
+Reading a sqlite registry through MLflow costs ~3 s on a small machine (MLflow and SQLAlchemy
+imports, store set-up), more than the answer is worth when nothing changed. So the listing and the
+aliases are cached in ``.tlcache/registry/`` next to the database, keyed by the database files'
+size and modification time: any write (a registration, a promotion, by any process) changes them
+and the next call asks MLflow again. Downloaded model files are cached in ``.tlcache/models/`` by
+version and run, and checked against their SHA-256 before use. A tracking server (HTTP) is always
+asked; only its model files are cached.
+"""
 from __future__ import annotations
 
 import getpass
+import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
-from .register import client, tracking_uri
+from .common import write_json
+from .tracking import client, sqlite_path, tracking_uri, version_by_alias
+
+CACHE_DIR = ".tlcache"
 
 
 class RegistryError(RuntimeError):
     """A registry operation cannot be done; the message says why and what to do."""
 
 
-def versions(name: str) -> list[dict]:
+def _signature(uri: str) -> list | None:
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    sig = []
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")):
+        try:
+            st = f.stat()
+            sig.append([f.name, st.st_size, st.st_mtime_ns])
+        except FileNotFoundError:
+            sig.append([f.name, None, None])
+    return sig
+
+
+def _cache_root(uri: str) -> Path | None:
+    db = sqlite_path(uri)
+    return db.parent / CACHE_DIR if db is not None else None
+
+
+def refresh(name: str, c=None) -> dict:
+    """Read ``name``'s versions and aliases from MLflow (and cache them for a sqlite store)."""
     from mlflow.exceptions import MlflowException
 
-    c = client()
+    uri = tracking_uri()
+    sig = _signature(uri)  # before reading: a write during the read makes the next call read again
+    c = c or client(uri)
     try:
         aliases = c.get_registered_model(name).aliases or {}
     except MlflowException:
-        raise RegistryError(f"no registered model named {name!r} in the tracking store; run the pipeline first (tl run).") from None
+        return {"rows": [], "aliases": {}}
     by_version: dict[str, list[str]] = {}
     for a, v in aliases.items():
         by_version.setdefault(str(v), []).append(a)
-    rows = []
+    rows, sources = [], {}
     for v in c.search_model_versions(f"name = '{name}'"):
         t = v.tags
+        sources[str(v.version)] = {"source": v.source, "run_id": v.run_id}
         rows.append({"version": int(v.version), "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
                      "accuracy": t.get("accuracy"), "transfer_gain": t.get("transfer_gain"), "strategy": t.get("strategy"),
                      "gate": t.get("gate_decision"), "data": (t.get("data_target_dvc_md5") or "")[:10],
                      "git": (t.get("git_commit") or "")[:8], "created": time.strftime(
                          "%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))})
+    snap = {"rows": sorted(rows, key=lambda r: r["version"]),
+            "aliases": {a: {"version": str(v), **sources.get(str(v), {})} for a, v in aliases.items()}}
+    root = _cache_root(uri)
+    if root is not None and sig is not None:
+        try:
+            write_json(root / "registry" / f"{name}.json", {"signature": sig, **snap})
+        except OSError:  # a read-only project: no cache, still correct
+            pass
+    return snap
+
+
+def _snapshot(name: str) -> dict:
+    uri = tracking_uri()
+    root, sig = _cache_root(uri), _signature(uri)
+    if root is not None and sig is not None:
+        f = root / "registry" / f"{name}.json"
+        try:
+            cached = json.loads(f.read_text())
+            if cached.get("signature") == sig:
+                return cached
+        except (OSError, ValueError):
+            pass
+    return refresh(name)
+
+
+def versions(name: str) -> list[dict]:
+    rows = _snapshot(name)["rows"]
     if not rows:
-        raise RegistryError(f"no registered model named {name!r} in the tracking store; run the pipeline first (tl run).")
-    return sorted(rows, key=lambda r: r["version"])
-
-
-def _champion(c, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return c.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None
+        raise RegistryError(f"no registered model named {name!r} in the tracking store {tracking_uri()}; "
+                            f"run the pipeline first (tl run).")
+    return rows
 
 
 def promote(name: str, version: int, why: str, who: str | None = None) -> dict:
@@ -54,20 +111,21 @@ def promote(name: str, version: int, why: str, who: str | None = None) -> dict:
         c.get_model_version(name, str(version))
     except MlflowException:
         raise RegistryError(f"{name} has no version {version}; see `tl models`.") from None
-    old = _champion(c, name)
+    old = version_by_alias(c, name, "champion")
     who = who or getpass.getuser()
     c.set_registered_model_alias(name, "champion", str(version))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     for k, v in {"promoted_by": who, "promoted_why": why, "promoted_at": stamp,
                  "previous_champion": old.version if old else ""}.items():
         c.set_model_version_tag(name, str(version), k, str(v))
+    refresh(name, c)
     return {"champion": version, "previous": int(old.version) if old else None}
 
 
 def rollback(name: str, why: str, who: str | None = None) -> dict:
     """Move ``champion`` back to the version it replaced (recorded when it was promoted)."""
     c = client()
-    cur = _champion(c, name)
+    cur = version_by_alias(c, name, "champion")
     prev = cur.tags.get("previous_champion") if cur else None
     if not prev:
         raise RegistryError(f"{name} has no earlier champion to roll back to; use `tl promote {name} VERSION` instead.")
@@ -76,21 +134,47 @@ def rollback(name: str, why: str, who: str | None = None) -> dict:
     c.set_model_version_tag(name, cur.version, "rolled_back_by", who)
     c.set_model_version_tag(name, cur.version, "rolled_back_why", why)
     c.set_model_version_tag(name, prev, "restored_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    refresh(name, c)
     return {"champion": int(prev), "replaced": int(cur.version)}
 
 
 def load_alias(name: str, alias: str = "champion"):
-    import mlflow
-
+    """``(model, meta)`` of ``name@alias``, from the local model cache when it holds that version."""
     from .common import load_checkpoint
 
+    entry = _snapshot(name)["aliases"].get(alias)
+    if entry is None:
+        raise RegistryError(f"{name} has no version with alias {alias!r}; see `tl models`.")
+    return load_checkpoint(_model_file(name, entry))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_file(name: str, entry: dict) -> Path:
+    """The registered ``model.pt`` of a version: cached copy if its checksum holds, else downloaded."""
+    uri = tracking_uri()
+    root = _cache_root(uri) or Path(CACHE_DIR).resolve()
+    d = root / "models" / name / f"v{entry['version']}-{(entry.get('run_id') or 'norun')[:12]}"
+    f, sha = d / "model.pt", d / "model.pt.sha256"
+    if f.is_file() and sha.is_file() and sha.read_text().strip() == _sha256(f):
+        return f
+    import mlflow
+
     try:
-        # resolved through our client: a models:/ URI would go through MLflow's global registry URI
-        source = client().get_model_version_by_alias(name, alias).source
-        path = Path(mlflow.artifacts.download_artifacts(source, tracking_uri=tracking_uri())) / "model.pt"
+        src = Path(mlflow.artifacts.download_artifacts(entry["source"], tracking_uri=uri)) / "model.pt"
     except Exception as e:  # MlflowException or a missing artifact store
-        raise RegistryError(f"cannot load {name}@{alias}: {e}. See `tl models`.") from None
-    return load_checkpoint(path)
+        raise RegistryError(f"cannot download {name} version {entry['version']} ({entry['source']}): {e}. "
+                            f"See `tl models`.") from None
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, f)
+    sha.write_text(_sha256(f))
+    return f
 
 
 def predict(paths: list[Path], name: str, alias: str = "champion") -> list[dict]:
@@ -98,9 +182,9 @@ def predict(paths: list[Path], name: str, alias: str = "champion") -> list[dict]
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
-    from torchvision.datasets.folder import IMG_EXTENSIONS
 
     from tlcore import data, models
+    from tlcore.data import IMG_EXTENSIONS
 
     files: list[Path] = []
     for p in paths:

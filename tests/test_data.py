@@ -127,3 +127,11 @@ def test_optdigits_export_roundtrip(tmp_path):
     first0 = train_idx[y[train_idx] == 0][0]
     assert torch.equal(tr.images[0, 0], torch.from_numpy(x[first0]))
     assert data.tree_hash(root / "test") == data.tree_hash(root / "test")
+
+
+def test_image_extensions_match_torchvision():
+    from torchvision.datasets.folder import IMG_EXTENSIONS as TV
+
+    from tlcore.data import IMG_EXTENSIONS
+
+    assert set(IMG_EXTENSIONS) == set(TV)

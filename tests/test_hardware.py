@@ -1,0 +1,77 @@
+"""Precision and thread decisions: the `auto` rules with both answers, the per-machine cache, CPUs per worker."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tlcore.engine import choose_precision
+
+
+@pytest.mark.parametrize("kwargs,want", [
+    ({"device_type": "cuda", "cuda_capability": (7, 5)}, "fp32"),  # T4: bf16 only emulated
+    ({"device_type": "cuda", "cuda_capability": (8, 0)}, "bf16"),  # A100
+    ({"device_type": "cuda", "cuda_capability": (9, 0)}, "bf16"),  # H100/H200
+    ({"device_type": "cpu", "cpu_bf16": False, "bf16_speedup": 3.0}, "fp32"),  # no kernels: never
+    ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 1.6}, "bf16"),  # e.g. AMD Zen 4
+    ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 0.7}, "fp32"),  # Xeon with AVX512-BF16, no AMX
+    ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 1.05}, "fp32"),  # within noise: keep fp32
+    ({"device_type": "cpu", "cpu_bf16": True, "cpu_amx": True}, "bf16"),  # AMX, unmeasured
+    ({"device_type": "cpu", "cpu_bf16": True, "cpu_amx": False}, "fp32"),  # unmeasured, no AMX: don't guess
+])
+def test_auto_precision_rule(kwargs, want):
+    device_type = kwargs.pop("device_type")
+    got, why = choose_precision(device_type, **kwargs)
+    assert got == want and why.startswith(want)
+
+
+@pytest.mark.parametrize("speedup,want", [(1.6, "bf16"), (0.7, "fp32")])
+def test_auto_precision_measures_once_per_machine_and_model(tmp_path, monkeypatch, speedup, want):
+    from tasks import hardware
+    from tlcore import engine
+
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: True)
+    monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
+    calls = []
+
+    def measure(model, shape, device):
+        calls.append(shape)
+        return speedup
+
+    prec, why = hardware.resolve_precision("auto", "smallcnn", 10, 64, "cpu", measure=measure)
+    assert prec == want and "measured now" in why and f"{speedup:.2f}x" in why
+    prec2, why2 = hardware.resolve_precision("auto", "smallcnn", 10, 64, "cpu", measure=measure)
+    assert prec2 == want and "cached" in why2 and len(calls) == 1  # the second run reads the cache
+    hardware.resolve_precision("auto", "tinycnn", 10, 64, "cpu", measure=measure)
+    assert len(calls) == 2  # another model is measured on its own
+    assert calls[0][0] == 32 and calls[0][1:] == (1, 32, 32)  # a capped batch of the model's real input size
+    assert hardware.resolve_precision("fp32", "smallcnn", 10, 64, "cpu", measure=measure)[0] == "fp32"
+    assert len(calls) == 2  # an explicit precision is never measured
+
+
+def test_measured_speedup_is_a_real_ratio():
+    from tlcore import engine, models
+
+    r = engine.measure_bf16_speedup(models.create("tinycnn", 10), (8, 1, 32, 32), "cpu", steps=2, warmup=1)
+    assert 0.05 < r < 20
+
+
+def test_cpus_per_worker_auto(monkeypatch):
+    from tasks import hardware
+
+    monkeypatch.setattr(hardware, "local_cpus", lambda: 8)
+    assert hardware.worker_cpus(0, "auto") == 8  # local mode: the whole machine
+    assert hardware.worker_cpus(2, "auto", [{"CPU": 8}]) == 4
+    assert hardware.worker_cpus(4, "auto", [{"CPU": 16}, {"CPU": 8}]) == 4  # 2 workers on the smaller node
+    assert hardware.worker_cpus(3, "auto", [{"CPU": 2}]) == 1  # never below one
+    assert hardware.worker_cpus(2, 1.5, [{"CPU": 8}]) == 1.5  # explicit wins
+
+
+def test_stage_under_a_python_without_the_packages_says_to_activate_the_venv():
+    from helpers import ROOT
+
+    r = subprocess.run([sys.executable, "-S", "-m", "tasks.data"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "source .venv/bin/activate" in r.stderr and "torch" in r.stderr
