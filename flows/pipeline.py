@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from prefect import flow, get_run_logger, task
-
 from tasks.project import configure_environment, dvc, stage_names
 
-configure_environment()  # before Prefect starts its ephemeral API: telemetry off, a start-up timeout for slow machines
+configure_environment()  # before Prefect reads its settings: telemetry off, a start-up timeout for slow machines
+
+from prefect import flow, get_run_logger, task  # noqa: E402
 
 FAIL_ONCE_ENV = "TL_FLOW_FAIL_ONCE"  # test-only: "<task-name>:<marker path>" raises once in that task
 
