@@ -76,13 +76,14 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
 
     cfg, f = params.compress, params.finetune
     labeled, pool, _ = target_splits(params, train_ds)
-    strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0)
+    strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0,
+                      use_labeled=len(labeled) > 0)  # 0 labels: soft targets on the pool only
     net = strat.setup(student, teacher.num_classes)
     device = device_for(params)
     precision, _ = resolve_precision(f.precision, student.arch, teacher.num_classes, f.batch_size, device)
     tcfg = TrainConfig(epochs=epochs, steps_per_epoch=f.steps_per_epoch, lr=lr, weight_decay=f.weight_decay,
                        seed=params.base.seed, precision=precision)
-    loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed),
+    loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed) if len(labeled) else None,
                       unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
     Trainer(net, strat, tcfg, loaders, device=device).fit()
     return net.model.cpu().eval()

@@ -88,21 +88,24 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str = "x
 class Distill(Strategy):
     """Knowledge distillation (Hinton et al., 2015) into a student, as a strategy for the engine.
 
-    Uses labeled target batches (ground truth) and, when present, the unlabeled pool (soft
-    targets only). Not in the strategy registry: it needs a teacher instance.
+    Uses labeled target batches (ground truth) and/or the unlabeled pool (soft targets only): with
+    no target labels (``use_labeled=False``) the student learns from the teacher alone.
+    Not in the strategy registry: it needs a teacher instance.
     """
 
     name = "distill"
     uses = frozenset({"target"})
 
-    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9, use_unlabeled: bool = False):
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9, use_unlabeled: bool = False,
+                 use_labeled: bool = True):
         super().__init__()
+        if not (use_labeled or use_unlabeled):
+            raise ValueError("distillation needs labeled or unlabeled target images")
         self.teacher = copy.deepcopy(teacher).eval()  # frozen copy: the caller's model is left as it was
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
-        if use_unlabeled:
-            self.uses = frozenset({"target", "unlabeled"})
+        self.uses = frozenset({"target"} if use_labeled else set()) | frozenset({"unlabeled"} if use_unlabeled else set())
 
     def setup(self, model, num_classes, same_label_space=True):
         if model.num_classes != num_classes:
@@ -111,15 +114,17 @@ class Distill(Strategy):
         return TransferNet(model)
 
     def loss(self, net, batch: Batch, progress):
-        x, y = batch.target
-        dev = x.device
-        self.teacher.to(dev)
-        with torch.no_grad():
-            t_logits = self.teacher(x).float()
-        s_logits = net(x)["logits"]
-        loss = losses.distillation_loss(s_logits, t_logits, y, self.temperature, self.alpha)
+        loss = None
+        if batch.target is not None:
+            x, y = batch.target
+            self.teacher.to(x.device)
+            with torch.no_grad():
+                t_logits = self.teacher(x).float()
+            loss = losses.distillation_loss(net(x)["logits"], t_logits, y, self.temperature, self.alpha)
         if batch.unlabeled is not None:
+            self.teacher.to(batch.unlabeled.device)
             with torch.no_grad():
                 tu = self.teacher(batch.unlabeled).float()
-            loss = loss + losses.distillation_loss(net(batch.unlabeled)["logits"], tu, None, self.temperature)
+            soft = losses.distillation_loss(net(batch.unlabeled)["logits"], tu, None, self.temperature)
+            loss = soft if loss is None else loss + soft
         return loss, {"loss_distill": loss.item()}
