@@ -181,11 +181,18 @@ def _fmt_error(err: ValidationError, origin: str) -> str:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``"finetune.lr=0.01"`` -> (["finetune", "lr"], 0.01); the value is parsed as YAML, like DVC."""
+    """``"finetune.lr=0.01"`` -> (["finetune", "lr"], 0.01); the value is parsed as YAML 1.2 (ruamel), as
+    ``dvc exp run -S`` does: ``1e-3`` is a number (PyYAML's YAML 1.1 would keep it a string)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     if "=" not in item:
         raise ParamsError(f"override {item!r} is not KEY=VALUE (e.g. -S finetune.strategy=dann).")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip().split("."), YAML(typ="safe").load(raw) if raw.strip() else None
+    except YAMLError as e:
+        raise ParamsError(f"override {item!r}: the value is not valid YAML ({e}).") from None
 
 
 def set_overrides(doc, overrides: list[str]):
@@ -232,7 +239,16 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
 
 
 def _check_budget(p: Params) -> None:
+    from tlcore.strategies import strategy_class
+
     k, v = p.data.labels_per_class, p.data.val_per_class
+    uses = strategy_class(p.finetune.strategy).uses
+    if k == 0 and "target" in uses and not uses >= {"source", "unlabeled"}:
+        raise ParamsError(
+            f"finetune.strategy = {p.finetune.strategy!r} trains on labeled target images, but "
+            f"data.labels_per_class = 0. Use a strategy that adapts without target labels (mcc, semi, dann), "
+            f"or set data.labels_per_class >= 1 (null for all labels)."
+        )
     if p.data.target == "optdigits" and k is not None:
         # the smallest class of the bundled digits has 174 images, 70 % of them in train
         smallest = int(174 * (1 - p.data.target_test_fraction))

@@ -35,9 +35,50 @@ def test_registry_client_leaves_the_environment_alone(tmp_path, monkeypatch):
     would then send every later DVC stage (a subprocess) to that store."""
     import os
 
-    from tasks.register import client
+    from tasks.tracking import client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     assert client().search_registered_models() == []
     assert "MLFLOW_TRACKING_URI" not in os.environ and (tmp_path / "mlflow.db").is_file()
+
+
+def test_default_registry_is_anchored_to_the_project_root(tmp_path, monkeypatch):
+    from tasks.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "reports" / "figures").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "reports" / "figures")
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///team.db")  # relative: against the root, not the cwd
+    assert tracking_uri() == f"sqlite:///{tmp_path.resolve()}/team.db"
+
+
+def test_overrides_are_written_atomically_keeping_comments_and_mode(tmp_path):
+    import os
+
+    from tasks.project import write_overrides
+
+    p = tmp_path / "params.yaml"
+    p.write_text("finetune:\n  strategy: semi   # the default\n  lr: 0.003\n")
+    os.chmod(p, 0o644)
+    write_overrides(p, ["finetune.strategy=mcc", "finetune.lr=1e-3"])
+    text = p.read_text()
+    assert "strategy: mcc" in text and "# the default" in text and "lr: 0.001" in text  # a number, not '1e-3' 
+    assert oct(p.stat().st_mode & 0o777) == "0o644" and [f.name for f in tmp_path.iterdir()] == ["params.yaml"]
+
+
+@pytest.mark.parametrize("strategy,ok", [("linear_probe", False), ("finetune", False), ("joint", False),
+                                         ("mcc", True), ("semi", True), ("dann", True)])
+def test_zero_labels_refuse_strategies_that_need_them_before_any_work(strategy, ok):
+    from helpers import ROOT
+
+    from tasks.config import ParamsError, load_params
+
+    sets = [f"finetune.strategy={strategy}", "data.labels_per_class=0"]
+    if ok:
+        assert load_params(ROOT / "params.yaml", sets).finetune.strategy == strategy
+    else:
+        with pytest.raises(ParamsError, match="labels_per_class = 0"):
+            load_params(ROOT / "params.yaml", sets)
