@@ -165,11 +165,30 @@ def predict(paths: List[Path] = typer.Argument(..., help="image files or folders
 @app.command()
 def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraining"),
           name: str = typer.Option("retrain", help="deployment name")):
-    """Serve the `retrain` flow on a cron schedule from this machine (Ctrl-C stops)."""
-    from flows.retrain import retrain
+    """Serve the `retrain` flow on a cron schedule from this machine (Ctrl-C stops).
 
-    typer.echo(f"serving deployment retrain/{name} with cron {cron!r} for {Path.cwd()}")
-    retrain.serve(name=name, cron=cron, parameters={"repo": str(Path.cwd())})
+    Uses PREFECT_API_URL if set; otherwise starts a local Prefect server (with its scheduler and UI)
+    for as long as this command runs, since Prefect's ephemeral API never fires schedules."""
+    import signal
+
+    from flows.local_server import prefect_api
+
+    from .tracking import project_root
+
+    def stop(*_):
+        raise KeyboardInterrupt  # a `kill` stops the local Prefect server too, as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
+    root = project_root()
+    with prefect_api(root / ".tlcache" / "prefect-server.log") as url:
+        typer.echo(f"Prefect API {url} (UI: {url.removesuffix('/api')})")
+        from flows.retrain import retrain
+
+        typer.echo(f"serving deployment retrain/{name} with cron {cron!r} for {root}")
+        try:
+            retrain.serve(name=name, cron=cron, parameters={"repo": str(root)})
+        except KeyboardInterrupt:
+            typer.echo("stopped")
 
 
 @app.command()

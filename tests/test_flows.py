@@ -76,3 +76,38 @@ def test_bad_override_fails_before_any_work(repo):
     with pytest.raises(ParamsError, match="finetune.lr"):
         transfer_pipeline(repo=str(repo), overrides=["finetune.lr=-1"])
     assert (repo / "params.yaml").read_text() == before
+
+
+def test_tl_serve_fires_its_cron_schedule(repo, tmp_path):
+    """`tl serve` with no PREFECT_API_URL starts a local server (the ephemeral API has no scheduler),
+    and a once-a-minute schedule really runs `retrain`, which finds nothing new to train."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from helpers import env
+
+    e = {k: v for k, v in env().items() if not k.startswith("PREFECT_API")}
+    e["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "tl"), "serve", "--cron", "* * * * *"], cwd=repo,
+                            env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any("nothing to do: target data unchanged" in ln for ln in lines):
+            break
+        time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    reader.join(timeout=5)
+    out = "".join(lines)
+    assert "is being served" in out and "nothing to do: target data unchanged" in out, out[-4000:]
+    assert "Cannot schedule flows" not in out and "Traceback" not in out, out[-4000:]
