@@ -73,7 +73,10 @@ def test_readme_blocks_are_parsed():
     found = blocks((ROOT / "README.md").read_text(), "README.md")
     cmds = [c for b in found for c in b.commands]
     assert cmds[:2] == [c for c in cmds[:2] if c.startswith("make ")] and any(c.startswith("tl ") for c in cmds)
-    assert any(b.mode == "skip" and b.arg for b in found) and any(b.mode == "server" for b in found)
+    assert any(b.mode == "skip" and b.arg for b in found)
+    server = Block("x.md", 1, ['tl serve --cron "0 3 * * *"   # comment'], "server", "is being served")
+    script, _ = _script([server], Path("/w"))
+    assert "tl serve --cron '0 3 * * *' > /w/server.log 2>&1 &" in script and "is being served" in script
     _, skipped = _script(found, Path("/nonexistent"))
     assert any(s.endswith("[skipped: the test suite this test is part of]") and "make test" in s for s in skipped)
 
