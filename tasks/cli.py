@@ -62,8 +62,11 @@ def run(
         write_overrides(params, set_)
         typer.echo(f"params: applied {' '.join(set_)} to {params}")
     _dvc("repro", *(["--force"] if force else []))
-    if push:
-        _dvc("push", "--quiet", check=False)
+    if push and _dvc("push", "--quiet", check=False) != 0:
+        _summary(p)
+        _fail(RuntimeError("`dvc push` failed (see above): this run's data and models are NOT in the DVC remote, so "
+                           "its registered lineage cannot be restored elsewhere. Fix the remote (`dvc remote list`) "
+                           "and run `dvc push`, or pass --no-push to keep a run local on purpose."))
     _summary(p)
 
 
@@ -124,7 +127,7 @@ def models(name: Optional[str] = typer.Option(None, help="registered model name 
     from .registry import versions
 
     rows = versions(_model_name(name))
-    cols = ["version", "aliases", "accuracy", "transfer_gain", "strategy", "gate", "data", "git", "created"]
+    cols = ["version", "aliases", "accuracy", "transfer_gain", "gain_over", "strategy", "gate", "data", "git", "created"]
     fmt = lambda v: f"{float(v):.4f}" if isinstance(v, str) and v.replace(".", "", 1).lstrip("-").isdigit() and "." in v else str(v or "")
     table = [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
@@ -164,7 +167,7 @@ def predict(paths: List[Path] = typer.Argument(..., help="image files or folders
 
 @app.command()
 def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraining"),
-          name: str = typer.Option("retrain", help="deployment name")):
+          name: Optional[str] = typer.Option(None, help="deployment name (default: retrain-<project folder>)")):
     """Serve the `retrain` flow on a cron schedule from this machine (Ctrl-C stops).
 
     Uses PREFECT_API_URL if set; otherwise starts a local Prefect server (with its scheduler and UI)
@@ -179,14 +182,17 @@ def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraini
         raise KeyboardInterrupt  # a `kill` stops the local Prefect server too, as Ctrl-C does
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)  # a closed terminal
     root = project_root()
+    name = name or f"retrain-{root.name}"
     with prefect_api(root / ".tlcache" / "prefect-server.log") as url:
         typer.echo(f"Prefect API {url} (UI: {url.removesuffix('/api')})")
         from flows.retrain import retrain
 
         typer.echo(f"serving deployment retrain/{name} with cron {cron!r} for {root}")
         try:
-            retrain.serve(name=name, cron=cron, parameters={"repo": str(root)})
+            # limit=1: a run that outlasts the interval, or runs missed while down, never overlap in one repo
+            retrain.serve(name=name, cron=cron, parameters={"repo": str(root)}, limit=1)
         except KeyboardInterrupt:
             typer.echo("stopped")
 

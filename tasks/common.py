@@ -44,6 +44,11 @@ def read_json(path: str | Path) -> Any:
         return json.load(f)
 
 
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def params_hash(params: Params) -> str:
     return hashlib.sha256(params.model_dump_json().encode()).hexdigest()[:16]
 
@@ -103,6 +108,9 @@ def load_domain(params: Params, role: str, arch: str):
     return tr, te
 
 
+CODE_DIRS = ("tasks", "tlcore", "flows")
+
+
 def git_info(cwd: str | Path = ".") -> dict[str, str]:
     def run(*a):
         r = subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True)
@@ -111,7 +119,9 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
     if os.environ.get("TL_GIT_COMMIT"):  # set by `tl submit`: the job runs on an uploaded copy
         return {"git_commit": os.environ["TL_GIT_COMMIT"], "git_dirty": os.environ.get("TL_GIT_DIRTY", "unknown")}
     rev = run("rev-parse", "HEAD") or "unknown"
-    dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
+    # a change to any tracked file, or a new (untracked, not ignored) file where the code lives
+    dirty = bool(run("status", "--porcelain", "--untracked-files=no")
+                 or run("status", "--porcelain", "--untracked-files=all", "--", *CODE_DIRS))
     return {"git_commit": rev, "git_dirty": str(dirty).lower()}
 
 

@@ -74,7 +74,10 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
     from tlcore import data
     from tlcore.engine import Loaders, TrainConfig, Trainer
 
+    from tlcore.engine import seed_everything
+
     cfg, f = params.compress, params.finetune
+    seed_everything(params.base.seed)  # the same student on every run, whatever ran before in this process
     labeled, pool, _ = target_splits(params, train_ds)
     strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0,
                       use_labeled=len(labeled) > 0)  # 0 labels: soft targets on the pool only

@@ -223,10 +223,13 @@ def load_raw(path: str | Path = DEFAULT_PARAMS) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the project root or pass --params PATH.")
-    with path.open() as f:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    with path.open() as f:  # YAML 1.2, as DVC reads it and as `-S` writes it (1e-5 is a number)
         try:
-            return yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
+            return YAML(typ="safe").load(f) or {}
+        except YAMLError as e:
             raise ParamsError(f"{path} is not valid YAML: {e}") from None
 
 

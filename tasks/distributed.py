@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1:
         job.optim = job.optim.model_copy(update={"batch_size": max(1, job.optim.batch_size // world)})
     device = ray.train.torch.get_device()
-    precision, why = _agreed_precision(job, device, world)
+    precision, why = _agreed_precision(job, device, rank, world)
     job.optim = job.optim.model_copy(update={"precision": precision})
     shard: list[int] = []
 
@@ -191,16 +191,18 @@ def train_loop_per_worker(config: dict) -> None:
     trainer.fit()
 
 
-def _agreed_precision(job: TrainJob, device, world: int) -> tuple[str, str]:
+def _agreed_precision(job: TrainJob, device, rank: int, world: int) -> tuple[str, str]:
     """Rank 0 resolves ``precision: auto`` (measured once per machine, cached); every rank uses its answer."""
     import torch.distributed as dist
 
     from .hardware import resolve_precision
 
     decision = [None]
-    if world == 1 or dist.get_rank() == 0:
+    if rank == 0:
         decision[0] = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device)
-    if world > 1 and dist.is_initialized():
+    if world > 1:
+        if not dist.is_initialized():
+            raise RuntimeError("Ray Train started a multi-worker run without a torch process group")
         dist.broadcast_object_list(decision, src=0)
     return decision[0]
 

@@ -26,11 +26,19 @@ def cache_dir() -> Path:
 
 
 def local_cpus() -> int:
-    """CPUs this process may run on (respects taskset / cgroup CPU sets, unlike ``os.cpu_count``)."""
+    """CPUs this process may use: its CPU set (taskset, cgroup cpusets) capped by a cgroup v2 CPU quota
+    (``docker --cpus``, a Kubernetes CPU limit), unlike ``os.cpu_count``."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def cpu_model() -> str:
@@ -112,8 +120,12 @@ def resolve_precision(requested: str, arch: str, num_classes: int, batch_size: i
     speedup = _cached(key)
     source = "cached"
     if speedup is None:
-        model = models.create(arch, num_classes)
-        speedup = (measure or engine.measure_bf16_speedup)(model, shape, device)
+        try:
+            with torch.random.fork_rng(devices=[]):  # the run's own random stream is left as it was
+                model = models.create(arch, num_classes)
+                speedup = (measure or engine.measure_bf16_speedup)(model, shape, device)
+        except Exception as e:  # noqa: BLE001 - a failed measurement must not stop training
+            return "fp32", f"fp32: measuring bf16 failed here ({type(e).__name__}: {e})"
         _store(key, speedup)
         source = "measured now"
     prec, why = engine.choose_precision("cpu", cpu_bf16=True, cpu_amx=engine.cpu_has_amx(), bf16_speedup=speedup)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import git_info, params_hash, read_json, say, stage_main, write_json
+from .common import file_sha256, git_info, params_hash, read_json, say, stage_main, write_json
 from .config import Params
 from .registry import refresh
 from .tracking import client, experiment_id, tracking_uri, version_by_alias
@@ -108,7 +108,8 @@ def register(params: Params) -> dict:
     metrics = read_json(params.path("reports", "metrics.json"))
     compress = read_json(params.path("reports", "compress.json")) if params.path("reports", "compress.json").is_file() else {}
     manifest = read_json(params.path("data", "manifest.json"))
-    lineage = {**git_info(), **dvc_lineage("dvc.lock", manifest), "params_hash": params_hash(params)}
+    lineage = {**git_info(), **dvc_lineage("dvc.lock", manifest), "params_hash": params_hash(params),
+               "model_sha256": file_sha256(params.path("models", "finetuned.pt"))}
     exp_id = experiment_id(c, params.register.experiment)
     staged = Path(tempfile.mkdtemp(prefix="tl-model-"))
     try:

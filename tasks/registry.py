@@ -5,19 +5,19 @@ imports, store set-up), more than the answer is worth when nothing changed. So t
 aliases are cached in ``.tlcache/registry/`` next to the database, keyed by the database files'
 size and modification time: any write (a registration, a promotion, by any process) changes them
 and the next call asks MLflow again. Downloaded model files are cached in ``.tlcache/models/`` by
-version and run, and checked against their SHA-256 before use. A tracking server (HTTP) is always
+version and run, and checked before use against the SHA-256 the register stage recorded on the
+version (``model_sha256``). A tracking server (HTTP) is always
 asked; only its model files are cached.
 """
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
-from .common import write_json
+from .common import file_sha256, write_json
 from .tracking import client, sqlite_path, tracking_uri, version_by_alias
 
 CACHE_DIR = ".tlcache"
@@ -35,9 +35,11 @@ def _signature(uri: str) -> list | None:
     for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")):
         try:
             st = f.stat()
-            sig.append([f.name, st.st_size, st.st_mtime_ns])
+            if time.time() - st.st_mtime < 2:  # written within the clock's resolution: do not trust a key
+                return None
+            sig.append([f.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         except FileNotFoundError:
-            sig.append([f.name, None, None])
+            sig.append([f.name, None])
     return sig
 
 
@@ -63,9 +65,10 @@ def refresh(name: str, c=None) -> dict:
     rows, sources = [], {}
     for v in c.search_model_versions(f"name = '{name}'"):
         t = v.tags
-        sources[str(v.version)] = {"source": v.source, "run_id": v.run_id}
+        sources[str(v.version)] = {"source": v.source, "run_id": v.run_id, "sha256": t.get("model_sha256")}
         rows.append({"version": int(v.version), "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
-                     "accuracy": t.get("accuracy"), "transfer_gain": t.get("transfer_gain"), "strategy": t.get("strategy"),
+                     "accuracy": t.get("accuracy"), "transfer_gain": t.get("transfer_gain"),
+                     "gain_over": t.get("gain_baseline", "scratch"), "strategy": t.get("strategy"),
                      "gate": t.get("gate_decision"), "data": (t.get("data_target_dvc_md5") or "")[:10],
                      "git": (t.get("git_commit") or "")[:8], "created": time.strftime(
                          "%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))})
@@ -148,22 +151,17 @@ def load_alias(name: str, alias: str = "champion"):
     return load_checkpoint(_model_file(name, entry))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _model_file(name: str, entry: dict) -> Path:
     """The registered ``model.pt`` of a version: cached copy if its checksum holds, else downloaded."""
     uri = tracking_uri()
     root = _cache_root(uri) or Path(CACHE_DIR).resolve()
     d = root / "models" / name / f"v{entry['version']}-{(entry.get('run_id') or 'norun')[:12]}"
     f, sha = d / "model.pt", d / "model.pt.sha256"
-    if f.is_file() and sha.is_file() and sha.read_text().strip() == _sha256(f):
-        return f
+    want = entry.get("sha256")  # recorded at registration (versions registered before it have none)
+    if f.is_file() and sha.is_file():
+        cached = file_sha256(f)
+        if cached == sha.read_text().strip() and want in (None, cached):
+            return f
     import mlflow
 
     try:
@@ -171,9 +169,13 @@ def _model_file(name: str, entry: dict) -> Path:
     except Exception as e:  # MlflowException or a missing artifact store
         raise RegistryError(f"cannot download {name} version {entry['version']} ({entry['source']}): {e}. "
                             f"See `tl models`.") from None
+    got = file_sha256(src)
+    if want and got != want:
+        raise RegistryError(f"{name} version {entry['version']}: the stored model.pt has SHA-256 {got[:12]}…, but "
+                            f"{want[:12]}… was registered; the artifact store holds another file than was registered.")
     d.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, f)
-    sha.write_text(_sha256(f))
+    sha.write_text(got)
     return f
 
 

@@ -1,10 +1,13 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# the per-machine precision measurement is cached here for the session (and every subprocess), not in ~/.cache
+os.environ.setdefault("TL_CACHE_DIR", tempfile.mkdtemp(prefix="tl-test-cache-"))
 
 
 @pytest.fixture(autouse=True)

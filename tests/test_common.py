@@ -82,3 +82,24 @@ def test_zero_labels_refuse_strategies_that_need_them_before_any_work(strategy, 
     else:
         with pytest.raises(ParamsError, match="labels_per_class = 0"):
             load_params(ROOT / "params.yaml", sets)
+
+
+def test_git_dirty_counts_a_new_untracked_module(tmp_path, monkeypatch):
+    import subprocess
+
+    from tasks.common import git_info
+
+    monkeypatch.delenv("TL_GIT_COMMIT", raising=False)
+    e = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for k, v in e.items():
+        monkeypatch.setenv(k, v)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "stage.py").write_text("x = 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    assert git_info(tmp_path)["git_dirty"] == "false"
+    (tmp_path / "notes.txt").write_text("scratch")  # untracked outside the code: still clean
+    assert git_info(tmp_path)["git_dirty"] == "false"
+    (tmp_path / "tasks" / "new_helper.py").write_text("y = 2\n")  # code the run may import, in no commit
+    assert git_info(tmp_path)["git_dirty"] == "true"

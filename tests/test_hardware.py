@@ -75,3 +75,18 @@ def test_stage_under_a_python_without_the_packages_says_to_activate_the_venv():
     r = subprocess.run([sys.executable, "-S", "-m", "tasks.data"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "source .venv/bin/activate" in r.stderr and "torch" in r.stderr
+
+
+def test_a_failed_measurement_falls_back_to_fp32_and_says_why(tmp_path, monkeypatch):
+    from tasks import hardware
+    from tlcore import engine
+
+    monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: True)
+
+    def broken(*_):
+        raise RuntimeError("oneDNN said no")
+
+    prec, why = hardware.resolve_precision("auto", "smallcnn", 10, 64, "cpu", measure=broken)
+    assert prec == "fp32" and "oneDNN said no" in why
+    assert not (tmp_path / "precision.json").exists()  # nothing cached: the next run measures again

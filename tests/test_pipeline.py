@@ -125,11 +125,34 @@ def test_registry_cli_models_promote_rollback_predict(repo):
     assert v1.tags["previous_champion"] == champ
     sh(tl, "rollback", "digits-transfer", "--why", "undo", cwd=repo)
     assert str(c.get_model_version_by_alias("digits-transfer", "champion").version) == champ
+    # a write by another client (not `tl`) is seen at once: the cached listing is keyed by the store's files
+    c.set_registered_model_alias("digits-transfer", "champion", "1")
+    row1 = next(line for line in sh(tl, "models", cwd=repo).stdout.splitlines() if line.startswith("1 "))
+    assert "champion" in row1
+    c.set_registered_model_alias("digits-transfer", "champion", champ)
     out = sh(tl, "predict", "data/target/test/3", cwd=repo).stdout.strip().splitlines()
     assert len(out) == len(list((repo / "data/target/test/3").iterdir()))
     preds = [line.split("\t") for line in out]
     assert all(p[1] in [str(i) for i in range(10)] and 0 < float(p[2]) <= 1 for p in preds)
     assert sum(p[1] == "3" for p in preds) > len(preds) / 2  # the champion mostly recognises threes
+
+
+def test_tl_run_fails_loudly_when_the_push_fails(repo, tmp_path):
+    import sys
+    from pathlib import Path
+
+    tl = Path(sys.executable).parent / "tl"
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the remote's folder should be")
+    dvc("remote", "add", "-f", "broken", str(blocker / "remote"), cwd=repo)
+    dvc("remote", "default", "broken", cwd=repo)
+    try:
+        r = sh(tl, "run", cwd=repo, check=False)  # nothing to train; only the push can fail
+        assert r.returncode != 0 and "dvc push" in r.stderr and "--no-push" in r.stderr, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr
+        assert sh(tl, "run", "--no-push", cwd=repo).returncode == 0  # keeping a run local is a choice
+    finally:
+        dvc("remote", "default", "local", cwd=repo)
 
 
 def test_dvc_exp_run_and_metrics_diff(repo):
