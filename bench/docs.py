@@ -21,8 +21,11 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from tlcore.engine import cpu_bf16_kernels, cpu_has_amx
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), GPU: {gpu}, Python {platform.python_version()}, "
+    flags = f"AMX {'yes' if cpu_has_amx() else 'no'}, AVX512-BF16 {'yes' if cpu_bf16_kernels() else 'no'}"
+    return (f"{os.cpu_count()} CPU cores ({cpu}; {flags}), GPU: {gpu}, Python {platform.python_version()}, "
             f"torch {torch.__version__}")
 
 

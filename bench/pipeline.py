@@ -58,7 +58,6 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers import TINY, env, make_repo
 
-    from tasks.hardware import cpu_flags
 
     TINY.clear()  # default params: what `make run` does
     with tempfile.TemporaryDirectory() as d:
@@ -77,12 +76,10 @@ def main() -> None:
         precision = ft.get("precision")
         why = next((line.split("precision ", 1)[1].strip() for line in out.splitlines()
                     if "[pretrain]" in line and "precision " in line), precision)
-    flags = cpu_flags()
     lines = ["## Pipeline wall time", "",
              f"`python -m bench.pipeline`: `tl run` with the default `params.yaml` (exactly what `make run` runs, "
              f"including the DVC push) in a fresh copy of the project, then a no-op rerun and the registry commands. "
-             f"Machine: {machine()}; CPU AMX: {'yes' if flags['amx'] else 'no'}, AVX512-BF16: "
-             f"{'yes' if flags['avx512_bf16'] else 'no'}. Training precision chosen by `auto`: {why}.", "",
+             f"Machine: {machine()}. Training precision chosen by `auto`: {why}.", "",
              "| stage | wall (s) | of which training epochs (s) |", "|---|---|---|",
              *(f"| {s} | {t:.1f} | {train[s]:.1f} |" if s in train else f"| {s} | {t:.1f} | – |" for s, t in stages),
              f"| **`tl run`, total** (incl. start-up and push) | **{total:.1f}** | {sum(train.values()):.1f} |",

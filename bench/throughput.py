@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     import ray
 
-    from tasks.hardware import cpu_flags, local_cpus
+    from tasks.hardware import local_cpus
 
     ds = _data(args.images)
     threads = local_cpus()
@@ -136,7 +136,6 @@ def main(argv=None) -> None:
         rows.append(best(lambda: engine_in_process(*a, threads, "auto")))
         rows.append(best(lambda: ray_run(*a, 0, threads, storage, "auto")))
     base = rows[1]["images_per_s"]
-    flags = cpu_flags()
     overhead = rows[3]["images_per_s"] / base
     lines = ["## Training throughput: the engine in-process vs under Ray Train", "",
              f"`python -m bench.throughput --images {args.images} --epochs {args.epochs} --batch {args.batch} "
@@ -145,8 +144,7 @@ def main(argv=None) -> None:
              f"2..{args.epochs}; start-up = everything outside the epochs (worker group, model and data set-up; "
              f"`ray.init` took {ray_init_s:.1f} s on top for the worker rows). Every row but the reference runs the "
              f"project's engine (`tasks.training`, channels-last) with the same threads in total; *vs engine* "
-             f"divides by the engine in-process at the same precision. Machine: {machine()}; CPU AMX: "
-             f"{'yes' if flags['amx'] else 'no'}, AVX512-BF16: {'yes' if flags['avx512_bf16'] else 'no'}.", "",
+             f"divides by the engine in-process at the same precision. Machine: {machine()}.", "",
              "| setup | workers x threads | precision | images/s | vs engine | start-up (s) | peak RSS per worker (MB) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -51,13 +51,6 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def cpu_flags() -> dict[str, bool]:
-    """The CPU features every CPU speed figure depends on."""
-    from tlcore.engine import cpu_bf16_kernels, cpu_has_amx
-
-    return {"avx512_bf16": cpu_bf16_kernels(), "amx": cpu_has_amx()}
-
-
 def worker_cpus(num_workers: int, requested: float | str, cluster_nodes: list[dict] | None = None) -> float:
     """CPUs per Ray worker: ``requested``, or for ``"auto"`` the CPUs of the smallest node divided by
     the workers that land on it (all local CPUs in local mode, ``num_workers`` 0)."""

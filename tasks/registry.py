@@ -54,6 +54,9 @@ def refresh(name: str, c=None) -> dict:
 
     uri = tracking_uri()
     sig = _signature(uri)  # before reading: a write during the read makes the next call read again
+    if sig is None and sqlite_path(uri) is not None:  # just written (by us, usually): let the key settle
+        time.sleep(2.1)
+        sig = _signature(uri)
     c = c or client(uri)
     try:
         aliases = c.get_registered_model(name).aliases or {}
