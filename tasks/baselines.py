@@ -10,6 +10,7 @@ from __future__ import annotations
 from .common import device_for, load_checkpoint, load_domain, say, stage_main, write_json
 from .config import Params
 from .distributed import run_job_ray
+from .report import pct
 from .training import target_job
 
 
@@ -30,14 +31,10 @@ def baselines(params: Params) -> dict:
     if manifest["same_label_space"]:
         source_model, _ = load_checkpoint(params.path("models", "source.pt"))
         out["source_only_accuracy"] = metrics.accuracy(source_model, test_loader, device)
-    say("baselines: " + ", ".join(f"{k.removesuffix('_accuracy')} {_pct(out[k])}"
+    say("baselines: " + ", ".join(f"{k.removesuffix('_accuracy')} {pct(out[k])}"
                                   for k in ("scratch_accuracy", "source_only_accuracy")))
     write_json(params.path("reports", "baselines.json"), out)
     return out
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v * 100:.1f} %"
 
 
 if __name__ == "__main__":

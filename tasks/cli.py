@@ -1,8 +1,6 @@
 """The ``tl`` command. Heavy imports (torch, dvc, mlflow, prefect, ray) happen inside commands."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional

@@ -72,9 +72,7 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
     """Train ``student`` against ``teacher`` (soft targets on the labeled target and the unlabeled pool)."""
     from tlcore import compress as C
     from tlcore import data
-    from tlcore.engine import Loaders, TrainConfig, Trainer
-
-    from tlcore.engine import seed_everything
+    from tlcore.engine import Loaders, TrainConfig, Trainer, seed_everything
 
     cfg, f = params.compress, params.finetune
     seed_everything(params.base.seed)  # the same student on every run, whatever ran before in this process

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 EMBEDDED = ("synth_digits", "optdigits")

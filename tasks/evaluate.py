@@ -9,7 +9,7 @@ import csv
 
 from .common import atomic_path, device_for, load_checkpoint, load_domain, read_json, say, stage_main, write_json
 from .config import Params
-from .report import confusion_matrix_png, table, training_curves
+from .report import confusion_matrix_png, pct, table, training_curves
 
 
 def evaluate(params: Params) -> dict:
@@ -55,14 +55,10 @@ def evaluate(params: Params) -> dict:
     confusion_matrix_png(rep["confusion_matrix"], classes, fig_dir / "confusion_matrix.png",
                          f"{ft['strategy']} on target test (acc {rep['accuracy']:.3f})")
     _write_report(params, flat, rep, ft, pre)
-    say(f"evaluate: accuracy {_pct(flat['accuracy'])} (scratch {_pct(flat['scratch_accuracy'])}, source-only "
-        f"{_pct(flat['source_only_accuracy'])}), transfer gain " + (
+    say(f"evaluate: accuracy {pct(flat['accuracy'])} (scratch {pct(flat['scratch_accuracy'])}, source-only "
+        f"{pct(flat['source_only_accuracy'])}), transfer gain " + (
             f"{flat['transfer_gain'] * 100:+.1f} points over {over}" if over else "n/a (no baseline applies)"))
     return flat
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v * 100:.1f} %"
 
 
 def _gain_line(flat: dict) -> str:
@@ -94,7 +90,7 @@ def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) ->
                {"model": "source only (no adaptation)", "accuracy": so}], ["model", "accuracy", "macro_f1"]), "",
         _gain_line(flat), "",
         f"Expected calibration error {flat['ece']:.4f}. Source model accuracy on its own test split: "
-        f"{_pct(pre.get('source_test_accuracy'))}.", "",
+        f"{pct(pre.get('source_test_accuracy'))}.", "",
         "## Deployment figures (CPU)", "",
         table([{k: flat[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb")}],
               ["latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb"]), "",

@@ -20,6 +20,7 @@ from .config import Params
 from .registry import refresh
 from .tracking import client, experiment_id, tracking_uri, version_by_alias
 
+
 def dvc_lineage(lock_path: str | Path = "dvc.lock", manifest: dict | None = None) -> dict[str, str]:
     """DVC content hashes of the data directories (from ``dvc.lock``), plus the manifest's split hashes."""
     tags = {}

@@ -3,11 +3,12 @@
 Reading a sqlite registry through MLflow costs ~3 s on a small machine (MLflow and SQLAlchemy
 imports, store set-up), more than the answer is worth when nothing changed. So the listing and the
 aliases are cached in ``.tlcache/registry/`` next to the database, keyed by the database files'
-size and modification time: any write (a registration, a promotion, by any process) changes them
-and the next call asks MLflow again. Downloaded model files are cached in ``.tlcache/models/`` by
+size, modification and change times and inode: any write (a registration, a promotion, by any
+process) changes them and the next call asks MLflow again; a store written in the last 2 s is
+never used as a key. Downloaded model files are cached in ``.tlcache/models/`` by
 version and run, and checked before use against the SHA-256 the register stage recorded on the
-version (``model_sha256``). A tracking server (HTTP) is always
-asked; only its model files are cached.
+version (``model_sha256``). A tracking server (HTTP) is always asked; only its model files are
+cached.
 """
 from __future__ import annotations
 

@@ -47,6 +47,11 @@ def confusion_matrix_png(cm: list[list[int]], classes: list[str], path: Path, ti
     plt.close(fig)
 
 
+def pct(v: float | None) -> str:
+    """An accuracy for people: ``0.9761`` -> ``97.6 %``; ``None`` (a baseline that does not apply) -> ``n/a``."""
+    return "n/a" if v is None else f"{v * 100:.1f} %"
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
