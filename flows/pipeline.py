@@ -3,7 +3,7 @@
 Each Prefect task runs one stage through ``dvc repro --single-item <stage>``: the same
 ``python -m tasks.<stage>`` that ``dvc.yaml`` declares, with DVC's lock and cache deciding
 whether it runs or is skipped, so the flow and ``dvc repro`` always agree and ``dvc status`` is
-clean afterwards. Runs on Prefect's ephemeral local API unless ``PREFECT_API_URL`` is set.
+clean afterwards (but for the ``inputs`` fingerprint stage, which DVC runs every time). Runs on Prefect's ephemeral local API unless ``PREFECT_API_URL`` is set.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from tasks.project import configure_environment, dvc, stage_names
+from tasks.project import always_changed_stages, configure_environment, dvc, stage_names
 
 configure_environment()  # before Prefect reads its settings: telemetry off, a start-up timeout for slow machines
 
@@ -123,7 +123,15 @@ def transfer_pipeline(
     Typed parameters are shortcuts for ``-S`` overrides (``strategy`` is ``finetune.strategy``,
     ``labels_per_class`` is ``data.labels_per_class`` ...); ``overrides`` takes any others.
     """
+    from tasks.lock import project_lock
+
     repo = str(Path(repo).resolve())
+    with project_lock(repo, "transfer-pipeline flow"):  # re-entrant under `tl run --prefect` and `retrain`
+        return _pipeline(repo, strategy, labels_per_class, backbone, finetune_epochs, num_workers, overrides, force,
+                         push)
+
+
+def _pipeline(repo, strategy, labels_per_class, backbone, finetune_epochs, num_workers, overrides, force, push) -> dict:
     sets = list(overrides or [])
     for key, val in (("finetune.strategy", strategy), ("data.labels_per_class", labels_per_class),
                      ("pretrain.backbone", backbone), ("finetune.epochs", finetune_epochs),
@@ -137,7 +145,7 @@ def transfer_pipeline(
     if push:
         dvc_push(repo)
     out = publish(repo)
-    ran = [r["stage"] for r in results if r["ran"]]
+    ran = [r["stage"] for r in results if r["ran"] and r["stage"] not in always_changed_stages(repo)]
     print(f"stages run: {', '.join(ran) or 'none (everything up to date)'}")
     return {**out, "stages_run": ran}
 

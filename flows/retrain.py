@@ -25,10 +25,18 @@ def champion_data_hashes(repo: str) -> dict | None:
 @flow(name="retrain", log_prints=True)
 def retrain(repo: str = ".", force: bool = False):
     """Re-materialise / re-validate the data; run ``transfer_pipeline`` only when it changed."""
+    from tasks.lock import project_lock
+
+    repo = str(Path(repo).resolve())
+    with project_lock(repo, "retrain flow"):  # a scheduled run never overlaps a `tl run` in the same project
+        return _retrain(repo, force)
+
+
+def _retrain(repo: str, force: bool):
     from tasks.common import read_json
     from tasks.config import load_params
 
-    repo = str(Path(repo).resolve())
+    run_stage(stage="inputs", repo=repo)  # fingerprint user folders / weights first, so dvc.lock records them
     run_stage(stage="data", repo=repo, force=True)  # refresh: re-materialise embedded data / re-copy user trees
     params = load_params(Path(repo) / "params.yaml")
     manifest = read_json(Path(repo) / params.base.data_dir / "manifest.json")

@@ -21,16 +21,20 @@ def baselines(params: Params) -> dict:
     job, manifest = target_job(params, "scratch")
     _, test_ds = load_domain(params, "target", job.arch)
     test_loader = data.make_loader(test_ds, 256, train=False)
-    out = {"scratch_accuracy": None, "scratch_history": [], "source_only_accuracy": None}
+    # per-image correctness on the test split (loader order) too: the gate compares models on the same images
+    out = {"scratch_accuracy": None, "scratch_history": [], "source_only_accuracy": None,
+           "scratch_correct": None, "source_only_correct": None}
     if len(job.labeled):
         say(f"baselines: scratch on {len(job.labeled)} labeled target images")
         model, out["scratch_history"], _ = run_job_ray(job, params, "baselines", manifest)
-        out["scratch_accuracy"] = metrics.accuracy(model, test_loader, device)
+        ok = metrics.correct(model, test_loader, device)
+        out["scratch_accuracy"], out["scratch_correct"] = float(ok.mean()), ok.astype(int).tolist()
     else:
         say("baselines: scratch skipped (no target labels to train it on); the gain is measured over source_only")
     if manifest["same_label_space"]:
         source_model, _ = load_checkpoint(params.path("models", "source.pt"))
-        out["source_only_accuracy"] = metrics.accuracy(source_model, test_loader, device)
+        ok = metrics.correct(source_model, test_loader, device)
+        out["source_only_accuracy"], out["source_only_correct"] = float(ok.mean()), ok.astype(int).tolist()
     say("baselines: " + ", ".join(f"{k.removesuffix('_accuracy')} {pct(out[k])}"
                                   for k in ("scratch_accuracy", "source_only_accuracy")))
     write_json(params.path("reports", "baselines.json"), out)

@@ -49,6 +49,17 @@ def run(
         p = load_params(params, set_)
     except ParamsError as e:
         _fail(e)
+    from .lock import ProjectLocked, project_lock
+    from .tracking import project_root
+
+    try:
+        with project_lock(project_root(params.resolve().parent), "tl run " + " ".join(f"-S {s}" for s in set_)):
+            _run_locked(p, params, set_, force, push, prefect)
+    except ProjectLocked as e:
+        _fail(e)
+
+
+def _run_locked(p, params: Path, set_: list[str], force: bool, push: bool, prefect: bool) -> None:
     if prefect:
         from flows.pipeline import transfer_pipeline
 
@@ -125,9 +136,10 @@ def models(name: Optional[str] = typer.Option(None, help="registered model name 
     from .registry import versions
 
     rows = versions(_model_name(name))
-    cols = ["version", "aliases", "accuracy", "transfer_gain", "gain_over", "strategy", "gate", "data", "git", "created"]
+    cols = ["version", "aliases", "accuracy", "transfer_gain", "gain_over", "strategy", "gate", "evidence", "data", "git",
+            "created"]
     fmt = lambda v: f"{float(v):.4f}" if isinstance(v, str) and v.replace(".", "", 1).lstrip("-").isdigit() and "." in v else str(v or "")
-    table = [[fmt(r[c]) for c in cols] for r in rows]
+    table = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
     typer.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for t in table:

@@ -14,6 +14,10 @@ from typing import Any, Callable
 from .config import Params, ParamsError, load_params
 
 
+class StageError(RuntimeError):
+    """A stage (or a CLI command) cannot go on; the message says why and what to do. Printed without a traceback."""
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -125,8 +129,12 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
     return {"git_commit": rev, "git_dirty": str(dirty).lower()}
 
 
-def stage_main(fn: Callable[[Params], Any], argv: list[str] | None = None) -> None:
-    """Thin ``main()`` for ``python -m tasks.<stage>``: parse args, load params, run, print errors plainly."""
+def stage_main(fn: Callable[[Params], Any], argv: list[str] | None = None,
+               load: Callable[[str, list[str]], Params] = load_params) -> None:
+    """Thin ``main()`` for ``python -m tasks.<stage>``: parse args, load params, run, print errors plainly.
+
+    ``load(path, overrides)`` reads the params (default: all of them, validated); a stage that must start
+    fast may pass a loader that validates only what it reads."""
     import argparse
 
     ap = argparse.ArgumentParser(description=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
@@ -135,8 +143,8 @@ def stage_main(fn: Callable[[Params], Any], argv: list[str] | None = None) -> No
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = ap.parse_args(argv)
     try:
-        fn(load_params(args.params, args.overrides))
-    except (ParamsError, ValueError, FileNotFoundError) as e:
+        fn(load(args.params, args.overrides))
+    except (ParamsError, ValueError, FileNotFoundError, StageError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

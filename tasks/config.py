@@ -7,11 +7,15 @@ allowed (:class:`ParamsError`). Overrides use DVC's ``-S key=value`` syntax.
 from __future__ import annotations
 
 import copy
+import math
+import re
+import types
+import typing
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 EMBEDDED = ("synth_digits", "optdigits")
 DEFAULT_PARAMS = Path("params.yaml")
@@ -21,8 +25,57 @@ class ParamsError(ValueError):
     """params.yaml (or an override) is invalid; the message says which key and how to fix it."""
 
 
+def _leaves(ann) -> tuple[set, set]:
+    """(plain types, Literal options) a field annotation admits, through Optional/Union/Annotated."""
+    if typing.get_origin(ann) is Literal:
+        return set(), set(typing.get_args(ann))
+    if typing.get_origin(ann) in (typing.Union, types.UnionType, typing.Annotated):
+        kinds, lits = set(), set()
+        for a in typing.get_args(ann)[1:] if typing.get_origin(ann) is typing.Annotated else typing.get_args(ann):
+            k, lit = _leaves(a)
+            kinds |= k
+            lits |= lit
+        return kinds, lits
+    return {ann}, set()
+
+
+_NON_FINITE_TEXT = re.compile(r"[-+]?\.?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _non_finite(v) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Numbers are numbers: a number key refuses true/false, text ('10', '1:30') and .inf/.nan, wherever the
+    value comes from (params.yaml, ``-S``, Python), instead of pydantic's lax coercions (True -> 1)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, v, info: ValidationInfo):
+        kinds, lits = _leaves(cls.model_fields[info.field_name].annotation)
+        if not kinds & {int, float} or not isinstance(v, bool) and any(v == x for x in lits):
+            return v
+        want = "an integer" if float not in kinds else "a number"
+        example = {"an integer": "10", "a number": "0.001"}[want]
+        if isinstance(v, bool) and bool not in kinds:
+            raise ValueError(f"{str(v).lower()} is a boolean, but this key takes {want}; write {want} such as "
+                             f"{example} (YAML reads true/false/yes/no-like words as booleans)")
+        if _non_finite(v) or isinstance(v, str) and _NON_FINITE_TEXT.fullmatch(v.strip()):
+            raise ValueError(f"{v} is not a finite number (.inf, -.inf and .nan are refused everywhere); "
+                             f"write a finite number such as {example}")
+        if isinstance(v, str) and str not in kinds:
+            hint = (" (YAML 1.1 would read it as a base-60 time, YAML 1.2 as text; write the plain number, "
+                    "e.g. 1:30 -> 90)" if ":" in v else "")
+            opts = f" or one of {', '.join(map(repr, sorted(lits)))}" if lits else ""
+            raise ValueError(f"{v!r} is text, but this key takes {want}{opts}; write an unquoted number such as "
+                             f"{example}{hint}")
+        return v
+
+
+_DIRS = ("data_dir", "models_dir", "reports_dir")
+_RESERVED = (".git", ".dvc")
 
 
 class Base(_Section):
@@ -32,6 +85,36 @@ class Base(_Section):
     models_dir: str = "models"
     reports_dir: str = "reports"
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default")
+
+    @field_validator(*_DIRS)
+    @classmethod
+    def _inside_project(cls, v: str) -> str:
+        """The pipeline deletes and rewrites these directories: keep them relative, below the project root."""
+        fix = ("use a relative path below the project directory (the one holding params.yaml), e.g. `data`; "
+               "the pipeline deletes and rewrites this directory, so it must never point at your own files "
+               "(give a dataset as data.source/data.target instead)")
+        p = PurePath(v)
+        if p.is_absolute() or v.startswith("~"):
+            raise ValueError(f"is an absolute path; {fix}")
+        if ".." in p.parts:
+            raise ValueError(f"leaves the project with `..`; {fix}")
+        if not p.parts:
+            raise ValueError(f"is the project directory itself; {fix}")
+        if p.parts[0] in _RESERVED:
+            raise ValueError(f"lies inside {p.parts[0]}/, which git/DVC own; {fix}")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_dirs(self):
+        dirs = [(k, PurePath(getattr(self, k))) for k in _DIRS]
+        for i, (k1, p1) in enumerate(dirs):
+            for k2, p2 in dirs[i + 1:]:
+                if p1 == p2 or p1 in p2.parents or p2 in p1.parents:
+                    rel = "is the same directory as" if p1 == p2 else "contains" if p1 in p2.parents else "lies inside"
+                    raise ValueError(f"base.{k1} = {str(p1)!r} {rel} base.{k2} = {str(p2)!r}; give data_dir, "
+                                     f"models_dir and reports_dir distinct directories, none inside another "
+                                     f"(e.g. data, models, reports)")
+        return self
 
 
 class Data(_Section):
@@ -93,6 +176,19 @@ class Finetune(Optim):
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(25, ge=1)
 
+    @field_validator("strategy_params")
+    @classmethod
+    def _finite(cls, v: dict) -> dict:
+        def walk(x, key):
+            if _non_finite(x):
+                raise ValueError(f"{key} = {x} is not a finite number (.inf, -.inf and .nan are refused "
+                                 f"everywhere); write a finite number")
+            for k, y in (x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()):
+                walk(y, f"{key}.{k}")
+        for k, x in v.items():
+            walk(x, k)
+        return v
+
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, v: str) -> str:
@@ -123,7 +219,9 @@ class Compress(_Section):
 class Register(_Section):
     model_name: str = Field("digits-transfer", min_length=1)
     min_accuracy: float = Field(0.5, ge=0, le=1)
-    min_improvement: float = Field(0.0, ge=0)
+    min_improvement: float = Field(0.0, ge=0, le=1, description="0: replace the champion unless it is significantly "
+                                   "better; > 0: only when better by this much and significantly")
+    significance: float = Field(0.05, gt=0, lt=1, description="the gate's paired (McNemar) test level")
     require_positive_transfer: bool = True
     experiment: str = "transfer-pipeline"
 
@@ -175,19 +273,35 @@ def _fmt_error(err: ValidationError, origin: str) -> str:
             section = e["loc"][0] if len(e["loc"]) > 1 else None
             allowed = Params.model_fields if section is None else Params.model_fields[section].annotation.model_fields
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        if isinstance(val, dict) and e["type"] == "value_error":  # a section-wide rule: the message names the keys
+            lines.append(f"  {key}: {msg}")
+            continue
         lines.append(f"  {key} = {val!r}: {msg}")
     return f"invalid parameters in {origin}:\n" + "\n".join(lines) + "\nFix these keys and run again."
 
 
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+def _leading_zero(text: str, where: str) -> str:
+    n = int(text.replace("_", ""))
+    return (f"{where}: {text} is a number with a leading zero, which is ambiguous: YAML 1.1 reads it as octal "
+            f"(010 = 8), YAML 1.2 (DVC, this project) as decimal {n}. Write {n} (or quote it, '{text}', if you "
+            f"mean text).")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"finetune.lr=0.01"`` -> (["finetune", "lr"], 0.01); the value is parsed as YAML 1.2 (ruamel), as
-    ``dvc exp run -S`` does: ``1e-3`` is a number (PyYAML's YAML 1.1 would keep it a string)."""
+    ``dvc exp run -S`` does: ``1e-3`` is a number (PyYAML's YAML 1.1 would keep it a string). A leading-zero
+    integer (``010``) is refused: the two YAML versions read it differently."""
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
     if "=" not in item:
         raise ParamsError(f"override {item!r} is not KEY=VALUE (e.g. -S finetune.strategy=dann).")
     key, raw = item.split("=", 1)
+    if _LEADING_ZERO.fullmatch(raw.strip()):
+        raise ParamsError(_leading_zero(raw.strip(), f"override {item!r}"))
     try:
         return key.strip().split("."), YAML(typ="safe").load(raw) if raw.strip() else None
     except YAMLError as e:
@@ -211,9 +325,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return set_overrides(copy.deepcopy(raw), overrides)
 
 
+def require_sections(raw, origin: str = "params.yaml") -> None:
+    """Every top-level section must be in the file: an empty or truncated params.yaml is an error, not a run
+    on defaults. (Keys inside a section may still be left out; ``Params()`` in Python keeps its defaults.)"""
+    name = Path(origin.split(" with overrides ")[0]).name or "params.yaml"
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{origin} is not a mapping of sections (it holds a {type(raw).__name__}); restore it "
+                          f"from git (`git checkout {name}`) or copy it from the project template.")
+    missing = [k for k in Params.model_fields if (raw or {}).get(k) is None]
+    if missing:
+        secs = ", ".join(f"`{k}:`" for k in missing)
+        what = (f"is empty: it has none of the sections {secs}" if not raw else
+                f"has no {secs} section" + ("s" if len(missing) > 1 else "") + " (missing, or empty)")
+        raise ParamsError(f"{origin} {what}. Every section must be in the file (keys inside a section may be "
+                          f"left out to take their defaults); nothing falls back to defaults silently. Restore "
+                          f"it from git (`git checkout {name}`) or copy the missing section(s) from the project "
+                          f"template.")
+
+
 def validate(raw: dict, origin: str = "params.yaml") -> Params:
+    """Validate a params mapping read from a file: every section must be present (see :func:`require_sections`)."""
+    require_sections(raw, origin)
     try:
-        return Params.model_validate(raw or {})
+        return Params.model_validate(raw)
     except ValidationError as e:
         raise ParamsError(_fmt_error(e, origin)) from None
 
@@ -232,12 +366,49 @@ def load_raw(path: str | Path = DEFAULT_PARAMS) -> dict:
             raise ParamsError(f"{path} is not valid YAML: {e}") from None
 
 
+_YAML_LEADING_ZERO = re.compile(r"\s*([\w.-]+)\s*:\s+([-+]?0[0-9_]+)\s*(#.*)?")
+
+
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
-    """Read, override and validate ``params.yaml``; raises :class:`ParamsError`."""
-    raw = apply_overrides(load_raw(path), overrides or [])
-    params = validate(raw, str(path) + (" with overrides " + " ".join(overrides) if overrides else ""))
+    """Read, override and validate ``params.yaml``; raises :class:`ParamsError`.
+
+    The file itself must hold every section (an override cannot stand in for a lost one), and the
+    output directories must lie inside the project: the directory holding ``path``."""
+    file_raw = load_raw(path)
+    require_sections(file_raw, str(path))
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if m := _YAML_LEADING_ZERO.fullmatch(line):
+            raise ParamsError(_leading_zero(m[2], f"{path} line {n} ({m[1]})"))
+    origin = str(path) + (" with overrides " + " ".join(overrides) if overrides else "")
+    params = validate(apply_overrides(file_raw, overrides or []), origin)
+    _check_paths(params, Path(path).resolve().parent, origin)
     _check_budget(params)
     return params
+
+
+def _check_paths(p: Params, project: Path, origin: str) -> None:
+    """base.*_dir resolve (symlinks followed) inside ``project`` and away from the user's ImageFolder trees."""
+    errors = []
+    dirs = {k: (project / getattr(p.base, k)).resolve() for k in _DIRS}
+    for k, d in dirs.items():
+        if d == project or project not in d.parents:
+            errors.append(f"  base.{k} = {getattr(p.base, k)!r}: resolves to {d}, outside the project directory "
+                          f"{project} (a symlink?); use a plain relative directory below the project, e.g. "
+                          f"`{k.removesuffix('_dir')}`: the pipeline deletes and rewrites it.")
+            continue
+        for role in ("source", "target"):
+            name = getattr(p.data, role)
+            if name in EMBEDDED:
+                continue
+            tree = Path(name).expanduser().resolve()
+            if d == tree or tree in d.parents or d in tree.parents:
+                rel = "is" if d == tree else "lies inside" if tree in d.parents else "contains"
+                errors.append(f"  base.{k} = {getattr(p.base, k)!r}: {rel} the ImageFolder data.{role} = "
+                              f"{name!r} ({tree}); the pipeline deletes and rewrites base.{k}, so it must not "
+                              f"overlap your dataset. Keep the dataset outside base.{k} (or pick another "
+                              f"base.{k}, e.g. `{k.removesuffix('_dir')}`).")
+    if errors:
+        raise ParamsError(f"invalid parameters in {origin}:\n" + "\n".join(errors) + "\nFix these keys and run again.")
 
 
 def _check_budget(p: Params) -> None:

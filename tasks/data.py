@@ -38,8 +38,7 @@ def prepare(params: Params) -> dict:
     from tlcore import data, datasets
 
     manifest = {}
-    for role in ("source", "target"):
-        name = getattr(params.data, role)
+    for role, name in (("source", params.data.source), ("target", params.data.target)):
         dst = params.path("data", role)
         dst.parent.mkdir(parents=True, exist_ok=True)
         if name in EMBEDDED:

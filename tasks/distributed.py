@@ -34,20 +34,26 @@ FAULT_ENV = "TL_FAULT_INJECT"  # test-only: "epoch=2,step=1,rank=1,marker=/path"
 WORKER_LOG_ENV = "TL_WORKER_LOG_DIR"  # optional: each worker appends its epochs and shard to rank<r>.jsonl here
 
 
-def code_hash() -> str:
-    """Hash of the training code (tlcore + tasks), so a code change never resumes an old run."""
+def code_hash(stage: str) -> str:
+    """Hash of the stage's code, the same files ``dvc.yaml`` lists as its code deps
+    (:func:`tasks.codedeps.stage_code_files`), so a code change never resumes an old run and a change
+    DVC ignores does not start a new one."""
+    from .codedeps import ROOT, stage_code_files
+
+    try:
+        files = stage_code_files(stage)
+    except FileNotFoundError:  # a job that is not a stage (a benchmark, a test): all of the project's code
+        files = sorted((ROOT / "tasks").glob("*.py")) + sorted((ROOT / "tlcore").rglob("*.py"))
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for pkg in ("tlcore", "tasks"):
-        for p in sorted((root / pkg).glob("*.py")):
-            h.update(p.name.encode())
-            h.update(p.read_bytes())
+    for p in files:
+        h.update(str(p.relative_to(ROOT)).encode())
+        h.update(p.read_bytes())
     return h.hexdigest()[:12]
 
 
 def run_name(stage: str, params: Params, manifest: dict) -> str:
     blob = json.dumps({"params": params.model_dump(exclude={"register", "evaluate", "compress"}),
-                       "data": {r: manifest[r]["splits"] for r in ("source", "target")}, "code": code_hash()},
+                       "data": {r: manifest[r]["splits"] for r in ("source", "target")}, "code": code_hash(stage)},
                       sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 

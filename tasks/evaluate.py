@@ -26,7 +26,7 @@ def evaluate(params: Params) -> dict:
     _, test_ds = load_domain(params, "target", meta["arch"])
     loader = data.make_loader(test_ds, params.evaluate.batch_size, train=False)
     logits, y = predict(model.to(device), loader, device)
-    rep = metrics.classification_report(logits, y.numpy(), classes)
+    rep = metrics.classification_report(logits, y.numpy(), classes, params.evaluate.ece_bins)
     base = read_json(rep_dir / "baselines.json")
     cpu_model = model.cpu().eval()
     example = torch.stack([test_ds[i][0] for i in range(min(64, len(test_ds)))])

@@ -53,6 +53,14 @@ def stage_names(repo: str | Path = ".") -> list[str]:
         return list((yaml.safe_load(f) or {}).get("stages", {}))
 
 
+def always_changed_stages(repo: str | Path = ".") -> set[str]:
+    """Stages DVC runs every time (``always_changed: true``: the input fingerprints); not news when they run."""
+    import yaml
+
+    with open(Path(repo) / "dvc.yaml") as f:
+        return {k for k, v in ((yaml.safe_load(f) or {}).get("stages") or {}).items() if v.get("always_changed")}
+
+
 def write_overrides(params_file: Path, overrides: list[str]) -> None:
     """Apply ``-S key=value`` to params.yaml, keeping comments (as ``dvc exp run -S`` does).
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from .common import file_sha256, write_json
-from .tracking import client, sqlite_path, tracking_uri, version_by_alias
+from .lock import project_lock
+from .tracking import client, project_root, sqlite_path, tracking_uri, version_by_alias
 
 CACHE_DIR = ".tlcache"
 
@@ -73,7 +74,7 @@ def refresh(name: str, c=None) -> dict:
         rows.append({"version": int(v.version), "aliases": ",".join(sorted(by_version.get(str(v.version), []))),
                      "accuracy": t.get("accuracy"), "transfer_gain": t.get("transfer_gain"),
                      "gain_over": t.get("gain_baseline", "scratch"), "strategy": t.get("strategy"),
-                     "gate": t.get("gate_decision"), "data": (t.get("data_target_dvc_md5") or "")[:10],
+                     "gate": t.get("gate_decision"), "evidence": _evidence(t), "data": (t.get("data_target_dvc_md5") or "")[:10],
                      "git": (t.get("git_commit") or "")[:8], "created": time.strftime(
                          "%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))})
     snap = {"rows": sorted(rows, key=lambda r: r["version"]),
@@ -85,6 +86,16 @@ def refresh(name: str, c=None) -> dict:
         except OSError:  # a read-only project: no cache, still correct
             pass
     return snap
+
+
+def _evidence(tags: dict) -> str:
+    """The gate's p-values, short: ``vs v3 p=0.21, vs scratch p=1``."""
+    parts = []
+    if tags.get("gate_p_champion"):
+        parts.append(f"vs v{tags.get('gate_compared_with', '?')} p={tags['gate_p_champion']}")
+    if tags.get("gate_p_baseline"):
+        parts.append(f"vs {tags.get('gain_baseline', 'baseline')} p={tags['gate_p_baseline']}")
+    return ", ".join(parts)
 
 
 def _snapshot(name: str) -> dict:
@@ -113,36 +124,49 @@ def promote(name: str, version: int, why: str, who: str | None = None) -> dict:
     """Move ``champion`` to ``version`` explicitly (bypassing the gate), recording who and why."""
     from mlflow.exceptions import MlflowException
 
-    c = client()
-    try:
-        c.get_model_version(name, str(version))
-    except MlflowException:
-        raise RegistryError(f"{name} has no version {version}; see `tl models`.") from None
-    old = version_by_alias(c, name, "champion")
-    who = who or getpass.getuser()
-    c.set_registered_model_alias(name, "champion", str(version))
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    for k, v in {"promoted_by": who, "promoted_why": why, "promoted_at": stamp,
-                 "previous_champion": old.version if old else ""}.items():
-        c.set_model_version_tag(name, str(version), k, str(v))
-    refresh(name, c)
+    with project_lock(project_root(), f"tl promote {name} {version}"):
+        c = client()
+        try:
+            c.get_model_version(name, str(version))
+        except MlflowException:
+            raise RegistryError(f"{name} has no version {version}; see `tl models`.") from None
+        old = version_by_alias(c, name, "champion")
+        if old is not None and str(old.version) == str(version):
+            raise RegistryError(f"{name} version {version} is already the champion; nothing changed.")
+        who = who or getpass.getuser()
+        c.set_registered_model_alias(name, "champion", str(version))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        for k, v in {"promoted_by": who, "promoted_why": why, "promoted_at": stamp,
+                     "previous_champion": old.version if old else ""}.items():
+            c.set_model_version_tag(name, str(version), k, str(v))
+        refresh(name, c)
     return {"champion": version, "previous": int(old.version) if old else None}
 
 
 def rollback(name: str, why: str, who: str | None = None) -> dict:
     """Move ``champion`` back to the version it replaced (recorded when it was promoted)."""
-    c = client()
-    cur = version_by_alias(c, name, "champion")
-    prev = cur.tags.get("previous_champion") if cur else None
-    if not prev:
-        raise RegistryError(f"{name} has no earlier champion to roll back to; use `tl promote {name} VERSION` instead.")
-    who = who or getpass.getuser()
-    c.set_registered_model_alias(name, "champion", prev)
-    c.set_model_version_tag(name, cur.version, "rolled_back_by", who)
-    c.set_model_version_tag(name, cur.version, "rolled_back_why", why)
-    c.set_model_version_tag(name, prev, "restored_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    refresh(name, c)
+    with project_lock(project_root(), f"tl rollback {name}"):
+        c = client()
+        cur = version_by_alias(c, name, "champion")
+        prev = cur.tags.get("previous_champion") if cur else None
+        if not prev or prev == str(cur.version):
+            raise RegistryError(f"{name} has no earlier champion to roll back to; use `tl promote {name} VERSION` "
+                                f"instead.")
+        who = who or getpass.getuser()
+        c.set_registered_model_alias(name, "champion", prev)
+        c.set_model_version_tag(name, cur.version, "rolled_back_by", who)
+        c.set_model_version_tag(name, cur.version, "rolled_back_why", why)
+        c.set_model_version_tag(name, prev, "restored_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        refresh(name, c)
     return {"champion": int(prev), "replaced": int(cur.version)}
+
+
+def load_version(name: str, v) -> tuple:
+    """``(model, meta)`` of a model version object, through the checked local model cache."""
+    from .common import load_checkpoint
+
+    return load_checkpoint(_model_file(name, {"version": str(v.version), "source": v.source, "run_id": v.run_id,
+                                              "sha256": v.tags.get("model_sha256")}))
 
 
 def load_alias(name: str, alias: str = "champion"):

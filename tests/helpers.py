@@ -44,6 +44,12 @@ def dvc(*args, cwd, check=True):
     return sh(Path(sys.executable).parent / "dvc", *args, cwd=cwd, check=check)
 
 
+def up_to_date(status_stdout: str) -> bool:
+    """`dvc status` says nothing is left to run: only the `inputs` fingerprint stage, which always runs, is listed."""
+    lines = [ln.strip() for ln in status_stdout.strip().splitlines() if ln.strip()]
+    return lines[-1:] == ["Data and pipelines are up to date."] or lines == ["inputs:", "always changed"]
+
+
 def deep_update(d: dict, u: dict) -> dict:
     for k, v in u.items():
         d[k] = deep_update(d.get(k, {}), v) if isinstance(v, dict) else v

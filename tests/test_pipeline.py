@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from helpers import dvc, make_repo, set_params, sh
+from helpers import dvc, make_repo, set_params, sh, up_to_date
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,8 @@ EXPECTED_METRICS = {"accuracy", "macro_f1", "ece", "scratch_accuracy", "source_o
 
 
 def ran(out: str) -> set[str]:
-    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+    """Stages DVC ran, but for `inputs`, the fingerprint stage it runs every time."""
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")} - {"inputs"}
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def test_repro_end_to_end_then_noop(repo):
     reg = json.loads((repo / "reports/registration.json").read_text())
     assert reg["version"] == 1 and reg["promoted"] is True  # relaxed gate, no champion yet
     out2 = dvc("repro", cwd=repo).stdout
-    assert ran(out2) == set() and "up to date" in out2
-    assert dvc("status", cwd=repo).stdout.strip().endswith("Data and pipelines are up to date.")
+    assert ran(out2) == set() and "Stage 'data' didn't change" in out2
+    assert up_to_date(dvc("status", cwd=repo).stdout)
     # the pipeline's data and models reach the local DVC remote
     dvc("push", cwd=repo)
     assert any((repo / ".dvc-remote").rglob("*"))
@@ -187,3 +188,149 @@ def test_bad_params_fail_fast_naming_the_key(tmp_path, override, key):
     assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # nothing written
     r = sh(sys.executable, "-m", "tasks.finetune", "-S", override, cwd=tmp_path, check=False)
     assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
+
+
+# --- drills: crashes, a second run, a promote during the gate (real processes on a copy of the project) ---
+
+NAME = "digits-transfer"
+KILL_AT = """
+import os, sys
+from mlflow import MlflowClient
+point = sys.argv[1]
+orig = getattr(MlflowClient, point)
+def killed(self, *a, **k):
+    if point == "create_model_version":
+        orig(self, *a, **k)
+    os._exit(137)  # as SIGKILL: no cleanup, no finally blocks
+setattr(MlflowClient, point, killed)
+from tasks.common import stage_main
+from tasks.register import register
+stage_main(register, [])
+"""
+SLOW_GATE = """
+import sys, time
+import tasks.register as reg
+orig = reg.compare_with_champion
+def slow(*a, **k):
+    print("gate: comparing with the champion", flush=True)
+    time.sleep(float(sys.argv[1]))
+    return orig(*a, **k)
+reg.compare_with_champion = slow
+from tasks.common import stage_main
+stage_main(reg.register, [])
+"""
+
+
+def _drill(repo, tmp_path):
+    import shutil
+
+    return shutil.copytree(repo, tmp_path / "drill", symlinks=True, ignore=shutil.ignore_patterns("ray_results"))
+
+
+def _new_model_file(repo) -> None:
+    """A different finetuned.pt (one weight nudged): a new registration, not a twin of the champion."""
+    import torch
+
+    f = repo / "models/finetuned.pt"
+    blob = torch.load(f, map_location="cpu", weights_only=True)
+    k = next(k for k, v in blob["model"].items() if v.is_floating_point())
+    blob["model"][k] = blob["model"][k] + 1e-4
+    torch.save(blob, f)
+
+
+def _py(*args, cwd, check=True):
+    import sys
+
+    return sh(sys.executable, *args, cwd=cwd, check=check)
+
+
+def test_registration_killed_at_any_point_completes_on_rerun_without_twins(repo, tmp_path):
+    drill = _drill(repo, tmp_path)
+    c = _mlflow(drill)
+    _new_model_file(drill)
+    n_before = len(c.search_model_versions(f"name = '{NAME}'"))
+    champ_before = c.get_model_version_by_alias(NAME, "champion").version
+    (drill / "kill_at.py").write_text(KILL_AT)
+    for point in ("log_artifacts", "create_model_version", "set_registered_model_alias"):
+        assert _py("kill_at.py", point, cwd=drill, check=False).returncode == 137
+    _py("-m", "tasks.register", cwd=drill)
+    reg = json.loads((drill / "reports/registration.json").read_text())
+    versions = c.search_model_versions(f"name = '{NAME}'")
+    assert len(versions) == n_before + 1  # the killed attempts left no twin
+    v = c.get_model_version(NAME, str(reg["version"]))
+    assert v.tags["registration"] == "complete" and v.tags["gate_decision"] in {"promoted", "rejected"}
+    champ = c.get_model_version_by_alias(NAME, "champion").version
+    assert (str(champ) == str(reg["version"])) == reg["promoted"] == (v.tags["gate_decision"] == "promoted")
+    if reg["promoted"]:
+        assert v.tags["previous_champion"] == str(champ_before) != str(reg["version"])
+    exp = c.get_experiment_by_name("transfer-pipeline").experiment_id
+    runs = c.search_runs([exp], f"tags.registration_key = '{reg['registration_key']}'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]  # the cut-short run is closed, not reused
+    # registering the same model, params and data again reuses the version
+    _py("-m", "tasks.register", cwd=drill)
+    assert json.loads((drill / "reports/registration.json").read_text())["version"] == reg["version"]
+    assert len(c.search_model_versions(f"name = '{NAME}'")) == n_before + 1
+
+
+def test_champion_moved_during_the_gate_is_not_overwritten(repo, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import env
+
+    drill = _drill(repo, tmp_path)
+    c = _mlflow(drill)
+    _new_model_file(drill)
+    champ = c.get_model_version_by_alias(NAME, "champion").version
+    challenger = c.get_model_version_by_alias(NAME, "challenger").version
+    other = next(str(v.version) for v in c.search_model_versions(f"name = '{NAME}'") if str(v.version) != str(champ))
+    (drill / "slow_gate.py").write_text(SLOW_GATE)
+    p = subprocess.Popen([sys.executable, "slow_gate.py", "6"], cwd=drill, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if "gate: comparing" in line:
+                break
+        # a colleague's `tl promote` while the gate decides: refused at once, nothing changed
+        r = sh(Path(sys.executable).parent / "tl", "promote", NAME, other, "--why", "drill", cwd=drill, check=False)
+        assert r.returncode != 0 and "holds the project lock" in r.stderr and f"pid {p.pid}" in r.stderr, r.stderr
+        # someone moves the alias without the lock (another MLflow client): the gate must not overwrite it
+        c.set_registered_model_alias(NAME, "champion", other)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode != 0 and "champion changed during registration" in err, out + err
+    assert "Traceback" not in err
+    assert str(c.get_model_version_by_alias(NAME, "champion").version) == other
+    assert str(c.get_model_version_by_alias(NAME, "challenger").version) == str(challenger)
+    # the rerun gates against the new champion and completes
+    _py("-m", "tasks.register", cwd=drill)
+    v = c.get_model_version(NAME, str(json.loads((drill / "reports/registration.json").read_text())["version"]))
+    assert v.tags["gate_compared_with"] == other and v.tags["registration"] == "complete"
+
+
+def test_one_run_at_a_time_and_a_killed_holder_is_taken_over(repo, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import env
+
+    drill = _drill(repo, tmp_path)
+    tl = Path(sys.executable).parent / "tl"
+    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom tasks.lock import project_lock\n"
+                               "with project_lock('.', 'tl run (the first one)'):\n"
+                               "    print('held', flush=True)\n    time.sleep(300)"],
+                              cwd=drill, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        params_before = (drill / "params.yaml").read_bytes()
+        r = sh(tl, "run", "-S", "finetune.lr=0.01", cwd=drill, check=False)
+        assert r.returncode != 0 and f"pid {holder.pid}" in r.stderr and "holds the project lock" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and (drill / "params.yaml").read_bytes() == params_before
+    finally:
+        holder.kill()
+        holder.wait()
+    r = sh(tl, "run", "--no-push", cwd=drill)  # nothing changed: quick, and the dead holder's lock is taken over
+    assert f"took over the project lock left by pid {holder.pid}" in r.stderr

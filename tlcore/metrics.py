@@ -23,7 +23,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
-def classification_report(logits: torch.Tensor | np.ndarray, labels, classes: list[str]) -> dict:
+def classification_report(logits: torch.Tensor | np.ndarray, labels, classes: list[str], ece_bins: int = 15) -> dict:
     """Accuracy, macro-F1, ECE, per-class precision/recall/F1/support and the confusion matrix."""
     logits = torch.as_tensor(logits).float()
     y = np.asarray(labels)
@@ -34,7 +34,7 @@ def classification_report(logits: torch.Tensor | np.ndarray, labels, classes: li
     return {
         "accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=k, average="macro", zero_division=0)),
-        "ece": expected_calibration_error(probs, y),
+        "ece": expected_calibration_error(probs, y, ece_bins),
         "per_class": [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, c in enumerate(classes)],
         "confusion_matrix": confusion_matrix(y, pred, labels=k).tolist(),
@@ -43,12 +43,18 @@ def classification_report(logits: torch.Tensor | np.ndarray, labels, classes: li
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` over ``loader``; the model is moved to ``device`` first."""
+def correct(model: nn.Module, loader, device: torch.device | str = "cpu") -> np.ndarray:
+    """Per-image top-1 correctness (bool, in ``loader`` order) of ``model``, moved to ``device`` first:
+    what a paired comparison of two models on the same images needs."""
     from .engine import predict
 
     logits, y = predict(model.to(device), loader, device)
-    return float((logits.argmax(1) == y).float().mean())
+    return (logits.argmax(1) == y).numpy()
+
+
+def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` over ``loader``; the model is moved to ``device`` first."""
+    return float(correct(model, loader, device).mean())
 
 
 def model_size_mb(model: nn.Module) -> float:
