@@ -334,3 +334,31 @@ def test_one_run_at_a_time_and_a_killed_holder_is_taken_over(repo, tmp_path):
         holder.wait()
     r = sh(tl, "run", "--no-push", cwd=drill)  # nothing changed: quick, and the dead holder's lock is taken over
     assert f"took over the project lock left by pid {holder.pid}" in r.stderr
+
+
+def test_gate_refuses_a_champion_it_cannot_compare_like_with_like(repo, tmp_path, monkeypatch):
+    import shutil
+
+    from tasks import register as reg
+    from tasks.config import load_params
+
+    drill = _drill(repo, tmp_path)
+    monkeypatch.chdir(drill)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    c = _mlflow(drill)
+    champ = c.get_model_version_by_alias(NAME, "champion")
+    params = load_params("params.yaml")
+    manifest = json.loads((drill / "data/manifest.json").read_text())
+    test_dir = drill / "data/target/test"
+    new = reg.new_model_correct(params)
+    fair = reg.compare_with_champion(c, NAME, champ, params, manifest, set(reg.image_hashes(test_dir)), new)
+    assert not isinstance(fair, str) and fair.n == len(new)  # same classes, disjoint images: a paired comparison
+    # another label set (a user's own target): never scored by argmax index
+    other = {**manifest, "target": {**manifest["target"], "classes": ["cat", "dog"]}}
+    why = reg.compare_with_champion(c, NAME, champ, params, other, set(reg.image_hashes(test_dir)), new)
+    assert isinstance(why, str) and "another label set" in why
+    # the test split now holds images the champion trained on (another base.seed re-splits the target)
+    seen = next((drill / "data/target/train/3").iterdir())
+    shutil.copy2(seen, test_dir / "3" / ("from-train-" + seen.name))
+    why = reg.compare_with_champion(c, NAME, champ, params, manifest, set(reg.image_hashes(test_dir)), new)
+    assert isinstance(why, str) and "trained on 1 of the" in why
