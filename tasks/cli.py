@@ -166,6 +166,34 @@ def rollback(name: str, why: str = typer.Option(..., "--why"), who: Optional[str
 
 
 @app.command()
+def reproduce(spec: str = typer.Argument(..., help="NAME/VERSION or NAME@alias, e.g. digits-transfer/3"),
+              tolerance: float = typer.Option(0.3, help="accuracy agreement required, in points"),
+              register: bool = typer.Option(False, "--register", help="register the replay (tagged reproduces=VERSION; "
+                                                                      "never champion)"),
+              allow_dirty: bool = typer.Option(False, "--allow-dirty", help="replay a version made from uncommitted code"),
+              workdir: Optional[Path] = typer.Option(None, help="replay here (kept) instead of a temporary folder"),
+              as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON")):
+    """Replay a registered model from its lineage (commit, params, dvc.lock, data from the DVC remote) and
+    compare metrics and per-image predictions with the original; exit 1 when accuracy differs by more
+    than --tolerance."""
+    from .reproduce import ReproduceError, reproduce as do, summary_json, table
+
+    try:
+        r = do(spec, tolerance / 100, register, allow_dirty, workdir)
+    except ReproduceError as e:
+        _fail(e)
+    typer.echo(summary_json(r) if as_json else table(r))
+    if r.get("registered_version"):
+        typer.echo(f"registered the replay as {r['model_name']} version {r['registered_version']} "
+                   f"(reproduces={r['version']}; aliases unchanged)", err=as_json)
+    verdict = "reproduced" if r["ok"] else "NOT reproduced"
+    typer.echo(f"{verdict}: accuracy within {tolerance} points is {'yes' if r['ok'] else 'no'} ({r['seconds']} s)",
+               err=as_json)
+    if not r["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def predict(paths: List[Path] = typer.Argument(..., help="image files or folders"),
             name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion")):
     """Classify images with the champion (or another alias); prints class and confidence."""

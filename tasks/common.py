@@ -124,9 +124,10 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
         return {"git_commit": os.environ["TL_GIT_COMMIT"], "git_dirty": os.environ.get("TL_GIT_DIRTY", "unknown")}
     rev = run("rev-parse", "HEAD") or "unknown"
     # a change to any tracked file, or a new (untracked, not ignored) file where the code lives
-    dirty = bool(run("status", "--porcelain", "--untracked-files=no")
-                 or run("status", "--porcelain", "--untracked-files=all", "--", *CODE_DIRS))
-    return {"git_commit": rev, "git_dirty": str(dirty).lower()}
+    changed = (run("status", "--porcelain", "--untracked-files=no").splitlines()
+               + run("status", "--porcelain", "--untracked-files=all", "--", *CODE_DIRS).splitlines())
+    paths = sorted({line[3:].strip() for line in changed if line.strip()})
+    return {"git_commit": rev, "git_dirty": str(bool(paths)).lower(), "git_dirty_paths": ",".join(paths)[:1000]}
 
 
 def stage_main(fn: Callable[[Params], Any], argv: list[str] | None = None,

@@ -30,6 +30,7 @@ from .registry import load_version, refresh
 from .tracking import client, experiment_id, project_root, tracking_uri, version_by_alias
 
 TRAIN_HASHES = "lineage/target_train_sha256.txt"  # run artifact: content hashes of the target training images
+DVC_LOCK = "lineage/dvc.lock"  # run artifact: the dvc.lock this model was made with (what `tl reproduce` restores)
 
 
 class RegistrationRaced(StageError):
@@ -62,6 +63,27 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def environment(params: Params) -> dict[str, str]:
+    """What a replay needs to know about where this model was made: versions, hardware, precision, workers, seed."""
+    import platform
+
+    import torch
+
+    from .hardware import cpu_model
+
+    reports = {s: read_json(params.path("reports", f"{s}.json")) if params.path("reports", f"{s}.json").is_file() else {}
+               for s in ("pretrain", "finetune")}
+    lock = Path("requirements.lock")
+    env = {"env_python": platform.python_version(), "env_torch": torch.__version__, "env_cpu": cpu_model(),
+           "env_gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+           "env_requirements_sha256": file_sha256(lock)[:16] if lock.is_file() else "", "seed": str(params.base.seed)}
+    for stage, rep in reports.items():
+        for k in ("precision", "workers", "threads_per_worker"):
+            if rep.get(k) is not None:
+                env[f"{stage}_{k}"] = str(rep[k])
+    return env
 
 
 def registration_key(lineage: dict) -> str:
@@ -134,6 +156,8 @@ def _log_run(c, params: Params, exp_id: str, key: str, lineage: dict, metrics: d
         (staged / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         hashes = Path(tempfile.mkdtemp(prefix="tl-lineage-", dir=staged.parent))
         (hashes / Path(TRAIN_HASHES).name).write_text("\n".join(image_hashes(params.path("data", "target", "train"))))
+        if Path("dvc.lock").is_file():
+            shutil.copy2("dvc.lock", hashes / Path(DVC_LOCK).name)
         with mlflow.start_run(experiment_id=exp_id) as run:
             mlflow.set_tags({**lineage, "registration_key": key})
             mlflow.log_params({k: str(v)[:500] for k, v in _flatten(params.model_dump()).items()})
@@ -174,7 +198,7 @@ def register(params: Params) -> dict:
     compress = read_json(params.path("reports", "compress.json")) if params.path("reports", "compress.json").is_file() else {}
     manifest = read_json(params.path("data", "manifest.json"))
     lineage = {**git_info(), **dvc_lineage("dvc.lock", manifest), "params_hash": params_hash(params),
-               "model_sha256": file_sha256(params.path("models", "finetuned.pt"))}
+               "model_sha256": file_sha256(params.path("models", "finetuned.pt")), **environment(params)}
     key = registration_key(lineage)
     with project_lock(project_root(), "register stage"):
         mv = _find_version(c, name, key)

@@ -21,8 +21,10 @@ def ran(out: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
+    # fp32: `tl reproduce` of a version made here must give the same predictions bit for bit
     return make_repo(tmp_path_factory.mktemp("pipeline") / "repo",
-                     {"register": {"min_accuracy": 0.0, "require_positive_transfer": False}})
+                     {"register": {"min_accuracy": 0.0, "require_positive_transfer": False},
+                      "pretrain": {"precision": "fp32"}, "finetune": {"precision": "fp32"}})
 
 
 def _uri(repo) -> str:
@@ -78,6 +80,42 @@ def test_lineage_tags_match_dvc_lock(repo):
     path = mlflow.artifacts.download_artifacts(v.source, tracking_uri=_uri(repo)) + "/model.pt"
     blob = torch.load(path, map_location="cpu", weights_only=True)
     assert blob["arch"] == "smallcnn" and blob["classes"] == [str(i) for i in range(10)]
+
+
+def test_reproduce_replays_a_version_bit_for_bit_in_a_fresh_clone(repo, tmp_path):
+    """`tl reproduce` from the registry and the DVC remote only: same predictions on every test image (fp32)."""
+    import sys
+
+    import mlflow
+
+    lock_before = (repo / "dvc.lock").read_bytes()
+    work = tmp_path / "replay"
+    r = sh(sys.executable, "-m", "tasks.cli", "reproduce", "digits-transfer/1", "--workdir", work, "--register",
+           "--json", cwd=repo, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["ok"] and out["identical_predictions"] == out["test_images"] > 0
+    assert out["model_sha256_match"]  # the same weights, bit for bit
+    acc = next(row for row in out["rows"] if row["metric"] == "accuracy")
+    assert acc["delta"] == 0
+    assert (repo / "dvc.lock").read_bytes() == lock_before  # the user's checkout is untouched
+    c = _mlflow(repo)
+    v = c.get_model_version("digits-transfer", str(out["registered_version"]))
+    assert v.tags["reproduces"] == "1" and v.aliases == []
+    assert str(c.get_model_version_by_alias("digits-transfer", "champion").version) == "1"
+    # what a replay needs is on the original version
+    v1 = c.get_model_version("digits-transfer", "1")
+    assert v1.tags["finetune_precision"] == "fp32" and v1.tags["env_torch"] and v1.tags["seed"] == "0"
+    assert "dvc.lock" in [a.path.split("/")[-1] for a in mlflow.MlflowClient(_uri(repo)).list_artifacts(v1.run_id, "lineage")]
+
+
+def test_reproduce_refuses_clear_errors(repo, tmp_path):
+    import sys
+
+    r = sh(sys.executable, "-m", "tasks.cli", "reproduce", "digits-transfer/99", cwd=repo, check=False)
+    assert r.returncode != 0 and "no model version digits-transfer/99" in r.stderr and "Traceback" not in r.stderr
+    r = sh(sys.executable, "-m", "tasks.cli", "reproduce", "nonsense", cwd=repo, check=False)
+    assert r.returncode != 0 and "NAME/VERSION" in r.stderr
 
 
 def test_changing_finetune_lr_reruns_only_downstream(repo):
