@@ -70,6 +70,14 @@ def main() -> None:
         images = sorted((repo / "data/target/test").rglob("*.png"))[:55]
         cli[f"tl predict ({len(images)} images)"] = _seconds([str(TL), "predict", *map(str, images)], repo, e)
         cli[f"tl predict ({len(images)} images), second call"] = _seconds([str(TL), "predict", *map(str, images)], repo, e)
+        print("tl reproduce digits-transfer/1 (a fresh clone + the DVC remote):", flush=True)
+        t = time.perf_counter()
+        r = subprocess.run([str(TL), "reproduce", "digits-transfer/1", "--json"], cwd=repo, env=e, capture_output=True,
+                           text=True)
+        replay_s = time.perf_counter() - t
+        if not r.stdout.strip().startswith("{"):
+            raise SystemExit(f"tl reproduce failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        replay = json.loads(r.stdout)
         metrics = json.loads((repo / "reports" / "metrics.json").read_text())
         ft = json.loads((repo / "reports" / "finetune.json").read_text())
         train = {s: _training_s(repo / "reports" / f"{s}.json") for s in ("pretrain", "finetune", "baselines")}
@@ -84,7 +92,13 @@ def main() -> None:
              *(f"| {s} | {t:.1f} | {train[s]:.1f} |" if s in train else f"| {s} | {t:.1f} | – |" for s, t in stages),
              f"| **`tl run`, total** (incl. start-up and push) | **{total:.1f}** | {sum(train.values()):.1f} |",
              f"| no-op rerun (`tl run`, everything up to date) | {noop:.1f} | – |",
-             *(f"| `{k}` | {v:.1f} | – |" for k, v in cli.items()), "",
+             *(f"| `{k}` | {v:.1f} | – |" for k, v in cli.items()),
+             f"| `tl reproduce digits-transfer/1` (clone, DVC pull, pretrain → evaluate) | {replay_s:.1f} | – |", "",
+             "The replay of that model: " + ", ".join(
+                 f"{row['metric']} {row['original']:.4f} → {row['replay']:.4f} ({row['delta']:+.4f})"
+                 for row in replay["rows"] if row["delta"] is not None)
+             + f"; identical predictions {replay['identical_predictions']}/{replay['test_images']}; model file "
+               f"identical: {'yes' if replay['model_sha256_match'] else 'no'} (precision {precision}).", "",
              "The rest of a training stage's time, beyond its epochs, is process start-up (Python, torch), data "
              "loading and evaluation; Ray Train's local mode (`ray.num_workers: 0`, the default) starts no cluster.", "",
              f"That run's model (`{ft['strategy']}`): target test accuracy {metrics['accuracy'] * 100:.1f} % vs "
