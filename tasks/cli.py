@@ -43,12 +43,7 @@ def run(
     prefect: bool = typer.Option(False, "--prefect", help="run as the Prefect flow (retries, artifacts, UI)"),
 ):
     """Run the whole pipeline with `dvc repro` (only stages whose inputs changed run)."""
-    from .config import ParamsError, load_params
-
-    try:
-        p = load_params(params, set_)
-    except ParamsError as e:
-        _fail(e)
+    p = _checked(params, set_)
     from .lock import ProjectLocked, project_lock
     from .tracking import project_root
 
@@ -93,16 +88,28 @@ def _summary(p) -> None:
                    f"in {r['tracking_uri']}")
 
 
+def _checked(params: Path, set_: list[str]):
+    """Validated params, after checking that the strategy and the label budget suit the data (tasks/plan.py):
+    a strategy that cannot work stops here, before any stage runs. Prints what the run will use."""
+    from .config import ParamsError, load_params
+    from .plan import budget_text, labels_per_class, plan
+
+    try:
+        p = load_params(params, set_)
+        choice, sets = plan(p, root=params.resolve().parent)
+    except ParamsError as e:
+        _fail(e)
+    same = "one shared label set" if sets.same else "different label sets"
+    typer.echo(f"plan: strategy {choice.describe()}; target labels: {budget_text(labels_per_class(p))}; "
+               f"source and target have {same} ({len(sets.source)} / {len(sets.target)} classes)")
+    return p
+
+
 @app.command()
 def check(params: Path = typer.Option(Path("params.yaml")),
           set_: List[str] = typer.Option([], "-S", "--set")):
-    """Validate params.yaml (and overrides) without running anything."""
-    from .config import ParamsError, load_params
-
-    try:
-        load_params(params, set_)
-    except ParamsError as e:
-        _fail(e)
+    """Validate params.yaml (and overrides), and that the strategy suits the data, without running anything."""
+    _checked(params, set_)
     typer.echo(f"{params}: ok")
 
 
@@ -212,13 +219,9 @@ def submit(address: str = typer.Option(..., help="Ray dashboard / job server, e.
            set_: List[str] = typer.Option([], "-S", "--set", help="param overrides for the job"),
            follow_logs: bool = typer.Option(False, "--follow", help="stream the job's logs until it ends")):
     """Submit the pipeline to a Ray cluster as a Ray Job (working dir shipped in runtime_env)."""
-    from .config import ParamsError, load_params
     from .jobs import follow, submit as do
 
-    try:
-        load_params(Path("params.yaml"), set_)
-    except ParamsError as e:
-        _fail(e)
+    _checked(Path("params.yaml"), set_)
     job_id = do(address, set_)
     typer.echo(f"submitted job {job_id}")
     typer.echo(f"follow it:  tl status {job_id} --address {address}   |   tl logs {job_id} --address {address} --follow")
