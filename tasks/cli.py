@@ -172,14 +172,53 @@ def rollback(name: str, why: str = typer.Option(..., "--why"), who: Optional[str
     typer.echo(f"{name}: champion rolled back from version {r['replaced']} to {r['champion']}")
 
 
+FORMATS = ("tsv", "csv", "json")
+
+
+def _prediction_line(r: dict, fmt: str, top_k: int) -> str:
+    """One result: tsv ``path class confidence`` (+ class/confidence pairs for --top-k), csv the same with a
+    header, json one object per line."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        obj = {"path": r["path"], "class": r["class"], "confidence": round(r["confidence"], 4)}
+        if top_k > 1:
+            obj["top_k"] = [{"class": c, "confidence": round(p, 4)} for c, p in r["top"]]
+        return json.dumps(obj, ensure_ascii=False)
+    cells = [r["path"]] + [v for c, p in r["top"] for v in (c, f"{p:.3f}" if fmt == "tsv" else f"{p:.4f}")]
+    if fmt == "tsv":
+        return "\t".join(cells)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
+
+
 @app.command()
-def predict(paths: List[Path] = typer.Argument(..., help="image files or folders"),
-            name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion")):
-    """Classify images with the champion (or another alias); prints class and confidence."""
+def predict(paths: List[Path] = typer.Argument(..., help="image files, folders (searched recursively) or quoted globs"),
+            name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion"),
+            top_k: int = typer.Option(1, "--top-k", min=1, help="the K most likely classes with their probabilities"),
+            fmt: str = typer.Option("tsv", "--format", help="tsv | csv (with a header) | json (one object per line)")):
+    """Classify images with the champion (or another alias), printing each result as it is computed; files that
+    cannot be read are listed at the end (exit status 1)."""
     from .registry import predict as do
 
-    for r in do(paths, _model_name(name), alias):
-        typer.echo(f"{r['path']}\t{r['class']}\t{r['confidence']:.3f}")
+    if fmt not in FORMATS:
+        _fail(ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}"))
+    failed, header = [], fmt == "csv"
+    for r in do(paths, _model_name(name), alias, top_k):
+        if "error" in r:
+            failed.append(r["error"])
+            continue
+        if header:
+            header = False
+            typer.echo(",".join(["path", "class", "confidence"] + [f"{c}_{i}" for i in range(2, len(r["top"]) + 1)
+                                                                  for c in ("class", "confidence")]))
+        typer.echo(_prediction_line(r, fmt, top_k))
+    if failed:
+        typer.secho(f"{len(failed)} file(s) could not be classified:\n  " + "\n  ".join(failed), fg="red", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -88,5 +88,5 @@ def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None) -
             im = im.resize((size, size), Image.BILINEAR)
     except (OSError, ValueError) as e:
         raise ImageDecodeError(f"{show_path(path)}: cannot be converted to {mode} ({type(e).__name__}: {e})") from None
-    a = np.asarray(im)
+    a = np.array(im)  # writable: torch.from_numpy takes it as is
     return a.reshape(*a.shape[:2], -1)
