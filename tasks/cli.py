@@ -99,9 +99,9 @@ def _checked(params: Path, set_: list[str]):
         choice, sets = plan(p, root=params.resolve().parent)
     except ParamsError as e:
         _fail(e)
-    same = "one shared label set" if sets.same else "different label sets"
-    typer.echo(f"plan: strategy {choice.describe()}; target labels: {budget_text(labels_per_class(p))}; "
-               f"source and target have {same} ({len(sets.source)} / {len(sets.target)} classes)")
+    same = "the same" if sets.same else "different"
+    typer.echo(f"plan: strategy {choice.describe()}; target labels: {budget_text(labels_per_class(p))}; classes: "
+               f"{len(sets.source)} in source, {len(sets.target)} in target ({same})")
     return p
 
 

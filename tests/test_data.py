@@ -41,6 +41,7 @@ def test_corrupt_image_named_or_skipped(good, caplog):
 
 def test_non_image_files_are_ignored_and_counted(good, caplog):
     # torchvision's ImageFolder ignores files by extension; so does the pipeline, and it says how many
+    caplog.set_level("INFO", logger="tlcore.data")
     for name in ("notes.txt", "Thumbs.db", ".DS_Store"):
         (good / "train" / "b" / name).write_text("hi")
     rep = data.validate_imagefolder(good)

@@ -104,7 +104,7 @@ def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[st
         if good == 0 and split_dir.name == "train":
             empty.append(cdir)
     if ignored:
-        log.warning("ignored %d file(s) without an image extension in %s: %s", len(ignored), show_path(split_dir),
+        log.info("ignored %d file(s) without an image extension in %s: %s", len(ignored), show_path(split_dir),
                     _list(ignored))
     if corrupt and not skip_corrupt:
         raise DataValidationError(
