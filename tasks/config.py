@@ -13,12 +13,14 @@ import types
 import typing
 import warnings
 from pathlib import Path, PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 EMBEDDED = ("synth_digits", "optdigits")
 DEFAULT_PARAMS = Path("params.yaml")
+# data.labels_per_class: auto for an embedded target: the label-scarce demo the benchmarks measure
+DEMO_LABELS_PER_CLASS = 2
 
 
 class ParamsError(ValueError):
@@ -31,7 +33,7 @@ def _leaves(ann) -> tuple[set, set]:
         return set(), set(typing.get_args(ann))
     if typing.get_origin(ann) in (typing.Union, types.UnionType, typing.Annotated):
         kinds, lits = set(), set()
-        for a in typing.get_args(ann)[1:] if typing.get_origin(ann) is typing.Annotated else typing.get_args(ann):
+        for a in typing.get_args(ann)[:1] if typing.get_origin(ann) is typing.Annotated else typing.get_args(ann):
             k, lit = _leaves(a)
             kinds |= k
             lits |= lit
@@ -120,7 +122,9 @@ class Base(_Section):
 class Data(_Section):
     source: str = "synth_digits"
     target: str = "optdigits"
-    labels_per_class: int | None = Field(2, ge=0, description="target label budget; null = all labels")
+    labels_per_class: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        "auto", description=f"target labels per class; null = all; auto = {DEMO_LABELS_PER_CLASS} for an embedded "
+                            f"target (the demo), all for your own folder")
     val_per_class: int = Field(0, ge=0, description="held out from the target training split for model choice")
     skip_corrupt: bool = False
     synth_per_class: int = Field(500, ge=1)
@@ -171,7 +175,8 @@ class Pretrain(Optim):
 
 
 class Finetune(Optim):
-    strategy: str = "semi"
+    strategy: str = Field("auto", description="a strategy name, or auto: semi when source and target share one "
+                                              "label set, else gradual_unfreeze (tasks/plan.py says why)")
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(25, ge=1)
@@ -194,8 +199,8 @@ class Finetune(Optim):
     def _known_strategy(cls, v: str) -> str:
         from tlcore.strategies import list_strategies
 
-        if v not in list_strategies():
-            raise ValueError(f"unknown strategy {v!r}; allowed: {', '.join(list_strategies())}")
+        if v != "auto" and v not in list_strategies():
+            raise ValueError(f"unknown strategy {v!r}; allowed: auto, {', '.join(list_strategies())}")
         return v
 
 
@@ -415,8 +420,9 @@ def _check_budget(p: Params) -> None:
     from tlcore.strategies import strategy_class
 
     k, v = p.data.labels_per_class, p.data.val_per_class
-    uses = strategy_class(p.finetune.strategy).uses
-    if k == 0 and "target" in uses and not uses >= {"source", "unlabeled"}:
+    if k == "auto":  # as tasks.plan.labels_per_class resolves it
+        k = DEMO_LABELS_PER_CLASS if p.data.target in EMBEDDED else None
+    if k == 0 and p.finetune.strategy != "auto" and strategy_class(p.finetune.strategy).needs_target_labels():
         raise ParamsError(
             f"finetune.strategy = {p.finetune.strategy!r} trains on labeled target images, but "
             f"data.labels_per_class = 0. Use a strategy that adapts without target labels (mcc, semi, dann), "

@@ -210,7 +210,7 @@ def register(params: Params) -> dict:
             mv = c.create_model_version(name, source=source_uri, run_id=run_id, tags={
                 **lineage, "registration_key": key, "gate_decision": "pending",
                 "accuracy": str(metrics["accuracy"]), "transfer_gain": str(metrics["transfer_gain"]),
-                "gain_baseline": str(metrics.get("gain_baseline")), "strategy": params.finetune.strategy,
+                "gain_baseline": str(metrics.get("gain_baseline")), "strategy": metrics["strategy"],
                 "backbone": params.pretrain.backbone})
         else:
             say(f"register: this model, params and data are already {name} version {mv.version} (reused)")

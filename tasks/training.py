@@ -51,7 +51,7 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
 
     loaders = Loaders(target=loader(job.labeled), source=loader(job.source), unlabeled=loader(job.unlabeled),
                       val=loader(job.val, train=False, size=256))
-    if "target" in strat.uses and loaders.target is None and not strat.uses >= {"source", "unlabeled"}:
+    if loaders.target is None and strat.needs_target_labels():
         raise ParamsError(
             f"strategy {job.strategy!r} trains on labeled target images but data.labels_per_class = 0. "
             f"Use an unsupervised adaptation strategy (dann, mcc, semi) or give a label budget >= 1."
@@ -107,7 +107,9 @@ def target_splits(params: Params, train_ds):
     """Labeled / unlabeled-pool / validation subsets of the target training split (never test)."""
     from tlcore import data
 
-    b = data.label_budget_split(train_ds.targets.numpy(), params.data.labels_per_class, params.base.seed,
+    from .plan import labels_per_class
+
+    b = data.label_budget_split(train_ds.targets.numpy(), labels_per_class(params), params.base.seed,
                                 params.data.val_per_class)
     keep = sorted(set(range(len(train_ds))) - set(b.val.tolist()))
     val = train_ds.subset(b.val) if len(b.val) else None

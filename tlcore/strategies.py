@@ -93,6 +93,13 @@ class Strategy:
     uses: ClassVar[frozenset[str]] = frozenset({"target"})
     #: whether the model starts from the source weights (False only for ``scratch``)
     transfers: ClassVar[bool] = True
+    #: whether source and target must share one label set (the source classifier is adapted, not replaced)
+    shared_label_set: ClassVar[bool] = False
+
+    @classmethod
+    def needs_target_labels(cls) -> bool:
+        """Whether it cannot train without labeled target images (nothing else would train the target head)."""
+        return "target" in cls.uses and not cls.uses >= {"source", "unlabeled"}
 
     def __init__(self, backbone_lr_mult: float = 1.0, reset_head: bool | None = None, label_smoothing: float = 0.0):
         self.backbone_lr_mult = backbone_lr_mult
@@ -265,6 +272,8 @@ class Joint(Strategy):
 
 class _SourceSupervised(Strategy):
     """Shared setup for adaptation methods that train on labeled source + target images."""
+
+    shared_label_set = True
 
     def _forward(self, net, batch: Batch, **kw) -> tuple[dict, int, int]:
         """One forward over ``[source, unlabeled, labeled target]`` (one pass keeps DDP and BN simple)."""
