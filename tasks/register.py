@@ -227,6 +227,8 @@ def register(params: Params) -> dict:
                          "gate_p_champion": "" if decision.p_champion is None else f"{decision.p_champion:.4g}",
                          "gate_p_baseline": "" if decision.p_baseline is None else f"{decision.p_baseline:.4g}",
                          "gate_compared_with": champ.version if champ is not None else "",
+                         "gate_delta_champion": "" if decision.delta_champion is None else f"{decision.delta_champion:+.4f}",
+                         "gate_delta_baseline": "" if decision.delta_baseline is None else f"{decision.delta_baseline:+.4f}",
                          **({"previous_champion": previous} if previous else {})}.items():
                 c.set_model_version_tag(name, mv.version, k, str(v))
             now = version_by_alias(c, name, "champion")

@@ -91,12 +91,17 @@ def refresh(name: str, c=None) -> dict:
 
 
 def _evidence(tags: dict) -> str:
-    """The gate's p-values, short: ``vs v3 p=0.21, vs scratch p=1``."""
+    """The gate's evidence, short: ``vs v3 -0.4pt p=0.21, vs scratch +12.0pt p=1.4e-09`` (each p-value is for the
+    observed direction: that the better of the two really is better)."""
+    def pts(key: str) -> str:
+        v = tags.get(key)
+        return f"{float(v) * 100:+.1f}pt " if v else ""
+
     parts = []
     if tags.get("gate_p_champion"):
-        parts.append(f"vs v{tags.get('gate_compared_with', '?')} p={tags['gate_p_champion']}")
+        parts.append(f"vs v{tags.get('gate_compared_with', '?')} {pts('gate_delta_champion')}p={tags['gate_p_champion']}")
     if tags.get("gate_p_baseline"):
-        parts.append(f"vs {tags.get('gain_baseline', 'baseline')} p={tags['gate_p_baseline']}")
+        parts.append(f"vs {tags.get('gain_baseline', 'baseline')} {pts('gate_delta_baseline')}p={tags['gate_p_baseline']}")
     return ", ".join(parts)
 
 
