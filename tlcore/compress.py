@@ -127,4 +127,4 @@ class Distill(Strategy):
                 tu = self.teacher(batch.unlabeled).float()
             soft = losses.distillation_loss(net(batch.unlabeled)["logits"], tu, None, self.temperature)
             loss = soft if loss is None else loss + soft
-        return loss, {"loss_distill": loss.item()}
+        return loss, {"loss_distill": loss.detach()}
