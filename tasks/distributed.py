@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from .common import say
-from .config import Params
+from .config import Params, ParamsError
 from .hardware import worker_cpus
 from .training import TrainJob, build_trainer
 
@@ -246,6 +246,10 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     rc = params.ray
+    if rc.use_gpu and rc.num_workers == 0 and not torch.cuda.is_available():
+        raise ParamsError("ray.use_gpu = true with ray.num_workers = 0 trains in this process, which sees no CUDA "
+                          "device; run it on a GPU machine, set ray.num_workers >= 1 to train on a GPU cluster's "
+                          "workers, or set ray.use_gpu: false.")
     if rc.num_workers > 0:
         init_ray(params)
     storage = storage_path(params)
@@ -256,7 +260,7 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
         local_run_dir = Path(storage) / name
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, _cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
-    resources = {"CPU": cpus, **({"GPU": rc.gpus_per_worker or 1} if rc.use_gpu else {})}
+    resources = {"CPU": cpus, **({"GPU": int(rc.gpus_per_worker)} if rc.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "threads": threads, "stage": stage, "use_gpu": rc.use_gpu,
