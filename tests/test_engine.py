@@ -108,3 +108,21 @@ def test_checkpoint_keeps_the_cuda_rng_state_where_cuda_exists(monkeypatch):
     assert state["cuda_rng"] is fake
     trainer.load_state_dict(state)
     assert restored == [fake]
+
+
+def test_evaluation_moves_the_model_to_the_evaluation_device(monkeypatch):
+    """After Ray training the driver rebuilds the model on the CPU; accuracy on a GPU must move it there
+    itself. ``meta`` stands in for the GPU: the stub sees where the model and the device are."""
+    from tlcore import engine, metrics
+
+    seen = []
+
+    def fake_predict(model, loader, device=None):
+        seen.append((next(model.parameters()).device.type, torch.device(device).type))
+        return torch.eye(4), torch.arange(4)
+
+    monkeypatch.setattr(engine, "predict", fake_predict)
+    model = models.create("tinycnn", 10)  # on the CPU, as rebuilt from a Ray checkpoint
+    assert metrics.accuracy(model, [], "meta") == 1.0
+    assert metrics.correct(models.create("tinycnn", 10), [], "meta").tolist() == [True] * 4
+    assert seen == [("meta", "meta"), ("meta", "meta")]
