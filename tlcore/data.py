@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .images import IMG_EXTENSIONS, ImageDecodeError, decode_image, show_path
 from .models import ModelSpec
@@ -287,10 +287,13 @@ def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                replicas: int = 1) -> DataLoader:
+                replicas: int = 1, rank: int = 0) -> DataLoader:
     """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs.
 
-    ``replicas`` is the number of data-parallel workers that will each take a shard of it.
+    With ``replicas`` > 1 data-parallel workers, this is worker ``rank``'s shard: a training loader
+    gets a ``DistributedSampler`` shuffled by ``seed`` (the same on every worker, so the shards stay
+    disjoint; ``set_epoch`` reshuffles), an evaluation loader every ``replicas``-th item from
+    ``rank`` on, so the shards cover the set exactly once (no padding: sums over them are exact).
     """
     g = torch.Generator().manual_seed(seed)
     if train and len(ds) < batch_size * replicas:
@@ -298,5 +301,12 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
         reps = -(-batch_size * replicas // max(1, len(ds)))
         ds = ds.subset(np.tile(np.arange(len(ds)), reps)) if isinstance(ds, ImageDataset) else \
             torch.utils.data.ConcatDataset([ds] * reps)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g if train else None,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    sampler = None
+    if replicas > 1 and train:
+        sampler = DistributedSampler(ds, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    elif replicas > 1:
+        idx = np.arange(rank, len(ds), replicas)
+        ds = ds.subset(idx) if isinstance(ds, ImageDataset) else torch.utils.data.Subset(ds, idx.tolist())
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+                      generator=g if train and sampler is None else None, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)
