@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not gpu"
 
 # every number in docs/benchmarks.md comes from these scripts
 bench: install

@@ -62,12 +62,15 @@ def dvc_push(repo: str) -> str:
 
 @task(name="apply-params")
 def apply_params(repo: str, overrides: list[str]) -> list[str]:
-    """Validate the overrides (fail before any work), then write them into params.yaml."""
+    """Validate the overrides and that the strategy suits the data (fail before any work), then write them
+    into params.yaml."""
     from tasks.config import load_params
+    from tasks.plan import plan
     from tasks.project import write_overrides
 
     params_file = Path(repo) / "params.yaml"
-    load_params(params_file, overrides)
+    choice, _ = plan(load_params(params_file, overrides), root=Path(repo))
+    print(f"strategy: {choice.describe()}")
     if overrides:
         write_overrides(params_file, overrides)
     return overrides
@@ -87,7 +90,7 @@ def publish(repo: str) -> dict:
     comp = read_json(rep / "compress.json") if (rep / "compress.json").exists() else {}
     so = m["source_only_accuracy"]
     md = [
-        f"# Transfer pipeline: `{params.finetune.strategy}` ({params.data.source} -> {params.data.target})", "",
+        f"# Transfer pipeline: `{m['strategy']}` ({params.data.source} -> {params.data.target})", "",
         "| metric | value |", "|---|---|",
         *(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()), "",
         (f"**Transfer gain over {m['gain_baseline']}:** {m['transfer_gain'] * 100:+.2f} points; over source-only: "

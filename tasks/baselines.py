@@ -10,6 +10,7 @@ from __future__ import annotations
 from .common import device_for, load_checkpoint, load_domain, say, stage_main, write_json
 from .config import Params
 from .distributed import run_job_ray
+from .plan import budget_text, labels_per_class
 from .report import pct
 from .training import target_job
 
@@ -25,7 +26,7 @@ def baselines(params: Params) -> dict:
     out = {"scratch_accuracy": None, "scratch_history": [], "source_only_accuracy": None,
            "scratch_correct": None, "source_only_correct": None}
     if len(job.labeled):
-        say(f"baselines: scratch on {len(job.labeled)} labeled target images")
+        say(f"baselines: scratch on {len(job.labeled)} labeled target images ({budget_text(labels_per_class(params))})")
         model, out["scratch_history"], _ = run_job_ray(job, params, "baselines", manifest)
         ok = metrics.correct(model, test_loader, device)
         out["scratch_accuracy"], out["scratch_correct"] = float(ok.mean()), ok.astype(int).tolist()

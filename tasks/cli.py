@@ -43,12 +43,7 @@ def run(
     prefect: bool = typer.Option(False, "--prefect", help="run as the Prefect flow (retries, artifacts, UI)"),
 ):
     """Run the whole pipeline with `dvc repro` (only stages whose inputs changed run)."""
-    from .config import ParamsError, load_params
-
-    try:
-        p = load_params(params, set_)
-    except ParamsError as e:
-        _fail(e)
+    p = _checked(params, set_)
     from .lock import ProjectLocked, project_lock
     from .tracking import project_root
 
@@ -93,16 +88,28 @@ def _summary(p) -> None:
                    f"in {r['tracking_uri']}")
 
 
+def _checked(params: Path, set_: list[str]):
+    """Validated params, after checking that the strategy and the label budget suit the data (tasks/plan.py):
+    a strategy that cannot work stops here, before any stage runs. Prints what the run will use."""
+    from .config import ParamsError, load_params
+    from .plan import budget_text, labels_per_class, plan
+
+    try:
+        p = load_params(params, set_)
+        choice, sets = plan(p, root=params.resolve().parent)
+    except ParamsError as e:
+        _fail(e)
+    same = "the same" if sets.same else "different"
+    typer.echo(f"plan: strategy {choice.describe()}; target labels: {budget_text(labels_per_class(p))}; classes: "
+               f"{len(sets.source)} in source, {len(sets.target)} in target ({same})")
+    return p
+
+
 @app.command()
 def check(params: Path = typer.Option(Path("params.yaml")),
           set_: List[str] = typer.Option([], "-S", "--set")):
-    """Validate params.yaml (and overrides) without running anything."""
-    from .config import ParamsError, load_params
-
-    try:
-        load_params(params, set_)
-    except ParamsError as e:
-        _fail(e)
+    """Validate params.yaml (and overrides), and that the strategy suits the data, without running anything."""
+    _checked(params, set_)
     typer.echo(f"{params}: ok")
 
 
@@ -165,6 +172,29 @@ def rollback(name: str, why: str = typer.Option(..., "--why"), who: Optional[str
     typer.echo(f"{name}: champion rolled back from version {r['replaced']} to {r['champion']}")
 
 
+FORMATS = ("tsv", "csv", "json")
+
+
+def _prediction_line(r: dict, fmt: str, top_k: int) -> str:
+    """One result: tsv ``path class confidence`` (+ class/confidence pairs for --top-k), csv the same with a
+    header, json one object per line."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        obj = {"path": r["path"], "class": r["class"], "confidence": round(r["confidence"], 4)}
+        if top_k > 1:
+            obj["top_k"] = [{"class": c, "confidence": round(p, 4)} for c, p in r["top"]]
+        return json.dumps(obj, ensure_ascii=False)
+    cells = [r["path"]] + [v for c, p in r["top"] for v in (c, f"{p:.3f}" if fmt == "tsv" else f"{p:.4f}")]
+    if fmt == "tsv":
+        return "\t".join(cells)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(cells)
+    return buf.getvalue()
+
+
 @app.command()
 def reproduce(spec: str = typer.Argument(..., help="NAME/VERSION or NAME@alias, e.g. digits-transfer/3"),
               tolerance: float = typer.Option(0.3, help="accuracy agreement required, in points"),
@@ -194,13 +224,29 @@ def reproduce(spec: str = typer.Argument(..., help="NAME/VERSION or NAME@alias, 
 
 
 @app.command()
-def predict(paths: List[Path] = typer.Argument(..., help="image files or folders"),
-            name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion")):
-    """Classify images with the champion (or another alias); prints class and confidence."""
+def predict(paths: List[Path] = typer.Argument(..., help="image files, folders (searched recursively) or quoted globs"),
+            name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion"),
+            top_k: int = typer.Option(1, "--top-k", min=1, help="the K most likely classes with their probabilities"),
+            fmt: str = typer.Option("tsv", "--format", help="tsv | csv (with a header) | json (one object per line)")):
+    """Classify images with the champion (or another alias), printing each result as it is computed; files that
+    cannot be read are listed at the end (exit status 1)."""
     from .registry import predict as do
 
-    for r in do(paths, _model_name(name), alias):
-        typer.echo(f"{r['path']}\t{r['class']}\t{r['confidence']:.3f}")
+    if fmt not in FORMATS:
+        _fail(ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}"))
+    failed, header = [], fmt == "csv"
+    for r in do(paths, _model_name(name), alias, top_k):
+        if "error" in r:
+            failed.append(r["error"])
+            continue
+        if header:
+            header = False
+            typer.echo(",".join(["path", "class", "confidence"] + [f"{c}_{i}" for i in range(2, len(r["top"]) + 1)
+                                                                  for c in ("class", "confidence")]))
+        typer.echo(_prediction_line(r, fmt, top_k))
+    if failed:
+        typer.secho(f"{len(failed)} file(s) could not be classified:\n  " + "\n  ".join(failed), fg="red", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -240,13 +286,9 @@ def submit(address: str = typer.Option(..., help="Ray dashboard / job server, e.
            set_: List[str] = typer.Option([], "-S", "--set", help="param overrides for the job"),
            follow_logs: bool = typer.Option(False, "--follow", help="stream the job's logs until it ends")):
     """Submit the pipeline to a Ray cluster as a Ray Job (working dir shipped in runtime_env)."""
-    from .config import ParamsError, load_params
     from .jobs import follow, submit as do
 
-    try:
-        load_params(Path("params.yaml"), set_)
-    except ParamsError as e:
-        _fail(e)
+    _checked(Path("params.yaml"), set_)
     job_id = do(address, set_)
     typer.echo(f"submitted job {job_id}")
     typer.echo(f"follow it:  tl status {job_id} --address {address}   |   tl logs {job_id} --address {address} --follow")

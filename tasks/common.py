@@ -57,15 +57,22 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(params.model_dump_json().encode()).hexdigest()[:16]
 
 
-def device_for(params: Params):
+def device_for(params: Params, cuda_available: bool | None = None):
+    """The device this stage process computes on (evaluation, compression), by ``base.device``.
+
+    Training runs where ``ray.use_gpu`` says (:mod:`tasks.distributed`); the config refuses the two
+    disagreeing. ``cuda_available`` replaces ``torch.cuda.is_available()`` (tests)."""
     import torch
 
     if params.base.num_threads:
         torch.set_num_threads(params.base.num_threads)
-    if params.base.device == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("base.device = 'cuda' but no CUDA device is visible; set base.device: auto or cpu.")
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if params.base.device == "cuda" and not cuda:
+        raise ParamsError("base.device = 'cuda' but this process sees no CUDA device (on a Ray cluster: the node "
+                          "the stage runs on, often a GPU-less head node). Set base.device: auto; with "
+                          "ray.use_gpu: true training still runs on the GPU workers.")
     if params.base.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if cuda else "cpu")
     return torch.device(params.base.device)
 
 

@@ -13,12 +13,14 @@ import types
 import typing
 import warnings
 from pathlib import Path, PurePath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 EMBEDDED = ("synth_digits", "optdigits")
 DEFAULT_PARAMS = Path("params.yaml")
+# data.labels_per_class: auto for an embedded target: the label-scarce demo the benchmarks measure
+DEMO_LABELS_PER_CLASS = 2
 
 
 class ParamsError(ValueError):
@@ -31,7 +33,7 @@ def _leaves(ann) -> tuple[set, set]:
         return set(), set(typing.get_args(ann))
     if typing.get_origin(ann) in (typing.Union, types.UnionType, typing.Annotated):
         kinds, lits = set(), set()
-        for a in typing.get_args(ann)[1:] if typing.get_origin(ann) is typing.Annotated else typing.get_args(ann):
+        for a in typing.get_args(ann)[:1] if typing.get_origin(ann) is typing.Annotated else typing.get_args(ann):
             k, lit = _leaves(a)
             kinds |= k
             lits |= lit
@@ -80,7 +82,9 @@ _RESERVED = (".git", ".dvc")
 
 class Base(_Section):
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the stage process computes (evaluation, compression); training runs where "
+                            "ray.use_gpu says, and the two must agree (see Params)")
     data_dir: str = "data"
     models_dir: str = "models"
     reports_dir: str = "reports"
@@ -120,7 +124,9 @@ class Base(_Section):
 class Data(_Section):
     source: str = "synth_digits"
     target: str = "optdigits"
-    labels_per_class: int | None = Field(2, ge=0, description="target label budget; null = all labels")
+    labels_per_class: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        "auto", description=f"target labels per class; null = all; auto = {DEMO_LABELS_PER_CLASS} for an embedded "
+                            f"target (the demo), all for your own folder")
     val_per_class: int = Field(0, ge=0, description="held out from the target training split for model choice")
     skip_corrupt: bool = False
     synth_per_class: int = Field(500, ge=1)
@@ -149,9 +155,10 @@ class Optim(_Section):
     steps_per_epoch: int | None = Field(None, ge=1)
     grad_clip: float | None = Field(5.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast where it is faster (a GPU with compute capability >= 8.0, "
-                            "or a CPU where a one-off measurement of the model says so), else fp32")
+                            "or a CPU where a one-off measurement of the model says so), fp16 with loss "
+                            "scaling on compute capability 7.x, else fp32")
 
 
 class Pretrain(Optim):
@@ -171,7 +178,8 @@ class Pretrain(Optim):
 
 
 class Finetune(Optim):
-    strategy: str = "semi"
+    strategy: str = Field("auto", description="a strategy name, or auto: semi when source and target share one "
+                                              "label set, else gradual_unfreeze (tasks/plan.py says why)")
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(25, ge=1)
@@ -194,8 +202,8 @@ class Finetune(Optim):
     def _known_strategy(cls, v: str) -> str:
         from tlcore.strategies import list_strategies
 
-        if v not in list_strategies():
-            raise ValueError(f"unknown strategy {v!r}; allowed: {', '.join(list_strategies())}")
+        if v != "auto" and v not in list_strategies():
+            raise ValueError(f"unknown strategy {v!r}; allowed: auto, {', '.join(list_strategies())}")
         return v
 
 
@@ -234,15 +242,28 @@ class Ray(_Section):
     cpus_per_worker: float | Literal["auto"] = Field(
         "auto", description="auto: the CPUs of a node divided by the workers on it; torch threads per worker follow it")
 
+    gpus_per_worker: float = Field(0, ge=0, description="GPUs per worker: a whole number >= 1 with use_gpu, 0 without")
+    max_failures: int = Field(1, ge=0)
+    storage_path: str = "ray_results"
+
     @field_validator("cpus_per_worker")
     @classmethod
     def _positive(cls, v):
         if v != "auto" and not v > 0:
             raise ValueError("must be 'auto' or a number > 0")
         return v
-    gpus_per_worker: float = Field(0, ge=0)
-    max_failures: int = Field(1, ge=0)
-    storage_path: str = "ray_results"
+
+    @model_validator(mode="after")
+    def _whole_gpus(self):
+        g = self.gpus_per_worker
+        if self.use_gpu and (g < 1 or g != int(g)):
+            why = ("NCCL cannot run two workers on one GPU ('Duplicate GPU detected')" if g else "0 GPUs cannot train")
+            raise ValueError(f"ray.gpus_per_worker = {g:g} with ray.use_gpu = true: each worker needs a whole number "
+                             f"of GPUs >= 1 ({why}); set ray.gpus_per_worker: 1 (-S ray.gpus_per_worker=1), or 2, ...")
+        if not self.use_gpu and g:
+            raise ValueError(f"ray.gpus_per_worker = {g:g} but ray.use_gpu = false: the workers would hold GPUs and "
+                             f"train on the CPU; set ray.use_gpu: true to train on GPUs, or ray.gpus_per_worker: 0")
+        return self
 
 
 # `register` is also the name of ABCMeta.register on the metaclass; instances are unaffected
@@ -259,6 +280,20 @@ class Params(_Section):
     register: Register = Register()
     ray: Ray = Ray()
 
+    @model_validator(mode="after")
+    def _one_device_rule(self):
+        """``ray.use_gpu`` decides where training runs; ``base.device`` (this process's work) must agree."""
+        dev, gpu = self.base.device, self.ray.use_gpu
+        if dev == "cuda" and not gpu:
+            raise ValueError("base.device = 'cuda' but ray.use_gpu = false: training runs where ray.use_gpu says, "
+                             "so it would run on the CPU. Set ray.use_gpu: true to train on GPUs (-S ray.use_gpu=true), "
+                             "or base.device: auto (GPU for evaluation where one is visible) or cpu.")
+        if dev == "cpu" and gpu:
+            raise ValueError("base.device = 'cpu' but ray.use_gpu = true: the two contradict each other. Set "
+                             "base.device: auto to train on GPUs (evaluation uses a GPU where the stage process "
+                             "sees one), or ray.use_gpu: false to stay on the CPU.")
+        return self
+
     def path(self, kind: Literal["data", "models", "reports"], *parts: str) -> Path:
         return Path(getattr(self.base, f"{kind}_dir"), *parts)
 
@@ -274,7 +309,7 @@ def _fmt_error(err: ValidationError, origin: str) -> str:
             allowed = Params.model_fields if section is None else Params.model_fields[section].annotation.model_fields
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         if isinstance(val, dict) and e["type"] == "value_error":  # a section-wide rule: the message names the keys
-            lines.append(f"  {key}: {msg}")
+            lines.append(f"  {key}: {msg}" if key else f"  {msg}")
             continue
         lines.append(f"  {key} = {val!r}: {msg}")
     return f"invalid parameters in {origin}:\n" + "\n".join(lines) + "\nFix these keys and run again."
@@ -415,8 +450,9 @@ def _check_budget(p: Params) -> None:
     from tlcore.strategies import strategy_class
 
     k, v = p.data.labels_per_class, p.data.val_per_class
-    uses = strategy_class(p.finetune.strategy).uses
-    if k == 0 and "target" in uses and not uses >= {"source", "unlabeled"}:
+    if k == "auto":  # as tasks.plan.labels_per_class resolves it
+        k = DEMO_LABELS_PER_CLASS if p.data.target in EMBEDDED else None
+    if k == 0 and p.finetune.strategy != "auto" and strategy_class(p.finetune.strategy).needs_target_labels():
         raise ParamsError(
             f"finetune.strategy = {p.finetune.strategy!r} trains on labeled target images, but "
             f"data.labels_per_class = 0. Use a strategy that adapts without target labels (mcc, semi, dann), "

@@ -20,12 +20,18 @@ def _copy_user_tree(src: Path, dst: Path, skip_corrupt: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         for split, rep in reports.items():
-            for path, _ in rep.files:
-                out = tmp / split / path.parent.name / path.name
+            for path, y in rep.files:
+                # nested folders kept; a name that is not UTF-8 is stored with its odd bytes written as \xNN
+                rel = path.relative_to(src / split / rep.classes[y])
+                out = tmp / split / data.show_path(rep.classes[y]) / data.show_path(rel)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, out)
+            where = data.show_path(src / split)
+            if rep.ignored:
+                say(f"data: ignored {len(rep.ignored)} file(s) without an image extension in {where} "
+                    f"(e.g. {data.show_path(rep.ignored[0].name)})")
             if rep.skipped:
-                say(f"data: skipped {len(rep.skipped)} corrupt image(s) in {src / split}")
+                say(f"data: skipped {len(rep.skipped)} corrupt image(s) in {where}")
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)
@@ -47,7 +53,7 @@ def prepare(params: Params) -> dict:
                                  test_per_class=params.data.synth_test_per_class,
                                  test_fraction=params.data.target_test_fraction)
         else:
-            say(f"data: validating ImageFolder {name} -> {dst}")
+            say(f"data: validating ImageFolder {data.show_path(name)} -> {dst}")
             _copy_user_tree(Path(name).expanduser(), dst, params.data.skip_corrupt)
         reports = data.validate_imagefolder(dst)
         manifest[role] = {

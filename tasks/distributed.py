@@ -5,7 +5,12 @@ The loop is the ordinary ``tlcore`` engine plus Ray's two lines (``prepare_model
 callback, and resumes from ``ray.train.get_checkpoint()``.
 
 - ``ray.num_workers: 0`` runs Ray Train's local mode: the same loop in this process, no cluster.
-- ``ray.num_workers: N`` starts N workers (gloo on CPU, NCCL + bf16 autocast on GPU).
+- ``ray.num_workers: N`` starts N workers (gloo on CPU; NCCL, SyncBatchNorm and the GPU's precision
+  rule on GPU, see :func:`tlcore.engine.choose_precision`).
+- Device: ``ray.use_gpu`` decides where training runs (CPU when false, even where a GPU is visible);
+  ``base.device`` must agree with it (checked in :mod:`tasks.config`).
+- Seeds: the model starts from ``base.seed`` everywhere, augmentation on worker ``r`` from
+  ``base.seed + r``, the shards' ``DistributedSampler`` from ``base.seed``.
 - Batch size: ``batch_size`` in params is the *global* batch; each worker gets
   ``batch_size // num_workers``, so the optimisation (and the learning rate that suits it) does
   not change with the worker count. Steps per epoch are per worker over its shard.
@@ -25,7 +30,7 @@ import time
 from pathlib import Path
 
 from .common import say
-from .config import Params
+from .config import Params, ParamsError
 from .hardware import worker_cpus
 from .training import TrainJob, build_trainer
 
@@ -162,7 +167,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world > 1:
         job.optim = job.optim.model_copy(update={"batch_size": max(1, job.optim.batch_size // world)})
-    device = ray.train.torch.get_device()
+    # ray.use_gpu decides, not what the process happens to see: local mode would take a visible GPU
+    device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    if config.get("use_gpu") and device.type != "cuda":
+        raise RuntimeError(f"ray.use_gpu = true, but worker {rank} sees no CUDA device (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run on GPU nodes or set ray.use_gpu: false.")
     precision, why = _agreed_precision(job, device, rank, world)
     job.optim = job.optim.model_copy(update={"precision": precision})
     shard: list[int] = []
@@ -175,9 +184,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     local_dir = config.get("local_dir")
     cb = _RayReport(rank, _parse_fault(config.get("fault")), config.get("worker_log_dir"), shard, local_dir)
-    trainer = build_trainer(job, device, callbacks=[cb], wrap=ray.train.torch.prepare_model, loader_hook=hook,
-                            log=(lambda s: say(f"[{config.get('stage', 'train')} w{rank}] {s}")) if rank == 0 else None,
-                            replicas=world)
+    trainer = build_trainer(job, device, callbacks=[cb], wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+                            loader_hook=hook, replicas=world, rank=rank, sync_batchnorm=use_sync_batchnorm(device.type, world),
+                            log=(lambda s: say(f"[{config.get('stage', 'train')} w{rank}] {s}")) if rank == 0 else None)
     if rank == 0:
         say(f"[{config.get('stage', 'train')}] training on {device}, {world} worker(s) x "
             f"{torch.get_num_threads()} thread(s), precision {why}")
@@ -195,6 +204,13 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             say(f"[{config.get('stage', 'train')}] resumed from checkpoint after epoch {trainer.epoch}")
     trainer.fit()
+
+
+def use_sync_batchnorm(device_type: str, world: int) -> bool:
+    """SyncBatchNorm on CUDA with more than one worker: BatchNorm then normalises over the global batch,
+    so the optimisation does not change with the worker count (as the global ``batch_size`` promises).
+    Not on CPU, where PyTorch's SyncBatchNorm does not run; there each worker normalises its share."""
+    return device_type == "cuda" and world > 1
 
 
 def _agreed_precision(job: TrainJob, device, rank: int, world: int) -> tuple[str, str]:
@@ -230,6 +246,10 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     rc = params.ray
+    if rc.use_gpu and rc.num_workers == 0 and not torch.cuda.is_available():
+        raise ParamsError("ray.use_gpu = true with ray.num_workers = 0 trains in this process, which sees no CUDA "
+                          "device; run it on a GPU machine, set ray.num_workers >= 1 to train on a GPU cluster's "
+                          "workers, or set ray.use_gpu: false.")
     if rc.num_workers > 0:
         init_ray(params)
     storage = storage_path(params)
@@ -240,10 +260,10 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
         local_run_dir = Path(storage) / name
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, _cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
-    resources = {"CPU": cpus, **({"GPU": rc.gpus_per_worker or 1} if rc.use_gpu else {})}
+    resources = {"CPU": cpus, **({"GPU": int(rc.gpus_per_worker)} if rc.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "threads": threads, "stage": stage,
+        train_loop_config={"job": job, "threads": threads, "stage": stage, "use_gpu": rc.use_gpu,
                            "fault": os.environ.get(FAULT_ENV), "worker_log_dir": os.environ.get(WORKER_LOG_ENV),
                            "run_dir": str(local_run_dir) if local_run_dir else None,
                            "local_dir": str(local_run_dir / "local") if rc.num_workers == 0 and local_run_dir else None},

@@ -9,6 +9,7 @@ import csv
 
 from .common import atomic_path, device_for, load_checkpoint, load_domain, read_json, say, stage_main, write_json
 from .config import Params
+from .plan import budget_text, labels_per_class
 from .report import confusion_matrix_png, pct, table, training_curves
 
 
@@ -31,6 +32,7 @@ def evaluate(params: Params) -> dict:
     cpu_model = model.cpu().eval()
     example = torch.stack([test_ds[i][0] for i in range(min(64, len(test_ds)))])
     lat = metrics.latency_ms(cpu_model, example, iters=params.evaluate.latency_iters)
+    ft = read_json(rep_dir / "finetune.json")
     # the gain is over scratch (same labels, no transfer); with no labels, over source_only (no adaptation)
     over = next((b for b in ("scratch", "source_only") if base[f"{b}_accuracy"] is not None), None)
     flat = {
@@ -39,7 +41,7 @@ def evaluate(params: Params) -> dict:
         "transfer_gain": rep["accuracy"] - base[f"{over}_accuracy"] if over else None, "gain_baseline": over,
         **lat, "throughput_ips": metrics.throughput(cpu_model, example),
         "params_m": count_params(cpu_model) / 1e6, "size_mb": metrics.model_size_mb(cpu_model),
-        "test_images": len(test_ds),
+        "test_images": len(test_ds), "strategy": ft["strategy"],  # the one that ran (finetune.strategy may be auto)
     }
     write_json(rep_dir / "metrics.json", flat)
     _write_csv(rep_dir / "per_class.csv", rep["per_class"])
@@ -48,7 +50,6 @@ def evaluate(params: Params) -> dict:
     write_json(rep_dir / "evaluation.json", {k: v for k, v in rep.items() if k != "predictions"})
     fig_dir = rep_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    ft = read_json(rep_dir / "finetune.json")
     pre = read_json(rep_dir / "pretrain.json")
     training_curves({f"finetune ({ft['strategy']})": ft["history"], "scratch": base["scratch_history"],
                      "pretrain (source)": pre["history"]}, fig_dir / "training_curves.png")
@@ -82,7 +83,7 @@ def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) ->
     lines = [
         "# Transfer report", "",
         f"Source `{params.data.source}` -> target `{params.data.target}`, backbone `{params.pretrain.backbone}`, "
-        f"strategy `{ft['strategy']}`, {params.data.labels_per_class} labels per class "
+        f"strategy `{ft['strategy']}`, target labels: {budget_text(labels_per_class(params))} "
         f"({ft['labeled']} labeled target images), seed {params.base.seed}.", "",
         "## Accuracy on the target test split", "",
         table([{"model": f"transfer ({ft['strategy']})", "accuracy": flat["accuracy"], "macro_f1": flat["macro_f1"]},

@@ -69,8 +69,11 @@ class Rules:
 class Decision:
     promoted: bool
     reasons: list[str]
-    p_champion: float | None = None  # p-value of the test that decided against/for the champion
-    p_baseline: float | None = None  # p-value that the baseline beats the new model
+    # the p-value each reason quotes: for the observed direction of the difference (new model better, or worse)
+    p_champion: float | None = None
+    p_baseline: float | None = None
+    delta_champion: float | None = None  # new model's accuracy minus the champion's, on the same images
+    delta_baseline: float | None = None
 
 
 def _pt(x: float) -> str:
@@ -107,13 +110,15 @@ def decide(rules: Rules, accuracy: float, champion: Paired | str | None = None, 
                        f"points and significance: {champion.delta * 100:+.1f} points, p={p_champ:.3g} "
                        f"{'<' if p_champ < alpha else '>='} {alpha}")
     else:
-        p_champ = champion.p_b_better
-        worse = p_champ < alpha and champion.delta < rules.min_improvement
+        worse = champion.p_b_better < alpha and champion.delta < rules.min_improvement
+        p_champ = champion.p_b_better if champion.delta <= 0 else champion.p_a_better
         ok &= not worse
         verdict = ("the champion is significantly better" if worse else
-                   "no significant difference" if champion.delta <= 0 else "the new model is better")
+                   "no significant difference" if champion.delta <= 0 or p_champ >= alpha else
+                   "the new model is significantly better")
+        who = "the champion" if champion.delta <= 0 else "the new model"
         reasons.append(f"{'FAIL' if worse else 'pass'}: {_vs(champion, cv)}: {verdict} "
-                       f"({champion.delta * 100:+.1f} points, p={p_champ:.3g} that the champion is better; "
+                       f"({champion.delta * 100:+.1f} points, p={p_champ:.3g} that {who} is better; "
                        f"significance {alpha})")
     p_base = None
     if rules.require_positive_transfer:
@@ -121,8 +126,8 @@ def decide(rules: Rules, accuracy: float, champion: Paired | str | None = None, 
             reasons.append("pass: no baseline applies (no target labels for scratch, and different label sets "
                            "for source_only)")
         else:
-            p_base = baseline.p_b_better
-            negative = p_base < alpha and baseline.delta < 0
+            p_base = baseline.p_b_better if baseline.delta <= 0 else baseline.p_a_better
+            negative = baseline.p_b_better < alpha and baseline.delta < 0
             ok &= not negative
             if negative:
                 why = (f"negative transfer: {baseline_name} is significantly better ({baseline.delta * 100:+.1f} "
@@ -136,4 +141,5 @@ def decide(rules: Rules, accuracy: float, champion: Paired | str | None = None, 
                 why = (f"{baseline_name} is {-baseline.delta * 100:.1f} points better but not significantly "
                        f"(p={p_base:.3g} >= {alpha})")
             reasons.append(f"{'FAIL' if negative else 'pass'}: vs {baseline_name}: {_vs(baseline, baseline_name)}: {why}")
-    return Decision(ok, reasons, p_champ, p_base)
+    return Decision(ok, reasons, p_champ, p_base, champion.delta if isinstance(champion, Paired) else None,
+                    baseline.delta if rules.require_positive_transfer and baseline is not None else None)

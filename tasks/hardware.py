@@ -104,7 +104,8 @@ def resolve_precision(requested: str, arch: str, num_classes: int, batch_size: i
         return requested, f"{requested}: set in params"
     device = torch.device(device)
     if device.type == "cuda":
-        return engine.choose_precision("cuda", cuda_capability=torch.cuda.get_device_capability(device))
+        cap = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else None
+        return engine.choose_precision("cuda", cuda_capability=cap)
     if device.type != "cpu" or not engine.cpu_bf16_kernels():
         return engine.choose_precision(device.type, cpu_bf16=False)
     spec = models.get_spec(arch)

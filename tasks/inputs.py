@@ -79,7 +79,8 @@ class HashCache:
 
 
 def folder_fingerprint(root: str | Path, cache: HashCache) -> dict:
-    """``{split: {class: {file: sha256}}}`` of an ImageFolder root; ``None`` for a missing split.
+    """``{split: {class: {file: sha256}}}`` of an ImageFolder root (files by path below their class folder);
+    ``None`` for a missing split.
 
     The same entries ``tlcore.data.validate_imagefolder`` reads (hidden names skipped): the data stage
     copies or rejects exactly these, so any change here may change its output and nothing else can."""
@@ -96,9 +97,12 @@ def folder_fingerprint(root: str | Path, cache: HashCache) -> dict:
             if c.name.startswith(".") or not c.is_dir():
                 continue
             files = {}
-            for f in sorted(os.scandir(c.path), key=lambda e: e.name):
-                if not f.name.startswith(".") and f.is_file():
-                    files[f.name] = cache.sha256(f.path, f.stat())
+            for dirpath, dirnames, filenames in os.walk(c.path):  # nested folders too, hidden names skipped
+                dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+                for f in sorted(n for n in filenames if not n.startswith(".")):
+                    full = os.path.join(dirpath, f)
+                    if os.path.isfile(full):
+                        files[os.path.relpath(full, c.path)] = cache.sha256(full)
             classes[c.name] = files
         out[split] = classes
     return out

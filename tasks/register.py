@@ -210,7 +210,7 @@ def register(params: Params) -> dict:
             mv = c.create_model_version(name, source=source_uri, run_id=run_id, tags={
                 **lineage, "registration_key": key, "gate_decision": "pending",
                 "accuracy": str(metrics["accuracy"]), "transfer_gain": str(metrics["transfer_gain"]),
-                "gain_baseline": str(metrics.get("gain_baseline")), "strategy": params.finetune.strategy,
+                "gain_baseline": str(metrics.get("gain_baseline")), "strategy": metrics["strategy"],
                 "backbone": params.pretrain.backbone})
         else:
             say(f"register: this model, params and data are already {name} version {mv.version} (reused)")
@@ -227,6 +227,8 @@ def register(params: Params) -> dict:
                          "gate_p_champion": "" if decision.p_champion is None else f"{decision.p_champion:.4g}",
                          "gate_p_baseline": "" if decision.p_baseline is None else f"{decision.p_baseline:.4g}",
                          "gate_compared_with": champ.version if champ is not None else "",
+                         "gate_delta_champion": "" if decision.delta_champion is None else f"{decision.delta_champion:+.4f}",
+                         "gate_delta_baseline": "" if decision.delta_baseline is None else f"{decision.delta_baseline:+.4f}",
                          **({"previous_champion": previous} if previous else {})}.items():
                 c.set_model_version_tag(name, mv.version, k, str(v))
             now = version_by_alias(c, name, "champion")

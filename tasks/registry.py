@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from .common import file_sha256, write_json
 from .lock import project_lock
@@ -89,12 +91,17 @@ def refresh(name: str, c=None) -> dict:
 
 
 def _evidence(tags: dict) -> str:
-    """The gate's p-values, short: ``vs v3 p=0.21, vs scratch p=1``."""
+    """The gate's evidence, short: ``vs v3 -0.4pt p=0.21, vs scratch +12.0pt p=1.4e-09`` (each p-value is for the
+    observed direction: that the better of the two really is better)."""
+    def pts(key: str) -> str:
+        v = tags.get(key)
+        return f"{float(v) * 100:+.1f}pt " if v else ""
+
     parts = []
     if tags.get("gate_p_champion"):
-        parts.append(f"vs v{tags.get('gate_compared_with', '?')} p={tags['gate_p_champion']}")
+        parts.append(f"vs v{tags.get('gate_compared_with', '?')} {pts('gate_delta_champion')}p={tags['gate_p_champion']}")
     if tags.get("gate_p_baseline"):
-        parts.append(f"vs {tags.get('gain_baseline', 'baseline')} p={tags['gate_p_baseline']}")
+        parts.append(f"vs {tags.get('gain_baseline', 'baseline')} {pts('gate_delta_baseline')}p={tags['gate_p_baseline']}")
     return ", ".join(parts)
 
 
@@ -207,40 +214,88 @@ def _model_file(name: str, entry: dict) -> Path:
     return f
 
 
-def predict(paths: list[Path], name: str, alias: str = "champion") -> list[dict]:
-    """Classify image files (folders are searched recursively) with the registered model."""
-    import numpy as np
+def image_files(paths: list[Path]) -> Iterator[Path]:
+    """The files to classify, lazily: a file as given; a folder searched recursively (sorted; image extensions
+    only, hidden names skipped); a pattern with ``*``, ``?`` or ``[`` (quoted, so the shell left it) as a glob
+    (``**`` spans folders). Every path is checked before the first is yielded."""
+    import glob
+
+    from tlcore.images import IMG_EXTENSIONS
+
+    kinds = []
+    for p in paths:
+        if p.is_dir() or p.is_file():
+            kinds.append((p, None))
+        elif any(c in str(p) for c in "*?["):
+            kinds.append((p, sorted(glob.glob(str(p), recursive=True))))
+        else:
+            raise RegistryError(f"{p} does not exist; pass image files, folders of images or a quoted glob ('imgs/*.png').")
+    for p, matches in kinds:
+        for f in (matches if matches is not None else [p]):
+            f = Path(f)
+            if f.is_dir():
+                for dirpath, dirnames, filenames in os.walk(f):
+                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                    yield from (Path(dirpath, n) for n in sorted(filenames)
+                                if not n.startswith(".") and Path(n).suffix.lower() in IMG_EXTENSIONS)
+            else:
+                yield f
+
+
+def classify(model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_size: int = 16) -> Iterator[dict]:
+    """Classify ``files`` as they come, ``batch_size`` at a time, in order; yields per file ``{"path", "class",
+    "confidence", "top": [(class, probability), ...]}`` (``top_k`` long), or ``{"path", "error"}`` for a file
+    that does not decode. Pixels come from :func:`tlcore.images.decode_image`, as the training data's do."""
     import torch
-    from PIL import Image, UnidentifiedImageError
 
     from tlcore import data, models
-    from tlcore.data import IMG_EXTENSIONS
+    from tlcore.images import ImageDecodeError, decode_image, show_path
 
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise RegistryError(f"{p} does not exist; pass image files or folders of images.")
-    if not files:
-        raise RegistryError(f"no images found in {', '.join(map(str, paths))} ({', '.join(sorted(IMG_EXTENSIONS))}).")
-    model, meta = load_alias(name, alias)
     spec = models.get_spec(meta["arch"])
     tf = data.build_transform(spec, train=False, channels=meta["in_channels"])
-    mode = "L" if meta["in_channels"] == 1 else "RGB"
-    out = []
+    mode, classes = ("L" if meta["in_channels"] == 1 else "RGB"), meta["classes"]
+    k = max(1, min(top_k, len(classes)))
     model.eval()
+
+    def run(batch: list) -> Iterator[dict]:
+        xs = [x for _, x in batch if x is not None]
+        if xs:
+            with torch.no_grad():
+                probs = torch.softmax(model(tf(torch.stack(xs))).float(), dim=1)
+            conf, idx = probs.topk(k, dim=1)
+            rows = iter(zip(conf.tolist(), idx.tolist()))
+        for f, x in batch:
+            if x is None:
+                continue
+            c, i = next(rows)
+            top = [(classes[j], p) for p, j in zip(c, i)]
+            yield {"path": show_path(f), "class": top[0][0], "confidence": top[0][1], "top": top}
+
+    batch: list = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                arr = np.array(im.convert(mode).resize((spec.input_size, spec.input_size), Image.BILINEAR))
-        except (UnidentifiedImageError, OSError) as e:
-            raise RegistryError(f"{f} is not a readable image ({e}).") from None
-        x = torch.from_numpy(arr.reshape(spec.input_size, spec.input_size, -1)).permute(2, 0, 1)
-        with torch.no_grad():
-            p = torch.softmax(model(tf(x).unsqueeze(0)), dim=1)[0]
-        conf, k = p.max(0)
-        out.append({"path": str(f), "class": meta["classes"][int(k)], "confidence": float(conf)})
-    return out
+            batch.append((f, torch.from_numpy(decode_image(f, mode, spec.input_size)).permute(2, 0, 1)))
+        except ImageDecodeError as e:
+            yield from run(batch)  # keep the order: what came before, then this file's error
+            batch = []
+            yield {"path": show_path(f), "error": str(e)}
+            continue
+        if len(batch) == batch_size:
+            yield from run(batch)
+            batch = []
+    yield from run(batch)
+
+
+def predict(paths: list[Path], name: str, alias: str = "champion", top_k: int = 1) -> Iterator[dict]:
+    """Classify image files, folders (recursively) or globs with the registered model ``name@alias``, streaming
+    one result per file (see :func:`classify`)."""
+    import itertools
+
+    from tlcore.images import IMG_EXTENSIONS
+
+    files = image_files(paths)
+    first = next(files, None)
+    if first is None:
+        raise RegistryError(f"no images found in {', '.join(map(str, paths))} ({', '.join(sorted(IMG_EXTENSIONS))}).")
+    model, meta = load_alias(name, alias)
+    return classify(model, meta, itertools.chain([first], files), top_k)

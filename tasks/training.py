@@ -27,8 +27,17 @@ class TrainJob:
     val: Any = None  # ImageDataset for per-epoch validation
 
 
-def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print, replicas: int = 1):
-    """Model + strategy + loaders + :class:`tlcore.engine.Trainer` for ``job`` (nothing trained yet)."""
+def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print, replicas: int = 1,
+                  rank: int = 0, sync_batchnorm: bool = False):
+    """Model + strategy + loaders + :class:`tlcore.engine.Trainer` for ``job`` (nothing trained yet).
+
+    As data-parallel worker ``rank`` of ``replicas``: the model starts from ``job.seed`` on every worker,
+    augmentation draws from ``job.seed + rank`` (no two workers warp alike), the training loaders shard
+    with a ``DistributedSampler`` seeded by ``job.seed`` and the validation loader takes a disjoint
+    slice (the engine sums over the slices). ``loader_hook`` sees the training loaders only.
+    ``sync_batchnorm`` turns BatchNorm into ``SyncBatchNorm`` (CUDA, more than one worker)."""
+    from torch import nn
+
     from tlcore import data, models, strategies
     from tlcore.engine import Loaders, TrainConfig, Trainer, seed_everything
 
@@ -41,17 +50,22 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
     except TypeError as e:
         raise ParamsError(f"finetune.strategy_params for {job.strategy!r} are invalid: {e}") from None
     net = strat.setup(model, job.num_classes, job.same_label_space)
+    if sync_batchnorm:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    if replicas > 1:
+        seed_everything(job.seed + rank)
     hook = loader_hook or (lambda dl: dl)
     bs = job.optim.batch_size
 
     def loader(ds, train=True, size=bs):
         if ds is None or len(ds) == 0:
             return None
-        return hook(data.make_loader(ds, size, train=train, seed=job.seed, replicas=replicas if train else 1))
+        dl = data.make_loader(ds, size, train=train, seed=job.seed, replicas=replicas, rank=rank)
+        return hook(dl) if train else dl
 
     loaders = Loaders(target=loader(job.labeled), source=loader(job.source), unlabeled=loader(job.unlabeled),
                       val=loader(job.val, train=False, size=256))
-    if "target" in strat.uses and loaders.target is None and not strat.uses >= {"source", "unlabeled"}:
+    if loaders.target is None and strat.needs_target_labels():
         raise ParamsError(
             f"strategy {job.strategy!r} trains on labeled target images but data.labels_per_class = 0. "
             f"Use an unsupervised adaptation strategy (dann, mcc, semi) or give a label budget >= 1."
@@ -107,7 +121,9 @@ def target_splits(params: Params, train_ds):
     """Labeled / unlabeled-pool / validation subsets of the target training split (never test)."""
     from tlcore import data
 
-    b = data.label_budget_split(train_ds.targets.numpy(), params.data.labels_per_class, params.base.seed,
+    from .plan import labels_per_class
+
+    b = data.label_budget_split(train_ds.targets.numpy(), labels_per_class(params), params.base.seed,
                                 params.data.val_per_class)
     keep = sorted(set(range(len(train_ds))) - set(b.val.tolist()))
     val = train_ds.subset(b.val) if len(b.val) else None

@@ -72,3 +72,20 @@ def test_distillation_without_target_labels_learns_from_the_teacher_alone():
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]  # the student moves towards the teacher
     with pytest.raises(ValueError, match="labeled or unlabeled"):
         C.Distill(teacher, use_labeled=False, use_unlabeled=False)
+
+
+@pytest.mark.parametrize("machine,supported,want", [
+    ("x86_64", ["qnnpack", "onednn", "x86", "fbgemm"], "x86"),
+    ("AMD64", ["fbgemm", "qnnpack"], "fbgemm"),  # an older build without the x86 engine
+    ("aarch64", ["qnnpack", "onednn", "x86", "fbgemm"], "qnnpack"),  # Arm servers: x86 kernels do not exist there
+    ("arm64", ["qnnpack"], "qnnpack"),
+])
+def test_int8_engine_follows_the_cpu_architecture(machine, supported, want):
+    assert C.int8_engine(machine, supported) == want
+
+
+def test_int8_engine_refuses_what_it_cannot_run():
+    with pytest.raises(ValueError, match="riscv64"):
+        C.int8_engine("riscv64", ["qnnpack"])
+    with pytest.raises(ValueError, match=r"none of the int8 engines for aarch64 \(qnnpack\).*offers x86"):
+        C.int8_engine("aarch64", ["x86"])

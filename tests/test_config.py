@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import Params, ParamsError, load_params
+from tasks.config import Params, ParamsError, apply_overrides, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,3 +197,51 @@ def test_a_user_imagefolder_elsewhere_and_nested_output_names_are_fine(params_fi
     p = load_params(params_file, [f"data.source={tree}", "base.data_dir=out/data", "base.models_dir=out/models",
                                   "ray.storage_path=/tmp/ray_results"])
     assert (p.data.source, p.base.data_dir, p.ray.storage_path) == (str(tree), "out/data", "/tmp/ray_results")
+
+
+# --- devices: one rule for base.device and ray.use_gpu, whole GPUs per worker ----------------------------------
+
+@pytest.mark.parametrize("overrides,match", [
+    (["base.device=cuda"], r"base\.device = 'cuda' but ray\.use_gpu = false: .*would run on the CPU\. Set ray\.use_gpu: true"),
+    (["base.device=cpu", "ray.use_gpu=true", "ray.gpus_per_worker=1"],
+     r"base\.device = 'cpu' but ray\.use_gpu = true: .*contradict.*base\.device: auto.*ray\.use_gpu: false"),
+], ids=["cuda_without_use_gpu", "cpu_with_use_gpu"])
+def test_base_device_and_use_gpu_must_agree(params_file, overrides, match):
+    with pytest.raises(ParamsError, match=match):
+        load_params(params_file, overrides)
+    with pytest.raises(ValueError, match=match):  # the same rule for params built in Python
+        Params.model_validate(apply_overrides({}, overrides))
+
+
+@pytest.mark.parametrize("overrides", [["ray.use_gpu=true", "ray.gpus_per_worker=1"],
+                                       ["base.device=cuda", "ray.use_gpu=true", "ray.gpus_per_worker=2"],
+                                       ["base.device=cpu"], ["base.device=auto", "ray.use_gpu=false"]])
+def test_agreeing_devices_are_accepted(params_file, overrides):
+    load_params(params_file, overrides)
+
+
+@pytest.mark.parametrize("gpus,match", [
+    ("0.5", r"ray\.gpus_per_worker = 0\.5 with ray\.use_gpu = true: each worker needs a whole number of GPUs >= 1 "
+            r"\(NCCL cannot run two workers on one GPU"),
+    ("1.5", r"whole number of GPUs >= 1"),
+    ("0", r"ray\.gpus_per_worker = 0 with ray\.use_gpu = true: .*-S ray\.gpus_per_worker=1"),
+], ids=["half", "one_and_a_half", "zero"])
+def test_gpus_per_worker_is_whole_with_use_gpu(params_file, gpus, match):
+    with pytest.raises(ParamsError, match=match):
+        load_params(params_file, ["ray.use_gpu=true", f"ray.gpus_per_worker={gpus}"])
+
+
+def test_gpus_without_use_gpu_are_refused(params_file):
+    with pytest.raises(ParamsError, match=r"ray\.gpus_per_worker = 1 but ray\.use_gpu = false"):
+        load_params(params_file, ["ray.gpus_per_worker=1"])
+
+
+def test_stage_device_on_a_gpu_less_node(params_file):
+    from tasks.common import device_for
+
+    cuda = load_params(params_file, ["base.device=cuda", "ray.use_gpu=true", "ray.gpus_per_worker=1"])
+    with pytest.raises(ParamsError, match=r"sees no CUDA device .*Set base\.device: auto"):
+        device_for(cuda, cuda_available=False)
+    auto = load_params(params_file, ["ray.use_gpu=true", "ray.gpus_per_worker=1", "ray.num_workers=2"])
+    assert device_for(auto, cuda_available=False).type == "cpu"  # evaluation on the head; training on GPU workers
+    assert device_for(auto, cuda_available=True).type == "cuda"

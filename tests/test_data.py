@@ -39,10 +39,14 @@ def test_corrupt_image_named_or_skipped(good, caplog):
     assert "skipped 1 corrupt" in caplog.text
 
 
-def test_non_image_file_named(good):
-    (good / "train" / "b" / "notes.txt").write_text("hi")
-    with pytest.raises(data.DataValidationError, match="not images.*notes.txt"):
-        data.validate_imagefolder(good)
+def test_non_image_files_are_ignored_and_counted(good, caplog):
+    # torchvision's ImageFolder ignores files by extension; so does the pipeline, and it says how many
+    caplog.set_level("INFO", logger="tlcore.data")
+    for name in ("notes.txt", "Thumbs.db", ".DS_Store"):
+        (good / "train" / "b" / name).write_text("hi")
+    rep = data.validate_imagefolder(good)
+    assert len(rep["train"].files) == 6 and [p.name for p in rep["train"].ignored] == ["Thumbs.db", "notes.txt"]
+    assert "ignored 2 file(s) without an image extension" in caplog.text and "notes.txt" in caplog.text
 
 
 def test_empty_class_named(good):

@@ -54,8 +54,10 @@ def test_folder_fingerprint_follows_content_not_mtime(tmp_path):
     assert _fp(root, cf) == (fp, 1)
     (root / "train/a/.DS_Store").write_bytes(b"x")  # hidden files: the data stage skips them too
     assert _fp(root, cf)[0] == fp
+    (root / "train/a/2024").mkdir()
     for change in (lambda: img.write_bytes(b"edited"), lambda: (root / "train/b/new.png").write_bytes(b"n"),
-                   lambda: (root / "test/a/1.png").unlink(), lambda: (root / "train/c").mkdir()):
+                   lambda: (root / "test/a/1.png").unlink(), lambda: (root / "train/c").mkdir(),
+                   lambda: (root / "train/a/2024/nested.png").write_bytes(b"n")):  # the data stage reads nested images
         change()
         new, _ = _fp(root, cf)
         assert new != fp

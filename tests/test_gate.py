@@ -70,3 +70,12 @@ def test_an_incomparable_champion_is_never_replaced_and_the_reason_says_why():
 def test_min_accuracy_is_a_floor():
     assert not decide(Rules(min_accuracy=0.9), 0.89).promoted
     assert decide(Rules(min_accuracy=0.9), 0.9).promoted
+
+
+def test_recorded_p_values_are_for_the_observed_direction():
+    """What `tl models` shows: a clear gain gets a tiny p-value, not the p-value of the opposite claim."""
+    new = _results(540, set(range(5)))
+    gain = paired(new, _results(540, set(range(60))))
+    d = decide(Rules(), gain.a_acc, champion=gain, champion_version="2", baseline=gain, baseline_name="scratch")
+    assert d.p_baseline == gain.p_a_better < 1e-6 and d.p_champion == gain.p_a_better
+    assert d.delta_baseline == pytest.approx(55 / 540) and "significantly better" in d.reasons[1]

@@ -10,7 +10,10 @@ from tlcore.engine import choose_precision
 
 
 @pytest.mark.parametrize("kwargs,want", [
-    ({"device_type": "cuda", "cuda_capability": (7, 5)}, "fp32"),  # T4: bf16 only emulated
+    ({"device_type": "cuda", "cuda_capability": (7, 5)}, "fp16"),  # T4: bf16 only emulated, fp16 tensor cores
+    ({"device_type": "cuda", "cuda_capability": (7, 0)}, "fp16"),  # V100
+    ({"device_type": "cuda", "cuda_capability": (6, 1)}, "fp32"),  # Pascal: neither
+    ({"device_type": "cuda", "cuda_capability": None}, "fp32"),  # unknown
     ({"device_type": "cuda", "cuda_capability": (8, 0)}, "bf16"),  # A100
     ({"device_type": "cuda", "cuda_capability": (9, 0)}, "bf16"),  # H100/H200
     ({"device_type": "cpu", "cpu_bf16": False, "bf16_speedup": 3.0}, "fp32"),  # no kernels: never
@@ -24,6 +27,22 @@ def test_auto_precision_rule(kwargs, want):
     device_type = kwargs.pop("device_type")
     got, why = choose_precision(device_type, **kwargs)
     assert got == want and why.startswith(want)
+
+
+@pytest.mark.parametrize("capability,want", [((7, 5), "fp16"), ((8, 0), "bf16"), (None, "fp32")])
+def test_auto_precision_on_cuda_asks_the_capability_not_is_bf16_supported(monkeypatch, capability, want):
+    import torch
+
+    from tasks import hardware
+    from tlcore import engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation too: never asked
+    prec, why = hardware.resolve_precision("auto", "smallcnn", 10, 64, "cuda")
+    assert prec == want and why.startswith(want)
+    assert engine.resolve_precision("auto", "cuda") == want
+    assert hardware.resolve_precision("fp16", "smallcnn", 10, 64, "cuda")[0] == "fp16"  # explicit passes through
 
 
 @pytest.mark.parametrize("speedup,want", [(1.6, "bf16"), (0.7, "fp32")])

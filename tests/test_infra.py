@@ -76,3 +76,19 @@ def test_dockerfile_and_compose_consistent():
     assert svc["prefect"]["image"].split(":")[1].startswith(version("prefect"))
     assert svc["mlflow"]["image"].endswith("v" + version("mlflow-skinny"))
     assert {"prefect", "postgres", "mlflow", "minio"} <= set(svc)
+
+
+def test_image_python_matches_the_lock_and_cuda_comes_once():
+    """The image's Python is the one requirements.lock was resolved with (the Makefile's), its base brings
+    no second CUDA (the torch wheels' nvidia-* packages do), and the driver the wheels need is documented."""
+    docker = (INFRA / "Dockerfile").read_text()
+    base = next(line.split()[1] for line in docker.splitlines() if line.startswith("FROM "))
+    makefile_python = re.search(r"^PYTHON \?= python(\d+\.\d+)", (ROOT / "Makefile").read_text(), re.M)[1]
+    assert re.fullmatch(rf"python:{re.escape(makefile_python)}(-[\w.-]+)?", base), (base, makefile_python)
+    lock = (ROOT / "requirements.lock").read_text()
+    runtime = re.search(r"^nvidia-cuda-runtime(?:-cu\d+)?==(\d+)\.", lock, re.M)
+    assert runtime and "nvidia/cuda" not in base  # the wheels bring CUDA; a CUDA base would be a second copy
+    cuda_major = int(runtime[1])
+    min_driver = {12: 525, 13: 580}[cuda_major]
+    readme = (INFRA / "README.md").read_text()
+    assert f"CUDA {cuda_major}" in readme and f"driver {min_driver} or newer" in readme

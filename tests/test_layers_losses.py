@@ -48,3 +48,12 @@ def test_label_smoothing_raises_loss_on_confident_correct():
     logits = torch.tensor([[10.0, 0.0, 0.0]])
     y = torch.tensor([0])
     assert losses.cross_entropy(logits, y, 0.1) > losses.cross_entropy(logits, y)
+
+
+def test_mcc_loss_computes_in_fp32_under_autocast():
+    logits = torch.randn(32, 10, generator=torch.Generator().manual_seed(0)) * 3
+    want = losses.mcc_loss(logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = losses.mcc_loss(logits)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)

@@ -85,12 +85,13 @@ def test_lineage_tags_match_dvc_lock(repo):
 def test_reproduce_replays_a_version_bit_for_bit_in_a_fresh_clone(repo, tmp_path):
     """`tl reproduce` from the registry and the DVC remote only: same predictions on every test image (fp32)."""
     import sys
+    from pathlib import Path
 
     import mlflow
 
     lock_before = (repo / "dvc.lock").read_bytes()
     work = tmp_path / "replay"
-    r = sh(sys.executable, "-m", "tasks.cli", "reproduce", "digits-transfer/1", "--workdir", work, "--register",
+    r = sh(Path(sys.executable).parent / "tl", "reproduce", "digits-transfer/1", "--workdir", work, "--register",
            "--json", cwd=repo, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout)
@@ -111,10 +112,12 @@ def test_reproduce_replays_a_version_bit_for_bit_in_a_fresh_clone(repo, tmp_path
 
 def test_reproduce_refuses_clear_errors(repo, tmp_path):
     import sys
+    from pathlib import Path
 
-    r = sh(sys.executable, "-m", "tasks.cli", "reproduce", "digits-transfer/99", cwd=repo, check=False)
+    tl = Path(sys.executable).parent / "tl"
+    r = sh(tl, "reproduce", "digits-transfer/99", cwd=repo, check=False)
     assert r.returncode != 0 and "no model version digits-transfer/99" in r.stderr and "Traceback" not in r.stderr
-    r = sh(sys.executable, "-m", "tasks.cli", "reproduce", "nonsense", cwd=repo, check=False)
+    r = sh(tl, "reproduce", "nonsense", cwd=repo, check=False)
     assert r.returncode != 0 and "NAME/VERSION" in r.stderr
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import platform
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -59,12 +61,31 @@ def sparsity(model: nn.Module) -> float:
     return zeros / max(1, tot)
 
 
-def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str = "x86") -> nn.Module:
+_INT8_ENGINES = {"x86_64": ("x86", "fbgemm"), "amd64": ("x86", "fbgemm"), "aarch64": ("qnnpack",), "arm64": ("qnnpack",)}
+
+
+def int8_engine(machine: str, supported: Sequence[str]) -> str:
+    """The int8 kernel library for a CPU architecture (``platform.machine()``) among ``supported``
+    (``torch.backends.quantized.supported_engines``): ``x86`` (fbgemm + oneDNN; ``fbgemm`` in older
+    builds) on x86-64, ``qnnpack`` on 64-bit Arm (aarch64 / arm64)."""
+    wanted = _INT8_ENGINES.get(machine.lower())
+    if wanted is None:
+        raise ValueError(f"no int8 quantisation engine is known for CPU architecture {machine!r} "
+                         f"(known: {', '.join(sorted(_INT8_ENGINES))}); pass backend= explicitly")
+    for name in wanted:
+        if name in supported:
+            return name
+    raise ValueError(f"this torch build has none of the int8 engines for {machine} ({', '.join(wanted)}); "
+                     f"it offers {', '.join(supported) or 'none'}")
+
+
+def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str | None = None) -> nn.Module:
     """Static int8 post-training quantisation of a conv net for CPU inference.
 
-    Route: FX graph mode (``torch.ao.quantization.quantize_fx``) with the ``x86`` backend. It is
+    Route: FX graph mode (``torch.ao.quantization.quantize_fx``) with the engine of this CPU
+    (``backend=None``: :func:`int8_engine`, ``x86`` on x86-64, ``qnnpack`` on aarch64). It is
     the PyTorch-core route that quantises convolutions *and* linear layers statically and runs
-    with the fbgemm/onednn int8 kernels on CPU; eager mode needs hand-inserted Quant/DeQuant
+    with that engine's int8 kernels on CPU; eager mode needs hand-inserted Quant/DeQuant
     stubs and fused modules, dynamic quantisation only covers Linear/RNN layers, and the PT2E
     export route now lives in the separate ``torchao`` package. ``calibration`` is a float batch
     ``(N, C, H, W)`` of representative inputs. Returns a new CPU model.
@@ -74,6 +95,8 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str = "x
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
+    if backend is None:
+        backend = int8_engine(platform.machine(), torch.backends.quantized.supported_engines)
     torch.backends.quantized.engine = backend
     m = copy.deepcopy(model).cpu().eval()
     with warnings.catch_warnings():
@@ -127,4 +150,4 @@ class Distill(Strategy):
                 tu = self.teacher(batch.unlabeled).float()
             soft = losses.distillation_loss(net(batch.unlabeled)["logits"], tu, None, self.temperature)
             loss = soft if loss is None else loss + soft
-        return loss, {"loss_distill": loss.item()}
+        return loss, {"loss_distill": loss.detach()}

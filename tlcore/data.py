@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .images import IMG_EXTENSIONS, ImageDecodeError, decode_image, show_path
 from .models import ModelSpec
-
-# torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS; a test keeps them equal).
-# Not imported from there: importing torchvision costs ~2 s per process on a 2-core machine.
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
@@ -36,6 +33,7 @@ class FolderReport:
     classes: list[str]
     files: list[tuple[Path, int]]
     skipped: list[Path] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)  # files without an image extension
 
     @property
     def counts(self) -> dict[str, int]:
@@ -45,71 +43,91 @@ class FolderReport:
         return c
 
 
-def _list(paths: list[Path], n: int = 5) -> str:
-    shown = ", ".join(str(p) for p in paths[:n])
+def _list(paths: list, n: int = 5) -> str:
+    shown = ", ".join(p if isinstance(p, str) else show_path(p) for p in paths[:n])
     return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
+def _walk_class(cdir: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) below one class folder, nested folders included, hidden names skipped."""
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(cdir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in filenames:
+            if not f.startswith("."):
+                p = Path(dirpath, f)
+                (images if p.suffix.lower() in IMG_EXTENSIONS else others).append(p)
+    return sorted(images), sorted(others)
+
+
 def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[str] | None = None) -> FolderReport:
-    """Check one split folder; raise :class:`DataValidationError` on the first kind of problem."""
+    """Check one split folder; raise :class:`DataValidationError` on the first kind of problem.
+
+    Images are the files with an image extension (torchvision ``ImageFolder``'s list) anywhere below a
+    class folder, nested folders included; hidden files and folders are skipped, and other files
+    (``notes.txt``, ``Thumbs.db``) are ignored and counted (``FolderReport.ignored``). Each image is
+    decoded with :func:`decode_image`: one that does not decode stops the run, or is skipped with
+    ``skip_corrupt``.
+    """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DataValidationError(
-            f"{split_dir} does not exist. An ImageFolder root needs train/ and test/ folders, each with one "
-            f"sub-folder per class holding its images (e.g. {split_dir}/cat/001.png)."
+            f"{show_path(split_dir)} does not exist. An ImageFolder root needs train/ and test/ folders, each with "
+            f"one sub-folder per class holding its images (e.g. {show_path(split_dir)}/cat/001.png)."
         )
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
-        raise DataValidationError(f"{split_dir} has no class folders; put each class's images in {split_dir}/<class_name>/.")
+        raise DataValidationError(f"{show_path(split_dir)} has no class folders; put each class's images in "
+                                  f"{show_path(split_dir)}/<class_name>/.")
     classes = classes or found
     extra = sorted(set(found) - set(classes))
     if extra:
         raise DataValidationError(
-            f"{split_dir} has classes that train/ does not: {', '.join(extra)}. A model cannot learn a class it "
-            f"never sees; add training images for them under train/<class>/ or remove them from {split_dir}."
+            f"{show_path(split_dir)} has classes that train/ does not: {_list(extra, 20)}. A model cannot learn a "
+            f"class it never sees; add training images for them under train/<class>/ or remove them from "
+            f"{show_path(split_dir)}."
         )
-    files, non_images, corrupt, empty = [], [], [], []
+    files, ignored, corrupt, empty = [], [], [], []
     for y, name in enumerate(classes):
         cdir = split_dir / name
-        entries = sorted(p for p in cdir.iterdir() if p.is_file() and not p.name.startswith(".")) if cdir.is_dir() else []
-        imgs = [p for p in entries if p.suffix.lower() in IMG_EXTENSIONS]
-        non_images += [p for p in entries if p.suffix.lower() not in IMG_EXTENSIONS]
+        imgs, others = _walk_class(cdir) if cdir.is_dir() else ([], [])
+        ignored += others
         good = 0
         for p in imgs:
             try:
-                with Image.open(p) as im:
-                    im.load()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                corrupt.append(p)
+                decode_image(p)
+            except ImageDecodeError as e:
+                corrupt.append((p, str(e)))
                 continue
             files.append((p, y))
             good += 1
         if good == 0 and split_dir.name == "train":
             empty.append(cdir)
-    if non_images:
-        raise DataValidationError(
-            f"{len(non_images)} file(s) in {split_dir} are not images ({', '.join(sorted(IMG_EXTENSIONS))}): "
-            f"{_list(non_images)}. Move them out of the class folders."
-        )
+    if ignored:
+        log.info("ignored %d file(s) without an image extension in %s: %s", len(ignored), show_path(split_dir),
+                    _list(ignored))
     if corrupt and not skip_corrupt:
         raise DataValidationError(
-            f"{len(corrupt)} image(s) in {split_dir} are corrupt or unreadable: {_list(corrupt)}. Delete or "
-            f"re-export them, or set data.skip_corrupt: true to skip them (the count is logged)."
+            f"{len(corrupt)} image(s) in {show_path(split_dir)} are corrupt or unreadable: "
+            f"{_list([why for _, why in corrupt], 3)}. Delete or re-export them, or set data.skip_corrupt: true "
+            f"to skip them (the count is logged)."
         )
     if corrupt:
-        log.warning("skipped %d corrupt image(s) in %s: %s", len(corrupt), split_dir, _list(corrupt))
+        log.warning("skipped %d corrupt image(s) in %s: %s", len(corrupt), show_path(split_dir),
+                    _list([why for _, why in corrupt], 3))
     if empty:
         raise DataValidationError(
             f"class folder(s) with no readable images: {_list(empty)}. Add images or delete the empty folder(s)."
         )
-    return FolderReport(classes, files, corrupt)
+    return FolderReport(classes, files, [p for p, _ in corrupt], ignored)
 
 
 def validate_imagefolder(root: str | Path, skip_corrupt: bool = False) -> dict[str, FolderReport]:
     """Validate ``root/train`` and ``root/test``; the test classes must be a subset of train's."""
     root = Path(root)
     if not root.is_dir():
-        raise DataValidationError(f"data root {root} does not exist; point data.source/data.target at an ImageFolder root or an embedded dataset name.")
+        raise DataValidationError(f"data root {show_path(root)} does not exist; point data.source/data.target at an "
+                                  f"ImageFolder root or an embedded dataset name.")
     train = validate_split(root / "train", skip_corrupt)
     test = validate_split(root / "test", skip_corrupt, classes=train.classes)
     return {"train": train, "test": test}
@@ -121,7 +139,7 @@ def tree_hash(split_dir: str | Path) -> str:
     split_dir = Path(split_dir)
     for p in sorted(split_dir.rglob("*")):
         if p.is_file():
-            h.update(p.relative_to(split_dir).as_posix().encode())
+            h.update(os.fsencode(p.relative_to(split_dir).as_posix()))  # the name's bytes, UTF-8 or not
             h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
@@ -169,8 +187,7 @@ def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bo
     mode = "L" if channels == 1 else "RGB"
     arr = np.empty((len(rep.files), size, size, channels), dtype=np.uint8)
     for i, (p, _) in enumerate(rep.files):
-        with Image.open(p) as im:
-            arr[i] = np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR)).reshape(size, size, channels)
+        arr[i] = decode_image(p, mode, size)
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(images, torch.tensor([y for _, y in rep.files]), rep.classes)
 
@@ -270,10 +287,13 @@ def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                replicas: int = 1) -> DataLoader:
+                replicas: int = 1, rank: int = 0) -> DataLoader:
     """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs.
 
-    ``replicas`` is the number of data-parallel workers that will each take a shard of it.
+    With ``replicas`` > 1 data-parallel workers, this is worker ``rank``'s shard: a training loader
+    gets a ``DistributedSampler`` shuffled by ``seed`` (the same on every worker, so the shards stay
+    disjoint; ``set_epoch`` reshuffles), an evaluation loader every ``replicas``-th item from
+    ``rank`` on, so the shards cover the set exactly once (no padding: sums over them are exact).
     """
     g = torch.Generator().manual_seed(seed)
     if train and len(ds) < batch_size * replicas:
@@ -281,5 +301,12 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
         reps = -(-batch_size * replicas // max(1, len(ds)))
         ds = ds.subset(np.tile(np.arange(len(ds)), reps)) if isinstance(ds, ImageDataset) else \
             torch.utils.data.ConcatDataset([ds] * reps)
-    return DataLoader(ds, batch_size=batch_size, shuffle=train, drop_last=train, generator=g if train else None,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    sampler = None
+    if replicas > 1 and train:
+        sampler = DistributedSampler(ds, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    elif replicas > 1:
+        idx = np.arange(rank, len(ds), replicas)
+        ds = ds.subset(idx) if isinstance(ds, ImageDataset) else torch.utils.data.Subset(ds, idx.tolist())
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+                      generator=g if train and sampler is None else None, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)

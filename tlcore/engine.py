@@ -5,6 +5,7 @@ and the ``wrap`` hook (e.g. Ray's ``prepare_model``); nothing here knows about t
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -34,14 +35,15 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 5.0
     # "auto": :func:`resolve_precision` (callers pass a measured speed-up; see :func:`choose_precision`).
-    # Weights, optimiser state and BatchNorm stay fp32 either way.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # "fp16" adds a ``torch.amp.GradScaler`` (gradients unscaled before clipping). Weights, optimiser
+    # state and BatchNorm stay fp32 either way.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True  # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
     seed: int = 0
 
     def __post_init__(self):
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16', 'fp16' or 'fp32', got {self.precision!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
@@ -99,8 +101,9 @@ def choose_precision(device_type: str, *, cuda_capability: tuple[int, int] | Non
                      bf16_speedup: float | None = None, min_speedup: float = 1.1) -> tuple[str, str]:
     """The ``auto`` rule, as a pure function: returns ``(precision, why)``.
 
-    - CUDA: bf16 from compute capability 8.0 (Ampere) on, where it runs on tensor cores; older
-      GPUs only emulate bf16 (``torch.cuda.is_bf16_supported()`` counts that too), so fp32.
+    - CUDA: bf16 from compute capability 8.0 (Ampere) on, where it runs on tensor cores. 7.x
+      (Volta, Turing: V100, T4) only emulates bf16 (``torch.cuda.is_bf16_supported()`` counts that
+      too) but has fp16 tensor cores: fp16 with loss scaling. Older or unknown: fp32.
     - CPU: fp32 without bf16 kernels. With them, a measured ``bf16_speedup`` (bf16 steps per fp32
       step on the real model) decides: bf16 only when it is at least ``min_speedup``. AVX512-BF16
       without AMX is faster on some CPUs and slower on others, so it is never assumed. Without a
@@ -109,8 +112,11 @@ def choose_precision(device_type: str, *, cuda_capability: tuple[int, int] | Non
     if device_type == "cuda":
         if cuda_capability is not None and cuda_capability >= (8, 0):
             return "bf16", f"bf16: CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} >= 8.0"
+        if cuda_capability is not None and cuda_capability >= (7, 0):
+            return "fp16", (f"fp16 (loss-scaled): CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} "
+                            f"has fp16 tensor cores but no native bf16")
         cap = "unknown" if cuda_capability is None else f"{cuda_capability[0]}.{cuda_capability[1]}"
-        return "fp32", f"fp32: CUDA compute capability {cap} < 8.0 has no native bf16"
+        return "fp32", f"fp32: CUDA compute capability {cap} has no fast bf16 or fp16"
     if device_type != "cpu" or not cpu_bf16:
         return "fp32", f"fp32: no bf16 kernels on {device_type}"
     if bf16_speedup is not None:
@@ -123,7 +129,7 @@ def choose_precision(device_type: str, *, cuda_capability: tuple[int, int] | Non
 
 
 def resolve_precision(precision: str, device: torch.device | str, bf16_speedup: float | None = None) -> str:
-    """``"auto"`` -> ``"bf16"`` or ``"fp32"`` by :func:`choose_precision`; other values pass through."""
+    """``"auto"`` -> ``"bf16"``, ``"fp16"`` or ``"fp32"`` by :func:`choose_precision`; other values pass through."""
     if precision != "auto":
         return precision
     device = torch.device(device)
@@ -204,11 +210,35 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device | str | N
     return torch.cat(outs), torch.cat(ys)
 
 
+def dist_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised ``torch.distributed`` group; ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, world: int, op: str = "sum") -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
 class Trainer:
     """Trains ``strategy``'s net on ``loaders``.
 
     ``state_dict()``/``load_state_dict()`` hold everything needed to resume exactly after the
-    last finished epoch (weights, extras, optimiser, scheduler, epoch, history, RNG).
+    last finished epoch (weights, extras, optimiser, scheduler, loss scaler, epoch, history, RNG).
+
+    Data parallel: when ``torch.distributed`` is initialised with more than one rank, ``wrap``
+    (e.g. DDP) is applied again whenever the strategy changes which parameters train (DDP only
+    synchronises the parameters that required gradients when it was built), the epoch metrics are
+    sums over all ranks (losses averaged, ``train_images_per_s`` of the whole group), and each rank
+    validates its own ``loaders.val`` (give each a disjoint shard) with the sums all-reduced.
+    Losses are read from the device once per epoch, not per step.
     """
 
     def __init__(self, net: TransferNet, strategy: Strategy, cfg: TrainConfig, loaders: Loaders,
@@ -216,9 +246,12 @@ class Trainer:
                  wrap: Callable[[nn.Module], nn.Module] | None = None, log: Callable[[str], None] | None = print):
         self.cfg, self.strategy, self.loaders = cfg, strategy, loaders
         self.device = torch.device(device) if device else default_device()
+        self.rank, self.world = dist_rank_world()
         self.net = net.to(self.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.cfg = cfg = replace(cfg, precision=self.precision)  # checkpoints record what was used
+        self._amp_device = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"
+        self.scaler = torch.amp.GradScaler(self._amp_device, enabled=self.precision == "fp16")
         self._channels_last = cfg.channels_last and self.device.type in ("cpu", "cuda")
         if self._channels_last:  # before ``wrap``, so DDP's gradient buckets match the layout
             self.net.to(memory_format=torch.channels_last)
@@ -234,10 +267,26 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         total = cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda(total))
+        self._wrap = wrap
+        self._wrapped_for = self._trainable()
         self.model = wrap(self.net) if wrap else self.net
         self.epoch = 0  # epochs finished
         self.history: list[dict] = []
         strategy.total_epochs = cfg.epochs
+
+    def _trainable(self) -> tuple[bool, ...]:
+        return tuple(p.requires_grad for p in self.net.parameters())
+
+    def _rewrap_if_trainable_changed(self) -> None:
+        """Wrap again when the trainable set changed (an unfreeze): a DDP built while the backbone was
+        frozen would never all-reduce its gradients, and the replicas would drift apart."""
+        now = self._trainable()
+        if self._wrap is None or now == self._wrapped_for:
+            return
+        self.model = None  # the old wrapper (and its gradient hooks) goes before the new one is built
+        gc.collect()
+        self.model = self._wrap(self.net)
+        self._wrapped_for = now
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in self.groups]
@@ -260,8 +309,12 @@ class Trainer:
         return f
 
     def _amp(self):
-        dev = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"
-        return torch.autocast(dev, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self._amp_device, dtype=dtype, enabled=self.precision in ("bf16", "fp16"))
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def fit(self) -> list[dict]:
         """Train from ``self.epoch`` to ``cfg.epochs``; returns the per-epoch metrics history."""
@@ -276,64 +329,122 @@ class Trainer:
                 self.net.to(memory_format=torch.contiguous_format)
         return self.history
 
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
+            nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
     def _fit(self, iters: dict, total_steps: int) -> None:
+        dev = self.device
         for epoch in range(self.epoch, self.cfg.epochs):
             self.strategy.on_epoch_start(self.net, epoch)
+            self._rewrap_if_trainable_changed()
             self.strategy.train_mode(self.model)
-            t0, sums, n_img = time.perf_counter(), {}, 0
+            self._sync()
+            t0, n_img = time.perf_counter(), 0
+            sums: dict[str, torch.Tensor | float] = {}
+            n_bad = torch.zeros((), device=dev)
+            first_bad = torch.full((), -1.0, device=dev)
             for step in range(self.steps_per_epoch):
                 progress = (epoch * self.steps_per_epoch + step) / total_steps
                 raw = {s: next(iters[s]) for s in self.streams}
                 batch = Batch(
-                    target=_to(raw["target"], self.device) if "target" in raw else None,
-                    source=_to(raw["source"], self.device) if "source" in raw else None,
-                    unlabeled=_to(raw["unlabeled"][0], self.device) if "unlabeled" in raw else None,
+                    target=_to(raw["target"], dev) if "target" in raw else None,
+                    source=_to(raw["source"], dev) if "source" in raw else None,
+                    unlabeled=_to(raw["unlabeled"][0], dev) if "unlabeled" in raw else None,
                 )
                 n_img += sum(len(v[0]) for v in raw.values())
                 with self._amp():
                     loss, logs = self.strategy.loss(self.model, batch, progress)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; lower the learning "
-                        f"rate (now {self.cfg.lr}) or enable gradient clipping (grad_clip)."
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.cfg.grad_clip:
-                    nn.utils.clip_grad_norm_([p for g in self.groups for p in g["params"]], self.cfg.grad_clip)
-                self.optimizer.step()
-                self.scheduler.step()
-                for k, v in {"loss": loss.item(), **logs}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                bad = ~torch.isfinite(loss.detach())  # read once per epoch: no host-device sync per step
+                first_bad = torch.where(bad & (first_bad < 0), float(step), first_bad)
+                n_bad = n_bad + bad
+                self._step(loss)
+                for k, v in {"loss": loss.detach(), **logs}.items():
+                    sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
                 for cb in self._step_callbacks:
                     cb.on_step_end(self, epoch, step)
-            dt = time.perf_counter() - t0
-            metrics = {"epoch": epoch + 1, **{f"train_{k}": v / self.steps_per_epoch for k, v in sums.items()},
-                       "lr": self.optimizer.param_groups[-1]["lr"], "epoch_time_s": dt, "train_images_per_s": n_img / dt}
+            metrics = self._epoch_metrics(epoch, t0, sums, n_img, n_bad, first_bad)
             if self.loaders.val is not None:
-                logits, y = predict(self.model, self.loaders.val, self.device)
-                metrics["val_loss"] = nn.functional.cross_entropy(logits, y).item()
-                metrics["val_accuracy"] = (logits.argmax(1) == y).float().mean().item()
+                metrics.update(self._validate())
             self.epoch = epoch + 1
             self.history.append(metrics)
             self.log(_format(metrics, self.cfg.epochs))
             for cb in self.callbacks:
                 cb.on_epoch_end(metrics, self)
 
+    def _epoch_metrics(self, epoch: int, t0: float, sums: dict, n_img: int, n_bad, first_bad) -> dict:
+        """Losses averaged over steps and ranks, images/s of the whole group (its slowest rank's time)."""
+        dev = self.device
+        self._sync()
+        dt = torch.tensor(time.perf_counter() - t0, device=dev, dtype=torch.float64)
+        keys = list(sums)
+        vec = torch.stack([torch.as_tensor(sums[k], device=dev, dtype=torch.float64) for k in keys]
+                          + [torch.tensor(float(n_img), device=dev, dtype=torch.float64), n_bad.double()])
+        _all_reduce(vec, self.world)
+        _all_reduce(dt, self.world, "max")
+        *vals, total_img, total_bad, bad_step, secs = torch.cat([vec, first_bad.double()[None], dt[None]]).tolist()
+        if total_bad:
+            where = f"step {int(bad_step) + 1}" if bad_step >= 0 else "a step on another worker"
+            raise FloatingPointError(
+                f"loss became non-finite at epoch {epoch + 1}, {where} ({int(total_bad)} step(s) in all); lower "
+                f"the learning rate (now {self.cfg.lr}) or enable gradient clipping (grad_clip)."
+            )
+        n = self.steps_per_epoch * self.world
+        return {"epoch": epoch + 1, **{f"train_{k}": v / n for k, v in zip(keys, vals)},
+                "lr": self.optimizer.param_groups[-1]["lr"], "epoch_time_s": secs, "train_images_per_s": total_img / secs}
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
+        """``val_loss`` / ``val_accuracy`` over the union of the ranks' validation loaders, on rank 0's weights."""
+        import torch.distributed as dist
+
+        dev, net = self.device, self.net  # unwrapped: ranks may hold different numbers of batches
+        if self.world > 1:  # BatchNorm statistics drift per rank between DDP's broadcasts; use the saved ones
+            for b in net.buffers():
+                dist.broadcast(b, 0)
+        was = net.training
+        net.eval()
+        s = torch.zeros(3, device=dev, dtype=torch.float64)
+        for x, y in self.loaders.val:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            logits = net(x)["logits"].float()
+            s += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                              (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
+        net.train(was)
+        loss, correct, n = _all_reduce(s, self.world).tolist()
+        return {"val_loss": loss / n, "val_accuracy": correct / n} if n else {}
+
     def state_dict(self) -> dict:
-        return {
+        state = {
             "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "history": self.history,
             "config": asdict(self.cfg), "torch_rng": torch.get_rng_state(),
         }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.rank:  # the checkpoint holds rank 0's streams: every other rank derives its own from them
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + self.rank)
 
 
 def _format(m: dict, epochs: int) -> str:

@@ -38,14 +38,17 @@ def mcc_loss(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
 
     Temperature-scaled predictions are weighted by certainty (1 + exp(-entropy)); the
     class-correlation matrix is row-normalised and its off-diagonal mass (confusion) is returned.
+    Computed in fp32 even under autocast, whose bf16/fp16 matrix product would round the ``(C, C)``
+    correlations.
     """
     n, c = logits.shape
-    p = F.softmax(logits / temperature, dim=1)
-    w = 1 + torch.exp(-entropy(p).detach())
-    w = (n * w / w.sum()).unsqueeze(1)
-    conf = (p * w).t() @ p
-    conf = conf / conf.sum(dim=1, keepdim=True)
-    return (conf.sum() - torch.trace(conf)) / c
+    with torch.autocast(logits.device.type, enabled=False):
+        p = F.softmax(logits.float() / temperature, dim=1)
+        w = 1 + torch.exp(-entropy(p).detach())
+        w = (n * w / w.sum()).unsqueeze(1)
+        conf = (p * w).t() @ p
+        conf = conf / conf.sum(dim=1, keepdim=True)
+        return (conf.sum() - torch.trace(conf)) / c
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None,

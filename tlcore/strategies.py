@@ -93,6 +93,13 @@ class Strategy:
     uses: ClassVar[frozenset[str]] = frozenset({"target"})
     #: whether the model starts from the source weights (False only for ``scratch``)
     transfers: ClassVar[bool] = True
+    #: whether source and target must share one label set (the source classifier is adapted, not replaced)
+    shared_label_set: ClassVar[bool] = False
+
+    @classmethod
+    def needs_target_labels(cls) -> bool:
+        """Whether it cannot train without labeled target images (nothing else would train the target head)."""
+        return "target" in cls.uses and not cls.uses >= {"source", "unlabeled"}
 
     def __init__(self, backbone_lr_mult: float = 1.0, reset_head: bool | None = None, label_smoothing: float = 0.0):
         self.backbone_lr_mult = backbone_lr_mult
@@ -131,11 +138,13 @@ class Strategy:
         net.train()
 
     # -- loss --------------------------------------------------------------------------------
-    def loss(self, net: nn.Module, batch: Batch, progress: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, net: nn.Module, batch: Batch, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """``(loss, logs)``: the scalar to minimise and named values to average over the epoch, as detached
+        0-d tensors (or floats): the engine reads them from the device once per epoch, not per step."""
         x, y = batch.target
         out = net(x)
         loss = losses.cross_entropy(out["logits"], y, self.label_smoothing)
-        return loss, {"loss_target": loss.item()}
+        return loss, {"loss_target": loss.detach()}
 
     def _target_ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return losses.cross_entropy(logits, y, self.label_smoothing)
@@ -260,11 +269,13 @@ class Joint(Strategy):
         src_logits = (out["source_logits"] if self.separate_heads else out["logits"])[:ns]
         ls = losses.cross_entropy(src_logits, ys)
         lt = self._target_ce(out["logits"][ns:], yt)
-        return losses.joint_loss(ls, lt, self.lam), {"loss_source": ls.item(), "loss_target": lt.item()}
+        return losses.joint_loss(ls, lt, self.lam), {"loss_source": ls.detach(), "loss_target": lt.detach()}
 
 
 class _SourceSupervised(Strategy):
     """Shared setup for adaptation methods that train on labeled source + target images."""
+
+    shared_label_set = True
 
     def _forward(self, net, batch: Batch, **kw) -> tuple[dict, int, int]:
         """One forward over ``[source, unlabeled, labeled target]`` (one pass keeps DDP and BN simple)."""
@@ -277,7 +288,7 @@ class _SourceSupervised(Strategy):
         if batch.target is None:
             return loss, logs
         lt = self._target_ce(out["logits"][end:], batch.target[1])
-        return loss + lt, {**logs, "loss_target": lt.item()}
+        return loss + lt, {**logs, "loss_target": lt.detach()}
 
     def setup(self, model, num_classes, same_label_space=True):
         if not same_label_space or model.num_classes != num_classes:
@@ -316,8 +327,8 @@ class DANN(_SourceSupervised):
         adv = losses.domain_adversarial_loss(d_s, d_t)
         with torch.no_grad():
             dom_acc = ((d_s > 0).float().mean() + (d_t <= 0).float().mean()) / 2
-        loss, logs = ls + self.trade_off * adv, {"loss_source": ls.item(), "loss_adv": adv.item(),
-                                                 "domain_acc": dom_acc.item(), "grl_coeff": coeff}
+        loss, logs = ls + self.trade_off * adv, {"loss_source": ls.detach(), "loss_adv": adv.detach(),
+                                                 "domain_acc": dom_acc.detach(), "grl_coeff": coeff}
         return self._add_target(out, batch, ns + nu, loss, logs)
 
 
@@ -341,7 +352,7 @@ class MCC(_SourceSupervised):
         out, ns, nu = self._forward(net, batch)
         ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
         lm = losses.mcc_loss(out["logits"][ns:ns + nu], self.temperature)
-        logs = {"loss_source": ls.item(), "loss_mcc": lm.item()}
+        logs = {"loss_source": ls.detach(), "loss_mcc": lm.detach()}
         return self._add_target(out, batch, ns + nu, ls + self.trade_off * lm, logs)
 
 
@@ -373,5 +384,5 @@ class SemiSupervised(_SourceSupervised):
         mask = (conf >= self.threshold).float()
         lp = (torch.nn.functional.cross_entropy(logits_u, pseudo, reduction="none") * mask).mean()
         loss = self.source_weight * ls + self.trade_off * lm + self.pseudo_weight * lp
-        logs = {"loss_source": ls.item(), "loss_mcc": lm.item(), "pseudo_frac": mask.mean().item()}
+        logs = {"loss_source": ls.detach(), "loss_mcc": lm.detach(), "pseudo_frac": mask.mean().detach()}
         return self._add_target(out, batch, ns + nu, loss, logs)

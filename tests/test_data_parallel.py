@@ -1,0 +1,132 @@
+"""Data-parallel training without Ray or a GPU: 2 ranks over torch.distributed (gloo) in 2 processes.
+
+One short run (tinycnn, gradual_unfreeze, 2 epochs x 2 steps) is shared by the tests that read it:
+replicas stay identical after the unfreeze, validation covers the whole set, metrics are global.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+WORLD, STEPS, BATCH, N_VAL = 2, 2, 8, 11
+
+
+def _datasets():
+    from tlcore import data, models
+
+    rng = np.random.default_rng(0)
+    spec = models.get_spec("tinycnn")
+    x = rng.integers(0, 256, size=(40 + N_VAL, 32, 32), dtype=np.uint8)
+    y = np.arange(len(x)) % 10
+    ds = data.ImageDataset.from_numpy(x, y, [str(i) for i in range(10)])
+    train, val = ds.subset(np.arange(40)), ds.subset(np.arange(40, 40 + N_VAL))
+    train.transform, val.transform = data.build_transform(spec, True), data.build_transform(spec, False)
+    return train, val
+
+
+def _job(train, val, **optim):
+    from tasks.config import Optim
+    from tasks.training import TrainJob
+
+    o = Optim(epochs=2, steps_per_epoch=STEPS, batch_size=BATCH, lr=3e-2, precision="fp32", **optim)
+    return TrainJob(arch="tinycnn", num_classes=10, strategy="gradual_unfreeze", optim=o, seed=0,
+                    strategy_params={"freeze_epochs": 1}, labeled=train, val=val)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tasks.training import build_trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        trainer = build_trainer(_job(*_datasets()), "cpu", wrap=DDP, replicas=WORLD, rank=rank, log=None)
+        history = trainer.fit()
+        backbone = [float(p.double().sum()) for p in trainer.net.model.backbone.parameters()]
+        out = {"history": history, "backbone": backbone, "wrapped": type(trainer.model).__name__}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
+        if rank == 0:
+            torch.save(trainer.net.state_dict(), Path(out_dir) / "net.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    d = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(str(d / "pg"), str(d)), nprocs=WORLD, start_method="fork", join=True)
+    return d, [json.loads((d / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_gradual_unfreeze_keeps_replicas_identical_after_the_unfreeze(two_ranks):
+    from tlcore import models
+    from tlcore.engine import seed_everything
+
+    _, ranks = two_ranks
+    assert all(r["wrapped"] == "DistributedDataParallel" for r in ranks)
+    seed_everything(0)
+    initial = [float(p.detach().double().sum()) for p in models.create("tinycnn", 10).backbone.parameters()]
+    assert ranks[0]["backbone"] != pytest.approx(initial, rel=1e-6)  # the backbone trained in epoch 2
+    assert ranks[0]["backbone"] == pytest.approx(ranks[1]["backbone"], rel=0, abs=1e-9)  # and is one model
+
+
+def test_validation_covers_the_whole_set_and_metrics_are_global(two_ranks):
+    from tlcore import models
+
+    d, ranks = two_ranks
+    h0, h1 = ranks[0]["history"], ranks[1]["history"]
+    for key in ("train_loss", "val_loss", "val_accuracy"):  # one answer for the group, not rank 0's share
+        assert [h[key] for h in h0] == pytest.approx([h[key] for h in h1], rel=1e-6)
+    # the reported validation numbers are those of rank 0's (the saved) weights over all N_VAL images
+    from tlcore.strategies import TransferNet
+
+    net = TransferNet(models.create("tinycnn", 10))
+    net.load_state_dict(torch.load(d / "net.pt", weights_only=True))
+    net.eval()
+    _, val = _datasets()
+    x, y = val.transform(val.images), val.targets
+    with torch.no_grad():
+        logits = net(x)["logits"]
+    assert h0[-1]["val_accuracy"] == pytest.approx((logits.argmax(1) == y).double().mean().item(), abs=1e-12)
+    assert h0[-1]["val_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    # throughput counts every rank's images: WORLD x STEPS x BATCH per epoch
+    assert h0[-1]["train_images_per_s"] * h0[-1]["epoch_time_s"] == pytest.approx(WORLD * STEPS * BATCH, rel=1e-6)
+
+
+def test_each_rank_augments_with_its_own_seed_and_shards_with_the_run_seed():
+    from tasks.training import build_trainer
+
+    train, val = _datasets()
+    draws, states = [], []
+    for rank in range(WORLD):
+        t = build_trainer(_job(train, val), "cpu", replicas=WORLD, rank=rank, log=None)
+        sampler = t.loaders.target.sampler
+        assert (sampler.seed, sampler.rank, sampler.num_replicas) == (0, rank, WORLD)
+        assert len(t.loaders.val.dataset) == len(range(rank, N_VAL, WORLD))  # disjoint slices, no padding
+        states.append(t.net.state_dict())
+        draws.append(torch.rand(4))  # the stream the augmentation draws from
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # one initial model
+    assert not torch.equal(draws[0], draws[1])  # seed + rank: the ranks warp their images differently
+    single = build_trainer(_job(train, val), "cpu", log=None)
+    assert single.loaders.target.sampler.__class__.__name__ == "RandomSampler"  # one process: as before
+
+
+def test_sync_batchnorm_on_cuda_with_several_workers_only():
+    from tasks.distributed import use_sync_batchnorm
+    from tasks.training import build_trainer
+
+    assert use_sync_batchnorm("cuda", 2) and not use_sync_batchnorm("cuda", 1) and not use_sync_batchnorm("cpu", 4)
+    train, val = _datasets()
+    t = build_trainer(_job(train, val), "cpu", sync_batchnorm=True, log=None)
+    kinds = {type(m).__name__ for m in t.net.modules() if "BatchNorm" in type(m).__name__}
+    assert kinds == {"SyncBatchNorm"}
+    params = {id(p) for p in t.net.parameters()}
+    assert params == {id(p) for g in t.optimizer.param_groups for p in g["params"]}  # the optimiser trains them

@@ -1,0 +1,128 @@
+"""Engine behaviour that matters on a GPU, checked on the CPU: host-device syncs, fp16 loss scaling, RNG state."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tlcore import models, strategies
+from tlcore.engine import Loaders, TrainConfig, Trainer
+
+
+def _loader(seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 1, 32, 32, generator=g), torch.arange(16) % 10
+    return DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True, drop_last=True, generator=g)
+
+
+def _trainer(strategy="semi", steps=2, **cfg) -> Trainer:
+    torch.manual_seed(0)
+    strat = strategies.create_strategy(strategy)
+    net = strat.setup(models.create("tinycnn", 10), 10)
+    loaders = Loaders(target=_loader(1), source=_loader(2), unlabeled=_loader(3))
+    cfg = TrainConfig(**{"epochs": 1, "steps_per_epoch": steps, "precision": "fp32", **cfg})
+    return Trainer(net, strat, cfg, loaders, device="cpu", log=None)
+
+
+def _syncs_in_tlcore(monkeypatch) -> list[str]:
+    """Every tensor -> Python read (``.item()``, ``bool``, ``float``, ``.tolist()``...) made by tlcore code:
+    each one waits for the GPU."""
+    seen = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, _orig=orig, _name=name, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if "/tlcore/" in caller:
+                seen.append(f"{_name} in {caller.rsplit('/', 1)[-1]}")
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("strategy", ["semi", "dann"])
+def test_losses_are_read_once_per_epoch_not_per_step(monkeypatch, strategy):
+    counts = []
+    for steps in (2, 5):
+        trainer = _trainer(strategy, steps=steps)
+        seen = _syncs_in_tlcore(monkeypatch)
+        hist = trainer.fit()
+        monkeypatch.undo()
+        counts.append(len(seen))
+        assert "train_loss_source" in hist[0] and torch.isfinite(torch.tensor(hist[0]["train_loss"]))
+    assert counts[0] == counts[1] <= 2, counts  # the same few reads at 2 and at 5 steps
+
+
+def test_non_finite_loss_still_stops_training_with_the_step():
+    trainer = _trainer("finetune", steps=3, lr=1e-2)
+    orig = trainer.strategy.loss
+    calls = []
+
+    def loss(net, batch, progress):
+        calls.append(1)
+        value, logs = orig(net, batch, progress)
+        return (value * float("nan") if len(calls) == 2 else value), logs
+
+    trainer.strategy.loss = loss
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 2 .*lower the learning rate"):
+        trainer.fit()
+
+
+def test_fp16_scales_the_loss_and_clips_unscaled_gradients(monkeypatch):
+    trainer = _trainer("finetune", precision="fp16", grad_clip=1.0, lr=1e-3)
+    assert trainer.precision == "fp16" and trainer.scaler.is_enabled()
+    with trainer._amp():
+        assert trainer.net.model.backbone(torch.randn(2, 1, 32, 32)).dtype == torch.float16
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):
+        params = list(params)
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+        return clip(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    hist = trainer.fit()
+    assert norms and max(norms) < 1e3  # the loss scale (65536) is divided out before clipping
+    assert torch.isfinite(torch.tensor(hist[0]["train_loss"]))
+    state = trainer.state_dict()
+    assert state["config"]["precision"] == "fp16" and state["scaler"]["scale"] > 0
+    resumed = _trainer("finetune", precision="fp16", grad_clip=1.0)
+    resumed.load_state_dict(state)
+    assert resumed.scaler.get_scale() == trainer.scaler.get_scale()
+
+
+def test_checkpoint_keeps_the_cuda_rng_state_where_cuda_exists(monkeypatch):
+    trainer = _trainer("finetune")
+    assert "cuda_rng" not in trainer.state_dict()  # no CUDA here: nothing to save, nothing breaks
+    fake = [torch.arange(8, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    state = trainer.state_dict()
+    assert state["cuda_rng"] is fake
+    trainer.load_state_dict(state)
+    assert restored == [fake]
+
+
+def test_evaluation_moves_the_model_to_the_evaluation_device(monkeypatch):
+    """After Ray training the driver rebuilds the model on the CPU; accuracy on a GPU must move it there
+    itself. ``meta`` stands in for the GPU: the stub sees where the model and the device are."""
+    from tlcore import engine, metrics
+
+    seen = []
+
+    def fake_predict(model, loader, device=None):
+        seen.append((next(model.parameters()).device.type, torch.device(device).type))
+        return torch.eye(4), torch.arange(4)
+
+    monkeypatch.setattr(engine, "predict", fake_predict)
+    model = models.create("tinycnn", 10)  # on the CPU, as rebuilt from a Ray checkpoint
+    assert metrics.accuracy(model, [], "meta") == 1.0
+    assert metrics.correct(models.create("tinycnn", 10), [], "meta").tolist() == [True] * 4
+    assert seen == [("meta", "meta"), ("meta", "meta")]

@@ -1,0 +1,186 @@
+"""A user's own data, any label budget (tasks/plan.py): ``finetune.strategy: auto`` and ``data.labels_per_class: auto``
+resolve from the label sets, and a strategy the data cannot support is refused before any training, in
+``tl check``, ``tl run`` and the finetune stage. Tiny image folders; one in-process run of the target-side stages."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import ROOT
+from tasks.config import ParamsError, load_params
+from tasks.plan import budget_text, label_sets, labels_per_class, plan
+
+
+def _folder(root: Path, classes=("cat", "dog"), n_train=3, n_test=2) -> Path:
+    rng = np.random.default_rng(len(classes))
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch) -> Path:
+    p = tmp_path / "project"
+    p.mkdir()
+    shutil.copy(ROOT / "params.yaml", p / "params.yaml")
+    monkeypatch.chdir(p)
+    return p
+
+
+def _plan(project, sets=()):
+    return plan(load_params(project / "params.yaml", list(sets)), root=project)
+
+
+def test_defaults_are_auto_and_keep_the_embedded_demo_as_it_was(project):
+    p = load_params(project / "params.yaml")
+    assert (p.data.labels_per_class, p.finetune.strategy) == ("auto", "auto")
+    choice, sets = _plan(project)
+    assert (choice.strategy, labels_per_class(p), sets.same) == ("semi", 2, True)  # as the old explicit defaults
+    assert choice.describe() == "semi (auto: source and target share one label set)"
+
+
+def test_auto_picks_a_plain_method_for_other_classes_and_all_of_a_user_folders_labels(project, tmp_path):
+    target = _folder(tmp_path / "pets")
+    p = load_params(project / "params.yaml", [f"data.target={target}"])
+    choice, sets = plan(p, root=project)
+    assert (choice.strategy, choice.requested, sets.same) == ("gradual_unfreeze", "auto", False)
+    assert sets.target == ["cat", "dog"] and sets.origin == "the class folders of train/"
+    assert labels_per_class(p) is None and budget_text(None) == "all"
+    assert labels_per_class(load_params(project / "params.yaml", [f"data.target={target}", "data.labels_per_class=3"])) == 3
+    same = _folder(tmp_path / "pets_src")  # the same class folders on both sides: semi again
+    assert _plan(project, [f"data.target={target}", f"data.source={same}"])[0].strategy == "semi"
+
+
+def test_auto_with_no_labels_and_other_classes_says_why(project, tmp_path):
+    target = _folder(tmp_path / "pets")
+    with pytest.raises(ParamsError, match=r"labels_per_class = 0 cannot work.*cat, dog.*read from the class folders"
+                                          r".*new classifier head.*data\.labels_per_class >= 1"):
+        _plan(project, [f"data.target={target}", "data.labels_per_class=0"])
+
+
+@pytest.mark.parametrize("strategy", ["semi", "mcc", "dann"])
+def test_a_strategy_that_needs_one_label_set_is_refused_with_what_where_and_fix(project, tmp_path, strategy):
+    target = _folder(tmp_path / "pets")
+    with pytest.raises(ParamsError) as e:
+        _plan(project, [f"data.target={target}", f"finetune.strategy={strategy}"])
+    msg = str(e.value)
+    assert f"finetune.strategy = '{strategy}' cannot work with this data" in msg
+    assert "source 'synth_digits' has classes 0, 1, 2, 3, 4, 5, ... (10 classes)" in msg and "cat, dog" in msg
+    assert "Set finetune.strategy to auto (it picks gradual_unfreeze here)" in msg and "finetune" in msg
+    for ok in ("finetune", "gradual_unfreeze", "joint", "linear_probe"):
+        assert _plan(project, [f"data.target={target}", f"finetune.strategy={ok}"])[0].strategy == ok
+
+
+def test_the_manifest_decides_when_it_was_written_for_this_source_and_target(project):
+    p = load_params(project / "params.yaml")
+    (project / "data").mkdir()
+    m = {"source": {"name": "synth_digits", "classes": ["0", "1"]}, "target": {"name": "optdigits", "classes": ["a"]},
+         "same_label_space": False}
+    (project / "data" / "manifest.json").write_text(json.dumps(m))
+    sets = label_sets(p, root=project)
+    assert not sets.same and sets.origin.endswith("manifest.json")
+    m["target"]["name"] = "elsewhere"  # a manifest of other data: the folders (here: the embedded names) decide
+    (project / "data" / "manifest.json").write_text(json.dumps(m))
+    assert label_sets(p, root=project).same
+
+
+def test_labels_per_class_keys(project):
+    assert load_params(project / "params.yaml", ["data.labels_per_class=null"]).data.labels_per_class is None
+    with pytest.raises(ParamsError, match="true is a boolean"):  # auto did not open the door to booleans
+        load_params(project / "params.yaml", ["data.labels_per_class=true"])
+    with pytest.raises(ParamsError, match="larger than the smallest optdigits class"):
+        load_params(project / "params.yaml", ["data.labels_per_class=500"])
+
+
+# --- refused before any training: tl check, tl run, the finetune stage --------------------------------------
+
+def test_tl_check_and_tl_run_refuse_before_any_stage(project, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tasks import cli
+
+    monkeypatch.setattr(cli, "_dvc", lambda *a, **k: pytest.fail("tl run started DVC despite an impossible strategy"))
+    target = _folder(tmp_path / "pets")
+    bad = ["-S", f"data.target={target}", "-S", "finetune.strategy=semi"]
+    for cmd in ("check", "run"):
+        r = CliRunner().invoke(cli.app, [cmd, *bad])
+        assert r.exit_code == 2 and "'semi' cannot work with this data" in r.output
+    assert "strategy: auto" in (project / "params.yaml").read_text()  # tl run wrote nothing
+    r = CliRunner().invoke(cli.app, ["check", "-S", f"data.target={target}"])
+    assert r.exit_code == 0 and "plan: strategy gradual_unfreeze (auto: source and target have different label sets); " \
+                                "target labels: all" in r.output
+
+
+def _stage_project(project, tmp_path, target_classes=("cat", "dog")):
+    """Data stage on tiny folders and a stand-in source model: what the finetune stage needs."""
+    from tasks.common import save_checkpoint
+    from tasks.data import prepare
+    from tlcore import models
+
+    src, tgt = _folder(tmp_path / "src", ("x", "y")), _folder(tmp_path / "tgt", target_classes)
+    from tasks.project import write_overrides
+
+    write_overrides(project / "params.yaml", [f"data.source={src}", f"data.target={tgt}", "finetune.epochs=1",
+                                              "finetune.steps_per_epoch=1", "finetune.batch_size=4",
+                                              "finetune.precision=fp32", "evaluate.latency_iters=2"])
+    params = load_params(project / "params.yaml")
+    prepare(params)
+    save_checkpoint(params.path("models", "source.pt"), models.create("smallcnn", 2), ["x", "y"], 1)
+    return params
+
+
+def _in_process(monkeypatch):
+    """Ray Train's local mode runs the same loop; here it runs in-process (no Ray import in a unit test)."""
+    from tasks import baselines, finetune
+    from tasks.training import run_job
+
+    def run(job, params, stage, manifest):
+        model, history = run_job(job, "cpu", log=None)
+        return model, history, {}
+
+    monkeypatch.setattr(finetune, "run_job_ray", run)
+    monkeypatch.setattr(baselines, "run_job_ray", run)
+
+
+def test_finetune_stage_refuses_before_loading_data(project, tmp_path, monkeypatch):
+    from tasks import finetune
+
+    params = _stage_project(project, tmp_path)
+    monkeypatch.setattr(finetune, "target_job", lambda *a, **k: pytest.fail("loaded data for an impossible strategy"))
+    params.finetune.strategy = "mcc"
+    with pytest.raises(ParamsError, match=r"'mcc' cannot work with this data.*read from .*manifest\.json"):
+        finetune.finetune(params)
+
+
+def test_the_strategy_used_is_printed_and_recorded(project, tmp_path, monkeypatch, capsys):
+    """Different label sets, auto strategy, all labels: finetune -> baselines -> evaluate in-process."""
+    from tasks.baselines import baselines
+    from tasks.evaluate import evaluate
+    from tasks.finetune import finetune
+
+    from tlcore import metrics as tl_metrics
+
+    params = _stage_project(project, tmp_path)
+    _in_process(monkeypatch)
+    monkeypatch.setattr(tl_metrics, "throughput", lambda *a, **k: 0.0)  # seconds of batch-256 timing: not tested here
+    (project / "reports").mkdir(exist_ok=True)
+    (project / "reports" / "pretrain.json").write_text(json.dumps({"history": [], "source_test_accuracy": 0.9}))
+    ft = finetune(params)
+    assert (ft["strategy"], ft["strategy_requested"], ft["labels_per_class"], ft["labeled"]) == \
+        ("gradual_unfreeze", "auto", None, 6)
+    out = capsys.readouterr().out
+    assert "finetune: strategy gradual_unfreeze (auto: source and target have different label sets) on 6 labeled " \
+           "target images (all)" in out
+    baselines(params)
+    metrics = evaluate(params)
+    assert metrics["strategy"] == "gradual_unfreeze"
+    assert json.loads((project / "reports" / "metrics.json").read_text())["strategy"] == "gradual_unfreeze"
+    assert "strategy `gradual_unfreeze`, target labels: all (6 labeled" in (project / "reports" / "report.md").read_text()

@@ -1,0 +1,92 @@
+"""Decoding image files as users have them into the pixels a model sees.
+
+One decoder for training data (``tlcore.data``) and prediction (``tl predict``), so both see the same
+pixels whatever the file: EXIF-rotated photos, 16-bit greyscale, transparency, palettes, CMYK, and
+files that are not images, truncated, or decompression bombs (refused with the file named).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS; a test keeps them equal).
+# Not imported from there: importing torchvision costs ~2 s per process on a 2-core machine.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def show_path(p: str | Path) -> str:
+    """A path as text that always prints: bytes that are not UTF-8 (kept by Python as surrogates) as ``\\xNN``."""
+    return os.fsencode(p).decode("utf-8", "backslashreplace")
+
+
+class ImageDecodeError(ValueError):
+    """One file cannot be decoded into pixels; the message names the file and the rule it broke."""
+
+
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+BACKGROUND = (255, 255, 255)  # transparent pixels become white, as a viewer on a white page shows them
+
+
+def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """Grey values of a high-bit-depth image scaled to 0..255 by their bit depth, not clipped: 16-bit
+    (``I;16*``, and ``I`` holding 0..65535) divides by 257 (65535 -> 255); floats in [0, 1] times 255;
+    anything else (negative or wider values) is stretched from its own minimum to maximum."""
+    a = a.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= 65535):
+        a = a / 257
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255
+    else:
+        a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _open(path: Path) -> Image.Image:
+    """Open and fully decode ``path``; every failure (decompression bombs included) as :class:`ImageDecodeError`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not just warned
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return ImageOps.exif_transpose(im)  # a rotated phone photo stands upright, as viewers show it
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageDecodeError(
+                f"{show_path(path)}: refused as a possible decompression bomb ({e}; the limit is PIL's "
+                f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+            raise ImageDecodeError(f"{show_path(path)}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None) -> np.ndarray:
+    """Decode one image file as a user has it into ``uint8 (H, W, C)`` pixels, ``C`` = 1 (``mode="L"``) or 3.
+
+    The one decoder that training data (:func:`load_split`) and prediction use, so both see the same
+    pixels. EXIF orientation is applied; 16-bit and 32-bit greyscale is scaled to 8 bits (see
+    :func:`_to_8bit`), not saturated; alpha (RGBA, LA, a palette or grey image with a transparent
+    colour) is composited onto a white background; palette, CMYK, 1-bit and other modes are converted.
+    ``size`` resizes to ``size`` x ``size`` (bilinear). Raises :class:`ImageDecodeError` naming the file:
+    not an image, truncated, or larger than PIL's decompression-bomb limit.
+    """
+    im = _open(Path(path))
+    try:
+        if im.mode in _HIGH_DEPTH:
+            im = Image.fromarray(_to_8bit(np.asarray(im), im.mode), "L")
+        if im.mode in ("P", "L", "RGB") and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in _ALPHA:
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+        im = im.convert(mode)
+        if size is not None:
+            im = im.resize((size, size), Image.BILINEAR)
+    except (OSError, ValueError) as e:
+        raise ImageDecodeError(f"{show_path(path)}: cannot be converted to {mode} ({type(e).__name__}: {e})") from None
+    a = np.array(im)  # writable: torch.from_numpy takes it as is
+    return a.reshape(*a.shape[:2], -1)
