@@ -17,7 +17,8 @@ TINY = {
     "pretrain": {"epochs": 3, "batch_size": 32},
     "finetune": {"epochs": 2, "steps_per_epoch": 5, "batch_size": 32},
     "evaluate": {"latency_iters": 3},
-    "compress": {"distill_epochs": 1, "prune_finetune_epochs": 1},
+    # int8 only: pruning and distillation are covered once, by the first run of tests/test_pipeline.py
+    "compress": {"methods": ["int8"], "distill_epochs": 1, "prune_finetune_epochs": 1},
     "base": {"num_threads": 1},
     "ray": {"num_workers": 0},  # Ray Train local mode: the same loop, no cluster start-up per stage
 }
