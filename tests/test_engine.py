@@ -192,3 +192,11 @@ def test_an_interrupted_and_resumed_run_gives_the_same_weights_as_an_uninterrupt
     naive.fit()
     c = naive.net.state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_loaders_pin_memory_for_a_gpu_only():
+    from tlcore import data
+
+    ds = TensorDataset(torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long))
+    assert data.make_loader(ds, 8, True, pin_memory=True).pin_memory
+    assert not data.make_loader(ds, 8, True).pin_memory

@@ -311,14 +311,15 @@ class ResumableSampler(DistributedSampler):
 
 
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                replicas: int = 1, rank: int = 0) -> DataLoader:
+                replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs.
 
     A training loader shuffles with a :class:`ResumableSampler` (its order a function of ``seed`` and the
     pass number; ``set_epoch`` reshuffles). With ``replicas`` > 1 data-parallel workers, this is worker
     ``rank``'s shard: the training sampler's shard of one shared permutation, an evaluation loader every
     ``replicas``-th item from ``rank`` on, so the shards cover the set exactly once (no padding: sums over
-    them are exact).
+    them are exact). ``pin_memory`` (for a CUDA device) makes the engine's ``non_blocking`` copies
+    overlap with compute.
     """
     g = torch.Generator().manual_seed(seed)
     if train and len(ds) < batch_size * replicas:
@@ -335,4 +336,4 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
     # the generator only seeds loader worker processes; without one each new pass would draw from (and so
     # shift) the global RNG that augmentation uses
     return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, drop_last=train,
-                      generator=g, num_workers=num_workers, persistent_workers=num_workers > 0)
+                      generator=g, num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
