@@ -33,9 +33,10 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
 
     As data-parallel worker ``rank`` of ``replicas``: the model starts from ``job.seed`` on every worker,
     augmentation draws from ``job.seed + rank`` (no two workers warp alike), the training loaders shard
-    with a ``DistributedSampler`` seeded by ``job.seed`` and the validation loader takes a disjoint
+    with a sampler seeded by ``job.seed`` (pinned memory on CUDA) and the validation loader takes a disjoint
     slice (the engine sums over the slices). ``loader_hook`` sees the training loaders only.
     ``sync_batchnorm`` turns BatchNorm into ``SyncBatchNorm`` (CUDA, more than one worker)."""
+    import torch
     from torch import nn
 
     from tlcore import data, models, strategies
@@ -60,7 +61,8 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
     def loader(ds, train=True, size=bs):
         if ds is None or len(ds) == 0:
             return None
-        dl = data.make_loader(ds, size, train=train, seed=job.seed, replicas=replicas, rank=rank)
+        dl = data.make_loader(ds, size, train=train, seed=job.seed, replicas=replicas, rank=rank,
+                              pin_memory=torch.device(device).type == "cuda")  # async host-to-GPU copies
         return hook(dl) if train else dl
 
     loaders = Loaders(target=loader(job.labeled), source=loader(job.source), unlabeled=loader(job.unlabeled),

@@ -116,7 +116,8 @@ def test_each_rank_augments_with_its_own_seed_and_shards_with_the_run_seed():
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # one initial model
     assert not torch.equal(draws[0], draws[1])  # seed + rank: the ranks warp their images differently
     single = build_trainer(_job(train, val), "cpu", log=None)
-    assert single.loaders.target.sampler.__class__.__name__ == "RandomSampler"  # one process: as before
+    s1 = single.loaders.target.sampler  # one process: the same resumable sampler, the whole set
+    assert (s1.__class__.__name__, s1.num_replicas, s1.num_samples) == ("ResumableSampler", 1, len(train))
 
 
 def test_sync_batchnorm_on_cuda_with_several_workers_only():

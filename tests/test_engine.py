@@ -126,3 +126,77 @@ def test_evaluation_moves_the_model_to_the_evaluation_device(monkeypatch):
     assert metrics.accuracy(model, [], "meta") == 1.0
     assert metrics.correct(models.create("tinycnn", 10), [], "meta").tolist() == [True] * 4
     assert seen == [("meta", "meta"), ("meta", "meta")]
+
+
+class _Noisy(TensorDataset):
+    """Stands in for augmentation: every image fetched draws from the global RNG, as the random affine does."""
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 0.1 * torch.randn_like(x), y
+
+
+class _StopAfter:
+    def __init__(self, epochs: int):
+        self.epochs, self.state = epochs, None
+
+    def on_epoch_end(self, metrics, trainer):
+        if trainer.epoch == self.epochs:
+            import io
+
+            buf = io.BytesIO()  # as a checkpoint on disk: serialised, loaded back with weights_only
+            torch.save(trainer.state_dict(), buf)
+            buf.seek(0)
+            self.state = torch.load(buf, weights_only=True)
+            raise KeyboardInterrupt("interrupted")
+
+
+def _resumable_trainer(callbacks=()) -> Trainer:
+    from tlcore import data
+    from tlcore.engine import seed_everything
+
+    seed_everything(0)
+    g = torch.Generator().manual_seed(5)
+
+    def ds(n):
+        return _Noisy(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 10)
+
+    # 20, 28 and 36 images in batches of 8: passes end at other steps than epochs do (3 steps per epoch)
+    loaders = Loaders(target=data.make_loader(ds(20), 8, True, seed=1), source=data.make_loader(ds(28), 8, True, seed=2),
+                      unlabeled=data.make_loader(ds(36), 8, True, seed=3))
+    strat = strategies.create_strategy("semi")
+    net = strat.setup(models.create("tinycnn", 10), 10)
+    cfg = TrainConfig(epochs=4, steps_per_epoch=3, precision="fp32", lr=1e-2)
+    return Trainer(net, strat, cfg, loaders, device="cpu", log=None, callbacks=list(callbacks))
+
+
+def test_an_interrupted_and_resumed_run_gives_the_same_weights_as_an_uninterrupted_one():
+    whole = _resumable_trainer()
+    whole.fit()
+    stop = _StopAfter(2)
+    with pytest.raises(KeyboardInterrupt):
+        _resumable_trainer([stop]).fit()
+    # 6 batches taken: the 4-batch unlabeled stream is mid-pass, the 2-batch target stream at the end of a pass
+    assert stop.state["streams"]["unlabeled"] == {"passes": 1, "taken": 2}
+    assert stop.state["streams"]["target"] == {"passes": 2, "taken": 2}
+    resumed = _resumable_trainer()
+    torch.manual_seed(123)  # whatever the new process did before: the checkpoint decides
+    resumed.load_state_dict(stop.state)
+    resumed.fit()
+    a, b = whole.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert [h["train_loss"] for h in whole.history] == [h["train_loss"] for h in resumed.history]
+    # the check can fail: resuming without the streams' positions (what the engine did before) diverges
+    naive = _resumable_trainer()
+    naive.load_state_dict({k: v for k, v in stop.state.items() if k != "streams"})
+    naive.fit()
+    c = naive.net.state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_loaders_pin_memory_for_a_gpu_only():
+    from tlcore import data
+
+    ds = TensorDataset(torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long))
+    assert data.make_loader(ds, 8, True, pin_memory=True).pin_memory
+    assert not data.make_loader(ds, 8, True).pin_memory

@@ -6,6 +6,7 @@ uint8 tensor at the model's input size, so small-image training is not bound by 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -286,14 +287,39 @@ def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per
     return BudgetSplit(*(np.sort(np.concatenate(a)).astype(np.int64) for a in (lab, unl, val)))
 
 
+class ResumableSampler(DistributedSampler):
+    """A training sampler whose order depends on ``(seed, epoch)`` alone, and that can start a pass part-way.
+
+    It is torch's ``DistributedSampler`` (a shuffle drawn from ``seed + epoch``; with ``replicas`` > 1
+    this rank's shard, the same permutation on every worker) plus :meth:`skip`: the next pass leaves
+    out its first ``n`` indices. That is how a resumed run picks each data stream up exactly where the
+    checkpoint left it, without loading (and augmenting) the images it skips. Ray's
+    ``prepare_data_loader`` keeps it, since it is a ``DistributedSampler``.
+    """
+
+    def __init__(self, ds: Dataset, seed: int, replicas: int = 1, rank: int = 0):
+        super().__init__(ds, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+        self._start = 0
+
+    def skip(self, n: int) -> None:
+        """Leave out the first ``n`` indices of the next pass (only that one)."""
+        self._start = int(n)
+
+    def __iter__(self):
+        start, self._start = self._start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
 def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                replicas: int = 1, rank: int = 0) -> DataLoader:
+                replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs.
 
-    With ``replicas`` > 1 data-parallel workers, this is worker ``rank``'s shard: a training loader
-    gets a ``DistributedSampler`` shuffled by ``seed`` (the same on every worker, so the shards stay
-    disjoint; ``set_epoch`` reshuffles), an evaluation loader every ``replicas``-th item from
-    ``rank`` on, so the shards cover the set exactly once (no padding: sums over them are exact).
+    A training loader shuffles with a :class:`ResumableSampler` (its order a function of ``seed`` and the
+    pass number; ``set_epoch`` reshuffles). With ``replicas`` > 1 data-parallel workers, this is worker
+    ``rank``'s shard: the training sampler's shard of one shared permutation, an evaluation loader every
+    ``replicas``-th item from ``rank`` on, so the shards cover the set exactly once (no padding: sums over
+    them are exact). ``pin_memory`` (for a CUDA device) makes the engine's ``non_blocking`` copies
+    overlap with compute.
     """
     g = torch.Generator().manual_seed(seed)
     if train and len(ds) < batch_size * replicas:
@@ -302,11 +328,12 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
         ds = ds.subset(np.tile(np.arange(len(ds)), reps)) if isinstance(ds, ImageDataset) else \
             torch.utils.data.ConcatDataset([ds] * reps)
     sampler = None
-    if replicas > 1 and train:
-        sampler = DistributedSampler(ds, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    if train:
+        sampler = ResumableSampler(ds, seed, replicas, rank)
     elif replicas > 1:
         idx = np.arange(rank, len(ds), replicas)
         ds = ds.subset(idx) if isinstance(ds, ImageDataset) else torch.utils.data.Subset(ds, idx.tolist())
-    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
-                      generator=g if train and sampler is None else None, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+    # the generator only seeds loader worker processes; without one each new pass would draw from (and so
+    # shift) the global RNG that augmentation uses
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, drop_last=train,
+                      generator=g, num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)

@@ -11,7 +11,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator, Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import torch
@@ -173,20 +173,53 @@ def measure_bf16_speedup(model: nn.Module, input_shape: tuple[int, ...], device:
     return max(rates[True]) / max(rates[False])
 
 
-def _cycle(loader: DataLoader) -> Iterator:
-    epoch = 0
-    while True:
-        sampler = getattr(loader, "sampler", None)
+class _Stream:
+    """An endless iterator over a training loader that knows where it is: the pass over the loader and the
+    batches taken from it. :meth:`state` goes into checkpoints; after :meth:`load`, the next batch is the one
+    an uninterrupted run would have drawn (the sampler skips the taken indices, see
+    :class:`tlcore.data.ResumableSampler`; other samplers replay the pass and drop the batches, keeping the
+    global RNG as it was)."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader, self.passes, self.taken, self._it = loader, 0, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                self._start_pass()
+            try:
+                item = next(self._it)
+            except StopIteration:
+                if self.taken == 0:
+                    raise ValueError(f"a training data loader yields no batches ({len(self.loader.dataset)} samples, "
+                                     f"batch_size {self.loader.batch_size}, drop_last); lower the batch size.") from None
+                self._it, self.passes, self.taken = None, self.passes + 1, 0
+                continue
+            self.taken += 1
+            return item
+
+    def _start_pass(self) -> None:
+        sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        n = 0
-        for item in loader:
-            n += 1
-            yield item
-        if n == 0:
-            raise ValueError(f"a training data loader yields no batches ({len(loader.dataset)} samples, "
-                             f"batch_size {loader.batch_size}, drop_last); lower the batch size.")
-        epoch += 1
+            sampler.set_epoch(self.passes)
+        if self.taken and hasattr(sampler, "skip"):
+            sampler.skip(self.taken * self.loader.batch_size)
+            self._it = iter(self.loader)
+            return
+        self._it = iter(self.loader)
+        if self.taken:  # a sampler that cannot skip: replay the taken batches without touching the global RNG
+            with torch.random.fork_rng(devices=[]):
+                for _ in range(self.taken):
+                    next(self._it)
+
+    def state(self) -> dict:
+        return {"passes": self.passes, "taken": self.taken}
+
+    def load(self, state: dict) -> None:
+        self.passes, self.taken, self._it = int(state["passes"]), int(state["taken"]), None
 
 
 def _to(x, device):
@@ -271,6 +304,8 @@ class Trainer:
         self._wrapped_for = self._trainable()
         self.model = wrap(self.net) if wrap else self.net
         self.epoch = 0  # epochs finished
+        self._iters: dict = {}  # the running data streams (fit)
+        self._stream_state: dict | None = None  # where each stream was when a loaded checkpoint was taken
         self.history: list[dict] = []
         strategy.total_epochs = cfg.epochs
 
@@ -318,7 +353,11 @@ class Trainer:
 
     def fit(self) -> list[dict]:
         """Train from ``self.epoch`` to ``cfg.epochs``; returns the per-epoch metrics history."""
-        iters = {s: _cycle(getattr(self.loaders, s)) for s in self.streams}
+        iters = {s: _Stream(getattr(self.loaders, s)) for s in self.streams}
+        for s, st in (self._stream_state or {}).items():  # resuming: each stream where the checkpoint left it
+            if s in iters:
+                iters[s].load(st)
+        self._iters = iters
         total_steps = self.cfg.epochs * self.steps_per_epoch
         if self._channels_last:  # in place (same Parameter objects); a no-op for non-4-D tensors
             self.net.to(memory_format=torch.channels_last)
@@ -425,6 +464,7 @@ class Trainer:
             "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "history": self.history,
             "config": asdict(self.cfg), "torch_rng": torch.get_rng_state(),
+            "streams": {s: it.state() for s, it in self._iters.items()} if self._iters else (self._stream_state or {}),
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
@@ -439,6 +479,7 @@ class Trainer:
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
+        self._stream_state = state.get("streams") or None
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
