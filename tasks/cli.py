@@ -284,12 +284,30 @@ def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraini
 @app.command()
 def submit(address: str = typer.Option(..., help="Ray dashboard / job server, e.g. http://HEAD:8265"),
            set_: List[str] = typer.Option([], "-S", "--set", help="param overrides for the job"),
+           allow_local: bool = typer.Option(False, "--allow-local", help="submit although the registry is a local "
+                                            "sqlite file or the DVC remote a local path (a Ray head on this machine)"),
+           env_file: Optional[str] = typer.Option(None, "--env-file-on-cluster", help="KEY=VALUE file that exists on "
+                                                  "the cluster's nodes (credentials); the job reads it, only its path "
+                                                  "travels"),
            follow_logs: bool = typer.Option(False, "--follow", help="stream the job's logs until it ends")):
-    """Submit the pipeline to a Ray cluster as a Ray Job (working dir shipped in runtime_env)."""
+    """Submit the pipeline to a Ray cluster as a Ray Job: the code only (no .git, .env*, data, models, local
+    stores), addresses but never credentials; the job runs in its own directory, pushes its DVC outputs to the
+    team remote and registers into the shared registry. Refuses a local registry or remote (see --allow-local)."""
+    from .jobs import SubmitRefused, check_stores
+    from .tracking import project_root
+
+    root = project_root()
+    try:
+        stores = check_stores(root, allow_local)  # before anything else: a refusal needs no Ray, no torch
+    except SubmitRefused as e:
+        _fail(e)
+    if stores["local"]:
+        typer.echo(f"--allow-local: the job registers into {stores['tracking_uri']} and pushes to "
+                   f"{stores['remote_url'] or '(no remote: nothing is pushed)'}, as seen from the node that runs it")
+    _checked(root / "params.yaml", set_)
     from .jobs import follow, submit as do
 
-    _checked(Path("params.yaml"), set_)
-    job_id = do(address, set_)
+    job_id = do(address, set_, root, allow_local=allow_local, env_file=env_file)
     typer.echo(f"submitted job {job_id}")
     typer.echo(f"follow it:  tl status {job_id} --address {address}   |   tl logs {job_id} --address {address} --follow")
     if follow_logs:
@@ -299,10 +317,18 @@ def submit(address: str = typer.Option(..., help="Ray dashboard / job server, e.
 
 @app.command()
 def status(job_id: str, address: str = typer.Option(..., help="e.g. http://HEAD:8265")):
-    """Status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    from .jobs import status as do
+    """Status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); once it has finished, the model
+    version it registered and the gate's decision (from its logs)."""
+    from .jobs import FINISHED, logs as job_logs, registration, status as do
 
-    typer.echo(do(address, job_id))
+    state = do(address, job_id)
+    typer.echo(state)
+    if state in FINISHED:
+        lines = registration(job_logs(address, job_id))
+        if not lines:
+            typer.echo(f"registered: nothing (no register stage in the logs: `tl logs {job_id} --address {address}`)")
+        for i, line in enumerate(lines):
+            typer.echo(("registered: " if i == 0 else "  ") + line)
 
 
 @app.command()

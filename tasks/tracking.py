@@ -26,7 +26,7 @@ def tracking_uri(project: str | Path | None = None) -> str:
     """``MLFLOW_TRACKING_URI`` or the project's sqlite file; a relative sqlite path is made absolute
     against the project root (MLflow also caches one store per URI string in a process)."""
     root = project_root(project)
-    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{DEFAULT_DB}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"  # set but empty: unset
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         uri = prefix + str(root / uri[len(prefix):])

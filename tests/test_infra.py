@@ -57,11 +57,18 @@ def test_ray_manifests_match_params_and_versions():
 
 
 def test_documented_submit_commands_are_valid():
-    text = (INFRA / "README.md").read_text() + (INFRA / "cluster.yaml").read_text()
+    import typer
+
+    from tasks.cli import app
+
+    submit = typer.main.get_command(app).commands["submit"]
+    options = {o for p in submit.params for o in p.opts}
+    text = (INFRA / "README.md").read_text() + (INFRA / "cluster.yaml").read_text() + (ROOT / "README.md").read_text()
     cmds = re.findall(r"tl submit[^`\n]*(?:\n\s+-S[^`\n]*)*", text)
     assert cmds
     for cmd in cmds:
-        load_params(ROOT / "params.yaml", [o for o in _overrides(cmd) if "..." not in o])
+        load_params(ROOT / "params.yaml", [o for o in _overrides(cmd) if "..." not in o and o != "key=value"])
+        assert set(re.findall(r"(?<!\S)--?[a-zA-Z][\w-]*", cmd.split("#")[0])) <= options, cmd
 
 
 def test_dockerfile_and_compose_consistent():
