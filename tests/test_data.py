@@ -131,6 +131,10 @@ def test_optdigits_export_roundtrip(tmp_path):
     first0 = train_idx[y[train_idx] == 0][0]
     assert torch.equal(tr.images[0, 0], torch.from_numpy(x[first0]))
     assert data.tree_hash(root / "test") == data.tree_hash(root / "test")
+    few = data.load_split(root / "test", 32, 1, max_images=40, seed=1)  # a seeded sample, decoded alone
+    assert len(few) == 40 and few.classes == te.classes
+    assert torch.equal(few.images, data.load_split(root / "test", 32, 1, max_images=40, seed=1).images)
+    assert all((te.images == im).all((1, 2, 3)).any() for im in few.images)
 
 
 def test_image_extensions_match_torchvision():

@@ -74,31 +74,42 @@ def bnm(logits) -> float:
     return float(torch.linalg.matrix_norm(p, ord="nuc") / len(p))
 
 
-def density_ratio(source_features, target_features, query_features, seed: int = 0,
-                  cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> np.ndarray:
-    """``p_target(x) / p_source(x)`` at ``query_features``, from a logistic-regression domain classifier.
+def _domain_data(source_features, target_features):
+    xs, xt = np.asarray(source_features, np.float64), np.asarray(target_features, np.float64)
+    return np.concatenate([xs, xt]), np.r_[np.ones(len(xs)), np.zeros(len(xt))]
 
-    The classifier separates ``source_features`` (label 1) from ``target_features`` (label 0); its
-    inverse regularisation ``C`` is picked from ``cs`` by accuracy on a stratified 20 % hold-out, then it is
-    refit on everything. ``w = P(target|x) / P(source|x) * N_s / N_t`` (Bayes' rule with the class priors).
-    """
+
+def domain_classifier_c(source_features, target_features, seed: int = 0,
+                        cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> float:
+    """The inverse regularisation ``C`` of the logistic-regression domain classifier (source 1, target 0) with
+    the best accuracy on a stratified 20 % hold-out of standardised features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    xs, xt = np.asarray(source_features, np.float64), np.asarray(target_features, np.float64)
-    x = np.concatenate([xs, xt])
-    d = np.r_[np.ones(len(xs)), np.zeros(len(xt))]
-    scaler = StandardScaler().fit(x)
-    x = scaler.transform(x)
+    x, d = _domain_data(source_features, target_features)
+    x = StandardScaler().fit_transform(x)
     tr, ho = train_test_split(np.arange(len(x)), test_size=0.2, stratify=d, random_state=seed)
+    return max(cs, key=lambda c: LogisticRegression(C=c, max_iter=500).fit(x[tr], d[tr]).score(x[ho], d[ho]))
 
-    def fit(c, idx):
-        return LogisticRegression(C=c, max_iter=500).fit(x[idx], d[idx])
 
-    best = max(cs, key=lambda c: fit(c, tr).score(x[ho], d[ho]))
-    p = fit(best, np.arange(len(x))).predict_proba(scaler.transform(np.asarray(query_features, np.float64)))
-    return p[:, 0] / np.clip(p[:, 1], 1e-12, None) * len(xs) / len(xt)  # classes_ = [0 (target), 1 (source)]
+def density_ratio(source_features, target_features, query_features, c: float | None = None, seed: int = 0) -> np.ndarray:
+    """``p_target(x) / p_source(x)`` at ``query_features``, from a logistic-regression domain classifier.
+
+    The classifier separates ``source_features`` (label 1) from ``target_features`` (label 0) on
+    standardised features, with ``C = c`` (default: :func:`domain_classifier_c`);
+    ``w = P(target|x) / P(source|x) * N_s / N_t`` (Bayes' rule with the class priors).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    c = domain_classifier_c(source_features, target_features, seed) if c is None else c
+    x, d = _domain_data(source_features, target_features)
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=c, max_iter=500).fit(scaler.transform(x), d)
+    p = clf.predict_proba(scaler.transform(np.asarray(query_features, np.float64)))
+    n_s = int(d.sum())
+    return p[:, 0] / np.clip(p[:, 1], 1e-12, None) * n_s / (len(d) - n_s)  # classes_ = [0 (target), 1 (source)]
 
 
 def dev(source_features, source_logits, source_labels, target_features, folds: int = 2, seed: int = 0) -> float:
@@ -111,16 +122,19 @@ def dev(source_features, source_logits, source_labels, target_features, folds: i
     ``mean(w l) + eta mean(w) - eta`` with ``eta = -Cov(w l, w) / Var(w)`` (``E[w] = 1`` makes the
     control variate unbiased and lowers the variance). The ``folds``-fold cross-fit gives every source
     image a weight from a classifier that did not see it, so one labeled source sample (held out from
-    training) serves as both the discriminator's data and the validation set.
+    training) serves as both the discriminator's data and the validation set; the classifier's ``C`` is
+    chosen once, on all of it.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     fs = np.asarray(source_features, np.float64)
     y = np.asarray(source_labels)
     loss = F.cross_entropy(torch.as_tensor(source_logits).double(), torch.as_tensor(y).long(), reduction="none").numpy()
+    c = domain_classifier_c(fs, target_features, seed)
     w = np.empty(len(fs))
-    for fit_idx, val_idx in StratifiedKFold(folds, shuffle=True, random_state=seed).split(fs, y):
-        w[val_idx] = density_ratio(fs[fit_idx], target_features, fs[val_idx], seed)
+    kfold = StratifiedKFold if np.unique(y, return_counts=True)[1].min() >= folds else KFold
+    for fit_idx, val_idx in kfold(folds, shuffle=True, random_state=seed).split(fs, y):
+        w[val_idx] = density_ratio(fs[fit_idx], target_features, fs[val_idx], c)
     wl = w * loss
     var = w.var(ddof=1)
     eta = -np.cov(wl, w)[0, 1] / var if var > 0 else 0.0
