@@ -25,7 +25,7 @@ SOURCE = "source.pt"
 @dataclass
 class Candidate:
     name: str  # as the user wrote it (or source.pt)
-    arch: str
+    arch: str  # a registered architecture ("" for source.pt: its checkpoint says)
     weights: str | None
 
 
@@ -94,7 +94,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True) -> 
                          "models, not candidates")
     todo = [parse_candidate(t) for t in candidates]
     if include_source and params.path("models", SOURCE).is_file():
-        todo.insert(0, Candidate(SOURCE, load_checkpoint(params.path("models", SOURCE))[1]["arch"], None))
+        todo.insert(0, Candidate(SOURCE, "", None))  # its architecture is read from the checkpoint
     if not todo:
         raise StageError(f"nothing to rank: no {params.path('models', SOURCE)} (run pretrain first) and no "
                          f"--candidate ARCH[:WEIGHTS]")
@@ -104,7 +104,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True) -> 
         for c in todo:
             model, has_head = load_candidate(c, params)
             model = model.to(device)
-            spec = models.get_spec(c.arch)
+            spec = models.get_spec(model.arch)
             channels = model_in_channels(model)
             if (spec.input_size, channels) not in splits:
                 ds = data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt)
@@ -116,7 +116,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True) -> 
             feats, logits, y = validators.features_and_logits(model, loader, device)
             s = transferability.scores(feats.numpy(), y.numpy(), logits.softmax(1).numpy() if has_head else None,
                                        len(labeled.classes))
-            rows.append({"candidate": c.name, "arch": c.arch, "features": int(feats.shape[1]), **s})
+            rows.append({"candidate": c.name, "arch": model.arch, "features": int(feats.shape[1]), **s})
     rows.sort(key=lambda r: -r["logme"])
     return {"rows": rows, "labeled": len(labeled), "labels_per_class": k, "classes": len(labeled.classes)}
 

@@ -57,3 +57,8 @@ def test_rank_scores_each_candidate_on_the_labeled_budget(project):
     assert out.exit_code == 2 and "data.labels_per_class is 0" in out.output
     out = run()
     assert out.exit_code == 2 and "nothing to rank" in out.output
+    save_checkpoint("models/source.pt", models.create("tinycnn", 10), [str(i) for i in range(10)], 1)
+    r = rank(params, [])  # the project's source model by default: its architecture from the checkpoint
+    assert [(row["candidate"], row["arch"]) for row in r["rows"]] == [("source.pt", "tinycnn")]
+    assert r["rows"][0]["leep"] is not None
+    assert "source.pt" not in run("--no-source", "--candidate", "tinycnn").output
