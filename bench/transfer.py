@@ -1,12 +1,15 @@
 """Transfer benchmark: what each method buys over training from scratch, by target label budget.
 
-Source ``synth_digits`` -> target ``optdigits`` (fixed stratified test split, never used for any
-choice). Rows are methods, columns labels per class, cells mean ± std over seeds. Hyper-parameters
-are the pipeline's defaults, fixed in advance (no tuning on the test split). Writes a section of
-docs/benchmarks.md and docs/transfer_benchmark.png.
+One grid per embedded domain pair (``tlcore.datasets.PAIRS``: synth_digits -> optdigits, the reverse,
+and optdigits -> its rotated and its noisy copy), each on the target's fixed test split, never used for
+any choice. Rows are methods, columns labels per class, cells mean ± std over seeds. Hyper-parameters
+are the pipeline's defaults, fixed in advance and the same for every pair (no tuning on a test split).
+Writes one section of docs/benchmarks.md and one plot per pair (docs/transfer_benchmark.png and
+results docs/transfer_benchmark.json for the default pair; ..._SOURCE-TARGET.* for the others).
 
-    python -m bench.transfer            # full grid, 3 seeds
-    python -m bench.transfer --quick    # smoke grid: 1 seed, budgets 0/1/10
+    python -m bench.transfer                                    # every pair, full grid, 3 seeds
+    python -m bench.transfer --pair optdigits:optdigits_noisy   # one pair
+    python -m bench.transfer --quick                            # smoke grid: 1 seed, budgets 0/1/10
 """
 from __future__ import annotations
 
@@ -22,6 +25,28 @@ from bench.docs import DOC, QUICK_DIR, machine, write_section
 TRANSFER = ["linear_probe", "finetune", "gradual_unfreeze", "joint", "dann", "mcc", "semi"]
 UDA = {"dann", "mcc", "semi"}
 BUDGETS = [0, 1, 2, 3, 5, 10, None]
+DEFAULT_PAIR = ("synth_digits", "optdigits")
+
+
+def pair_files(source: str, target: str, dest: Path) -> tuple[Path, Path, str]:
+    """(results JSON, plot, docs section name) of a pair; the default pair keeps its original names."""
+    stem = "transfer_benchmark" if (source, target) == DEFAULT_PAIR else f"transfer_benchmark_{source}-{target}"
+    section = "transfer" if (source, target) == DEFAULT_PAIR else f"transfer-{source}-{target}"
+    return dest / f"{stem}.json", dest / f"{stem}.png", section
+
+
+def _pairs(given: list[str]) -> list[tuple[str, str]]:
+    from tlcore.datasets import EMBEDDED, PAIRS
+
+    if not given:
+        return [(s, t) for s, t, _ in PAIRS]
+    out = []
+    for g in given:
+        s, _, t = g.partition(":")
+        if s not in EMBEDDED or t not in EMBEDDED:
+            raise SystemExit(f"--pair {g!r}: give SOURCE:TARGET, each one of {', '.join(EMBEDDED)}")
+        out.append((s, t))
+    return out
 
 
 def optim_config(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, precision: str = "auto"):
@@ -46,19 +71,35 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="training precision (auto: bf16 where the CPU has native bf16)")
-    ap.add_argument("--out", default=None, help="results JSON (default docs/transfer_benchmark.json; "
-                                                "bench_out/transfer_benchmark.json with --quick)")
-    ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved --out results")
-    ap.add_argument("--resume", action="store_true", help="keep the cells already in --out (same settings)")
+    ap.add_argument("--pair", action="append", default=[], metavar="SOURCE:TARGET",
+                    help="an embedded domain pair (repeatable; default: every pair in tlcore.datasets.PAIRS)")
+    ap.add_argument("--out", default=None, help="results JSON, with one --pair (default docs/transfer_benchmark"
+                                                "[_SOURCE-TARGET].json; bench_out/ with --quick)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved results")
+    ap.add_argument("--resume", action="store_true", help="keep the cells already saved (same settings)")
     args = ap.parse_args(argv)
+    pairs = _pairs(args.pair)
+    if args.out and len(pairs) > 1:
+        raise SystemExit("--out names one results file: give one --pair with it")
     # a --quick smoke grid goes to bench_out/, never over the measured results in docs/
     dest = QUICK_DIR if args.quick else DOC.parent
-    args.out = args.out or str(dest / "transfer_benchmark.json")
-    if args.render:
-        saved = json.loads(Path(args.out).read_text())
-        budgets = [None if c == "all" else int(c) for c in saved["columns"]]
-        dest = QUICK_DIR if saved["settings"]["quick"] else DOC.parent
-        return _write(saved["results"], saved["times"], saved["seeds"], budgets, saved["settings"], saved.get("wall_s"), dest)
+    for source, target in pairs:
+        out = Path(args.out) if args.out else pair_files(source, target, dest)[0]
+        if args.render:
+            if not out.is_file():
+                print(f"no saved results for {source} -> {target} ({out}); skipped")
+                continue
+            saved = json.loads(out.read_text())
+            budgets = [None if c == "all" else int(c) for c in saved["columns"]]
+            where = QUICK_DIR if saved["settings"]["quick"] else DOC.parent
+            _write(saved["results"], saved["times"], saved["seeds"], budgets, saved["settings"], saved.get("wall_s"),
+                   where, tuple(saved.get("pair", DEFAULT_PAIR)))
+        else:
+            _run_pair(args, source, target, out, dest)
+
+
+def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
+    """The grid of one pair, saved to ``out`` after every cell; then its docs section."""
     import torch
 
     from tasks.training import TrainJob, run_job
@@ -73,21 +114,23 @@ def main(argv=None) -> None:
     cols = ["all" if b is None else str(b) for b in budgets]
     settings = {"quick": args.quick, "epochs": epochs, "steps": args.steps, "synth_per_class": args.synth_per_class,
                 "precision": resolve_precision(args.precision, "cpu")}
-    saved = json.loads(Path(args.out).read_text()) if args.resume and Path(args.out).exists() else {}
-    if saved and saved.get("settings") != settings:
-        raise SystemExit(f"--resume: {args.out} was made with {saved.get('settings')}, not {settings}")
+    saved = json.loads(out.read_text()) if args.resume and out.exists() else {}
+    if saved and (saved.get("settings") != settings or tuple(saved.get("pair", DEFAULT_PAIR)) != (source, target)):
+        raise SystemExit(f"--resume: {out} was made with {saved.get('settings')} for {saved.get('pair', DEFAULT_PAIR)}, "
+                         f"not {settings} for {[source, target]}")
+    print(f"== {source} -> {target}", flush=True)
     # results[method][column][seed] = accuracy; saved after every run, so a stopped grid keeps its cells
     results: dict[str, dict[str, dict[str, float]]] = saved.get("results", {})
     times: dict[str, list[float]] = saved.get("times", {})
     t_all, wall0 = time.time(), saved.get("wall_s", 0.0)
 
     def save():
-        state = {"settings": settings, "results": results, "times": times, "seeds": seeds, "columns": cols,
-                 "wall_s": wall0 + time.time() - t_all}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
+        state = {"settings": settings, "pair": [source, target], "results": results, "times": times, "seeds": seeds,
+                 "columns": cols, "wall_s": wall0 + time.time() - t_all}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(args.out)
+        tmp.replace(out)
         return state
 
     def done(method, col, seed):
@@ -105,36 +148,36 @@ def main(argv=None) -> None:
     # columns outer, seeds inner: every finished column has all its seeds
     tasks_ = {}
     for seed in seeds:
-        source, target, test = datasets.digits_task(spec, args.synth_per_class, seed=seed)
+        src_ds, tgt_ds, test = datasets.domain_task(spec, source, target, args.synth_per_class, seed=seed)
         test_loader = data.make_loader(test, 512, train=False)
         print(f"seed {seed}: pretraining the source model", flush=True)
         t = time.time()
-        src = run(TrainJob("smallcnn", 10, "scratch", optim_config(6, None, 128, precision=args.precision), seed, labeled=source))
+        src = run(TrainJob("smallcnn", 10, "scratch", optim_config(6, None, 128, precision=args.precision), seed, labeled=src_ds))
         if not done("source_only", "0", seed):
             record("source_only", "0", seed, _accuracy(src, test_loader), time.time() - t)
-        tasks_[seed] = (source, target, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
+        tasks_[seed] = (src_ds, tgt_ds, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
     for budget, col in zip(budgets, cols):
         methods = (["scratch"] + TRANSFER) if budget != 0 else sorted(UDA)
         for seed in seeds:
-            source, target, test_loader, src_state = tasks_[seed]
-            labeled = target.subset(data.label_budget_split(target.targets.numpy(), budget, seed).labeled)
+            src_ds, tgt_ds, test_loader, src_state = tasks_[seed]
+            labeled = tgt_ds.subset(data.label_budget_split(tgt_ds.targets.numpy(), budget, seed).labeled)
             for m in methods:
                 if done(m, col, seed):
                     continue
                 t = time.time()
                 job = TrainJob("smallcnn", 10, m, optim_config(epochs, args.steps, 64, precision=args.precision), seed,
                                init_state=None if m == "scratch" else src_state,
-                               source=source if m in UDA or m == "joint" else None,
+                               source=src_ds if m in UDA or m == "joint" else None,
                                labeled=labeled if budget != 0 else None,
                                # the unlabeled pool: the whole target training split, labels unused; never test
-                               unlabeled=target if m in UDA else None)
+                               unlabeled=tgt_ds if m in UDA else None)
                 record(m, col, seed, _accuracy(run(job), test_loader), time.time() - t)
             if budget is None and not done("train_on_target", "all", seed):
                 t = time.time()
-                full = TrainJob("smallcnn", 10, "scratch", optim_config(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=target)
+                full = TrainJob("smallcnn", 10, "scratch", optim_config(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=tgt_ds)
                 record("train_on_target", "all", seed, _accuracy(run(full), test_loader), time.time() - t)
     state = save()
-    _write(results, times, seeds, budgets, settings, state["wall_s"], dest)
+    _write(results, times, seeds, budgets, settings, state["wall_s"], dest, (source, target))
 
 
 def _vals(cell: dict | list | None) -> list[float]:
@@ -156,7 +199,12 @@ def _diff(a, b) -> list[float]:
     return [x - y for x, y in zip(_vals(a), _vals(b))]
 
 
-def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.parent):
+def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.parent, pair=DEFAULT_PAIR):
+    from tlcore.datasets import PAIRS
+
+    source, target = pair
+    _, plot, section = pair_files(source, target, dest)
+    shift = next((k for s, t, k in PAIRS if (s, t) == (source, target)), "")
     cols = ["all" if b is None else str(b) for b in budgets]
     cols += [] if "all" in cols else ["all"]  # the train-on-target ceiling
     order = ["source_only", "scratch"] + TRANSFER + ["train_on_target"]
@@ -165,12 +213,14 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
     complete = all(len(_vals(results.get(m, {}).get(c))) >= n
                    for m in ["scratch"] + TRANSFER for c in cols if c != "0" or m in UDA)
     ceil_vals = _vals(results.get("train_on_target", {}).get("all"))
-    cmd = "python -m bench.transfer" + (" --quick" if settings["quick"] else "")
-    lines = ["## Transfer benchmark: synth_digits -> optdigits", "",
-             f"`{cmd}`: accuracy (%) on the fixed optdigits test split, mean ± std over {n} seed(s) "
+    cmd = f"python -m bench.transfer --pair {source}:{target}" + (" --quick" if settings["quick"] else "")
+    synth = (f"{settings['synth_per_class']} synthetic images per class; " if "synth_digits" in pair else "")
+    lines = [f"## Transfer benchmark: {source} -> {target}", "",
+             *([f"Shift: {shift}.", ""] if shift else []),
+             f"`{cmd}`: accuracy (%) on the fixed {target} test split, mean ± std over {n} seed(s) "
              f"(`n=` marks a cell with fewer, from a grid stopped early and kept with `--resume`), by target labels per "
-             f"class. Method hyper-parameters are the pipeline defaults, fixed in advance; {settings['synth_per_class']} "
-             f"synthetic images per class; {settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
+             f"class. Method hyper-parameters are the pipeline defaults, fixed in advance and the same for every pair; "
+             f"{synth}{settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
              f"target side; {settings.get('precision', 'fp32')} training (autocast; `--precision`). The unlabeled pool is the target training split (labels unused); no test image is ever in it. "
              f"Wall time {'' if complete else 'so far '}{wall / 60:.1f} min on {machine()}.", "",
              "| method | " + " | ".join(cols) + " | s/run |", "|---" * (len(cols) + 2) + "|"]
@@ -207,13 +257,13 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
             acc, m = max(cands)
             best.append(f"{c} → `{m}` {acc * 100:.1f}")
     lines += ["", "Best method per column: " + ", ".join(best) + ".",
-              "", "![accuracy vs labels per class](transfer_benchmark.png)"]
-    _plot(results, cols, order, dest / "transfer_benchmark.png")
+              "", f"![accuracy vs labels per class, {source} -> {target}]({plot.name})"]
+    _plot(results, cols, order, plot, f"{source} -> {target}")
     print("\n".join(lines))
-    print(f"wrote {write_section('transfer', chr(10).join(lines), dest / DOC.name)}")
+    print(f"wrote {write_section(section, chr(10).join(lines), dest / DOC.name)}")
 
 
-def _plot(results, cols, order, path: Path):
+def _plot(results, cols, order, path: Path, title: str = "synth_digits -> optdigits"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +285,7 @@ def _plot(results, cols, order, path: Path):
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=m)
     ax.set_xticks(range(len(cols)), cols)
     ax.set(xlabel="target labels per class", ylabel="test accuracy (%), mean ± std over seeds",
-           title="synth_digits -> optdigits")
+           title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()

@@ -172,6 +172,28 @@ def rollback(name: str, why: str = typer.Option(..., "--why"), who: Optional[str
     typer.echo(f"{name}: champion rolled back from version {r['replaced']} to {r['champion']}")
 
 
+@app.command()
+def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIGHTS] to score (repeatable); WEIGHTS a "
+                                             "file or a torchvision weights name; no WEIGHTS: random init"),
+         source: bool = typer.Option(True, help="include the project's models/source.pt when it exists"),
+         params: Path = typer.Option(Path("params.yaml"), help="params file"),
+         set_: List[str] = typer.Option([], "-S", "--set", help="param overrides, e.g. -S data.labels_per_class=5"),
+         as_json: bool = typer.Option(False, "--json", help="print the ranking as JSON")):
+    """Rank candidate source models / backbones for the target before training: LogME on their penultimate
+    features, LEEP and NCE on their source classifier, over the labeled target budget (never the test split)."""
+    import json
+
+    from .common import StageError
+    from .config import ParamsError, load_params
+    from .rank import rank as do, table
+
+    try:
+        r = do(load_params(params, set_), candidate, include_source=source)
+    except (ParamsError, StageError, ValueError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(json.dumps(r, indent=2) if as_json else table(r))
+
+
 FORMATS = ("tsv", "csv", "json")
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-EMBEDDED = ("synth_digits", "optdigits")
+EMBEDDED = ("synth_digits", "optdigits", "optdigits_rotated", "optdigits_noisy")  # as tlcore.datasets.EMBEDDED
 DEFAULT_PARAMS = Path("params.yaml")
 # data.labels_per_class: auto for an embedded target: the label-scarce demo the benchmarks measure
 DEMO_LABELS_PER_CLASS = 2
@@ -458,11 +458,13 @@ def _check_budget(p: Params) -> None:
             f"data.labels_per_class = 0. Use a strategy that adapts without target labels (mcc, semi, dann), "
             f"or set data.labels_per_class >= 1 (null for all labels)."
         )
-    if p.data.target == "optdigits" and k is not None:
-        # the smallest class of the bundled digits has 174 images, 70 % of them in train
-        smallest = int(174 * (1 - p.data.target_test_fraction))
+    if p.data.target in EMBEDDED and k is not None:
+        if p.data.target == "synth_digits":
+            smallest, what = p.data.synth_per_class, "synth_digits class (data.synth_per_class)"
+        else:  # the smallest class of the bundled digits has 174 images, 70 % of them in train
+            smallest, what = int(174 * (1 - p.data.target_test_fraction)), f"{p.data.target} class in the training split"
         if k + v > smallest:
             raise ParamsError(
-                f"data.labels_per_class = {k} (+ data.val_per_class = {v}) is larger than the smallest optdigits "
-                f"class in the training split ({smallest} images). Use at most {smallest - v}, or null for all labels."
+                f"data.labels_per_class = {k} (+ data.val_per_class = {v}) is larger than the smallest {what} "
+                f"({smallest} images). Use at most {smallest - v}, or null for all labels."
             )

@@ -1,7 +1,9 @@
 """Stage ``evaluate``: test-set metrics, baselines comparison, DVC plots and a readable report.
 
 Writes ``reports/metrics.json`` (flat DVC metrics), ``reports/per_class.csv`` and
-``reports/predictions.csv`` (DVC plots), PNG figures and ``reports/report.md``.
+``reports/predictions.csv`` (DVC plots), PNG figures and ``reports/report.md``. The metrics include
+label-free validators (``val_free_*``, :mod:`tlcore.validators`) computed on the unlabeled target pool,
+the scores a user without target labels can choose by; DEV also reads a sample of the source test split.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from .common import atomic_path, device_for, load_checkpoint, load_domain, read_
 from .config import Params
 from .plan import budget_text, labels_per_class
 from .report import confusion_matrix_png, pct, table, training_curves
+
+DEV_SOURCE_IMAGES = 512  # held-out source images DEV reads (one forward pass, a logistic regression)
 
 
 def evaluate(params: Params) -> dict:
@@ -24,11 +28,12 @@ def evaluate(params: Params) -> dict:
     rep_dir = params.path("reports")
     model, meta = load_checkpoint(params.path("models", "finetuned.pt"))
     classes = meta["classes"]
-    _, test_ds = load_domain(params, "target", meta["arch"])
+    pool, test_ds = load_domain(params, "target", meta["arch"])
     loader = data.make_loader(test_ds, params.evaluate.batch_size, train=False)
     logits, y = predict(model.to(device), loader, device)
     rep = metrics.classification_report(logits, y.numpy(), classes, params.evaluate.ece_bins)
     base = read_json(rep_dir / "baselines.json")
+    free = label_free_scores(params, model, meta, pool, device)
     cpu_model = model.cpu().eval()
     example = torch.stack([test_ds[i][0] for i in range(min(64, len(test_ds)))])
     lat = metrics.latency_ms(cpu_model, example, iters=params.evaluate.latency_iters)
@@ -42,6 +47,7 @@ def evaluate(params: Params) -> dict:
         **lat, "throughput_ips": metrics.throughput(cpu_model, example),
         "params_m": count_params(cpu_model) / 1e6, "size_mb": metrics.model_size_mb(cpu_model),
         "test_images": len(test_ds), "strategy": ft["strategy"],  # the one that ran (finetune.strategy may be auto)
+        **{f"val_free_{k}": v for k, v in free.items()},
     }
     write_json(rep_dir / "metrics.json", flat)
     _write_csv(rep_dir / "per_class.csv", rep["per_class"])
@@ -62,6 +68,25 @@ def evaluate(params: Params) -> dict:
     return flat
 
 
+def label_free_scores(params: Params, model, meta: dict, pool, device) -> dict:
+    """:func:`tlcore.validators.scores` of ``model`` on the target training split with its labels unused (the
+    unlabeled pool), and DEV on up to :data:`DEV_SOURCE_IMAGES` images of the source test split (held out
+    from every training stage) when the model's classes are the source's."""
+    from tlcore import data, models, validators
+
+    spec = models.get_spec(meta["arch"])
+    pool.transform = data.build_transform(spec, train=False)
+    batch = params.evaluate.batch_size
+    feats, logits, _ = validators.features_and_logits(model, data.make_loader(pool, batch, train=False), device)
+    src = data.load_split(params.path("data", "source", "test"), spec.input_size, meta["in_channels"],
+                          params.data.skip_corrupt, max_images=DEV_SOURCE_IMAGES, seed=params.base.seed)
+    source = None
+    if src.classes == meta["classes"] and len(src) >= 4:
+        src.transform = data.build_transform(spec, train=False)
+        source = validators.features_and_logits(model, data.make_loader(src, batch, train=False), device)
+    return validators.scores(logits, source, feats)
+
+
 def _gain_line(flat: dict) -> str:
     over = flat["gain_baseline"]
     if over is None:
@@ -79,6 +104,8 @@ def _write_csv(path, rows: list[dict]) -> None:
 
 
 def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) -> None:
+    from tlcore.validators import HIGHER_IS_BETTER
+
     so = flat["source_only_accuracy"]
     lines = [
         "# Transfer report", "",
@@ -92,6 +119,11 @@ def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) ->
         _gain_line(flat), "",
         f"Expected calibration error {flat['ece']:.4f}. Source model accuracy on its own test split: "
         f"{pct(pre.get('source_test_accuracy'))}.", "",
+        "## Label-free validation (target pool, no labels used)", "",
+        "What a user without target labels can judge this model by (`val_free_*` in metrics.json); each is "
+        "comparable only between models scored on the same pool. None predicts accuracy on every task.", "",
+        table([{"validator": k, "score": flat[f"val_free_{k}"], "better": "higher" if up else "lower"}
+               for k, up in HIGHER_IS_BETTER.items()], ["validator", "score", "better"]), "",
         "## Deployment figures (CPU)", "",
         table([{k: flat[k] for k in ("latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb")}],
               ["latency_ms_p50", "latency_ms_p95", "throughput_ips", "params_m", "size_mb"]), "",

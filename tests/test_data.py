@@ -131,6 +131,10 @@ def test_optdigits_export_roundtrip(tmp_path):
     first0 = train_idx[y[train_idx] == 0][0]
     assert torch.equal(tr.images[0, 0], torch.from_numpy(x[first0]))
     assert data.tree_hash(root / "test") == data.tree_hash(root / "test")
+    few = data.load_split(root / "test", 32, 1, max_images=40, seed=1)  # a seeded sample, decoded alone
+    assert len(few) == 40 and few.classes == te.classes
+    assert torch.equal(few.images, data.load_split(root / "test", 32, 1, max_images=40, seed=1).images)
+    assert all((te.images == im).all((1, 2, 3)).any() for im in few.images)
 
 
 def test_image_extensions_match_torchvision():
@@ -139,3 +143,36 @@ def test_image_extensions_match_torchvision():
     from tlcore.data import IMG_EXTENSIONS
 
     assert set(IMG_EXTENSIONS) == set(TV)
+
+
+def test_embedded_domain_pairs_are_named_alike_everywhere():
+    from tasks import config
+
+    assert config.EMBEDDED == datasets.EMBEDDED  # config cannot import tlcore.datasets (torch) to read it
+    for source, target, _ in datasets.PAIRS:
+        p = config.Params.model_validate({"data": {"source": source, "target": target}})
+        config._check_budget(p)
+    with pytest.raises(config.ParamsError, match="smallest synth_digits class"):
+        config._check_budget(config.Params.model_validate(
+            {"data": {"source": "optdigits", "target": "synth_digits", "labels_per_class": 30, "synth_per_class": 20}}))
+
+
+def test_shifted_optdigits_keep_labels_and_change_pixels_deterministically():
+    x, y = datasets.load_optdigits()
+    x = x[:60]
+    rot, noisy = datasets.rotate_digits(x), datasets.corrupt_digits(x)
+    assert np.array_equal(rot, datasets.rotate_digits(x)) and np.array_equal(noisy, datasets.corrupt_digits(x))
+    assert rot.shape == noisy.shape == x.shape and rot.dtype == noisy.dtype == np.uint8
+    assert (rot != x).mean() > 0.3 and abs(rot.mean() / x.mean() - 1) < 0.25  # moved ink, most of it kept
+    corners = (slice(None), slice(0, 3), slice(0, 3))
+    assert x[corners].mean() < 2 and noisy[corners].mean() > 10  # a grey, noisy veil over the background
+    assert np.corrcoef(noisy.reshape(60, -1).mean(0), x.reshape(60, -1).mean(0))[0, 1] > 0.8  # the digits remain
+
+
+def test_domain_task_builds_the_reverse_pair():
+    source, target, test = datasets.domain_task(models.get_spec("smallcnn"), "optdigits", "synth_digits", 2,
+                                                synth_test_per_class=1)
+    assert (len(source), len(target), len(test)) == (1257, 20, 10)  # optdigits' training split as source
+    assert source.classes == target.classes == datasets.CLASSES
+    with pytest.raises(ValueError, match="unknown embedded dataset"):
+        datasets.domain_task(models.get_spec("smallcnn"), "mnist", "optdigits", 2)

@@ -11,7 +11,8 @@ from helpers import dvc, make_repo, set_params, sh, up_to_date
 pytestmark = pytest.mark.slow
 
 EXPECTED_METRICS = {"accuracy", "macro_f1", "ece", "scratch_accuracy", "source_only_accuracy", "transfer_gain",
-                    "latency_ms_p50", "throughput_ips", "params_m", "size_mb"}
+                    "latency_ms_p50", "throughput_ips", "params_m", "size_mb", "val_free_entropy", "val_free_im",
+                    "val_free_snd", "val_free_bnm", "val_free_dev"}
 
 
 def ran(out: str) -> set[str]:
@@ -46,6 +47,7 @@ def test_repro_end_to_end_then_noop(repo):
     assert EXPECTED_METRICS <= set(m)
     assert m["transfer_gain"] == pytest.approx(m["accuracy"] - m["scratch_accuracy"])
     assert 0 <= m["accuracy"] <= 1 and m["size_mb"] > 0 and m["latency_ms_p50"] > 0
+    assert m["val_free_dev"] is not None  # embedded digits: one label set, so DEV applies
     report = (repo / "reports/report.md").read_text()
     assert "Transfer gain over scratch" in report and "figures/confusion_matrix.png" in report
     assert (repo / "reports/figures/confusion_matrix.png").stat().st_size > 1000

@@ -182,5 +182,9 @@ def test_the_strategy_used_is_printed_and_recorded(project, tmp_path, monkeypatc
     baselines(params)
     metrics = evaluate(params)
     assert metrics["strategy"] == "gradual_unfreeze"
+    free = {k: v for k, v in metrics.items() if k.startswith("val_free_")}
+    assert set(free) == {"val_free_entropy", "val_free_im", "val_free_snd", "val_free_bnm", "val_free_dev"}
+    assert free.pop("val_free_dev") is None  # DEV needs the source's classes: here they differ
+    assert all(isinstance(v, float) for v in free.values())
     assert json.loads((project / "reports" / "metrics.json").read_text())["strategy"] == "gradual_unfreeze"
     assert "strategy `gradual_unfreeze`, target labels: all (6 labeled" in (project / "reports" / "report.md").read_text()

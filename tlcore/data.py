@@ -182,15 +182,21 @@ class ImageDataset(Dataset):
 
 
 def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bool = False,
-               classes: list[str] | None = None) -> ImageDataset:
-    """Validate and decode one split into an :class:`ImageDataset` at ``size`` x ``size``."""
+               classes: list[str] | None = None, max_images: int | None = None, seed: int = 0) -> ImageDataset:
+    """Validate and decode one split into an :class:`ImageDataset` at ``size`` x ``size``.
+
+    ``max_images``: decode only a seeded random sample of that many files (in folder order)."""
     rep = validate_split(Path(split_dir), skip_corrupt, classes)
+    files = rep.files
+    if max_images is not None and len(files) > max_images:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(files))[:max_images])
+        files = [files[i] for i in keep]
     mode = "L" if channels == 1 else "RGB"
-    arr = np.empty((len(rep.files), size, size, channels), dtype=np.uint8)
-    for i, (p, _) in enumerate(rep.files):
+    arr = np.empty((len(files), size, size, channels), dtype=np.uint8)
+    for i, (p, _) in enumerate(files):
         arr[i] = decode_image(p, mode, size)
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-    return ImageDataset(images, torch.tensor([y for _, y in rep.files]), rep.classes)
+    return ImageDataset(images, torch.tensor([y for _, y in files], dtype=torch.long), rep.classes)
 
 
 def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float],

@@ -1,10 +1,13 @@
-"""Embedded, offline datasets: ``synth_digits`` (source) and ``optdigits`` (real target).
+"""Embedded, offline datasets: ``synth_digits`` (rendered), ``optdigits`` (real) and two shifted copies of it.
 
 ``synth_digits`` renders 0-9 from TrueType faces shipped with matplotlib, with random size,
 rotation, shear, aspect, stroke width, elastic (handwriting-like) distortion, blur, noise and
 an optional 8x8 low-resolution pass that mimics how optdigits was recorded. ``optdigits`` is
 scikit-learn's bundled UCI handwritten digits (1,797 images, 8x8, values 0-16), upsampled.
-Both export to ImageFolder PNG trees so the pipeline treats them like user data.
+``optdigits_rotated`` and ``optdigits_noisy`` are the same images (same split) under one kind of shift
+each: a rotation of 25-45 degrees either way, or blur + low contrast + noise. All export to
+ImageFolder PNG trees so the pipeline treats them like user data. :data:`PAIRS` are the source ->
+target pairs the transfer benchmark measures.
 """
 from __future__ import annotations
 
@@ -19,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-EMBEDDED = ("synth_digits", "optdigits")
+EMBEDDED = ("synth_digits", "optdigits", "optdigits_rotated", "optdigits_noisy")
+# (source, target, kind of shift); the optdigits copies share one split, so a source's training images are
+# never a shifted target's test images
+PAIRS = (
+    ("synth_digits", "optdigits", "synthetic -> real (fonts to handwriting)"),
+    ("optdigits", "synth_digits", "real -> synthetic (the reverse: 1,257 handwritten digits to many fonts)"),
+    ("optdigits", "optdigits_rotated", "rotation only (25-45 degrees either way)"),
+    ("optdigits", "optdigits_noisy", "corruption only (blur, low contrast, noise)"),
+)
 CLASSES = [str(d) for d in range(10)]
 _SKIP = ("Display", "STIXNonUni", "STIXSiz", "cmex", "cmsy", "LastResort")
 
@@ -131,13 +142,51 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return TF.gaussian_blur(x, kernel_size=5, sigma=sigma)
 
 
-def load_optdigits(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """All 1,797 bundled UCI digits upsampled to ``size``: ``(uint8 (N, size, size), labels (N,))``."""
+def load_optdigits(size: int = 32, variant: str = "optdigits") -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 bundled UCI digits upsampled to ``size``: ``(uint8 (N, size, size), labels (N,))``.
+
+    ``variant`` ``optdigits_rotated`` / ``optdigits_noisy`` shifts every image (deterministically: the
+    same pixels whatever the pipeline's seed)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     small = np.round(d.images * 255 / 16).astype(np.uint8)
-    return np.stack([upsample_lowres(im, size) for im in small]), d.target.astype(np.int64)
+    x = np.stack([upsample_lowres(im, size) for im in small])
+    shift = {"optdigits": None, "optdigits_rotated": rotate_digits, "optdigits_noisy": corrupt_digits}[variant]
+    return (x if shift is None else shift(x)), d.target.astype(np.int64)
+
+
+def rotate_digits(x: np.ndarray, lo: float = 25, hi: float = 45, seed: int = 0) -> np.ndarray:
+    """Rotate each ``(N, H, W)`` uint8 image by ``U(lo, hi)`` degrees, clockwise or not at random (black fill).
+
+    Beyond the +-15 degrees ``synth_digits`` renders and the +-12 of training augmentation; below 90, so a
+    6 stays a 6."""
+    rng = np.random.default_rng(seed)
+    angles = rng.uniform(lo, hi, len(x)) * rng.choice([-1, 1], len(x))
+    return np.stack([np.asarray(Image.fromarray(im).rotate(a, resample=Image.BILINEAR)) for im, a in zip(x, angles)])
+
+
+def corrupt_digits(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Blur (sigma 0.6-1.2 px), lower contrast over a grey veil (ink 45-70 % of the range, veil 5-25 %) and
+    add Gaussian noise (sigma 8-14 % of the range) to each ``(N, H, W)`` uint8 image."""
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    t = _blur_each(torch.from_numpy(x).double() / 255, torch.from_numpy(rng.uniform(0.6, 1.2, n))).numpy()
+    out = rng.uniform(0.05, 0.25, (n, 1, 1)) + t * rng.uniform(0.45, 0.7, (n, 1, 1))
+    out = out + rng.normal(0, 1, out.shape) * rng.uniform(0.08, 0.14, (n, 1, 1))
+    return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
+
+
+def _blur_each(x: torch.Tensor, sigma: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """Gaussian blur of each ``(N, H, W)`` image with its own ``sigma`` (separable, reflect padding), in one
+    grouped convolution per axis."""
+    r = torch.arange(k, dtype=x.dtype) - k // 2
+    g = torch.exp(-r[None] ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
+    g = g / g.sum(1, keepdim=True)
+    y = F.pad(x[None], (k // 2, k // 2, 0, 0), mode="reflect")
+    y = F.conv2d(y, g[:, None, None, :], groups=len(x))
+    y = F.conv2d(F.pad(y, (0, 0, k // 2, k // 2), mode="reflect"), g[:, None, :, None], groups=len(x))
+    return y[0]
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +221,7 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, n_per_class: int 
             x, y = render_synth_digits(test_per_class, seed=seed + 7919, size=size)
             export_imagefolder(tmp, "test", x, y)
         else:
-            x, y = load_optdigits(size)
+            x, y = load_optdigits(size, name)
             tr, te = stratified_split(y, test_fraction, seed)
             export_imagefolder(tmp, "train", x[tr], y[tr])
             export_imagefolder(tmp, "test", x[te], y[te])
@@ -185,17 +234,35 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, n_per_class: int 
     return out_dir
 
 
-def digits_task(spec, synth_per_class: int, seed: int = 0, test_fraction: float = 0.3):
-    """In-memory embedded task for ``spec``'s input: ``(source, target_train, target_test)`` ImageDatasets.
+def domain_task(spec, source: str, target: str, synth_per_class: int, seed: int = 0, test_fraction: float = 0.3,
+                synth_test_per_class: int = 100):
+    """In-memory embedded task ``source -> target``: ``(source, target_train, target_test)`` ImageDatasets.
 
-    Training sets carry the train-time transform, the test set the eval transform; the target
-    split is the fixed one the pipeline exports (seed 0).
+    Training sets carry the train-time transform, the test set the eval transform. An optdigits-based
+    domain is its fixed split (seed 0; a source uses its training part); ``synth_digits`` renders
+    ``synth_per_class`` training images per class with ``seed`` (as a target, ``synth_test_per_class``
+    test images from a seed of its own, as the data stage does).
     """
     from .data import ImageDataset, build_transform
 
     train_tf, eval_tf = build_transform(spec, True), build_transform(spec, False)
-    xs, ys = render_synth_digits(synth_per_class, seed=seed)
-    xt, yt = load_optdigits()
-    tr, te = stratified_split(yt, test_fraction, seed=0)
-    return (ImageDataset.from_numpy(xs, ys, CLASSES, train_tf), ImageDataset.from_numpy(xt[tr], yt[tr], CLASSES, train_tf),
-            ImageDataset.from_numpy(xt[te], yt[te], CLASSES, eval_tf))
+
+    def domain(name):
+        if name == "synth_digits":
+            return render_synth_digits(synth_per_class, seed=seed), render_synth_digits(synth_test_per_class, seed=seed + 7919)
+        x, y = load_optdigits(variant=name)
+        tr, te = stratified_split(y, test_fraction, seed=0)
+        return (x[tr], y[tr]), (x[te], y[te])
+
+    for name in (source, target):
+        if name not in EMBEDDED:
+            raise ValueError(f"unknown embedded dataset {name!r}; choose one of: {', '.join(EMBEDDED)}")
+    (xs, ys), _ = domain(source)
+    (xt, yt), (xe, ye) = domain(target)
+    return (ImageDataset.from_numpy(xs, ys, CLASSES, train_tf), ImageDataset.from_numpy(xt, yt, CLASSES, train_tf),
+            ImageDataset.from_numpy(xe, ye, CLASSES, eval_tf))
+
+
+def digits_task(spec, synth_per_class: int, seed: int = 0, test_fraction: float = 0.3):
+    """:func:`domain_task` for the default pair, ``synth_digits -> optdigits``."""
+    return domain_task(spec, "synth_digits", "optdigits", synth_per_class, seed, test_fraction)

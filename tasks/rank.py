@@ -1,0 +1,141 @@
+"""``tl rank``: rank candidate source models on the labeled target budget, before any training.
+
+Each candidate runs once, in eval mode, over the labeled target images (``data.labels_per_class``,
+the same seeded split the finetune stage trains on; the target test split is never read). Its
+penultimate features give LogME; a candidate that keeps a classifier over its source classes also gets
+LEEP and NCE (:mod:`tlcore.transferability`). Candidates: the project's source model
+(``models/source.pt``, when pretrain has run) and every ``--candidate ARCH[:WEIGHTS]``: WEIGHTS is a
+file (a checkpoint saved by this project, or a state_dict) or a torchvision weights name read from the
+local torch cache; no WEIGHTS is random initialisation, the floor any real candidate should clear.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .common import StageError, device_for, load_checkpoint, say
+from .config import EMBEDDED, Params
+from .plan import labels_per_class
+
+SOURCE = "source.pt"
+
+
+@dataclass
+class Candidate:
+    name: str  # as the user wrote it (or source.pt)
+    arch: str  # a registered architecture ("" for source.pt: its checkpoint says)
+    weights: str | None
+
+
+def parse_candidate(text: str) -> Candidate:
+    """``ARCH`` or ``ARCH:WEIGHTS``; the architecture must be registered."""
+    from tlcore.models import list_models
+
+    arch, _, weights = text.partition(":")
+    if arch not in list_models():
+        raise StageError(f"--candidate {text!r}: unknown architecture {arch!r}; choose one of {', '.join(list_models())}"
+                         f" (optionally ARCH:WEIGHTS, WEIGHTS a file or a torchvision weights name)")
+    return Candidate(text, arch, weights or None)
+
+
+def load_candidate(c: Candidate, params: Params):
+    """``(model, has_source_head)``: a project checkpoint or a state_dict with a head keeps its classifier;
+    torchvision weights and random initialisation give a backbone only."""
+    import torch
+
+    from tlcore import models
+
+    if c.name == SOURCE:
+        return load_checkpoint(params.path("models", SOURCE))[0], True
+    blob = None
+    if c.weights and (Path(c.weights).suffix in {".pt", ".pth"} or Path(c.weights).exists()):
+        if not Path(c.weights).is_file():
+            raise StageError(f"--candidate {c.name!r}: weights file {c.weights} does not exist")
+        blob = torch.load(c.weights, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and isinstance(blob.get("model"), dict) and "num_classes" in blob:  # save_checkpoint
+        if blob.get("arch", c.arch) != c.arch:
+            raise StageError(f"--candidate {c.name!r}: {c.weights} holds a {blob['arch']} checkpoint, not {c.arch}")
+        model = models.create(c.arch, blob["num_classes"], in_channels=blob.get("in_channels"))
+        model.load_state_dict(blob["model"])
+        return model, True
+    head = blob.get("head.weight") if isinstance(blob, dict) else None
+    model = models.create(c.arch, head.shape[0] if head is not None else 1, weights=c.weights)
+    return model, head is not None
+
+
+def _target_root(params: Params, tmp: Path) -> Path:
+    """The target ImageFolder: the data stage's copy when it was made from ``data.target``, else the user's
+    folder, else the embedded dataset materialised into ``tmp``."""
+    from tlcore import datasets
+
+    made = params.path("data", "target")
+    manifest = params.path("data", "manifest.json")
+    if made.is_dir() and manifest.is_file() and json.loads(manifest.read_text())["target"]["name"] == params.data.target:
+        return made
+    if params.data.target not in EMBEDDED:
+        return Path(params.data.target).expanduser()
+    say(f"rank: materialising embedded {params.data.target!r} (run the data stage to reuse it)")
+    return datasets.materialize(params.data.target, tmp / "target", seed=params.base.seed,
+                                n_per_class=params.data.synth_per_class, test_per_class=params.data.synth_test_per_class,
+                                test_fraction=params.data.target_test_fraction)
+
+
+def rank(params: Params, candidates: list[str], include_source: bool = True) -> dict:
+    """Score every candidate; returns ``{"rows": [...] best LogME first, "labeled": N, "labels_per_class": k}``."""
+    from tlcore import data, models, transferability, validators
+
+    device = device_for(params)
+    k = labels_per_class(params)
+    if k == 0:
+        raise StageError("tl rank scores candidates on labeled target images, but data.labels_per_class is 0; "
+                         "give it some (e.g. -S data.labels_per_class=5): the label-free validators judge trained "
+                         "models, not candidates")
+    todo = [parse_candidate(t) for t in candidates]
+    if include_source and params.path("models", SOURCE).is_file():
+        todo.insert(0, Candidate(SOURCE, "", None))  # its architecture is read from the checkpoint
+    if not todo:
+        raise StageError(f"nothing to rank: no {params.path('models', SOURCE)} (run pretrain first) and no "
+                         f"--candidate ARCH[:WEIGHTS]")
+    rows, splits = [], {}
+    with tempfile.TemporaryDirectory(prefix="tl-rank-") as tmp:
+        root = _target_root(params, Path(tmp))
+        for c in todo:
+            model, has_head = load_candidate(c, params)
+            model = model.to(device)
+            spec = models.get_spec(model.arch)
+            channels = model_in_channels(model)
+            if (spec.input_size, channels) not in splits:
+                ds = data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt)
+                b = data.label_budget_split(ds.targets.numpy(), k, params.base.seed, params.data.val_per_class)
+                splits[spec.input_size, channels] = ds.subset(b.labeled)
+            labeled = splits[spec.input_size, channels]
+            labeled.transform = data.build_transform(spec, train=False, channels=channels)
+            loader = data.make_loader(labeled, params.evaluate.batch_size, train=False)
+            feats, logits, y = validators.features_and_logits(model, loader, device)
+            s = transferability.scores(feats.numpy(), y.numpy(), logits.softmax(1).numpy() if has_head else None,
+                                       len(labeled.classes))
+            rows.append({"candidate": c.name, "arch": model.arch, "features": int(feats.shape[1]), **s})
+    rows.sort(key=lambda r: -r["logme"])
+    return {"rows": rows, "labeled": len(labeled), "labels_per_class": k, "classes": len(labeled.classes)}
+
+
+def model_in_channels(model) -> int:
+    """Input channels of the first convolution (1 for this project's digit models, 3 for ImageNet nets)."""
+    import torch
+
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+
+
+def table(result: dict) -> str:
+    """The ranking, for people: best LogME first; ``-`` where a score does not apply."""
+    cols = ["rank", "candidate", "arch", "features", "logme", "leep", "nce"]
+    fmt = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    cells = [[str(i + 1)] + [fmt(r[c]) for c in cols[1:]] for i, r in enumerate(result["rows"])]
+    widths = [max(len(c), *(len(t[i]) for t in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in cells]
+    lines.append(f"{result['labeled']} labeled target images ({result['classes']} classes); higher is better for "
+                 f"every score. LEEP/NCE need the candidate's own source classifier (- without one).")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""`tl rank` on a tiny ImageFolder target: candidates load, the labeled budget is what finetune trains on,
+scores apply where they can, and a budget of 0 labels is refused with the fix."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from helpers import ROOT
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b", "c"):
+            (tmp_path / "tgt" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(tmp_path / "tgt" / split / c / f"{i}.png")
+    p = tmp_path / "project"
+    p.mkdir()
+    shutil.copy(ROOT / "params.yaml", p / "params.yaml")
+    monkeypatch.chdir(p)
+    return tmp_path
+
+
+def test_rank_scores_each_candidate_on_the_labeled_budget(project):
+    from tasks import cli
+    from tasks.common import save_checkpoint
+    from tasks.config import load_params
+    from tasks.rank import rank
+    from tlcore import models
+
+    save_checkpoint(project / "ckpt.pt", models.create("tinycnn", 7), [str(i) for i in range(7)], 1)
+    params = load_params("params.yaml", [f"data.target={project / 'tgt'}", "data.labels_per_class=3",
+                                         "evaluate.batch_size=4"])
+    r = rank(params, ["tinycnn", f"tinycnn:{project / 'ckpt.pt'}"])
+    assert r["labeled"] == 9 and r["classes"] == 3  # 3 per class of the train split, never test
+    rows = {row["candidate"]: row for row in r["rows"]}
+    ckpt = rows[f"tinycnn:{project / 'ckpt.pt'}"]  # a project checkpoint keeps its 7-class source head
+    assert ckpt["leep"] <= 0 and ckpt["nce"] <= 0 and ckpt["features"] == 64
+    assert rows["tinycnn"]["leep"] is None and rows["tinycnn"]["nce"] is None  # random init: no source classifier
+    assert [row["logme"] for row in r["rows"]] == sorted((row["logme"] for row in r["rows"]), reverse=True)
+
+    run = lambda *a: CliRunner().invoke(cli.app, ["rank", "-S", f"data.target={project / 'tgt'}", *a])
+    out = run("--candidate", "tinycnn", "-S", "data.labels_per_class=2", "--json")
+    assert out.exit_code == 0 and json.loads(out.output)["labeled"] == 6
+    out = run("--candidate", "tinycnn")
+    assert out.exit_code == 0 and "logme" in out.output and "12 labeled target images (3 classes)" in out.output  # auto: all of a user's labels
+    out = run("--candidate", "nosuchnet")
+    assert out.exit_code == 2 and "unknown architecture 'nosuchnet'" in out.output
+    out = run("--candidate", "tinycnn", "-S", "data.labels_per_class=0")
+    assert out.exit_code == 2 and "data.labels_per_class is 0" in out.output
+    out = run()
+    assert out.exit_code == 2 and "nothing to rank" in out.output
+    save_checkpoint("models/source.pt", models.create("tinycnn", 10), [str(i) for i in range(10)], 1)
+    r = rank(params, [])  # the project's source model by default: its architecture from the checkpoint
+    assert [(row["candidate"], row["arch"]) for row in r["rows"]] == [("source.pt", "tinycnn")]
+    assert r["rows"][0]["leep"] is not None
+    assert "source.pt" not in run("--no-source", "--candidate", "tinycnn").output
