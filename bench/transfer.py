@@ -30,13 +30,6 @@ def optim_config(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, p
     return Optim(epochs=epochs, steps_per_epoch=steps, batch_size=batch, lr=lr, weight_decay=5e-4, precision=precision)
 
 
-def _accuracy(model, test_loader) -> float:
-    from tlcore.engine import predict
-
-    logits, y = predict(model, test_loader, "cpu")
-    return float((logits.argmax(1) == y).float().mean())
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, budgets 0/1/10, shorter schedules")
@@ -61,9 +54,11 @@ def main(argv=None) -> None:
         return _write(saved["results"], saved["times"], saved["seeds"], budgets, saved["settings"], saved.get("wall_s"), dest)
     import torch
 
-    from tasks.training import TrainJob, run_job
+    from tasks.training import TrainJob, job_streams, run_job
     from tlcore import data, datasets, models
     from tlcore.engine import resolve_precision
+    from tlcore.metrics import accuracy
+    from tlcore.strategies import strategy_class
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = list(range(1 if args.quick else args.seeds))
@@ -111,7 +106,7 @@ def main(argv=None) -> None:
         t = time.time()
         src = run(TrainJob("smallcnn", 10, "scratch", optim_config(6, None, 128, precision=args.precision), seed, labeled=source))
         if not done("source_only", "0", seed):
-            record("source_only", "0", seed, _accuracy(src, test_loader), time.time() - t)
+            record("source_only", "0", seed, accuracy(src, test_loader), time.time() - t)
         tasks_[seed] = (source, target, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
     for budget, col in zip(budgets, cols):
         methods = (["scratch"] + TRANSFER) if budget != 0 else sorted(UDA)
@@ -122,17 +117,17 @@ def main(argv=None) -> None:
                 if done(m, col, seed):
                     continue
                 t = time.time()
+                cls = strategy_class(m)
                 job = TrainJob("smallcnn", 10, m, optim_config(epochs, args.steps, 64, precision=args.precision), seed,
-                               init_state=None if m == "scratch" else src_state,
-                               source=source if m in UDA or m == "joint" else None,
-                               labeled=labeled if budget != 0 else None,
+                               init_state=src_state if cls.transfers else None,
                                # the unlabeled pool: the whole target training split, labels unused; never test
-                               unlabeled=target if m in UDA else None)
-                record(m, col, seed, _accuracy(run(job), test_loader), time.time() - t)
+                               **job_streams(cls, source=source, labeled=labeled if budget != 0 else None,
+                                             unlabeled=target))
+                record(m, col, seed, accuracy(run(job), test_loader), time.time() - t)
             if budget is None and not done("train_on_target", "all", seed):
                 t = time.time()
                 full = TrainJob("smallcnn", 10, "scratch", optim_config(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=target)
-                record("train_on_target", "all", seed, _accuracy(run(full), test_loader), time.time() - t)
+                record("train_on_target", "all", seed, accuracy(run(full), test_loader), time.time() - t)
     state = save()
     _write(results, times, seeds, budgets, settings, state["wall_s"], dest)
 

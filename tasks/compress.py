@@ -14,10 +14,8 @@ from .training import target_splits
 
 def measure_variant(name: str, model, test_loader, example, iters: int, extra: dict | None = None) -> dict:
     from tlcore import metrics
-    from tlcore.engine import predict
 
-    logits, y = predict(model, test_loader, "cpu")
-    row = {"variant": name, "accuracy": float((logits.argmax(1) == y).float().mean()),
+    row = {"variant": name, "accuracy": metrics.accuracy(model, test_loader, "cpu"),
            "size_mb": metrics.model_size_mb(model), **metrics.latency_ms(model, example, iters=iters),
            "throughput_ips": metrics.throughput(model, example)}
     return {**row, **(extra or {})}
@@ -77,8 +75,7 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
     cfg, f = params.compress, params.finetune
     seed_everything(params.base.seed)  # the same student on every run, whatever ran before in this process
     labeled, pool, _ = target_splits(params, train_ds)
-    strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0,
-                      use_labeled=len(labeled) > 0)  # 0 labels: soft targets on the pool only
+    strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha)  # 0 labels: soft targets on the pool only
     net = strat.setup(student, teacher.num_classes)
     device = device_for(params)
     precision, _ = resolve_precision(f.precision, student.arch, teacher.num_classes, f.batch_size, device)

@@ -446,13 +446,23 @@ def _check_paths(p: Params, project: Path, origin: str) -> None:
         raise ParamsError(f"invalid parameters in {origin}:\n" + "\n".join(errors) + "\nFix these keys and run again.")
 
 
-def _check_budget(p: Params) -> None:
-    from tlcore.strategies import strategy_class
+def needs_target_labels(strategy: str) -> bool:
+    """Whether ``strategy`` cannot train without labeled target images: its declared streams
+    (:class:`tlcore.strategies.Streams`) are not met by the labeled source and the unlabeled target pool."""
+    from tlcore.strategies import StreamsError, strategy_class
 
+    try:
+        strategy_class(strategy).streams.check(("source", "unlabeled"))
+    except StreamsError:
+        return True
+    return False
+
+
+def _check_budget(p: Params) -> None:
     k, v = p.data.labels_per_class, p.data.val_per_class
     if k == "auto":  # as tasks.plan.labels_per_class resolves it
         k = DEMO_LABELS_PER_CLASS if p.data.target in EMBEDDED else None
-    if k == 0 and p.finetune.strategy != "auto" and strategy_class(p.finetune.strategy).needs_target_labels():
+    if k == 0 and p.finetune.strategy != "auto" and needs_target_labels(p.finetune.strategy):
         raise ParamsError(
             f"finetune.strategy = {p.finetune.strategy!r} trains on labeled target images, but "
             f"data.labels_per_class = 0. Use a strategy that adapts without target labels (mcc, semi, dann), "

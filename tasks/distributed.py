@@ -243,6 +243,7 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
     from ray.train.torch import TorchTrainer
 
     from tlcore import models
+    from tlcore.strategies import TransferNet
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     rc = params.ray
@@ -277,14 +278,9 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict):
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint; see the log above.")
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-    model = models.create(job.arch, _num_classes(state))
-    model.load_state_dict({k[len("model."):]: v for k, v in state["net"].items() if k.startswith("model.")})
+    model = models.from_state(job.arch, TransferNet.model_state(state["net"]))
     if local_run_dir is not None and local_run_dir.is_dir():
         (local_run_dir / DONE_MARKER).write_text(json.dumps({"epochs": state["epoch"]}))
     info = {"workers": max(1, rc.num_workers), "threads_per_worker": threads,
             "precision": state.get("config", {}).get("precision", job.optim.precision), "ray_run": name}
     return model, state["history"], info
-
-
-def _num_classes(state: dict) -> int:
-    return int(state["net"]["model.head.weight"].shape[0])

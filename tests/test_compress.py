@@ -62,16 +62,19 @@ def test_int8_agrees_with_fp32():
 def test_distillation_without_target_labels_learns_from_the_teacher_alone():
     teacher = _model()
     student = models.create("tinycnn", 10)
-    strat = C.Distill(teacher, use_labeled=False, use_unlabeled=True)
-    assert strat.uses == {"unlabeled"}
+    strat = C.Distill(teacher)
     net = strat.setup(student, 10)
     x = torch.randn(64, 1, 32, 32)
     pool = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=16, shuffle=True, drop_last=True)
-    hist = Trainer(net, strat, TrainConfig(epochs=3, steps_per_epoch=4, lr=1e-2, precision="fp32"),
-                   Loaders(unlabeled=pool), device="cpu", log=None).fit()
+    cfg = TrainConfig(epochs=3, steps_per_epoch=4, lr=1e-2, precision="fp32")
+    trainer = Trainer(net, strat, cfg, Loaders(unlabeled=pool), device="cpu", log=None)
+    assert trainer.streams == ("unlabeled",)  # the given loaders decide; the class keeps its declaration
+    hist = trainer.fit()
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]  # the student moves towards the teacher
-    with pytest.raises(ValueError, match="labeled or unlabeled"):
-        C.Distill(teacher, use_labeled=False, use_unlabeled=False)
+    assert C.Distill.streams.optional == {"target", "unlabeled"} and "streams" not in vars(strat)
+    with pytest.raises(ValueError, match="at least one of the data streams"):
+        Trainer(C.Distill(teacher).setup(models.create("tinycnn", 10), 10), C.Distill(teacher), cfg, Loaders(),
+                device="cpu", log=None)
 
 
 @pytest.mark.parametrize("machine,supported,want", [
