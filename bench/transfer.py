@@ -112,7 +112,9 @@ def main(argv=None) -> None:
         methods = (["scratch"] + TRANSFER) if budget != 0 else sorted(UDA)
         for seed in seeds:
             source, target, test_loader, src_state = tasks_[seed]
-            labeled = target.subset(data.label_budget_split(target.targets.numpy(), budget, seed).labeled)
+            split = data.label_budget_split(target.targets.numpy(), budget, seed)
+            # the unlabeled pool: the whole target training split (no validation hold-out), labels unused; never test
+            labeled, pool = target.subset(split.labeled), target.subset(split.unlabeled)
             for m in methods:
                 if done(m, col, seed):
                     continue
@@ -120,9 +122,8 @@ def main(argv=None) -> None:
                 cls = strategy_class(m)
                 job = TrainJob("smallcnn", 10, m, optim_config(epochs, args.steps, 64, precision=args.precision), seed,
                                init_state=src_state if cls.transfers else None,
-                               # the unlabeled pool: the whole target training split, labels unused; never test
                                **job_streams(cls, source=source, labeled=labeled if budget != 0 else None,
-                                             unlabeled=target))
+                                             unlabeled=pool))
                 record(m, col, seed, accuracy(run(job), test_loader), time.time() - t)
             if budget is None and not done("train_on_target", "all", seed):
                 t = time.time()

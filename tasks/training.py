@@ -126,13 +126,13 @@ def job_streams(strategy_cls, source=None, labeled=None, unlabeled=None) -> dict
 
 
 def target_splits(params: Params, train_ds):
-    """Labeled / unlabeled-pool / validation subsets of the target training split (never test)."""
+    """Labeled / unlabeled-pool / validation subsets of the target training split (never test), as
+    :func:`tlcore.data.label_budget_split` defines them; the validation subset is ``None`` when empty."""
     from tlcore import data
 
     from .plan import labels_per_class
 
     b = data.label_budget_split(train_ds.targets.numpy(), labels_per_class(params), params.base.seed,
                                 params.data.val_per_class)
-    keep = sorted(set(range(len(train_ds))) - set(b.val.tolist()))
     val = train_ds.subset(b.val) if len(b.val) else None
-    return train_ds.subset(b.labeled), train_ds.subset(keep), val
+    return train_ds.subset(b.labeled), train_ds.subset(b.unlabeled), val
