@@ -5,10 +5,13 @@ Writes ``reports/compress.json`` (DVC metrics: size, latency, accuracy per varia
 """
 from __future__ import annotations
 
-from .common import atomic_path, device_for, load_checkpoint, load_domain, save_checkpoint, say, stage_main, write_json
+from .checkpoints import load_checkpoint, save_checkpoint
 from .config import Params
-from .hardware import resolve_precision
+from .domains import load_domain
+from .files import atomic_path, write_json
+from .hardware import device_for, resolve_precision, set_torch_threads
 from .report import table
+from .stage import say, stage_main
 from .training import target_splits
 
 
@@ -27,6 +30,7 @@ def compress(params: Params) -> dict:
     from tlcore import compress as C
     from tlcore import data
 
+    set_torch_threads(params)
     cfg = params.compress
     teacher, meta = load_checkpoint(params.path("models", "finetuned.pt"))
     teacher = teacher.cpu().eval()

@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import say
 from .config import Params, ParamsError
 from .hardware import worker_cpus
+from .stage import say
 from .training import TrainJob, build_trainer
 
 DONE_MARKER = "_TL_DONE"

@@ -1,10 +1,12 @@
 """Stage ``finetune``: transfer the source model to the target with the configured strategy."""
 from __future__ import annotations
 
-from .common import read_json, save_checkpoint, say, stage_main, write_json
+from .checkpoints import save_checkpoint
 from .config import Params
 from .distributed import run_job_ray
+from .files import read_json, write_json
 from .plan import budget_text, labels_per_class, plan
+from .stage import say, stage_main
 from .training import target_job
 
 

@@ -5,7 +5,7 @@ import os
 import shlex
 from pathlib import Path
 
-from .common import git_info
+from .lineage import git_info
 
 # never shipped to the cluster: environments, caches, outputs the job recreates, local stores
 EXCLUDES = [".venv", ".dvc/cache", ".dvc/tmp", ".dvc-remote", "data", "models", "reports", "ray_results",

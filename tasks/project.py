@@ -67,7 +67,7 @@ def write_overrides(params_file: Path, overrides: list[str]) -> None:
     The new file is written next to the old one and renamed over it, so a reader never sees half a file."""
     from ruamel.yaml import YAML
 
-    from .common import atomic_path
+    from .files import atomic_path
     from .config import set_overrides
 
     y = YAML()

@@ -100,7 +100,9 @@ def target_job(params: Params, strategy: str, strategy_params: dict | None = Non
     """The target-side training job for ``strategy`` on the configured label budget, and the data manifest."""
     from tlcore import strategies
 
-    from .common import load_checkpoint, load_domain, read_json
+    from .checkpoints import load_checkpoint
+    from .domains import load_domain
+    from .files import read_json
 
     manifest = read_json(params.path("data", "manifest.json"))
     source_model, meta = load_checkpoint(params.path("models", "source.pt"))

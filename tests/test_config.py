@@ -237,7 +237,7 @@ def test_gpus_without_use_gpu_are_refused(params_file):
 
 
 def test_stage_device_on_a_gpu_less_node(params_file):
-    from tasks.common import device_for
+    from tasks.hardware import device_for
 
     cuda = load_params(params_file, ["base.device=cuda", "ray.use_gpu=true", "ray.gpus_per_worker=1"])
     with pytest.raises(ParamsError, match=r"sees no CUDA device .*Set base\.device: auto"):

@@ -35,7 +35,7 @@ def test_stage_code_files_are_the_closure_plus_tlcore():
     files = stage_code_files("data")
     assert ROOT / "tasks/data.py" in files and ROOT / "tasks/config.py" in files and ROOT / "tlcore/data.py" in files
     assert ROOT / "tasks/distributed.py" not in files  # another stage's helper
-    assert {f"tasks.{m}" for m in ("pretrain", "training", "distributed", "common", "config")} <= import_closure("tasks.pretrain")
+    assert {f"tasks.{m}" for m in ("pretrain", "training", "distributed", "checkpoints", "config")} <= import_closure("tasks.pretrain")
 
 
 # --------------------------------------------------------------------------- params each stage reads

@@ -242,7 +242,7 @@ def killed(self, *a, **k):
         orig(self, *a, **k)
     os._exit(137)  # as SIGKILL: no cleanup, no finally blocks
 setattr(MlflowClient, point, killed)
-from tasks.common import stage_main
+from tasks.stage import stage_main
 from tasks.register import register
 stage_main(register, [])
 """
@@ -255,7 +255,7 @@ def slow(*a, **k):
     time.sleep(float(sys.argv[1]))
     return orig(*a, **k)
 reg.compare_with_champion = slow
-from tasks.common import stage_main
+from tasks.stage import stage_main
 stage_main(reg.register, [])
 """
 

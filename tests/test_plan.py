@@ -121,7 +121,7 @@ def test_tl_check_and_tl_run_refuse_before_any_stage(project, tmp_path, monkeypa
 
 def _stage_project(project, tmp_path, target_classes=("cat", "dog")):
     """Data stage on tiny folders and a stand-in source model: what the finetune stage needs."""
-    from tasks.common import save_checkpoint
+    from tasks.checkpoints import save_checkpoint
     from tasks.data import prepare
     from tlcore import models
 
