@@ -59,7 +59,7 @@ EXECUTION_ONLY = {("ray", "address"), ("ray", "storage_path"), ("ray", "max_fail
 DIRS = {("base", "data_dir"), ("base", "models_dir"), ("base", "reports_dir")}
 # Functions whose reads do not reach a stage's outputs. run_name hashes params only to name a Ray run
 # (its resume key); it hashes every section but register/evaluate/compress, whatever the stage.
-NOT_OUTPUT = {"tasks.distributed.run_name"}
+NOT_OUTPUT = {"tasks.run_identity.run_name"}
 # Params no stage reads: each is a bug (wire it or remove it); the test below fails when this list is stale.
 KNOWN_UNREAD: set = set()
 
