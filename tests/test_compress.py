@@ -1,3 +1,5 @@
+import platform
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -49,13 +51,21 @@ def test_recovery_training_keeps_pruned_weights_at_zero():
     assert all(p.requires_grad for p in teacher.parameters())  # the caller's teacher was not frozen in place
 
 
-def test_int8_agrees_with_fp32():
+def test_int8_agrees_with_fp32_and_leaves_the_global_engine_alone():
     m = _model()
     calib = torch.rand(64, 1, 32, 32) * 2 - 1
+    engines = torch.backends.quantized.supported_engines
+    other = next(e for e in ("qnnpack", "x86", "fbgemm") if e in engines and e != C.int8_engine(platform.machine(), engines))
+    before = torch.backends.quantized.engine
     q = C.quantize_int8(m, calib)
+    assert torch.backends.quantized.engine == before
     x = torch.rand(32, 1, 32, 32) * 2 - 1
-    with torch.no_grad():
-        ref, out = m(x), q(x)
+    torch.backends.quantized.engine = other  # whatever the process uses later, the model keeps its kernels
+    try:
+        with torch.no_grad():
+            ref, out = m(x), q(x)
+    finally:
+        torch.backends.quantized.engine = before
     assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.9
 
 

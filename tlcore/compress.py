@@ -89,6 +89,9 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str | No
     stubs and fused modules, dynamic quantisation only covers Linear/RNN layers, and the PT2E
     export route now lives in the separate ``torchao`` package. ``calibration`` is a float batch
     ``(N, C, H, W)`` of representative inputs. Returns a new CPU model.
+
+    The process-wide ``torch.backends.quantized.engine`` is ``backend`` while the weights are packed and
+    restored after: packed weights carry their engine's kernels, so the model runs whatever it is later.
     """
     import warnings
 
@@ -97,15 +100,19 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str | No
 
     if backend is None:
         backend = int8_engine(platform.machine(), torch.backends.quantized.supported_engines)
-    torch.backends.quantized.engine = backend
     m = copy.deepcopy(model).cpu().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(m, get_default_qconfig_mapping(backend), example_inputs=(calibration[:1].cpu(),))
-        with torch.no_grad():
-            for chunk in calibration.cpu().split(64):
-                prepared(chunk)
-        return convert_fx(prepared)
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(m, get_default_qconfig_mapping(backend), example_inputs=(calibration[:1].cpu(),))
+            with torch.no_grad():
+                for chunk in calibration.cpu().split(64):
+                    prepared(chunk)
+            return convert_fx(prepared)
+    finally:
+        torch.backends.quantized.engine = before
 
 
 class Distill(Strategy):
