@@ -269,6 +269,5 @@ def test_threads_are_set_only_when_a_stage_asks(params_file):
 def test_importing_the_config_installs_no_warnings_filter():
     import warnings
 
-    import tasks.config  # noqa: F401  (imported already: its filters, if any, would be in place)
-
+    # tasks.config is imported at the top of this module: a filter it installed would be in place now
     assert not [f for f in warnings.filters if f[1] is not None and "register" in f[1].pattern]
