@@ -55,14 +55,11 @@ def _training_s(report: Path) -> float:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers import TINY, env, make_repo
+    from tasks.project import copy_env, copy_project
 
-
-    TINY.clear()  # default params: what `make run` does
     with tempfile.TemporaryDirectory() as d:
-        repo = make_repo(Path(d) / "repo")
-        e = {**env(), "TL_CACHE_DIR": str(Path(d) / "cache")}
+        repo = copy_project(Path(d) / "repo")  # the default params.yaml: what `make run` does
+        e = {**copy_env(), "TL_CACHE_DIR": str(Path(d) / "cache")}
         print("tl run (default params):", flush=True)
         stages, total, out = _timed_run(repo, e, "run")
         _, noop, _ = _timed_run(repo, e, "run")

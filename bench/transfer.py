@@ -55,13 +55,6 @@ def optim_config(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, p
     return Optim(epochs=epochs, steps_per_epoch=steps, batch_size=batch, lr=lr, weight_decay=5e-4, precision=precision)
 
 
-def _accuracy(model, test_loader) -> float:
-    from tlcore.engine import predict
-
-    logits, y = predict(model, test_loader, "cpu")
-    return float((logits.argmax(1) == y).float().mean())
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, budgets 0/1/10, shorter schedules")
@@ -102,9 +95,11 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
     """The grid of one pair, saved to ``out`` after every cell; then its docs section."""
     import torch
 
-    from tasks.training import TrainJob, run_job
+    from tasks.training import TrainJob, job_streams, run_job
     from tlcore import data, datasets, models
     from tlcore.engine import resolve_precision
+    from tlcore.metrics import accuracy
+    from tlcore.strategies import strategy_class
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     seeds = list(range(1 if args.quick else args.seeds))
@@ -154,28 +149,29 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
         t = time.time()
         src = run(TrainJob("smallcnn", 10, "scratch", optim_config(6, None, 128, precision=args.precision), seed, labeled=src_ds))
         if not done("source_only", "0", seed):
-            record("source_only", "0", seed, _accuracy(src, test_loader), time.time() - t)
+            record("source_only", "0", seed, accuracy(src, test_loader), time.time() - t)
         tasks_[seed] = (src_ds, tgt_ds, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
     for budget, col in zip(budgets, cols):
         methods = (["scratch"] + TRANSFER) if budget != 0 else sorted(UDA)
         for seed in seeds:
             src_ds, tgt_ds, test_loader, src_state = tasks_[seed]
-            labeled = tgt_ds.subset(data.label_budget_split(tgt_ds.targets.numpy(), budget, seed).labeled)
+            split = data.label_budget_split(tgt_ds.targets.numpy(), budget, seed)
+            # the unlabeled pool: the whole target training split (no validation hold-out), labels unused; never test
+            labeled, pool = tgt_ds.subset(split.labeled), tgt_ds.subset(split.unlabeled)
             for m in methods:
                 if done(m, col, seed):
                     continue
                 t = time.time()
+                cls = strategy_class(m)
                 job = TrainJob("smallcnn", 10, m, optim_config(epochs, args.steps, 64, precision=args.precision), seed,
-                               init_state=None if m == "scratch" else src_state,
-                               source=src_ds if m in UDA or m == "joint" else None,
-                               labeled=labeled if budget != 0 else None,
-                               # the unlabeled pool: the whole target training split, labels unused; never test
-                               unlabeled=tgt_ds if m in UDA else None)
-                record(m, col, seed, _accuracy(run(job), test_loader), time.time() - t)
+                               init_state=src_state if cls.transfers else None,
+                               **job_streams(cls, source=src_ds, labeled=labeled if budget != 0 else None,
+                                             unlabeled=pool))
+                record(m, col, seed, accuracy(run(job), test_loader), time.time() - t)
             if budget is None and not done("train_on_target", "all", seed):
                 t = time.time()
                 full = TrainJob("smallcnn", 10, "scratch", optim_config(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=tgt_ds)
-                record("train_on_target", "all", seed, _accuracy(run(full), test_loader), time.time() - t)
+                record("train_on_target", "all", seed, accuracy(run(full), test_loader), time.time() - t)
     state = save()
     _write(results, times, seeds, budgets, settings, state["wall_s"], dest, (source, target))
 

@@ -81,7 +81,7 @@ def publish(repo: str) -> dict:
     """Markdown report and per-class table as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.common import read_json
+    from tasks.files import read_json
     from tasks.config import load_params
 
     params = load_params(Path(repo) / "params.yaml")

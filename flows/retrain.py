@@ -33,7 +33,7 @@ def retrain(repo: str = ".", force: bool = False):
 
 
 def _retrain(repo: str, force: bool):
-    from tasks.common import read_json
+    from tasks.files import read_json
     from tasks.config import load_params
 
     run_stage(stage="inputs", repo=repo)  # fingerprint user folders / weights first, so dvc.lock records them

@@ -7,17 +7,22 @@ when source and target have different label sets).
 """
 from __future__ import annotations
 
-from .common import device_for, load_checkpoint, load_domain, say, stage_main, write_json
+from .checkpoints import load_checkpoint
 from .config import Params
 from .distributed import run_job_ray
+from .domains import load_domain
+from .files import write_json
+from .hardware import device_for, set_torch_threads
 from .plan import budget_text, labels_per_class
 from .report import pct
+from .stage import say, stage_main
 from .training import target_job
 
 
 def baselines(params: Params) -> dict:
     from tlcore import data, metrics
 
+    set_torch_threads(params)
     device = device_for(params)
     job, manifest = target_job(params, "scratch")
     _, test_ds = load_domain(params, "target", job.arch)

@@ -183,7 +183,7 @@ def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIG
     features, LEEP and NCE on their source classifier, over the labeled target budget (never the test split)."""
     import json
 
-    from .common import StageError
+    from .stage import StageError
     from .config import ParamsError, load_params
     from .rank import rank as do, table
 

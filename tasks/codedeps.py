@@ -33,7 +33,7 @@ def import_closure(module: str, root: Path = ROOT) -> set[str]:
                         visit(target)
                 elif node.level == 0 and node.module and node.module.split(".")[0] == "tasks":
                     visit(node.module)
-                    for a in node.names:  # `from tasks import common`
+                    for a in node.names:  # `from tasks import files`
                         visit(f"{node.module}.{a.name}")
             elif isinstance(node, ast.Import):
                 for a in node.names:

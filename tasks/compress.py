@@ -5,19 +5,20 @@ Writes ``reports/compress.json`` (DVC metrics: size, latency, accuracy per varia
 """
 from __future__ import annotations
 
-from .common import atomic_path, device_for, load_checkpoint, load_domain, save_checkpoint, say, stage_main, write_json
+from .checkpoints import load_checkpoint, save_checkpoint
 from .config import Params
-from .hardware import resolve_precision
+from .domains import load_domain
+from .files import atomic_path, write_json
+from .hardware import device_for, resolve_precision, set_torch_threads
 from .report import table
+from .stage import say, stage_main
 from .training import target_splits
 
 
 def measure_variant(name: str, model, test_loader, example, iters: int, extra: dict | None = None) -> dict:
     from tlcore import metrics
-    from tlcore.engine import predict
 
-    logits, y = predict(model, test_loader, "cpu")
-    row = {"variant": name, "accuracy": float((logits.argmax(1) == y).float().mean()),
+    row = {"variant": name, "accuracy": metrics.accuracy(model, test_loader, "cpu"),
            "size_mb": metrics.model_size_mb(model), **metrics.latency_ms(model, example, iters=iters),
            "throughput_ips": metrics.throughput(model, example)}
     return {**row, **(extra or {})}
@@ -29,6 +30,7 @@ def compress(params: Params) -> dict:
     from tlcore import compress as C
     from tlcore import data
 
+    set_torch_threads(params)
     cfg = params.compress
     teacher, meta = load_checkpoint(params.path("models", "finetuned.pt"))
     teacher = teacher.cpu().eval()
@@ -77,8 +79,7 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
     cfg, f = params.compress, params.finetune
     seed_everything(params.base.seed)  # the same student on every run, whatever ran before in this process
     labeled, pool, _ = target_splits(params, train_ds)
-    strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha, use_unlabeled=len(pool) > 0,
-                      use_labeled=len(labeled) > 0)  # 0 labels: soft targets on the pool only
+    strat = C.Distill(teacher, cfg.distill_temperature, cfg.distill_alpha)  # 0 labels: soft targets on the pool only
     net = strat.setup(student, teacher.num_classes)
     device = device_for(params)
     precision, _ = resolve_precision(f.precision, student.arch, teacher.num_classes, f.batch_size, device)

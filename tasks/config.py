@@ -266,36 +266,37 @@ class Ray(_Section):
         return self
 
 
-# `register` is also the name of ABCMeta.register on the metaclass; instances are unaffected
-warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+# `register` is also the name of ABCMeta.register on the metaclass (instances are unaffected), so pydantic
+# warns, while it creates the class, that the field shadows it: silenced for that moment only.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
+    class Params(_Section):
+        base: Base = Base()
+        data: Data = Data()
+        pretrain: Pretrain = Pretrain()
+        finetune: Finetune = Finetune()
+        evaluate: Evaluate = Evaluate()
+        compress: Compress = Compress()
+        register: Register = Register()
+        ray: Ray = Ray()
 
-class Params(_Section):
-    base: Base = Base()
-    data: Data = Data()
-    pretrain: Pretrain = Pretrain()
-    finetune: Finetune = Finetune()
-    evaluate: Evaluate = Evaluate()
-    compress: Compress = Compress()
-    register: Register = Register()
-    ray: Ray = Ray()
+        @model_validator(mode="after")
+        def _one_device_rule(self):
+            """``ray.use_gpu`` decides where training runs; ``base.device`` (this process's work) must agree."""
+            dev, gpu = self.base.device, self.ray.use_gpu
+            if dev == "cuda" and not gpu:
+                raise ValueError("base.device = 'cuda' but ray.use_gpu = false: training runs where ray.use_gpu says, "
+                                 "so it would run on the CPU. Set ray.use_gpu: true to train on GPUs (-S ray.use_gpu=true), "
+                                 "or base.device: auto (GPU for evaluation where one is visible) or cpu.")
+            if dev == "cpu" and gpu:
+                raise ValueError("base.device = 'cpu' but ray.use_gpu = true: the two contradict each other. Set "
+                                 "base.device: auto to train on GPUs (evaluation uses a GPU where the stage process "
+                                 "sees one), or ray.use_gpu: false to stay on the CPU.")
+            return self
 
-    @model_validator(mode="after")
-    def _one_device_rule(self):
-        """``ray.use_gpu`` decides where training runs; ``base.device`` (this process's work) must agree."""
-        dev, gpu = self.base.device, self.ray.use_gpu
-        if dev == "cuda" and not gpu:
-            raise ValueError("base.device = 'cuda' but ray.use_gpu = false: training runs where ray.use_gpu says, "
-                             "so it would run on the CPU. Set ray.use_gpu: true to train on GPUs (-S ray.use_gpu=true), "
-                             "or base.device: auto (GPU for evaluation where one is visible) or cpu.")
-        if dev == "cpu" and gpu:
-            raise ValueError("base.device = 'cpu' but ray.use_gpu = true: the two contradict each other. Set "
-                             "base.device: auto to train on GPUs (evaluation uses a GPU where the stage process "
-                             "sees one), or ray.use_gpu: false to stay on the CPU.")
-        return self
-
-    def path(self, kind: Literal["data", "models", "reports"], *parts: str) -> Path:
-        return Path(getattr(self.base, f"{kind}_dir"), *parts)
+        def path(self, kind: Literal["data", "models", "reports"], *parts: str) -> Path:
+            return Path(getattr(self.base, f"{kind}_dir"), *parts)
 
 
 def _fmt_error(err: ValidationError, origin: str) -> str:
@@ -446,13 +447,23 @@ def _check_paths(p: Params, project: Path, origin: str) -> None:
         raise ParamsError(f"invalid parameters in {origin}:\n" + "\n".join(errors) + "\nFix these keys and run again.")
 
 
-def _check_budget(p: Params) -> None:
-    from tlcore.strategies import strategy_class
+def needs_target_labels(strategy: str) -> bool:
+    """Whether ``strategy`` cannot train without labeled target images: its declared streams
+    (:class:`tlcore.strategies.Streams`) are not met by the labeled source and the unlabeled target pool."""
+    from tlcore.strategies import StreamsError, strategy_class
 
+    try:
+        strategy_class(strategy).streams.check(("source", "unlabeled"))
+    except StreamsError:
+        return True
+    return False
+
+
+def _check_budget(p: Params) -> None:
     k, v = p.data.labels_per_class, p.data.val_per_class
     if k == "auto":  # as tasks.plan.labels_per_class resolves it
         k = DEMO_LABELS_PER_CLASS if p.data.target in EMBEDDED else None
-    if k == 0 and p.finetune.strategy != "auto" and strategy_class(p.finetune.strategy).needs_target_labels():
+    if k == 0 and p.finetune.strategy != "auto" and needs_target_labels(p.finetune.strategy):
         raise ParamsError(
             f"finetune.strategy = {p.finetune.strategy!r} trains on labeled target images, but "
             f"data.labels_per_class = 0. Use a strategy that adapts without target labels (mcc, semi, dann), "

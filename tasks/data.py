@@ -9,8 +9,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .common import say, stage_main, write_json
 from .config import EMBEDDED, Params
+from .files import write_json
+from .stage import say, stage_main
 
 
 def _copy_user_tree(src: Path, dst: Path, skip_corrupt: bool) -> None:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import csv
 
-from .common import atomic_path, device_for, load_checkpoint, load_domain, read_json, say, stage_main, write_json
+from .checkpoints import load_checkpoint
 from .config import Params
+from .domains import load_domain
+from .files import atomic_path, read_json, write_json
+from .hardware import device_for, set_torch_threads
 from .plan import budget_text, labels_per_class
 from .report import confusion_matrix_png, pct, table, training_curves
+from .stage import say, stage_main
 
 DEV_SOURCE_IMAGES = 512  # held-out source images DEV reads (one forward pass, a logistic regression)
 
@@ -24,6 +28,7 @@ def evaluate(params: Params) -> dict:
     from tlcore.engine import predict
     from tlcore.models import count_params
 
+    set_torch_threads(params)
     device = device_for(params)
     rep_dir = params.path("reports")
     model, meta = load_checkpoint(params.path("models", "finetuned.pt"))

@@ -1,10 +1,12 @@
 """Stage ``finetune``: transfer the source model to the target with the configured strategy."""
 from __future__ import annotations
 
-from .common import read_json, save_checkpoint, say, stage_main, write_json
+from .checkpoints import save_checkpoint
 from .config import Params
 from .distributed import run_job_ray
+from .files import read_json, write_json
 from .plan import budget_text, labels_per_class, plan
+from .stage import say, stage_main
 from .training import target_job
 
 
@@ -17,13 +19,14 @@ def finetune(params: Params) -> dict:
     job, manifest = target_job(params, choice.strategy, params.finetune.strategy_params)
     classes = manifest["target"]["classes"]
     k = labels_per_class(params)
-    say(f"finetune: strategy {choice.describe()} on {len(job.labeled)} labeled target images ({budget_text(k)}), "
+    n_labeled = len(job.labeled) if job.labeled is not None else 0  # None: a strategy without the target stream
+    say(f"finetune: strategy {choice.describe()} on {n_labeled} labeled target images ({budget_text(k)}), "
         f"{params.finetune.epochs} epochs")
     model, history, info = run_job_ray(job, params, "finetune", manifest)
     save_checkpoint(params.path("models", "finetuned.pt"), model, classes, models.get_spec(job.arch).default_in_channels,
                     {"stage": "finetune", "strategy": job.strategy})
     summary = {"strategy": job.strategy, "strategy_requested": choice.requested, "strategy_why": choice.why,
-               "labels_per_class": k, "labeled": len(job.labeled), **info, "history": history}
+               "labels_per_class": k, "labeled": n_labeled, **info, "history": history}
     write_json(params.path("reports", "finetune.json"), summary)
     return summary
 

@@ -1,4 +1,5 @@
-"""What this machine is good at: CPU threads per worker and the training precision, by measurement.
+"""What this machine is good at: the stage's device and threads, CPU threads per worker and the training
+precision, by measurement.
 
 ``precision: auto`` asks :func:`tlcore.engine.choose_precision`. On a CPU with bf16 kernels it
 needs a measurement, because AVX512-BF16 without AMX is faster on some CPUs (AMD Zen 4: ~2x) and
@@ -15,7 +16,34 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .common import write_json
+from .config import Params, ParamsError
+from .files import write_json
+
+
+def set_torch_threads(params: Params) -> None:
+    """Give this process's torch ``base.num_threads`` CPU threads (``null``: leave torch's default). A stage
+    calls it once, first; Ray workers set their own (:mod:`tasks.distributed`)."""
+    import torch
+
+    if params.base.num_threads:
+        torch.set_num_threads(params.base.num_threads)
+
+
+def device_for(params: Params, cuda_available: bool | None = None):
+    """The device this stage process computes on (evaluation, compression), by ``base.device``.
+
+    Training runs where ``ray.use_gpu`` says (:mod:`tasks.distributed`); the config refuses the two
+    disagreeing. ``cuda_available`` replaces ``torch.cuda.is_available()`` (tests)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if params.base.device == "cuda" and not cuda:
+        raise ParamsError("base.device = 'cuda' but this process sees no CUDA device (on a Ray cluster: the node "
+                          "the stage runs on, often a GPU-less head node). Set base.device: auto; with "
+                          "ray.use_gpu: true training still runs on the GPU workers.")
+    if params.base.device == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    return torch.device(params.base.device)
 
 
 def cache_dir() -> Path:

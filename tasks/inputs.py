@@ -23,8 +23,9 @@ import os
 import time
 from pathlib import Path
 
-from .common import stage_main, write_json
 from .config import EMBEDDED, Base, Data, Params, ParamsError, Pretrain, apply_overrides, load_raw
+from .files import write_json
+from .stage import stage_main
 
 HASH_CACHE = Path(".tlcache") / "hashes.json"
 SPLITS = ("train", "test")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .common import git_info
+from .lineage import git_info
 
 # never shipped to the cluster (Ray's gitignore-style `excludes`, matched from the project root; a leading
 # "/" anchors a pattern there): git history, secrets, environments, caches, local stores, outputs the job

@@ -20,7 +20,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .common import StageError
+from .stage import StageError
 
 TOKEN_ENV = "TL_PROJECT_LOCK"
 LOCK_FILE = ".tlcache/project.lock"

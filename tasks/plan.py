@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEMO_LABELS_PER_CLASS, EMBEDDED, Params, ParamsError
+from .config import DEMO_LABELS_PER_CLASS, EMBEDDED, Params, ParamsError, needs_target_labels
 
 DIGITS = [str(d) for d in range(10)]  # the classes of both embedded datasets
 AUTO_SAME = "semi"
@@ -133,7 +133,7 @@ def choose_strategy(params: Params, sets: LabelSets) -> Choice:
             f"so source and target must share one label set, but {_differ(params, sets)}. Set finetune.strategy to "
             f"auto (it picks {AUTO_DIFFERENT} here) or one of {', '.join(plain)}, or give source and target the same "
             f"class folders.")
-    if k == 0 and strategy_class(req).needs_target_labels():  # load_params refuses this too; the stage re-checks
+    if k == 0 and needs_target_labels(req):  # load_params refuses this too; the stage re-checks
         raise ParamsError(
             f"finetune.strategy = {req!r} trains on labeled target images, but data.labels_per_class = 0. Use a "
             f"strategy that adapts without target labels (mcc, semi, dann) or auto, or set data.labels_per_class >= 1.")

@@ -5,9 +5,13 @@ ImageNet weights or a file the user has.
 """
 from __future__ import annotations
 
-from .common import device_for, load_domain, read_json, save_checkpoint, say, stage_main, write_json
+from .checkpoints import save_checkpoint
 from .config import Params
 from .distributed import run_job_ray
+from .domains import load_domain
+from .files import read_json, write_json
+from .hardware import device_for, set_torch_threads
+from .stage import say, stage_main
 from .training import TrainJob
 
 
@@ -20,6 +24,7 @@ def pretrain(params: Params) -> dict:
     arch = params.pretrain.backbone
     spec = models.get_spec(arch)
     out = params.path("models", "source.pt")
+    set_torch_threads(params)
     device = device_for(params)
     if params.pretrain.weights:
         say(f"pretrain: using given weights {params.pretrain.weights} for {arch}; no source training")

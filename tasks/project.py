@@ -1,13 +1,19 @@
-"""The project on disk, as the CLI and the flows both drive it: its environment, `dvc`, and params overrides.
+"""The project on disk, as the CLI and the flows both drive it: its environment, `dvc`, params overrides, and
+fresh copies of it (benchmarks and integration tests run the pipeline in one, never in the checkout).
 
 Both entry points (``tl`` and the Prefect flows) import this; it imports neither.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: what a copy of the project needs to run the pipeline: the code, the pipeline and its params
+PROJECT_FILES = ("tlcore", "tasks", "flows", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
 
 # What every process of a run needs, whoever started it (`tl`, `make`, a Prefect worker, a test):
 # no telemetry calls from an offline machine (their failures print tracebacks), and a Prefect
@@ -67,8 +73,8 @@ def write_overrides(params_file: Path, overrides: list[str]) -> None:
     The new file is written next to the old one and renamed over it, so a reader never sees half a file."""
     from ruamel.yaml import YAML
 
-    from .common import atomic_path
     from .config import set_overrides
+    from .files import atomic_path
 
     y = YAML()
     y.preserve_quotes = True
@@ -79,3 +85,45 @@ def write_overrides(params_file: Path, overrides: list[str]) -> None:
         with tmp.open("w") as f:
             y.dump(doc, f)
         os.chmod(tmp, params_file.stat().st_mode)
+
+
+def copy_env() -> dict:
+    """The environment to run a copy of the project in: this process's, plus :data:`QUIET_ENV`, this
+    interpreter's ``bin/`` first on ``PATH`` and no ``PYTHONPATH`` (the copy imports its own code, from its cwd)."""
+    e = {**os.environ, **{k: v for k, v in QUIET_ENV.items() if k not in os.environ}}
+    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
+    e["PYTHONPATH"] = ""
+    return e
+
+
+def deep_update(d: dict, u: dict) -> dict:
+    """``d`` with ``u`` merged in, nested dicts key by key (in place)."""
+    for k, v in u.items():
+        d[k] = deep_update(d.get(k, {}), v) if isinstance(v, dict) else v
+    return d
+
+
+def copy_project(dst: Path, params: dict | None = None, env: dict | None = None) -> Path:
+    """A fresh copy of this project at ``dst``: :data:`PROJECT_FILES`, with ``params`` merged into its
+    params.yaml, as a git repo with DVC initialised, a local DVC remote (``dst/.dvc-remote``) and one commit."""
+    import yaml
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dst / name)
+    if params:
+        doc = yaml.safe_load((dst / "params.yaml").read_text())
+        (dst / "params.yaml").write_text(yaml.safe_dump(deep_update(doc, params), sort_keys=False))
+    env = env or copy_env()
+    identity = ["-c", "user.name=tl", "-c", "user.email=tl@localhost"]  # a machine without a git identity
+    for cmd in (["git", "init", "-q"], [tool("dvc"), "init", "-q"], [tool("dvc"), "config", "core.analytics", "false"],
+                [tool("dvc"), "remote", "add", "-d", "local", str(dst / ".dvc-remote")], ["git", "add", "-A"],
+                ["git", *identity, "commit", "-qm", "init"]):
+        r = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed in {dst} ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return dst

@@ -15,7 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import StageError, device_for, load_checkpoint, say
+from .checkpoints import load_checkpoint
+from .hardware import device_for, set_torch_threads
+from .stage import StageError, say
 from .config import EMBEDDED, Params
 from .plan import labels_per_class
 
@@ -86,6 +88,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True) -> 
     """Score every candidate; returns ``{"rows": [...] best LogME first, "labeled": N, "labels_per_class": k}``."""
     from tlcore import data, models, transferability, validators
 
+    set_torch_threads(params)
     device = device_for(params)
     k = labels_per_class(params)
     if k == 0:

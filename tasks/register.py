@@ -22,11 +22,13 @@ from pathlib import Path
 
 import yaml
 
-from .common import StageError, file_sha256, git_info, params_hash, read_json, say, stage_main, write_json
 from .config import Params
+from .files import file_sha256, read_json, write_json
 from .gate import Decision, Paired, Rules, decide, paired
+from .lineage import git_info, params_hash
 from .lock import project_lock
 from .registry import load_version, refresh
+from .stage import StageError, say, stage_main
 from .tracking import client, experiment_id, project_root, tracking_uri, version_by_alias
 
 TRAIN_HASHES = "lineage/target_train_sha256.txt"  # run artifact: content hashes of the target training images
@@ -110,7 +112,7 @@ def compare_with_champion(c, name: str, champ, params: Params, manifest: dict, t
 
     from tlcore import data, metrics
 
-    from .common import load_domain
+    from .domains import load_domain
 
     try:
         model, meta = load_version(name, champ)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .common import file_sha256, write_json
+from .files import file_sha256, write_json
 from .lock import project_lock
 from .tracking import client, project_root, sqlite_path, tracking_uri, version_by_alias
 
@@ -170,7 +170,7 @@ def rollback(name: str, why: str, who: str | None = None) -> dict:
 
 def load_version(name: str, v) -> tuple:
     """``(model, meta)`` of a model version object, through the checked local model cache."""
-    from .common import load_checkpoint
+    from .checkpoints import load_checkpoint
 
     return load_checkpoint(_model_file(name, {"version": str(v.version), "source": v.source, "run_id": v.run_id,
                                               "sha256": v.tags.get("model_sha256")}))
@@ -178,7 +178,7 @@ def load_version(name: str, v) -> tuple:
 
 def load_alias(name: str, alias: str = "champion"):
     """``(model, meta)`` of ``name@alias``, from the local model cache when it holds that version."""
-    from .common import load_checkpoint
+    from .checkpoints import load_checkpoint
 
     entry = _snapshot(name)["aliases"].get(alias)
     if entry is None:

@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import StageError, file_sha256, read_json
+from .files import file_sha256, read_json
 from .project import dvc
+from .stage import StageError
 from .tracking import client, experiment_id, project_root, tracking_uri, version_by_alias
 
 REPLAY_STAGES = ("pretrain", "finetune", "baselines", "evaluate")

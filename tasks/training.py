@@ -41,11 +41,11 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
 
     from tlcore import data, models, strategies
     from tlcore.engine import Loaders, TrainConfig, Trainer, seed_everything
+    from tlcore.strategies import STREAMS, StreamsError
 
     seed_everything(job.seed)
-    model = models.create(job.arch, job.num_classes if job.init_state is None else _head_size(job.init_state))
-    if job.init_state is not None:
-        models.load_transfer_state(model, job.init_state)
+    model = (models.create(job.arch, job.num_classes) if job.init_state is None
+             else models.from_state(job.arch, job.init_state))
     try:
         strat = strategies.create_strategy(job.strategy, **{"label_smoothing": job.optim.label_smoothing, **job.strategy_params})
     except TypeError as e:
@@ -67,20 +67,20 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
 
     loaders = Loaders(target=loader(job.labeled), source=loader(job.source), unlabeled=loader(job.unlabeled),
                       val=loader(job.val, train=False, size=256))
-    if loaders.target is None and strat.needs_target_labels():
+    try:
+        strat.streams.check([s for s in STREAMS if getattr(loaders, s) is not None], f"strategy {job.strategy!r}")
+    except StreamsError as e:
+        if "target" not in e.missing:
+            raise
         raise ParamsError(
             f"strategy {job.strategy!r} trains on labeled target images but data.labels_per_class = 0. "
             f"Use an unsupervised adaptation strategy (dann, mcc, semi) or give a label budget >= 1."
-        )
+        ) from None
     cfg = TrainConfig(epochs=job.optim.epochs, steps_per_epoch=job.optim.steps_per_epoch, lr=job.optim.lr,
                       optimizer=job.optim.optimizer, weight_decay=job.optim.weight_decay,
                       scheduler=job.optim.scheduler, grad_clip=job.optim.grad_clip, seed=job.seed,
                       precision=job.optim.precision)
     return Trainer(net, strat, cfg, loaders, device=device, callbacks=callbacks, wrap=wrap, log=log)
-
-
-def _head_size(state: dict) -> int:
-    return int(state["head.weight"].shape[0])
 
 
 def run_job(job: TrainJob, device, callbacks=(), log=print):
@@ -100,7 +100,9 @@ def target_job(params: Params, strategy: str, strategy_params: dict | None = Non
     """The target-side training job for ``strategy`` on the configured label budget, and the data manifest."""
     from tlcore import strategies
 
-    from .common import load_checkpoint, load_domain, read_json
+    from .checkpoints import load_checkpoint
+    from .domains import load_domain
+    from .files import read_json
 
     manifest = read_json(params.path("data", "manifest.json"))
     source_model, meta = load_checkpoint(params.path("models", "source.pt"))
@@ -108,25 +110,31 @@ def target_job(params: Params, strategy: str, strategy_params: dict | None = Non
     train_ds, _ = load_domain(params, "target", meta["arch"])
     labeled, unlabeled, val = target_splits(params, train_ds)
     cls = strategies.strategy_class(strategy)
-    uses, transfers = cls.uses, cls.transfers
-    source = load_domain(params, "source", meta["arch"])[0] if "source" in uses else None
+    source = load_domain(params, "source", meta["arch"])[0] if "source" in cls.streams.used else None
     job = TrainJob(
         arch=meta["arch"], num_classes=len(classes), strategy=strategy, optim=params.finetune, seed=params.base.seed,
-        init_state=source_model.state_dict() if transfers else None,
+        init_state=source_model.state_dict() if cls.transfers else None,
         strategy_params=strategy_params or {}, same_label_space=manifest["same_label_space"],
-        source=source, labeled=labeled, unlabeled=unlabeled if "unlabeled" in uses else None, val=val,
+        **job_streams(cls, source=source, labeled=labeled, unlabeled=unlabeled), val=val,
     )
     return job, manifest
 
 
+def job_streams(strategy_cls, source=None, labeled=None, unlabeled=None) -> dict:
+    """The datasets of a :class:`TrainJob` that ``strategy_cls`` trains on (its ``streams``); the others ``None``."""
+    used = strategy_cls.streams.used
+    return {"source": source if "source" in used else None, "labeled": labeled if "target" in used else None,
+            "unlabeled": unlabeled if "unlabeled" in used else None}
+
+
 def target_splits(params: Params, train_ds):
-    """Labeled / unlabeled-pool / validation subsets of the target training split (never test)."""
+    """Labeled / unlabeled-pool / validation subsets of the target training split (never test), as
+    :func:`tlcore.data.label_budget_split` defines them; the validation subset is ``None`` when empty."""
     from tlcore import data
 
     from .plan import labels_per_class
 
     b = data.label_budget_split(train_ds.targets.numpy(), labels_per_class(params), params.base.seed,
                                 params.data.val_per_class)
-    keep = sorted(set(range(len(train_ds))) - set(b.val.tolist()))
     val = train_ds.subset(b.val) if len(b.val) else None
-    return train_ds.subset(b.labeled), train_ds.subset(keep), val
+    return train_ds.subset(b.labeled), train_ds.subset(b.unlabeled), val

@@ -1,16 +1,15 @@
 """Shared helpers for integration tests: a temporary git + DVC copy of the project with tiny params."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
+from tasks.project import copy_env, copy_project, deep_update
+
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["tlcore", "tasks", "flows", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"]
 
 TINY = {
     "data": {"synth_per_class": 50, "synth_test_per_class": 10, "labels_per_class": 2},
@@ -25,9 +24,7 @@ TINY = {
 
 
 def env() -> dict:
-    e = dict(os.environ)
-    e["PATH"] = str(Path(sys.executable).parent) + os.pathsep + e.get("PATH", "")
-    e["PYTHONPATH"] = ""  # stages import the copy (cwd), not the checkout
+    e = copy_env()  # stages import the copy (cwd), not the checkout
     e.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", RAY_USAGE_STATS_ENABLED="0",
              GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
     return e
@@ -51,12 +48,6 @@ def up_to_date(status_stdout: str) -> bool:
     return lines[-1:] == ["Data and pipelines are up to date."] or lines == ["inputs:", "always changed"]
 
 
-def deep_update(d: dict, u: dict) -> dict:
-    for k, v in u.items():
-        d[k] = deep_update(d.get(k, {}), v) if isinstance(v, dict) else v
-    return d
-
-
 def set_params(repo: Path, updates: dict) -> None:
     p = repo / "params.yaml"
     doc = yaml.safe_load(p.read_text())
@@ -64,19 +55,6 @@ def set_params(repo: Path, updates: dict) -> None:
 
 
 def make_repo(dst: Path, params: dict | None = None) -> Path:
-    """Copy the project into ``dst``, tiny params, ``git init`` + ``dvc init`` with a local remote, one commit."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dst / name)
-    set_params(dst, deep_update(yaml.safe_load(yaml.safe_dump(TINY)), params or {}))
-    sh("git", "init", "-q", cwd=dst)
-    dvc("init", "-q", cwd=dst)
-    dvc("config", "core.analytics", "false", cwd=dst)
-    dvc("remote", "add", "-d", "local", str(dst / ".dvc-remote"), cwd=dst)
-    sh("git", "add", "-A", cwd=dst)
-    sh("git", "commit", "-qm", "init", cwd=dst)
-    return dst
+    """Copy the project into ``dst`` with the tiny params (``params`` merged in), as a git + DVC repo with a
+    local remote and one commit (:func:`tasks.project.copy_project`)."""
+    return copy_project(dst, deep_update(yaml.safe_load(yaml.safe_dump(TINY)), params or {}), env())

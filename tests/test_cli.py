@@ -24,12 +24,16 @@ def test_cli_module_imports_no_heavy_packages():
 
 
 def test_cli_errors_are_one_paragraph(tmp_path):
-    r = subprocess.run([str(TL), "predict", str(tmp_path / "missing.png")], cwd=tmp_path, capture_output=True, text=True)
+    # --name: the model is named, so no params.yaml is needed and the error is about the image
+    r = subprocess.run([str(TL), "predict", "--name", "digits-transfer", str(tmp_path / "missing.png")], cwd=tmp_path,
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "error:" in r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'missing.png'} does not exist; pass image files"), r.stderr
+    r = subprocess.run([str(TL), "predict", "x.png"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0 and "params.yaml not found; run from the project root" in r.stderr  # what it needed first
     r = subprocess.run([str(TL), "--debug", "check", "--params", str(tmp_path / "nope.yaml")], cwd=tmp_path,
                        capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" in r.stderr  # --debug shows it
+    assert r.returncode != 0 and "Traceback" in r.stderr and "nope.yaml" in r.stderr  # --debug shows it
 
 
 def _project(root: Path, remote: str = "../.dvc-remote", local_conf: str = "") -> Path:

@@ -1,6 +1,7 @@
 import pytest
 
-from tasks.common import atomic_path, load_checkpoint, save_checkpoint, write_json
+from tasks.checkpoints import load_checkpoint, save_checkpoint
+from tasks.files import atomic_path, write_json
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -87,7 +88,7 @@ def test_zero_labels_refuse_strategies_that_need_them_before_any_work(strategy, 
 def test_git_dirty_counts_a_new_untracked_module(tmp_path, monkeypatch):
     import subprocess
 
-    from tasks.common import git_info
+    from tasks.lineage import git_info
 
     monkeypatch.delenv("TL_GIT_COMMIT", raising=False)
     e = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -1,3 +1,5 @@
+import platform
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -49,29 +51,40 @@ def test_recovery_training_keeps_pruned_weights_at_zero():
     assert all(p.requires_grad for p in teacher.parameters())  # the caller's teacher was not frozen in place
 
 
-def test_int8_agrees_with_fp32():
+def test_int8_agrees_with_fp32_and_leaves_the_global_engine_alone():
     m = _model()
     calib = torch.rand(64, 1, 32, 32) * 2 - 1
+    engines = torch.backends.quantized.supported_engines
+    other = next(e for e in ("qnnpack", "x86", "fbgemm") if e in engines and e != C.int8_engine(platform.machine(), engines))
+    before = torch.backends.quantized.engine
     q = C.quantize_int8(m, calib)
+    assert torch.backends.quantized.engine == before
     x = torch.rand(32, 1, 32, 32) * 2 - 1
-    with torch.no_grad():
-        ref, out = m(x), q(x)
+    torch.backends.quantized.engine = other  # whatever the process uses later, the model keeps its kernels
+    try:
+        with torch.no_grad():
+            ref, out = m(x), q(x)
+    finally:
+        torch.backends.quantized.engine = before
     assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.9
 
 
 def test_distillation_without_target_labels_learns_from_the_teacher_alone():
     teacher = _model()
     student = models.create("tinycnn", 10)
-    strat = C.Distill(teacher, use_labeled=False, use_unlabeled=True)
-    assert strat.uses == {"unlabeled"}
+    strat = C.Distill(teacher)
     net = strat.setup(student, 10)
     x = torch.randn(64, 1, 32, 32)
     pool = DataLoader(TensorDataset(x, torch.zeros(64, dtype=torch.long)), batch_size=16, shuffle=True, drop_last=True)
-    hist = Trainer(net, strat, TrainConfig(epochs=3, steps_per_epoch=4, lr=1e-2, precision="fp32"),
-                   Loaders(unlabeled=pool), device="cpu", log=None).fit()
+    cfg = TrainConfig(epochs=3, steps_per_epoch=4, lr=1e-2, precision="fp32")
+    trainer = Trainer(net, strat, cfg, Loaders(unlabeled=pool), device="cpu", log=None)
+    assert trainer.streams == ("unlabeled",)  # the given loaders decide; the class keeps its declaration
+    hist = trainer.fit()
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]  # the student moves towards the teacher
-    with pytest.raises(ValueError, match="labeled or unlabeled"):
-        C.Distill(teacher, use_labeled=False, use_unlabeled=False)
+    assert C.Distill.streams.optional == {"target", "unlabeled"} and "streams" not in vars(strat)
+    with pytest.raises(ValueError, match="at least one of the data streams"):
+        Trainer(C.Distill(teacher).setup(models.create("tinycnn", 10), 10), C.Distill(teacher), cfg, Loaders(),
+                device="cpu", log=None)
 
 
 @pytest.mark.parametrize("machine,supported,want", [

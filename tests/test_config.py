@@ -237,7 +237,7 @@ def test_gpus_without_use_gpu_are_refused(params_file):
 
 
 def test_stage_device_on_a_gpu_less_node(params_file):
-    from tasks.common import device_for
+    from tasks.hardware import device_for
 
     cuda = load_params(params_file, ["base.device=cuda", "ray.use_gpu=true", "ray.gpus_per_worker=1"])
     with pytest.raises(ParamsError, match=r"sees no CUDA device .*Set base\.device: auto"):
@@ -245,3 +245,29 @@ def test_stage_device_on_a_gpu_less_node(params_file):
     auto = load_params(params_file, ["ray.use_gpu=true", "ray.gpus_per_worker=1", "ray.num_workers=2"])
     assert device_for(auto, cuda_available=False).type == "cpu"  # evaluation on the head; training on GPU workers
     assert device_for(auto, cuda_available=True).type == "cuda"
+
+
+def test_threads_are_set_only_when_a_stage_asks(params_file):
+    import torch
+
+    from tasks.hardware import device_for, set_torch_threads
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    p = load_params(params_file, [f"base.num_threads={want}"])
+    try:
+        device_for(p, cuda_available=False)
+        assert torch.get_num_threads() == before  # choosing a device changes nothing else
+        set_torch_threads(p)
+        assert torch.get_num_threads() == want
+        set_torch_threads(load_params(params_file, ["base.num_threads=null"]))
+        assert torch.get_num_threads() == want  # null: torch's own setting is left as it is
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_importing_the_config_installs_no_warnings_filter():
+    import warnings
+
+    # tasks.config is imported at the top of this module: a filter it installed would be in place now
+    assert not [f for f in warnings.filters if f[1] is not None and "register" in f[1].pattern]

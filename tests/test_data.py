@@ -74,9 +74,8 @@ def test_label_budget_stratified_deterministic_disjoint():
     c = data.label_budget_split(y, 3, seed=2, val_per_class=2)
     assert np.array_equal(a.labeled, b.labeled) and not np.array_equal(a.labeled, c.labeled)
     assert np.bincount(y[a.labeled]).tolist() == [3] * 5 and np.bincount(y[a.val]).tolist() == [2] * 5
-    parts = [set(a.labeled), set(a.unlabeled), set(a.val)]
-    assert sum(map(len, parts)) == 100 and set().union(*parts) == set(range(100))
-    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2])
+    # the pool is every image outside validation, the labeled ones included
+    assert set(a.unlabeled) == set(range(100)) - set(a.val) and set(a.labeled) <= set(a.unlabeled)
     with pytest.raises(ValueError, match="lower the label budget"):
         data.label_budget_split(y, 25, seed=0)
     assert len(data.label_budget_split(y, None, seed=0).labeled) == 100
@@ -130,11 +129,26 @@ def test_optdigits_export_roundtrip(tmp_path):
     # PNG is lossless: the first exported image of class 0 equals the source pixels
     first0 = train_idx[y[train_idx] == 0][0]
     assert torch.equal(tr.images[0, 0], torch.from_numpy(x[first0]))
-    assert data.tree_hash(root / "test") == data.tree_hash(root / "test")
     few = data.load_split(root / "test", 32, 1, max_images=40, seed=1)  # a seeded sample, decoded alone
     assert len(few) == 40 and few.classes == te.classes
     assert torch.equal(few.images, data.load_split(root / "test", 32, 1, max_images=40, seed=1).images)
     assert all((te.images == im).all((1, 2, 3)).any() for im in few.images)
+
+
+def test_tree_hash_follows_names_and_bytes_not_location(good, tmp_path_factory):
+    import shutil
+
+    h = data.tree_hash(good / "train")
+    copy = tmp_path_factory.mktemp("elsewhere") / "train"
+    shutil.copytree(good / "train", copy)
+    assert data.tree_hash(copy) == h  # where the split lives does not count
+    f = copy / "a" / "1.png"
+    f.write_bytes(f.read_bytes() + b"\0")
+    assert data.tree_hash(copy) != h  # one byte more
+    shutil.copy(good / "train" / "a" / "1.png", f)
+    assert data.tree_hash(copy) == h  # the same bytes back under the same name
+    (copy / "a" / "1.png").rename(copy / "b" / "9.png")
+    assert data.tree_hash(copy) != h  # the same bytes under another class: a relabel
 
 
 def test_image_extensions_match_torchvision():

@@ -35,7 +35,7 @@ def test_stage_code_files_are_the_closure_plus_tlcore():
     files = stage_code_files("data")
     assert ROOT / "tasks/data.py" in files and ROOT / "tasks/config.py" in files and ROOT / "tlcore/data.py" in files
     assert ROOT / "tasks/distributed.py" not in files  # another stage's helper
-    assert {f"tasks.{m}" for m in ("pretrain", "training", "distributed", "common", "config")} <= import_closure("tasks.pretrain")
+    assert {f"tasks.{m}" for m in ("pretrain", "training", "distributed", "checkpoints", "config")} <= import_closure("tasks.pretrain")
 
 
 # --------------------------------------------------------------------------- params each stage reads
@@ -59,7 +59,7 @@ EXECUTION_ONLY = {("ray", "address"), ("ray", "storage_path"), ("ray", "max_fail
 DIRS = {("base", "data_dir"), ("base", "models_dir"), ("base", "reports_dir")}
 # Functions whose reads do not reach a stage's outputs. run_name hashes params only to name a Ray run
 # (its resume key); it hashes every section but register/evaluate/compress, whatever the stage.
-NOT_OUTPUT = {"tasks.distributed.run_name"}
+NOT_OUTPUT = {"tasks.run_identity.run_name"}
 # Params no stage reads: each is a bug (wire it or remove it); the test below fails when this list is stale.
 KNOWN_UNREAD: set = set()
 

@@ -66,20 +66,20 @@ def test_one_gpu_trains_in_its_precision_and_resumes(tmp_path, precision):
     assert next(resumed.net.parameters()).dtype == torch.float32  # fp32 master weights
 
 
-def test_two_gpu_workers_nccl_sync_batchnorm_and_resume(tmp_path, monkeypatch):
+def test_two_gpu_workers_nccl_sync_batchnorm_and_resume(tmp_path):
     import ray
 
-    from tasks.distributed import FAULT_ENV, run_job_ray
+    from tasks.distributed import run_job_ray
+    from tasks.probes import Fault
 
     _need_gpus(2)
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv(FAULT_ENV, f"epoch=2,step=1,rank=1,marker={marker}")
     params = _params(tmp_path, 2, 3)
     job = TrainJob(arch="smallcnn", num_classes=10, strategy="gradual_unfreeze", optim=params.finetune, seed=0,
                    strategy_params={"freeze_epochs": 1}, labeled=_digits(), val=_digits().subset(np.arange(50)))
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        model, history, info = run_job_ray(job, params, "gpu-smoke", MANIFEST)
+        model, history, info = run_job_ray(job, params, "gpu-smoke", MANIFEST, fault=Fault(str(marker), epoch=2, step=1, rank=1))
     finally:
         ray.shutdown()
     assert marker.exists()  # rank 1 died once in epoch 2 and the group resumed from the epoch-1 checkpoint

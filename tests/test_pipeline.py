@@ -202,8 +202,12 @@ def test_dvc_exp_run_and_metrics_diff(repo):
     sh("git", "commit", "-qm", "baseline run", cwd=repo)
     out = dvc("exp", "run", "-S", "finetune.strategy=linear_probe", cwd=repo).stdout
     assert "finetune" in ran(out) and "pretrain" not in ran(out)
-    diff = dvc("metrics", "diff", "--json", cwd=repo).stdout
-    assert "accuracy" in diff
+    acc = json.loads(dvc("metrics", "diff", "--all", "--json", cwd=repo).stdout)["reports/metrics.json"]["accuracy"]
+    before = json.loads(sh("git", "show", "HEAD:reports/metrics.json", cwd=repo).stdout)["accuracy"]
+    now = json.loads((repo / "reports" / "metrics.json").read_text())["accuracy"]
+    # the committed baseline against the experiment's workspace, with the change between them
+    assert acc["old"] == pytest.approx(before) and acc["new"] == pytest.approx(now)
+    assert acc["diff"] == pytest.approx(now - before), acc
 
 
 @pytest.mark.parametrize("override,key", [
@@ -244,7 +248,7 @@ def killed(self, *a, **k):
         orig(self, *a, **k)
     os._exit(137)  # as SIGKILL: no cleanup, no finally blocks
 setattr(MlflowClient, point, killed)
-from tasks.common import stage_main
+from tasks.stage import stage_main
 from tasks.register import register
 stage_main(register, [])
 """
@@ -257,7 +261,7 @@ def slow(*a, **k):
     time.sleep(float(sys.argv[1]))
     return orig(*a, **k)
 reg.compare_with_champion = slow
-from tasks.common import stage_main
+from tasks.stage import stage_main
 stage_main(reg.register, [])
 """
 

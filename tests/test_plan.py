@@ -121,7 +121,7 @@ def test_tl_check_and_tl_run_refuse_before_any_stage(project, tmp_path, monkeypa
 
 def _stage_project(project, tmp_path, target_classes=("cat", "dog")):
     """Data stage on tiny folders and a stand-in source model: what the finetune stage needs."""
-    from tasks.common import save_checkpoint
+    from tasks.checkpoints import save_checkpoint
     from tasks.data import prepare
     from tlcore import models
 
@@ -188,3 +188,37 @@ def test_the_strategy_used_is_printed_and_recorded(project, tmp_path, monkeypatc
     assert all(isinstance(v, float) for v in free.values())
     assert json.loads((project / "reports" / "metrics.json").read_text())["strategy"] == "gradual_unfreeze"
     assert "strategy `gradual_unfreeze`, target labels: all (6 labeled" in (project / "reports" / "report.md").read_text()
+
+
+def _train_split(per_class=(6, 6, 6)):
+    import torch
+
+    from tlcore.data import ImageDataset
+
+    y = torch.tensor([c for c, n in enumerate(per_class) for _ in range(n)])
+    images = torch.arange(len(y), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    return ImageDataset(images, y, [str(c) for c in range(len(per_class))])  # pixel value = index: subsets trace back
+
+
+def _ids(ds) -> list[int]:
+    return [] if ds is None else ds.images[:, 0, 0, 0].tolist()
+
+
+@pytest.mark.parametrize("k,val", [(2, 1), (0, 2), (None, 1), ("auto", 0)])
+def test_target_splits_labeled_pool_and_validation(k, val):
+    """The finetune and compress stages' split of the target's training images for a label budget."""
+    from tasks.config import DEMO_LABELS_PER_CLASS, Params
+    from tasks.training import target_splits
+
+    train = _train_split()
+    params = Params.model_validate({"data": {"labels_per_class": k, "val_per_class": val}, "base": {"seed": 3}})
+    labeled, pool, v = target_splits(params, train)
+    per_class = {"auto": DEMO_LABELS_PER_CLASS, None: 6 - val}.get(k, k)
+    assert np.bincount(labeled.targets.numpy(), minlength=3).tolist() == [per_class] * 3
+    assert np.bincount(train.targets[_ids(v)].numpy(), minlength=3).tolist() == [val] * 3 and (v is None) == (val == 0)
+    # the pool is every training image outside validation, labeled ones included; validation never trains
+    assert _ids(pool) == sorted(set(range(18)) - set(_ids(v))) and set(_ids(labeled)) <= set(_ids(pool))
+    assert _ids(target_splits(params, train)[0]) == _ids(labeled)  # the same split on every run
+    other = Params.model_validate({"data": {"labels_per_class": 2, "val_per_class": 1}, "base": {"seed": 4}})
+    if k == 2:
+        assert _ids(target_splits(other, train)[0]) != _ids(labeled)  # drawn from base.seed

@@ -30,7 +30,7 @@ def project(tmp_path, monkeypatch):
 
 def test_rank_scores_each_candidate_on_the_labeled_budget(project):
     from tasks import cli
-    from tasks.common import save_checkpoint
+    from tasks.checkpoints import save_checkpoint
     from tasks.config import load_params
     from tasks.rank import rank
     from tlcore import models

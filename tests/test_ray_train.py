@@ -6,7 +6,8 @@ import json
 import pytest
 
 from tasks.config import Params
-from tasks.distributed import FAULT_ENV, WORKER_LOG_ENV, run_job_ray
+from tasks.distributed import run_job_ray
+from tasks.probes import Fault
 from tasks.training import TrainJob
 
 pytestmark = pytest.mark.slow
@@ -46,10 +47,9 @@ def _records(log_dir, rank):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_workers_train_report_and_checkpoint(ray_local, digits, tmp_path, monkeypatch, workers):
-    monkeypatch.setenv(WORKER_LOG_ENV, str(tmp_path))
+def test_workers_train_report_and_checkpoint(ray_local, digits, tmp_path, workers):
     params = _params(tmp_path, workers)
-    model, history, _ = run_job_ray(_job(params, digits), params, f"test{workers}", MANIFEST)
+    model, history, _ = run_job_ray(_job(params, digits), params, f"test{workers}", MANIFEST, worker_log_dir=str(tmp_path))
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     run_dirs = list((tmp_path / "ray_results").iterdir())
@@ -64,12 +64,11 @@ def test_workers_train_report_and_checkpoint(ray_local, digits, tmp_path, monkey
         assert set(a["shard"]).isdisjoint(b["shard"])  # data-parallel: each worker saw its own shard
 
 
-def test_worker_crash_resumes_from_last_checkpoint(ray_local, digits, tmp_path, monkeypatch):
+def test_worker_crash_resumes_from_last_checkpoint(ray_local, digits, tmp_path):
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv(FAULT_ENV, f"epoch=2,step=2,rank=1,marker={marker}")
-    monkeypatch.setenv(WORKER_LOG_ENV, str(tmp_path))
     params = _params(tmp_path, 2, epochs=4, max_failures=1)
-    _, history, _ = run_job_ray(_job(params, digits), params, "fault", MANIFEST)
+    _, history, _ = run_job_ray(_job(params, digits), params, "fault", MANIFEST, worker_log_dir=str(tmp_path),
+                                fault=Fault(str(marker), epoch=2, step=2, rank=1))
     assert marker.exists()  # the worker really died once
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     epochs_done = [r["epoch"] for r in _records(tmp_path, 0)]

@@ -117,7 +117,6 @@ def test_precision_and_channels_last(precision):
     from tlcore.engine import resolve_precision
 
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
-    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
     torch.manual_seed(0)
@@ -145,3 +144,112 @@ def test_precision_and_channels_last(precision):
     assert torch.isfinite(torch.tensor(hist[0]["train_loss"])) and _changed(before, net)
     assert seen == [(torch.float32, True)]  # fp32 master weights, NHWC while training
     assert net.model.backbone[0][0].weight.is_contiguous()  # the usual layout once fit() returns
+
+
+@pytest.mark.parametrize("bf16,amx,speedup,want", [
+    (False, False, None, "fp32"), (False, True, 2.0, "fp32"),  # no bf16 kernels: never bf16
+    (True, True, None, "bf16"), (True, False, None, "fp32"),  # unmeasured: bf16 only with AMX
+    (True, False, 1.5, "bf16"), (True, True, 0.9, "fp32"),  # a measurement decides
+])
+def test_auto_precision_on_cpu_follows_the_cpu_features(monkeypatch, bf16, amx, speedup, want):
+    from tlcore import engine
+
+    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: bf16)
+    monkeypatch.setattr(engine, "cpu_has_amx", lambda: amx)
+    assert engine.resolve_precision("auto", "cpu", bf16_speedup=speedup) == want
+
+
+# --------------------------------------------------------------------------- the stream contract
+def test_streams_declaration_is_validated():
+    with pytest.raises(ValueError, match="unknown data streams"):
+        strategies.Streams(required={"labels"})
+    with pytest.raises(ValueError, match="both required and optional"):
+        strategies.Streams(required={"target"}, optional={"target"})
+    with pytest.raises(ValueError, match="at least one"):
+        strategies.Streams(required=set())
+    s = strategies.Streams(required=["source"], optional=["unlabeled"])
+    assert s.required == {"source"} and isinstance(s.required, frozenset) and s.used == {"source", "unlabeled"}
+
+
+def test_streams_check_names_what_is_missing_and_keeps_the_engine_order():
+    s = strategies.Streams(required={"unlabeled", "source"}, optional={"target"})
+    assert s.check(["unlabeled", "target", "source"]) == ("source", "target", "unlabeled")
+    assert s.check({"unlabeled", "source"}) == ("source", "unlabeled")
+    with pytest.raises(strategies.StreamsError, match=r"'x' needs data streams \['source', 'unlabeled'\]") as e:
+        s.check({"target", "unlabeled"}, "'x'")
+    assert e.value.missing == ("source",)
+    either = strategies.Streams(required=set(), optional={"target", "unlabeled"})
+    assert either.check({"target", "source"}) == ("target",)  # a stream it does not use is left out
+    with pytest.raises(strategies.StreamsError, match="at least one of"):
+        either.check({"source"})
+
+
+@pytest.mark.parametrize("name", strategies.list_strategies())
+def test_every_strategy_trains_on_exactly_its_declared_streams(name):
+    """The engine, the stages' budget checks and the job builder all follow the one declaration."""
+    from tasks.config import needs_target_labels
+    from tasks.training import job_streams
+
+    cls = strategies.strategy_class(name)
+    net = cls().setup(models.create("tinycnn", 10), 10)
+    cfg = TrainConfig(epochs=1, steps_per_epoch=1)
+    trainer = Trainer(net, cls(), cfg, _loaders(), device="cpu", log=None)
+    assert trainer.streams == tuple(s for s in strategies.STREAMS if s in cls.streams.used)
+    no_labels = _loaders()
+    no_labels.target = None
+    needs = "target" in cls.streams.required
+    assert needs_target_labels(name) == needs
+    if needs:
+        with pytest.raises(strategies.StreamsError, match="missing: \\['target'\\]"):
+            Trainer(net, cls(), cfg, no_labels, device="cpu", log=None)
+    else:
+        assert "target" not in Trainer(net, cls(), cfg, no_labels, device="cpu", log=None).streams
+    picked = job_streams(cls, source="S", labeled="L", unlabeled="U")
+    assert {k for k, v in picked.items() if v} == {{"target": "labeled"}.get(s, s) for s in cls.streams.used}
+
+
+class _AuxNet(strategies.TransferNet):
+    def extra_outputs(self, features, aux: bool = False):
+        return {"aux": self.extras["aux"](features)} if aux else {}
+
+
+class _Aux(strategies.Strategy):
+    """A new method written in one place: its streams, its net (one forward) and its loss."""
+
+    name = "aux_test"
+    streams = strategies.Streams(required={"unlabeled"})
+    net_type = _AuxNet
+
+    def extras(self, model):
+        return {"aux": torch.nn.Linear(model.out_features, 4)}
+
+    def loss(self, net, batch, progress):
+        out = net(batch.unlabeled, aux=True)
+        loss = out["aux"].square().mean() + out["logits"].square().mean()
+        return loss, {"loss_aux": loss.detach()}
+
+
+def test_a_new_strategy_brings_its_own_forward_and_streams():
+    torch.manual_seed(0)
+    strat = _Aux()
+    net = strat.setup(models.create("tinycnn", 10), 10)
+    assert type(net) is _AuxNet and set(net(torch.randn(2, 1, 32, 32))) == {"features", "logits"}
+    trainer = Trainer(net, strat, TrainConfig(epochs=1, steps_per_epoch=2), _loaders(), device="cpu", log=None)
+    assert trainer.streams == ("unlabeled",)
+    before = _snapshot(net)
+    hist = trainer.fit()
+    assert "train_loss_aux" in hist[0] and {"extras.aux.weight", "model.head.weight"} <= _changed(before, net)
+
+
+def test_model_state_comes_out_of_a_trained_net_without_the_strategy_extras():
+    """What the Ray adapter does with a worker's checkpoint: the model's weights, head size read from them."""
+    net = strategies.create_strategy("dann").setup(models.create("tinycnn", 7), 7)
+    state = strategies.TransferNet.model_state(net.state_dict())
+    assert not any(k.startswith(("extras.", "model.")) for k in state)
+    model = models.from_state("tinycnn", state)
+    assert model.num_classes == 7
+    x = torch.randn(2, 1, 32, 32)
+    net.eval(), model.eval()
+    assert torch.equal(model(x), net(x)["logits"])
+    with pytest.raises(ValueError, match="do not fit a smallcnn"):
+        models.from_state("smallcnn", state)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import losses
-from .strategies import Batch, Strategy, TransferNet
+from .strategies import Batch, Strategy, Streams
 
 
 def _prunable(model: nn.Module, kinds=(nn.Conv2d, nn.Linear)) -> list[tuple[nn.Module, str]]:
@@ -89,6 +89,9 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str | No
     stubs and fused modules, dynamic quantisation only covers Linear/RNN layers, and the PT2E
     export route now lives in the separate ``torchao`` package. ``calibration`` is a float batch
     ``(N, C, H, W)`` of representative inputs. Returns a new CPU model.
+
+    The process-wide ``torch.backends.quantized.engine`` is ``backend`` while the weights are packed and
+    restored after: packed weights carry their engine's kernels, so the model runs whatever it is later.
     """
     import warnings
 
@@ -97,44 +100,44 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str | No
 
     if backend is None:
         backend = int8_engine(platform.machine(), torch.backends.quantized.supported_engines)
-    torch.backends.quantized.engine = backend
     m = copy.deepcopy(model).cpu().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(m, get_default_qconfig_mapping(backend), example_inputs=(calibration[:1].cpu(),))
-        with torch.no_grad():
-            for chunk in calibration.cpu().split(64):
-                prepared(chunk)
-        return convert_fx(prepared)
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = prepare_fx(m, get_default_qconfig_mapping(backend), example_inputs=(calibration[:1].cpu(),))
+            with torch.no_grad():
+                for chunk in calibration.cpu().split(64):
+                    prepared(chunk)
+            return convert_fx(prepared)
+    finally:
+        torch.backends.quantized.engine = before
 
 
 class Distill(Strategy):
     """Knowledge distillation (Hinton et al., 2015) into a student, as a strategy for the engine.
 
-    Uses labeled target batches (ground truth) and/or the unlabeled pool (soft targets only): with
-    no target labels (``use_labeled=False``) the student learns from the teacher alone.
-    Not in the strategy registry: it needs a teacher instance.
+    Trains on the labeled target batches (ground truth plus soft targets) and/or the unlabeled pool (soft
+    targets only), whichever the loaders give: with no target labels the student learns from the teacher
+    alone. Not in the strategy registry: it needs a teacher instance.
     """
 
     name = "distill"
-    uses = frozenset({"target"})
+    streams = Streams(required=frozenset(), optional={"target", "unlabeled"})
 
-    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9, use_unlabeled: bool = False,
-                 use_labeled: bool = True):
+    def __init__(self, teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.9):
         super().__init__()
-        if not (use_labeled or use_unlabeled):
-            raise ValueError("distillation needs labeled or unlabeled target images")
         self.teacher = copy.deepcopy(teacher).eval()  # frozen copy: the caller's model is left as it was
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.temperature, self.alpha = temperature, alpha
-        self.uses = frozenset({"target"} if use_labeled else set()) | frozenset({"unlabeled"} if use_unlabeled else set())
 
     def setup(self, model, num_classes, same_label_space=True):
         if model.num_classes != num_classes:
             model.reset_head(num_classes)
         model.requires_grad_(True)  # e.g. a pruned copy of a frozen model
-        return TransferNet(model)
+        return self.net_type(model)
 
     def loss(self, net, batch: Batch, progress):
         loss = None

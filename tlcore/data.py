@@ -265,13 +265,22 @@ def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, a
 
 @dataclass
 class BudgetSplit:
+    """Sorted index arrays into a training set: the one definition of the label budget's parts.
+
+    ``labeled``: the images whose labels train (``labels_per_class`` per class); ``unlabeled``: the
+    unlabeled pool, every image outside ``val`` with its label unused (the labeled images included, as in
+    FixMatch: with all labels the pool is still the whole split); ``val``: the validation hold-out,
+    disjoint from both.
+    """
+
     labeled: np.ndarray
     unlabeled: np.ndarray
     val: np.ndarray
 
 
 def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per_class: int = 0) -> BudgetSplit:
-    """Stratified, seeded split of a training set into labeled / unlabeled pool / validation indices.
+    """Stratified, seeded split of a training set into labeled / unlabeled pool / validation indices
+    (:class:`BudgetSplit`).
 
     ``labels_per_class=None`` labels everything (after the validation hold-out). Raises
     ``ValueError`` when a class has fewer images than asked for.
@@ -289,7 +298,7 @@ def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per
             )
         val.append(idx[:val_per_class])
         lab.append(idx[val_per_class:val_per_class + k])
-        unl.append(idx[val_per_class + k:])
+        unl.append(idx[val_per_class:])
     return BudgetSplit(*(np.sort(np.concatenate(a)).astype(np.int64) for a in (lab, unl, val)))
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .strategies import Batch, Strategy, TransferNet
+from .strategies import STREAMS, Batch, Strategy, TransferNet
 
 
 @dataclass
@@ -291,10 +291,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self._step_callbacks = [cb for cb in self.callbacks if hasattr(cb, "on_step_end")]
         self.log = log or (lambda s: None)
-        missing = [s for s in strategy.uses if getattr(loaders, s) is None]
-        if missing and not (missing == ["target"] and strategy.uses >= {"source", "unlabeled"}):
-            raise ValueError(f"strategy {strategy.name!r} needs data streams {sorted(strategy.uses)}; missing: {missing}")
-        self.streams = [s for s in ("source", "target", "unlabeled") if s in strategy.uses and getattr(loaders, s) is not None]
+        given = [s for s in STREAMS if getattr(loaders, s) is not None]
+        self.streams = strategy.streams.check(given, f"strategy {strategy.name!r}")
         self.steps_per_epoch = cfg.steps_per_epoch or max(len(getattr(loaders, s)) for s in self.streams)
         self.groups = strategy.param_groups(self.net, cfg.lr)
         self.optimizer = self._make_optimizer()
@@ -307,7 +305,6 @@ class Trainer:
         self._iters: dict = {}  # the running data streams (fit)
         self._stream_state: dict | None = None  # where each stream was when a loaded checkpoint was taken
         self.history: list[dict] = []
-        strategy.total_epochs = cfg.epochs
 
     def _trainable(self) -> tuple[bool, ...]:
         return tuple(p.requires_grad for p in self.net.parameters())

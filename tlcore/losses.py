@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -65,11 +64,3 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         return soft
     return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, target)
 
-
-class LabelSmoothingCE(nn.Module):
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits, target):
-        return cross_entropy(logits, target, self.label_smoothing)

@@ -146,6 +146,13 @@ def load_weights_file(model: nn.Module, path: str | Path) -> None:
     load_transfer_state(model, state)
 
 
+def from_state(arch: str, state: dict, in_channels: int | None = None) -> TransferModel:
+    """A ``arch`` model holding ``state`` (a :class:`TransferModel` ``state_dict``), its head sized from the state."""
+    model = create(arch, int(state["head.weight"].shape[0]), in_channels=in_channels)
+    load_transfer_state(model, state)
+    return model
+
+
 def load_transfer_state(model: "TransferModel", state: dict) -> list[str]:
     """Load ``state`` into ``model``; a head of another shape is skipped (it is task-specific).
 

@@ -2,14 +2,15 @@
 
 Modelled on TLlib's ``Classifier.get_parameters()`` and fastai's ``fine_tune``. A strategy
 prepares a :class:`TransferNet` (the model plus any extra modules such as a domain
-discriminator), says which data streams it consumes (``uses``), and computes the loss of one
-step from a :class:`Batch`. The engine stays generic.
+discriminator, and the outputs they add to ``forward``), declares the data streams it trains on
+(:class:`Streams`), and computes the loss of one step from a :class:`Batch`. The engine stays generic:
+a new method is one class (and, when it adds modules, one :class:`TransferNet` subclass) in one file.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from torch import nn
 from . import losses
 from .layers import DomainDiscriminator, dann_lambda, grad_reverse
 from .models import TransferModel
+
+#: the data streams a training step can draw from, in the order the engine draws them (:class:`Batch`'s fields)
+STREAMS = ("source", "target", "unlabeled")
 
 
 @dataclass
@@ -28,12 +32,62 @@ class Batch:
     unlabeled: torch.Tensor | None = None  # unlabeled target images
 
 
+class StreamsError(ValueError):
+    """The data given cannot train a strategy; ``missing`` names the streams it lacks."""
+
+    def __init__(self, message: str, missing: tuple[str, ...]):
+        super().__init__(message)
+        self.missing = missing
+
+
+@dataclass(frozen=True)
+class Streams:
+    """The data streams a strategy trains on: every ``required`` one, and each ``optional`` one when given.
+
+    Names are :data:`STREAMS` (``source``: labeled source, ``target``: labeled target, ``unlabeled``: the
+    target pool without labels). With no required stream, at least one optional stream must be given.
+    """
+
+    required: frozenset[str] = frozenset({"target"})
+    optional: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        req, opt = frozenset(self.required), frozenset(self.optional)
+        object.__setattr__(self, "required", req)
+        object.__setattr__(self, "optional", opt)
+        unknown = sorted((req | opt) - set(STREAMS))
+        if unknown:
+            raise ValueError(f"unknown data streams {unknown}; streams are {', '.join(STREAMS)}")
+        if req & opt:
+            raise ValueError(f"streams {sorted(req & opt)} are both required and optional")
+        if not (req or opt):
+            raise ValueError("a strategy must train on at least one data stream")
+
+    @property
+    def used(self) -> frozenset[str]:
+        """Every stream the strategy can train on (required or optional)."""
+        return self.required | self.optional
+
+    def check(self, available: Iterable[str], who: str = "this strategy") -> tuple[str, ...]:
+        """The streams to train on, given the ``available`` ones (in :data:`STREAMS` order); raises
+        :class:`StreamsError` when a required stream is missing, or none is there at all."""
+        have = set(available)
+        missing = tuple(s for s in STREAMS if s in self.required and s not in have)
+        chosen = tuple(s for s in STREAMS if s in self.used and s in have)
+        if missing:
+            raise StreamsError(f"{who} needs data streams {sorted(self.required)}; missing: {list(missing)}", missing)
+        if not chosen:
+            raise StreamsError(f"{who} needs at least one of the data streams {sorted(self.optional)}; none was given",
+                               tuple(sorted(self.optional)))
+        return chosen
+
+
 class TransferNet(nn.Module):
     """The model being trained plus a strategy's extra modules; one ``forward`` for DDP.
 
-    ``forward(x, domain_coeff=None, source_head=False)`` returns a dict with ``features``
-    ``(N, D)``, ``logits`` ``(N, C)`` and, when asked, ``source_logits`` and ``domain``
-    (discriminator logits on gradient-reversed features, ``(N, 1)``), all fp32.
+    ``forward(x, **kw)`` returns a dict with ``features`` ``(N, D)``, ``logits`` ``(N, C)`` and what
+    :meth:`extra_outputs` adds from the keyword arguments, all fp32. A strategy with extra modules
+    subclasses this and overrides :meth:`extra_outputs` (see :class:`DomainAdversarialNet`).
     """
 
     def __init__(self, model: TransferModel, extras: dict[str, nn.Module] | None = None):
@@ -41,15 +95,37 @@ class TransferNet(nn.Module):
         self.model = model
         self.extras = nn.ModuleDict(extras or {})
 
-    def forward(self, x: torch.Tensor, domain_coeff: float | None = None, source_head: bool = False):
+    def forward(self, x: torch.Tensor, **kw):
         f = self.model.backbone(x)
-        out = {"features": f, "logits": self.model.head(f)}
-        if source_head:
-            out["source_logits"] = self.extras["source_head"](f)
-        if domain_coeff is not None:
-            out["domain"] = self.extras["discriminator"](grad_reverse(f, domain_coeff))
+        out = {"features": f, "logits": self.model.head(f), **self.extra_outputs(f, **kw)}
         # losses run in fp32 even when the forward ran under bf16 autocast
         return {k: v.float() for k, v in out.items()}
+
+    def extra_outputs(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Outputs of the extra modules on ``features``; keyword arguments of ``forward`` arrive here."""
+        return {}
+
+    @staticmethod
+    def model_state(net_state: dict) -> dict:
+        """The :class:`TransferModel`'s own ``state_dict`` inside a ``TransferNet`` state (extras dropped)."""
+        return {k[len("model."):]: v for k, v in net_state.items() if k.startswith("model.")}
+
+
+class SourceHeadNet(TransferNet):
+    """``forward(x, source_head=True)`` adds ``source_logits`` from ``extras.source_head`` (``(N, C_source)``)."""
+
+    def extra_outputs(self, features, source_head: bool = False):
+        return {"source_logits": self.extras["source_head"](features)} if source_head else {}
+
+
+class DomainAdversarialNet(TransferNet):
+    """``forward(x, domain_coeff=c)`` adds ``domain``: ``extras.discriminator`` logits ``(N, 1)`` on features
+    whose gradient is reversed and scaled by ``c``."""
+
+    def extra_outputs(self, features, domain_coeff: float | None = None):
+        if domain_coeff is None:
+            return {}
+        return {"domain": self.extras["discriminator"](grad_reverse(features, domain_coeff))}
 
 
 _STRATEGIES: dict[str, type["Strategy"]] = {}
@@ -67,7 +143,7 @@ def list_strategies() -> list[str]:
 
 
 def strategy_class(name: str) -> type["Strategy"]:
-    """The registered class (its ``uses`` and ``transfers`` say what data and init it needs)."""
+    """The registered class (its ``streams`` and ``transfers`` say what data and init it needs)."""
     if name not in _STRATEGIES:
         raise KeyError(f"unknown strategy {name!r}; choose one of: {', '.join(list_strategies())}")
     return _STRATEGIES[name]
@@ -87,25 +163,23 @@ def _set_trainable(module: nn.Module, flag: bool) -> None:
 
 
 class Strategy:
-    """Base class. Subclasses set ``name``, ``uses`` and override the hooks they need."""
+    """Base class. Subclasses set ``name``, ``streams`` (and ``net_type`` when they add modules) and override
+    the hooks they need."""
 
     name: ClassVar[str] = ""
-    uses: ClassVar[frozenset[str]] = frozenset({"target"})
+    #: the data it trains on; the engine, the training stages and the planner all read this one declaration
+    streams: ClassVar[Streams] = Streams(required={"target"})
+    #: the net :meth:`setup` builds (a subclass adds the outputs of the strategy's extra modules)
+    net_type: ClassVar[type[TransferNet]] = TransferNet
     #: whether the model starts from the source weights (False only for ``scratch``)
     transfers: ClassVar[bool] = True
     #: whether source and target must share one label set (the source classifier is adapted, not replaced)
     shared_label_set: ClassVar[bool] = False
 
-    @classmethod
-    def needs_target_labels(cls) -> bool:
-        """Whether it cannot train without labeled target images (nothing else would train the target head)."""
-        return "target" in cls.uses and not cls.uses >= {"source", "unlabeled"}
-
     def __init__(self, backbone_lr_mult: float = 1.0, reset_head: bool | None = None, label_smoothing: float = 0.0):
         self.backbone_lr_mult = backbone_lr_mult
         self.reset_head = reset_head
         self.label_smoothing = label_smoothing
-        self.total_epochs = 1
 
     # -- setup -------------------------------------------------------------------------------
     def setup(self, model: TransferModel, num_classes: int, same_label_space: bool = True) -> TransferNet:
@@ -114,7 +188,7 @@ class Strategy:
         if reset or model.num_classes != num_classes:
             model.reset_head(num_classes)
         _set_trainable(model, True)
-        return TransferNet(model, self.extras(model))
+        return self.net_type(model, self.extras(model))
 
     def extras(self, model: TransferModel) -> dict[str, nn.Module]:
         return {}
@@ -163,7 +237,7 @@ class Scratch(Strategy):
                 m.reset_parameters()
         model.reset_head(num_classes)
         _set_trainable(model, True)
-        return TransferNet(model)
+        return self.net_type(model)
 
 
 @register_strategy
@@ -247,7 +321,8 @@ class Joint(Strategy):
     """
 
     name = "joint"
-    uses = frozenset({"source", "target"})
+    streams = Streams(required={"source", "target"})
+    net_type = SourceHeadNet
 
     def __init__(self, lam: float = 1.0, **kw):
         super().__init__(**kw)
@@ -273,9 +348,11 @@ class Joint(Strategy):
 
 
 class _SourceSupervised(Strategy):
-    """Shared setup for adaptation methods that train on labeled source + target images."""
+    """Shared setup for adaptation methods that train on labeled source + unlabeled target images, plus the
+    labeled target when the label budget has any."""
 
     shared_label_set = True
+    streams = Streams(required={"source", "unlabeled"}, optional={"target"})
 
     def _forward(self, net, batch: Batch, **kw) -> tuple[dict, int, int]:
         """One forward over ``[source, unlabeled, labeled target]`` (one pass keeps DDP and BN simple)."""
@@ -309,7 +386,7 @@ class DANN(_SourceSupervised):
     """
 
     name = "dann"
-    uses = frozenset({"source", "unlabeled", "target"})
+    net_type = DomainAdversarialNet
 
     def __init__(self, trade_off: float = 1.0, hidden: int = 256, **kw):
         super().__init__(**kw)
@@ -341,7 +418,6 @@ class MCC(_SourceSupervised):
     """
 
     name = "mcc"
-    uses = frozenset({"source", "unlabeled", "target"})
 
     def __init__(self, trade_off: float = 1.0, temperature: float = 2.5, **kw):
         super().__init__(**kw)
@@ -366,7 +442,6 @@ class SemiSupervised(_SourceSupervised):
     """
 
     name = "semi"
-    uses = frozenset({"source", "target", "unlabeled"})
 
     def __init__(self, trade_off: float = 1.0, temperature: float = 2.5, source_weight: float = 1.0,
                  pseudo_weight: float = 1.0, threshold: float = 0.95, **kw):

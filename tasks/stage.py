@@ -1,0 +1,37 @@
+"""A stage's entry point: ``python -m tasks.<stage>`` parses arguments, loads params, runs and reports errors."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from .config import Params, ParamsError, load_params
+
+
+class StageError(RuntimeError):
+    """A stage (or a CLI command) cannot go on; the message says why and what to do. Printed without a traceback."""
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def stage_main(fn: Callable[[Params], Any], argv: list[str] | None = None,
+               load: Callable[[str, list[str]], Params] = load_params) -> None:
+    """Thin ``main()`` for ``python -m tasks.<stage>``: parse args, load params, run, print errors plainly.
+
+    ``load(path, overrides)`` reads the params (default: all of them, validated); a stage that must start
+    fast may pass a loader that validates only what it reads."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    args = ap.parse_args(argv)
+    try:
+        fn(load(args.params, args.overrides))
+    except (ParamsError, ValueError, FileNotFoundError, StageError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
