@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.docs import DOC, QUICK_DIR, machine, write_section
+from tasks.files import atomic_path
 
 TRANSFER = ["linear_probe", "finetune", "gradual_unfreeze", "joint", "dann", "mcc", "semi"]
 UDA = {"dann", "mcc", "semi"}
@@ -123,9 +124,8 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
         state = {"settings": settings, "pair": [source, target], "results": results, "times": times, "seeds": seeds,
                  "columns": cols, "wall_s": wall0 + time.time() - t_all}
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(state, indent=1))
         return state
 
     def done(method, col, seed):

@@ -81,8 +81,9 @@ def publish(repo: str) -> dict:
     """Markdown report and per-class table as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.files import read_json
     from tasks.config import load_params
+    from tasks.files import read_json
+    from tasks.report import table
 
     params = load_params(Path(repo) / "params.yaml")
     rep = Path(repo) / params.base.reports_dir
@@ -91,8 +92,7 @@ def publish(repo: str) -> dict:
     so = m["source_only_accuracy"]
     md = [
         f"# Transfer pipeline: `{m['strategy']}` ({params.data.source} -> {params.data.target})", "",
-        "| metric | value |", "|---|---|",
-        *(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()), "",
+        table([{"metric": k, "value": v} for k, v in m.items()], ["metric", "value"]), "",
         (f"**Transfer gain over {m['gain_baseline']}:** {m['transfer_gain'] * 100:+.2f} points; over source-only: "
          + (f"{(m['accuracy'] - so) * 100:+.2f} points." if so is not None else "n/a."))
         if m.get("gain_baseline") else "**Transfer gain:** n/a (no baseline applies).", "",
@@ -101,8 +101,8 @@ def publish(repo: str) -> dict:
         f"**Model:** `{reg['model_uri']}` in `{reg['tracking_uri']}` (run `{reg['run_id']}`)", "",
     ]
     if comp:
-        md += ["## Compression", "", "| variant | accuracy | size MB | p50 ms |", "|---|---|---|---|",
-               *(f"| {k} | {v['accuracy']:.4f} | {v['size_mb']:.3f} | {v['latency_ms_p50']:.3f} |" for k, v in comp.items())]
+        md += ["## Compression", "", table([{"variant": k, **v} for k, v in comp.items()],
+                                           ["variant", "accuracy", "size_mb", "latency_ms_p50"])]
     create_markdown_artifact(markdown="\n".join(md), key="transfer-report", description="Transfer pipeline report")
     per_class = read_json(rep / "evaluation.json")["per_class"]
     create_table_artifact(table=per_class, key="per-class-metrics", description="Per-class precision/recall/F1")

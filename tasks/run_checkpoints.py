@@ -1,11 +1,12 @@
 """A Ray Train run's checkpoints: reported every epoch by rank 0, found again when the run resumes."""
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 import tempfile
 from pathlib import Path
+
+from .files import atomic_path
 
 # what torch.load raises on a checkpoint cut short by a crash (empty, truncated zip, short read)
 _UNREADABLE = (EOFError, RuntimeError, OSError, pickle.UnpicklingError)
@@ -31,8 +32,8 @@ class RayReport:
         elif self.local_dir:
             d = Path(self.local_dir) / f"epoch_{metrics['epoch']:04d}"
             d.mkdir(parents=True, exist_ok=True)
-            torch.save(state.state_dict(), d / "state.tmp")
-            os.replace(d / "state.tmp", d / "state.pt")
+            with atomic_path(d / "state.pt") as tmp:
+                torch.save(state.state_dict(), tmp)
             for old in sorted(Path(self.local_dir).glob("epoch_*"))[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
