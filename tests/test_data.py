@@ -190,3 +190,15 @@ def test_domain_task_builds_the_reverse_pair():
     assert source.classes == target.classes == datasets.CLASSES
     with pytest.raises(ValueError, match="unknown embedded dataset"):
         datasets.domain_task(models.get_spec("smallcnn"), "mnist", "optdigits", 2)
+
+
+def test_batched_blur_is_torchvisions_gaussian_blur_per_image():
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from tlcore.datasets import gaussian_blur_each
+
+    x = torch.rand(6, 32, 32, generator=torch.Generator().manual_seed(0))
+    sig = torch.tensor([0.2, 0.5, 0.8, 1.0, 1.1, 1.2])
+    want = torch.stack([TF.gaussian_blur(xi[None], kernel_size=5, sigma=float(s))[0] for xi, s in zip(x, sig)])
+    assert torch.allclose(gaussian_blur_each(x, sig), want, atol=1e-6)

@@ -121,8 +121,9 @@ def render_synth_digits(n_per_class: int, seed: int = 0, size: int = 32, lowres_
     x = torch.from_numpy(imgs).float().unsqueeze(1) / 255
     x = _elastic(x, gen)
     sig = torch.rand(len(x), generator=gen) * 1.2
-    blurred = torch.stack([_blur(xi, float(s)) for xi, s in zip(x, sig)])
-    out = (blurred.squeeze(1).clamp(0, 1) * 255).round().byte().numpy()
+    flat = x.squeeze(1)  # one grouped convolution for all images (a per-image call cost ~15 s per 6,000)
+    blurred = torch.where((sig >= 0.2)[:, None, None], gaussian_blur_each(flat, sig.clamp_min(0.2)), flat)
+    out = (blurred.clamp(0, 1) * 255).round().byte().numpy()
     low = rng.random(len(out)) < lowres_prob
     for i in np.flatnonzero(low):
         small = np.asarray(Image.fromarray(out[i]).resize((8, 8), Image.BOX)).astype(np.float32)
@@ -132,14 +133,6 @@ def render_synth_digits(n_per_class: int, seed: int = 0, size: int = 32, lowres_
     out = (out.astype(np.float32) * (255 / peak)[:, None, None]).clip(0, 255)
     noise = rng.normal(0, 1, out.shape) * rng.uniform(0, 12, (len(out), 1, 1))
     return np.clip(out + noise, 0, 255).astype(np.uint8), labels.astype(np.int64)
-
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma < 0.2:
-        return x
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.gaussian_blur(x, kernel_size=5, sigma=sigma)
 
 
 def load_optdigits(size: int = 32, variant: str = "optdigits") -> tuple[np.ndarray, np.ndarray]:
@@ -171,15 +164,15 @@ def corrupt_digits(x: np.ndarray, seed: int = 0) -> np.ndarray:
     add Gaussian noise (sigma 8-14 % of the range) to each ``(N, H, W)`` uint8 image."""
     rng = np.random.default_rng(seed)
     n = len(x)
-    t = _blur_each(torch.from_numpy(x).double() / 255, torch.from_numpy(rng.uniform(0.6, 1.2, n))).numpy()
+    t = gaussian_blur_each(torch.from_numpy(x).double() / 255, torch.from_numpy(rng.uniform(0.6, 1.2, n))).numpy()
     out = rng.uniform(0.05, 0.25, (n, 1, 1)) + t * rng.uniform(0.45, 0.7, (n, 1, 1))
     out = out + rng.normal(0, 1, out.shape) * rng.uniform(0.08, 0.14, (n, 1, 1))
     return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)
 
 
-def _blur_each(x: torch.Tensor, sigma: torch.Tensor, k: int = 5) -> torch.Tensor:
+def gaussian_blur_each(x: torch.Tensor, sigma: torch.Tensor, k: int = 5) -> torch.Tensor:
     """Gaussian blur of each ``(N, H, W)`` image with its own ``sigma`` (separable, reflect padding), in one
-    grouped convolution per axis."""
+    grouped convolution per axis: torchvision's ``gaussian_blur(kernel_size=k)`` per image, batched."""
     r = torch.arange(k, dtype=x.dtype) - k // 2
     g = torch.exp(-r[None] ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
     g = g / g.sum(1, keepdim=True)
