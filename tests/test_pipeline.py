@@ -210,14 +210,12 @@ def test_dvc_exp_run_and_metrics_diff(repo):
     assert acc["diff"] == pytest.approx(now - before), acc
 
 
+# one of each kind through both entry points (a process each); tests/test_config.py covers every rule in-process
 @pytest.mark.parametrize("override,key", [
     ("finetune.lr=-1", "finetune.lr"),
-    ("finetune.epochs=0", "finetune.epochs"),
     ("pretrain.backbone=vgg11", "pretrain.backbone"),
-    ("finetune.strategy=magic", "finetune.strategy"),
     ("data.labels_per_class=1000", "data.labels_per_class"),
     ("finetune.bogus=1", "finetune.bogus"),
-    ("pretrain.epochs=many", "pretrain.epochs"),
 ])
 def test_bad_params_fail_fast_naming_the_key(tmp_path, override, key):
     import sys
