@@ -218,7 +218,8 @@ def register(params: Params) -> dict:
             say(f"register: this model, params and data are already {name} version {mv.version} (reused)")
         champ = version_by_alias(c, name, "champion")
         if mv.tags.get("registration") == "complete" or (champ is not None and champ.version == mv.version):
-            decision = Decision(mv.tags.get("gate_decision") == "promoted" or (champ is not None and champ.version == mv.version),
+            # done before: report what holds now (a later promotion may have replaced it), change nothing
+            decision = Decision(champ is not None and champ.version == mv.version,
                                 [x for x in mv.tags.get("gate_reasons", "").splitlines() if x])
             previous = mv.tags.get("previous_champion") or None
         else:
@@ -235,6 +236,7 @@ def register(params: Params) -> dict:
                 c.set_model_version_tag(name, mv.version, k, str(v))
             now = version_by_alias(c, name, "champion")
             if (now.version if now else None) != (champ.version if champ else None):
+                c.set_model_version_tag(name, mv.version, "gate_decision", "pending")  # never "promoted" off-champion
                 raise RegistrationRaced(
                     f"champion changed during registration: the gate compared version {mv.version} with champion "
                     f"{'v' + str(champ.version) if champ else '(none)'}, but it is now "

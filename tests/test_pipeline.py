@@ -347,6 +347,8 @@ def test_champion_moved_during_the_gate_is_not_overwritten(repo, tmp_path):
     assert "Traceback" not in err
     assert str(c.get_model_version_by_alias(NAME, "champion").version) == other
     assert str(c.get_model_version_by_alias(NAME, "challenger").version) == str(challenger)
+    raced = max(c.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
+    assert raced.tags["gate_decision"] == "pending" and "registration" not in raced.tags  # not "promoted" off-champion
     # the rerun gates against the new champion and completes
     _py("-m", "tasks.register", cwd=drill)
     v = c.get_model_version(NAME, str(json.loads((drill / "reports/registration.json").read_text())["version"]))
