@@ -251,12 +251,14 @@ from tasks.register import register
 stage_main(register, [])
 """
 SLOW_GATE = """
-import sys, time
+import pathlib, sys, time
 import tasks.register as reg
 orig = reg.compare_with_champion
-def slow(*a, **k):
+def slow(*a, **k):  # a gate that takes as long as the test needs: until it says "go" (at most argv[1] s)
     print("gate: comparing with the champion", flush=True)
-    time.sleep(float(sys.argv[1]))
+    end = time.time() + float(sys.argv[1])
+    while not pathlib.Path("go").exists() and time.time() < end:
+        time.sleep(0.1)
     return orig(*a, **k)
 reg.compare_with_champion = slow
 from tasks.stage import stage_main
@@ -329,7 +331,7 @@ def test_champion_moved_during_the_gate_is_not_overwritten(repo, tmp_path):
     challenger = c.get_model_version_by_alias(NAME, "challenger").version
     other = next(str(v.version) for v in c.search_model_versions(f"name = '{NAME}'") if str(v.version) != str(champ))
     (drill / "slow_gate.py").write_text(SLOW_GATE)
-    p = subprocess.Popen([sys.executable, "slow_gate.py", "6"], cwd=drill, env=env(), stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "slow_gate.py", "300"], cwd=drill, env=env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         for line in p.stdout:
@@ -340,6 +342,7 @@ def test_champion_moved_during_the_gate_is_not_overwritten(repo, tmp_path):
         assert r.returncode != 0 and "holds the project lock" in r.stderr and f"pid {p.pid}" in r.stderr, r.stderr
         # someone moves the alias without the lock (another MLflow client): the gate must not overwrite it
         c.set_registered_model_alias(NAME, "champion", other)
+        (drill / "go").write_text("")  # the gate may finish now
         out, err = p.communicate(timeout=120)
     finally:
         p.kill()
