@@ -148,7 +148,8 @@ def _pipeline(repo, strategy, labels_per_class, backbone, finetune_epochs, num_w
     if push:
         dvc_push(repo)
     out = publish(repo)
-    ran = [r["stage"] for r in results if r["ran"] and r["stage"] not in always_changed_stages(repo)]
+    always = always_changed_stages(repo)  # read dvc.yaml once, not once per stage
+    ran = [r["stage"] for r in results if r["ran"] and r["stage"] not in always]
     print(f"stages run: {', '.join(ran) or 'none (everything up to date)'}")
     return {**out, "stages_run": ran}
 

@@ -17,14 +17,13 @@ weights name the first time it is seen).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
 from .config import EMBEDDED, Base, Data, Params, ParamsError, Pretrain, apply_overrides, load_raw
-from .files import write_json
+from .files import file_sha256, write_json
 from .stage import stage_main
 
 HASH_CACHE = Path(".tlcache") / "hashes.json"
@@ -55,8 +54,7 @@ class HashCache:
         hit = self.files.get(path)
         if hit and hit[:3] == key:
             return hit[3]
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = file_sha256(path)
         self.hashed += 1
         if time.time_ns() - st.st_mtime_ns > RACY_NS:
             self.files[path] = [*key, digest]

@@ -51,20 +51,21 @@ def dvc(args: list[str], repo: str | Path = ".", capture: bool = False) -> subpr
     return subprocess.run([tool("dvc"), *args], cwd=repo, env=dict(os.environ), capture_output=capture, text=True)
 
 
-def stage_names(repo: str | Path = ".") -> list[str]:
-    """The pipeline's stages in ``dvc.yaml`` order (the one list of stages)."""
+def _stages(repo: str | Path) -> dict:
     import yaml
 
     with open(Path(repo) / "dvc.yaml") as f:
-        return list((yaml.safe_load(f) or {}).get("stages", {}))
+        return (yaml.safe_load(f) or {}).get("stages") or {}
+
+
+def stage_names(repo: str | Path = ".") -> list[str]:
+    """The pipeline's stages in ``dvc.yaml`` order (the one list of stages)."""
+    return list(_stages(repo))
 
 
 def always_changed_stages(repo: str | Path = ".") -> set[str]:
     """Stages DVC runs every time (``always_changed: true``: the input fingerprints); not news when they run."""
-    import yaml
-
-    with open(Path(repo) / "dvc.yaml") as f:
-        return {k for k, v in ((yaml.safe_load(f) or {}).get("stages") or {}).items() if v.get("always_changed")}
+    return {k for k, v in _stages(repo).items() if v.get("always_changed")}
 
 
 def write_overrides(params_file: Path, overrides: list[str]) -> None:
