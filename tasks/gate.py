@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .config import Register
+
 
 @dataclass(frozen=True)
 class Paired:
@@ -58,14 +60,6 @@ def paired(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paired:
 
 
 @dataclass(frozen=True)
-class Rules:
-    min_accuracy: float = 0.5
-    min_improvement: float = 0.0
-    significance: float = 0.05
-    require_positive_transfer: bool = True
-
-
-@dataclass(frozen=True)
 class Decision:
     promoted: bool
     reasons: list[str]
@@ -85,7 +79,7 @@ def _vs(c: Paired, who: str) -> str:
             f"{c.a_only + c.b_only} ({c.a_only} only the new model gets right, {c.b_only} only {who})")
 
 
-def decide(rules: Rules, accuracy: float, champion: Paired | str | None = None, champion_version: str | None = None,
+def decide(rules: Register, accuracy: float, champion: Paired | str | None = None, champion_version: str | None = None,
            baseline: Paired | None = None, baseline_name: str | None = None) -> Decision:
     """The gate. ``champion``: the paired comparison with the current champion, None when there is none,
     or a string saying why it cannot be compared (then the champion stays)."""

@@ -24,7 +24,7 @@ import yaml
 
 from .config import Params
 from .files import file_sha256, read_json, write_json
-from .gate import Decision, Paired, Rules, decide, paired
+from .gate import Decision, Paired, decide, paired
 from .lineage import git_info, params_hash
 from .lock import project_lock
 from .registry import load_version, refresh
@@ -176,8 +176,6 @@ def _log_run(c, params: Params, exp_id: str, key: str, lineage: dict, metrics: d
 
 
 def _decide(c, name: str, mv, champ, params: Params, metrics: dict, manifest: dict, lineage: dict) -> Decision:
-    r = params.register
-    rules = Rules(r.min_accuracy, r.min_improvement, r.significance, r.require_positive_transfer)
     if champ is not None and champ.tags.get("model_sha256") == lineage["model_sha256"]:
         return Decision(False, [f"unchanged: the same model file as champion v{champ.version}; it stays champion"])
     new_correct = new_model_correct(params)
@@ -187,7 +185,7 @@ def _decide(c, name: str, mv, champ, params: Params, metrics: dict, manifest: di
         vs_champ = compare_with_champion(c, name, champ, params, manifest, test_hashes, new_correct)
     base, over = read_json(params.path("reports", "baselines.json")), metrics.get("gain_baseline")
     vs_base = paired(new_correct, base[f"{over}_correct"]) if over and base.get(f"{over}_correct") else None
-    return decide(rules, metrics["accuracy"], vs_champ, champ.version if champ else None, vs_base, over)
+    return decide(params.register, metrics["accuracy"], vs_champ, champ.version if champ else None, vs_base, over)
 
 
 def register(params: Params) -> dict:

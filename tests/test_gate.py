@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.gate import Rules, decide, paired
+from tasks.config import Register  # the gate's rules are params.register
+from tasks.gate import decide, paired
 
 
 def _results(n: int, wrong: set[int]) -> list[bool]:
@@ -29,7 +30,7 @@ def test_paired_counts_and_exact_mcnemar():
 def test_a_tie_with_the_baseline_is_not_negative_transfer():
     """98.3 % vs 98.3 % on a user's folder with all labels: promote, and say it is a tie."""
     a = _results(60, {5})
-    d = decide(Rules(), sum(a) / 60, champion=None, baseline=paired(a, a), baseline_name="scratch")
+    d = decide(Register(), sum(a) / 60, champion=None, baseline=paired(a, a), baseline_name="scratch")
     assert d.promoted, d.reasons
     assert any("ties" in r for r in d.reasons)
 
@@ -37,45 +38,45 @@ def test_a_tie_with_the_baseline_is_not_negative_transfer():
 def test_only_a_significantly_better_baseline_rejects():
     new = _results(540, set(range(30)))
     noise = paired(new, _results(540, set(range(28))))  # baseline 2 images better: noise
-    d = decide(Rules(), noise.a_acc, baseline=noise, baseline_name="scratch")
+    d = decide(Register(), noise.a_acc, baseline=noise, baseline_name="scratch")
     assert d.promoted and "not significantly" in d.reasons[-1], d.reasons
     clear = paired(new, _results(540, set(range(5))))  # baseline 25 images better on the same images
-    d = decide(Rules(), clear.a_acc, baseline=clear, baseline_name="scratch")
+    d = decide(Register(), clear.a_acc, baseline=clear, baseline_name="scratch")
     assert not d.promoted and "negative transfer" in d.reasons[-1] and d.p_baseline < 0.05
 
 
 def test_champion_non_inferiority_and_superiority():
     champ = _results(540, set(range(20)))
     slightly_worse = paired(_results(540, set(range(22))), champ)
-    d = decide(Rules(), slightly_worse.a_acc, champion=slightly_worse, champion_version="3")
+    d = decide(Register(), slightly_worse.a_acc, champion=slightly_worse, champion_version="3")
     assert d.promoted and "no significant difference" in d.reasons[1], d.reasons  # noise does not block a retrain
     much_worse = paired(_results(540, set(range(60))), champ)
-    d = decide(Rules(), much_worse.a_acc, champion=much_worse, champion_version="3")
+    d = decide(Register(), much_worse.a_acc, champion=much_worse, champion_version="3")
     assert not d.promoted and "champion v3" in d.reasons[1] and d.p_champion < 0.05
     # a required improvement needs the effect size and significance
     better = paired(_results(540, set(range(5))), champ)
-    assert decide(Rules(min_improvement=0.02), better.a_acc, champion=better).promoted
-    assert not decide(Rules(min_improvement=0.05), better.a_acc, champion=better).promoted
+    assert decide(Register(min_improvement=0.02), better.a_acc, champion=better).promoted
+    assert not decide(Register(min_improvement=0.05), better.a_acc, champion=better).promoted
     tiny = paired(_results(540, set(range(18))), champ)
-    assert not decide(Rules(min_improvement=0.001), tiny.a_acc, champion=tiny).promoted  # +0.4 pt, not significant
+    assert not decide(Register(min_improvement=0.001), tiny.a_acc, champion=tiny).promoted  # +0.4 pt, not significant
 
 
 def test_an_incomparable_champion_is_never_replaced_and_the_reason_says_why():
-    d = decide(Rules(), 0.99, champion="it predicts classes ['cat', 'dog'] but this target has ['0', '1', '2']",
+    d = decide(Register(), 0.99, champion="it predicts classes ['cat', 'dog'] but this target has ['0', '1', '2']",
                champion_version="7")
     assert not d.promoted
     assert "cannot compare with champion v7" in d.reasons[1] and "tl promote" in d.reasons[1]
 
 
 def test_min_accuracy_is_a_floor():
-    assert not decide(Rules(min_accuracy=0.9), 0.89).promoted
-    assert decide(Rules(min_accuracy=0.9), 0.9).promoted
+    assert not decide(Register(min_accuracy=0.9), 0.89).promoted
+    assert decide(Register(min_accuracy=0.9), 0.9).promoted
 
 
 def test_recorded_p_values_are_for_the_observed_direction():
     """What `tl models` shows: a clear gain gets a tiny p-value, not the p-value of the opposite claim."""
     new = _results(540, set(range(5)))
     gain = paired(new, _results(540, set(range(60))))
-    d = decide(Rules(), gain.a_acc, champion=gain, champion_version="2", baseline=gain, baseline_name="scratch")
+    d = decide(Register(), gain.a_acc, champion=gain, champion_version="2", baseline=gain, baseline_name="scratch")
     assert d.p_baseline == gain.p_a_better < 1e-6 and d.p_champion == gain.p_a_better
     assert d.delta_baseline == pytest.approx(55 / 540) and "significantly better" in d.reasons[1]
