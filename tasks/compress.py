@@ -8,6 +8,7 @@ from __future__ import annotations
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import Params
 from .domains import load_domain
+from .pixels import spec_from_meta
 from .files import atomic_path, write_json
 from .hardware import device_for, resolve_precision, set_torch_threads
 from .report import table
@@ -114,7 +115,7 @@ def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> di
     student = models.create(student_arch, meta["num_classes"], in_channels=meta["in_channels"])
     student = train_student(params, teacher, student, train_ds, params.compress.distill_epochs, params.finetune.lr)
     save_checkpoint(params.path("models", "compressed", "student.pt"), student, meta["classes"], meta["in_channels"],
-                    {"stage": "compress", "teacher": meta["arch"]})
+                    {"stage": "compress", "teacher": meta["arch"]}, spec=spec_from_meta(meta))
     return measure_variant(f"distill_{student_arch}", student, test_loader, example, iters)
 
 
