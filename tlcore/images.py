@@ -76,9 +76,9 @@ def resize_image(im: Image.Image, size: int, resize: int | None = None, interpol
         return im.resize((size, size), how)
     w, h = im.size
     if w <= h:
-        nw, nh = resize, max(1, round(h * resize / w))
+        nw, nh = resize, max(1, int(h * resize / w))  # int(), as torchvision computes it
     else:
-        nw, nh = max(1, round(w * resize / h)), resize
+        nw, nh = max(1, int(w * resize / h)), resize
     im = im.resize((nw, nh), how)
     if nw < size or nh < size:  # resize < size: pad, as CenterCrop does, with black
         canvas = Image.new(im.mode, (max(nw, size), max(nh, size)))
