@@ -30,8 +30,13 @@ class TrainJob:
     def channels(self) -> int | None:
         if self.in_channels is not None:
             return self.in_channels
+        shape = self.image_shape()
+        return shape[0] if shape else None
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of the images the job trains on (``None`` for datasets that do not say)."""
         ds = next((d for d in (self.labeled, self.source, self.unlabeled, self.val) if d is not None), None)
-        return int(ds.images.shape[1]) if hasattr(ds, "images") else None
+        return tuple(int(n) for n in ds.images.shape[1:]) if hasattr(ds, "images") else None
 
 
 def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print, replicas: int = 1,
@@ -94,7 +99,8 @@ def run_job(job: TrainJob, device, callbacks=(), log=print):
     """Train ``job`` in this process; returns ``(model, history)``."""
     from .hardware import resolve_precision
 
-    precision, why = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device)
+    precision, why = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device,
+                                       image_shape=job.image_shape())
     job.optim = job.optim.model_copy(update={"precision": precision})
     if log:
         log(f"precision {why}")
