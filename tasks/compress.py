@@ -109,9 +109,8 @@ def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> di
     from tlcore import models
 
     student_arch = params.compress.student
-    if models.get_spec(student_arch).input_size != models.get_spec(meta["arch"]).input_size:
-        raise ValueError(f"compress.student {student_arch!r} takes another input size than {meta['arch']!r}; "
-                         f"pick a student with the same input size (e.g. tinycnn for smallcnn).")
+    # the student learns from and is measured on the teacher's pixels (this run's size and channels); every
+    # registered backbone pools adaptively, so its own registered size does not matter here
     student = models.create(student_arch, meta["num_classes"], in_channels=meta["in_channels"])
     student = train_student(params, teacher, student, train_ds, params.compress.distill_epochs, params.finetune.lr)
     save_checkpoint(params.path("models", "compressed", "student.pt"), student, meta["classes"], meta["in_channels"],

@@ -101,6 +101,7 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
 
     from tasks.baselines import baselines
     from tasks.checkpoints import load_checkpoint
+    from tasks.compress import compress
     from tasks.data import prepare
     from tasks.evaluate import evaluate
     from tasks.finetune import finetune
@@ -121,7 +122,8 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
         f"data.target={photos}", "data.synth_per_class=3", "data.synth_test_per_class=2",
         "pretrain.backbone=resnet18", "pretrain.weights=IMAGENET1K_V1", "data.image_size=32",
         "finetune.epochs=1", "finetune.steps_per_epoch=1", "finetune.batch_size=4", "finetune.precision=fp32",
-        "evaluate.latency_iters=2", "base.num_threads=1"])
+        "evaluate.latency_iters=2", "base.num_threads=1", "compress.methods=[int8, distill]",
+        "compress.distill_epochs=1"])
     params = load_params(project / "params.yaml")
     jobs: list = []
     _in_process(monkeypatch, jobs)
@@ -142,6 +144,8 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     baselines(params)
     m = evaluate(params)
     assert 0 <= m["accuracy"] <= 1 and m["test_images"] == 6
+    comp = compress(params)  # the tinycnn student learns from the teacher's 32x32 RGB pixels
+    assert {"fp32", "int8", "distill_tinycnn"} <= set(comp)
 
     model, meta = load_checkpoint(params.path("models", "finetuned.pt"))
     assert meta["input"] == {"size": 32, "resize": 37, "mean": list(ResNet18_Weights.IMAGENET1K_V1.transforms().mean),
