@@ -193,6 +193,20 @@ class Pretrain(Optim):
         return v
 
 
+    @model_validator(mode="after")
+    def _weights_fit_backbone(self):
+        """A torchvision weights name needs a torchvision backbone (a file may hold any backbone's weights)."""
+        from tlcore.models import TORCHVISION_ARCHS
+
+        w = self.weights
+        if w and not (Path(w).suffix in {".pt", ".pth"} or Path(w).exists()) and self.backbone not in TORCHVISION_ARCHS:
+            raise ValueError(f"pretrain.weights = {w!r} names torchvision weights (no such file exists), but "
+                             f"pretrain.backbone = {self.backbone!r} has none; pick one of "
+                             f"{', '.join(TORCHVISION_ARCHS)} for ImageNet weights, or give the path of a weights "
+                             f"file saved from a {self.backbone}")
+        return self
+
+
 class Finetune(Optim):
     strategy: str = Field("auto", description="a strategy name, or auto: semi when source and target share one "
                                               "label set, else gradual_unfreeze (tasks/plan.py says why)")

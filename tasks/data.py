@@ -66,7 +66,7 @@ def prepare(params: Params) -> dict:
                        for s, r in reports.items()},
         }
         say(f"data: {role} {name}: " + ", ".join(f"{s} {v['count']}" for s, v in manifest[role]["splits"].items())
-            + (f" ({colour} in colour)" if colour else " (all grey)"))
+            + (f" ({colour} in colour)" if colour else ""))
     manifest["same_label_space"] = manifest["source"]["classes"] == manifest["target"]["classes"]
     write_json(params.path("data", "manifest.json"), manifest)
     return manifest

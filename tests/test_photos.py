@@ -70,9 +70,9 @@ def test_image_size_channels_and_augment_resolve_from_weights_and_data(project, 
     p.pretrain.weights = None  # random init: the backbone's own size, stretched
     assert (input_spec(p, "resnet18", _manifest(3)).resize_size, input_spec(p, "resnet18", _manifest(3)).mean) == \
         (None, (0.485, 0.456, 0.406))
-    p.pretrain.backbone, p.pretrain.weights = "smallcnn", "IMAGENET1K_V1"
-    with pytest.raises(ParamsError, match="pretrain.weights = 'IMAGENET1K_V1': smallcnn has no torchvision weights"):
-        input_spec(p, "smallcnn", _manifest(1))
+    with pytest.raises(ParamsError, match=r"pretrain.weights = 'IMAGENET1K_V1' names torchvision weights .* but "
+                                          r"pretrain.backbone = 'smallcnn' has none; pick one of resnet18"):
+        load_params(project / "params.yaml", ["pretrain.weights=IMAGENET1K_V1"])  # tl check says so too
     for bad, why in (("data.channels=2", "'auto', 1 or 3"), ("data.channels=true", "true is a boolean"),
                      ("data.image_size=4", "greater than or equal to 8"), ("data.augment=flip", "'photo'")):
         with pytest.raises(ParamsError, match=why):
@@ -155,6 +155,7 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     assert [r["path"] for r in rows] == [str(f) for f in files] and all(r["class"] in COLOURS for r in rows)
     out = capsys.readouterr().out
     assert "pretrain: resnet18 sees 32x32 RGB images (shorter side resized to 37, centre crop)" in out
+    assert f"data: target {photos}: train 12, test 6 (18 in colour)" in out
     print(f"resnet18 photo pipeline: {time.perf_counter() - start:.1f} s")
 
 

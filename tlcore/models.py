@@ -192,9 +192,9 @@ def torchvision_weights(arch: str, weights: str):
 
     if _is_file(weights):
         return None
-    if arch not in _TORCHVISION:
+    if arch not in TORCHVISION_ARCHS:
         raise ValueError(f"{arch} has no torchvision weights; give pretrain.weights as a file saved from a {arch} "
-                         f"model, or pick a torchvision backbone ({', '.join(sorted(_TORCHVISION))}).")
+                         f"model, or pick a torchvision backbone ({', '.join(sorted(TORCHVISION_ARCHS))}).")
     enum = get_model_weights(arch)
     key = weights.split(".")[-1].upper()
     if key == "DEFAULT":
@@ -289,7 +289,7 @@ def _weights_url(arch: str) -> str:
     return get_model_weights(arch).DEFAULT.url
 
 
-_TORCHVISION = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+TORCHVISION_ARCHS = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
 
 
 def _wrap(num_classes: int, backbone: nn.Module, out_features: int, arch: str) -> TransferModel:
