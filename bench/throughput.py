@@ -7,7 +7,7 @@ shows what the measured precision choice buys on this CPU. Start-up (worker grou
 reported apart from steady-state images/s. Writes a section of docs/benchmarks.md.
 
     python -m bench.throughput [--images 4000 --epochs 4 --batch 128]
-    python -m bench.throughput --backbone resnet18 [--size 224 --images 256 --epochs 3 --batch 32]
+    python -m bench.throughput --backbone resnet18 [--size 224 --images 128 --epochs 3 --batch 32]
 
 ``--backbone`` measures a torchvision backbone instead, at the native resolution of its ImageNet weights
 (224 for resnet18, with their resize / crop and normalisation, as ``pretrain.weights`` feeds it) on RGB
@@ -168,7 +168,7 @@ def backbone(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=None, help="default: 4000 (smallcnn), 256 (--backbone)")
+    ap.add_argument("--images", type=int, default=None, help="default: 4000 (smallcnn), 128 (--backbone)")
     ap.add_argument("--epochs", type=int, default=None, help="default: 4 (smallcnn), 3 (--backbone); >= 2")
     ap.add_argument("--batch", type=int, default=None, help="default: 128 (smallcnn), 32 (--backbone)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setup; the fastest is reported")
@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="--backbone: write to bench_out/, not docs/ (smoke runs)")
     args = ap.parse_args(argv)
     small = args.backbone is None
-    args.images = args.images or (4000 if small else 256)
+    args.images = args.images or (4000 if small else 128)
     args.epochs = args.epochs or (4 if small else 3)
     args.batch = args.batch or (128 if small else 32)
     if args.epochs < 2:
