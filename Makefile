@@ -30,6 +30,7 @@ bench: install
 	$(PY) -m bench.transfer
 	$(PY) -m bench.compress
 	$(PY) -m bench.throughput
+	$(PY) -m bench.throughput --backbone resnet18
 	$(PY) -m bench.pipeline
 
 bench-quick: install

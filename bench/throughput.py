@@ -7,6 +7,13 @@ shows what the measured precision choice buys on this CPU. Start-up (worker grou
 reported apart from steady-state images/s. Writes a section of docs/benchmarks.md.
 
     python -m bench.throughput [--images 4000 --epochs 4 --batch 128]
+    python -m bench.throughput --backbone resnet18 [--size 224 --images 128 --epochs 3 --batch 32]
+
+``--backbone`` measures a torchvision backbone instead, at the native resolution of its ImageNet weights
+(224 for resnet18, with their resize / crop and normalisation, as ``pretrain.weights`` feeds it) on RGB
+photos with the photo augmentation: training images/s (fp32 and ``precision: auto``), batch-1 latency and
+batch throughput, so a user can estimate a run on their own data. It writes its own section
+(``backbone-<name>``); ``--quick`` writes to bench_out/ instead of docs/.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import resource
 import tempfile
 import time
 
-from bench.docs import machine, write_section
+from bench.docs import QUICK_DIR, machine, write_section
 
 
 def _data(n: int):
@@ -105,13 +112,79 @@ def ray_run(ds, epochs: int, batch: int, workers: int, threads: int, storage: st
     return _row(label, max(1, workers), threads, info["precision"], hist, time.perf_counter() - t0, rss)
 
 
+def backbone(args) -> None:
+    """``--backbone``: a torchvision backbone at its weights' native size on CPU (see the module docstring)."""
+    import torch
+
+    from tasks.hardware import local_cpus
+    from tasks.pixels import weights_spec
+    from tasks.training import TrainJob, run_job
+    from tlcore import data, metrics, models
+
+    # the ImageNet weights' resolution, crop and normalisation; random values (speed does not depend on them)
+    spec = weights_spec(args.backbone, "DEFAULT", args.size or "auto", 3)
+    size, threads = spec.input_size, local_cpus()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (args.images, 3, size, size), dtype=torch.uint8, generator=g)
+    ds = data.ImageDataset(x, torch.arange(args.images) % 10, [str(i) for i in range(10)],
+                           data.build_transform(spec, True, augment="photo"))
+    rows = []
+    for precision in ("fp32", "auto"):
+        params = _params(args.epochs, args.batch, precision)
+        job = TrainJob(arch=args.backbone, num_classes=10, strategy="finetune", optim=params.finetune, seed=0,
+                       labeled=ds)
+        t0 = time.perf_counter()
+        _, hist = run_job(job, "cpu", log=None)
+        rows.append(_row("train (engine, photo augmentation)", 1, threads, job.optim.precision, hist,
+                         time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    model = models.create(args.backbone, 10).eval()
+    example = data.build_transform(spec, False)(x[: args.batch])
+    with torch.inference_mode():
+        lat = metrics.latency_ms(model, example, iters=args.iters)
+        ips = metrics.throughput(model, example, batch_size=args.batch, iters=3)
+    crop = f", shorter side resized to {spec.resize_size} then centre-cropped" if spec.resize_size else ""
+    lines = [f"## A torchvision backbone at its native size: {args.backbone} on CPU", "",
+             f"`python -m bench.throughput --backbone {args.backbone} --size {size} --images {args.images} "
+             f"--epochs {args.epochs} --batch {args.batch}`: `{args.backbone}` at {size}x{size} RGB{crop} (as "
+             f"`pretrain.weights` feeds it), training every layer (`finetune`) on {args.images} random photos with "
+             f"the photo augmentation, batch {args.batch}, steady-state images/s over epochs 2..{args.epochs} (start-up "
+             f"= everything outside the epochs; for `auto` on a CPU with bf16 kernels it includes the one-off "
+             f"measurement that picks the precision, cached per machine afterwards); fp32 inference latency at batch 1 over {args.iters} runs and "
+             f"throughput at batch {args.batch}; {threads} threads. Machine: {machine()}.", "",
+             "| measurement | precision | value |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| training images/s | {r['precision']} | {r['images_per_s']:.1f} (start-up "
+                     f"{r['startup_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB) |")
+    lines += [f"| inference latency, batch 1, p50 / p95 (ms) | fp32 | {lat['latency_ms_p50']:.1f} / "
+              f"{lat['latency_ms_p95']:.1f} |", f"| inference images/s, batch {args.batch} | fp32 | {ips:.1f} |", "",
+              f"A run's training time is about (images x epochs) / images/s: e.g. 1,000 labeled images for 10 "
+              f"epochs at {rows[0]['images_per_s']:.1f} images/s take {1000 * 10 / rows[0]['images_per_s'] / 60:.0f} min "
+              f"here in fp32."]
+    print("\n".join(lines))
+    doc = QUICK_DIR / "benchmarks.md" if args.quick else None
+    print(f"wrote {write_section(f'backbone-{args.backbone}', chr(10).join(lines), *([doc] if doc else []))}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=4000)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--images", type=int, default=None, help="default: 4000 (smallcnn), 128 (--backbone)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: 4 (smallcnn), 3 (--backbone); >= 2")
+    ap.add_argument("--batch", type=int, default=None, help="default: 128 (smallcnn), 32 (--backbone)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setup; the fastest is reported")
+    ap.add_argument("--backbone", help="measure this torchvision backbone (e.g. resnet18) at its native size instead")
+    ap.add_argument("--size", type=int, default=None, help="--backbone: image size (default: its weights' own, 224)")
+    ap.add_argument("--iters", type=int, default=50, help="--backbone: batch-1 latency repetitions")
+    ap.add_argument("--quick", action="store_true", help="--backbone: write to bench_out/, not docs/ (smoke runs)")
     args = ap.parse_args(argv)
+    small = args.backbone is None
+    args.images = args.images or (4000 if small else 128)
+    args.epochs = args.epochs or (4 if small else 3)
+    args.batch = args.batch or (128 if small else 32)
+    if args.epochs < 2:
+        ap.error("--epochs must be >= 2: the first epoch is start-up, images/s are measured over the others")
+    if not small:
+        return backbone(args)
     import ray
 
     from tasks.hardware import local_cpus

@@ -25,7 +25,7 @@ def baselines(params: Params) -> dict:
     set_torch_threads(params)
     device = device_for(params)
     job, manifest = target_job(params, "scratch")
-    _, test_ds = load_domain(params, "target", job.arch)
+    _, test_ds = load_domain(params, "target", job.arch, manifest)
     test_loader = data.make_loader(test_ds, 256, train=False)
     # per-image correctness on the test split (loader order) too: the gate compares models on the same images
     out = {"scratch_accuracy": None, "scratch_history": [], "source_only_accuracy": None,

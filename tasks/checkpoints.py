@@ -6,13 +6,18 @@ from pathlib import Path
 from .files import atomic_path
 
 
-def save_checkpoint(path: str | Path, model, classes: list[str], in_channels: int, extra: dict | None = None) -> None:
-    """Save a model as plain tensors + metadata (loadable with ``weights_only=True``)."""
+def save_checkpoint(path: str | Path, model, classes: list[str], in_channels: int, extra: dict | None = None,
+                    spec=None) -> None:
+    """Save a model as plain tensors + metadata (loadable with ``weights_only=True``); with ``spec`` (the
+    :class:`tlcore.models.ModelSpec` it was trained with), how to feed it (``input``: size, resize,
+    mean/std; :func:`tasks.pixels.spec_from_meta` reads it back)."""
     import torch
+
+    from .pixels import input_meta
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"arch": model.arch, "num_classes": model.num_classes, "in_channels": in_channels,
-            "classes": list(classes), "model": state, **(extra or {})}
+            "classes": list(classes), "model": state, **({"input": input_meta(spec)} if spec else {}), **(extra or {})}
     with atomic_path(path) as tmp:
         torch.save(blob, tmp)
 

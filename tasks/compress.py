@@ -8,6 +8,7 @@ from __future__ import annotations
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import Params
 from .domains import load_domain
+from .pixels import spec_from_meta
 from .files import atomic_path, write_json
 from .hardware import device_for, resolve_precision, set_torch_threads
 from .report import table
@@ -108,13 +109,12 @@ def _distill(params, teacher, meta, train_ds, test_loader, example, iters) -> di
     from tlcore import models
 
     student_arch = params.compress.student
-    if models.get_spec(student_arch).input_size != models.get_spec(meta["arch"]).input_size:
-        raise ValueError(f"compress.student {student_arch!r} takes another input size than {meta['arch']!r}; "
-                         f"pick a student with the same input size (e.g. tinycnn for smallcnn).")
+    # the student learns from and is measured on the teacher's pixels (this run's size and channels); every
+    # registered backbone pools adaptively, so its own registered size does not matter here
     student = models.create(student_arch, meta["num_classes"], in_channels=meta["in_channels"])
     student = train_student(params, teacher, student, train_ds, params.compress.distill_epochs, params.finetune.lr)
     save_checkpoint(params.path("models", "compressed", "student.pt"), student, meta["classes"], meta["in_channels"],
-                    {"stage": "compress", "teacher": meta["arch"]})
+                    {"stage": "compress", "teacher": meta["arch"]}, spec=spec_from_meta(meta))
     return measure_variant(f"distill_{student_arch}", student, test_loader, example, iters)
 
 

@@ -132,6 +132,22 @@ class Data(_Section):
     synth_per_class: int = Field(500, ge=1)
     synth_test_per_class: int = Field(100, ge=1)
     target_test_fraction: float = Field(0.3, gt=0, lt=1)
+    image_size: Annotated[int, Field(ge=8, le=2048)] | Literal["auto"] = Field(
+        "auto", description="pixels per side the model sees; auto = the ImageNet weights' own (224) when "
+                            "pretrain.weights names them, else the backbone's (32 smallcnn, 64 the ResNets)")
+    channels: Literal["auto", 1, 3] = Field(
+        "auto", description="1 (grey) or 3 (RGB) for both domains; auto = the target's: 1 when all its images "
+                            "are grey, else 3")
+    augment: Literal["auto", "digits", "photo", "none"] = Field(
+        "auto", description="train-time augmentation: digits (affine warp), photo (crop, flip, colour jitter), "
+                            "none; auto = digits for an embedded dataset, photo for your own folder")
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channel_count(cls, v):
+        if isinstance(v, bool):  # Literal[1] would take True: a boolean is not a channel count
+            raise ValueError(f"{str(v).lower()} is a boolean; write auto, 1 (grey) or 3 (RGB)")
+        return v
 
     @field_validator("source", "target")
     @classmethod
@@ -175,6 +191,20 @@ class Pretrain(Optim):
         if v not in list_models():
             raise ValueError(f"unknown backbone {v!r}; allowed: {', '.join(list_models())}")
         return v
+
+
+    @model_validator(mode="after")
+    def _weights_fit_backbone(self):
+        """A torchvision weights name needs a torchvision backbone (a file may hold any backbone's weights)."""
+        from tlcore.models import TORCHVISION_ARCHS
+
+        w = self.weights
+        if w and not (Path(w).suffix in {".pt", ".pth"} or Path(w).exists()) and self.backbone not in TORCHVISION_ARCHS:
+            raise ValueError(f"pretrain.weights = {w!r} names torchvision weights (no such file exists), but "
+                             f"pretrain.backbone = {self.backbone!r} has none; pick one of "
+                             f"{', '.join(TORCHVISION_ARCHS)} for ImageNet weights, or give the path of a weights "
+                             f"file saved from a {self.backbone}")
+        return self
 
 
 class Finetune(Optim):

@@ -57,12 +57,16 @@ def prepare(params: Params) -> dict:
             say(f"data: validating ImageFolder {data.show_path(name)} -> {dst}")
             _copy_user_tree(Path(name).expanduser(), dst, params.data.skip_corrupt)
         reports = data.validate_imagefolder(dst)
+        colour = sum(r.colour for r in reports.values())
         manifest[role] = {
             "name": name, "path": str(dst), "classes": reports["train"].classes,
+            # 1: every image is grey (whatever its file mode), 3: some have colour; data.channels: auto follows the target
+            "channels": 3 if colour else 1, "colour_images": colour,
             "splits": {s: {"count": len(r.files), "per_class": r.counts, "sha256": data.tree_hash(dst / s)}
                        for s, r in reports.items()},
         }
-        say(f"data: {role} {name}: " + ", ".join(f"{s} {v['count']}" for s, v in manifest[role]["splits"].items()))
+        say(f"data: {role} {name}: " + ", ".join(f"{s} {v['count']}" for s, v in manifest[role]["splits"].items())
+            + (f" ({colour} in colour)" if colour else ""))
     manifest["same_label_space"] = manifest["source"]["classes"] == manifest["target"]["classes"]
     write_json(params.path("data", "manifest.json"), manifest)
     return manifest

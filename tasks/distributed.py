@@ -94,7 +94,8 @@ def _agreed_precision(job: TrainJob, device, rank: int, world: int) -> tuple[str
 
     decision = [None]
     if rank == 0:
-        decision[0] = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device)
+        decision[0] = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device,
+                                        image_shape=job.image_shape())
     if world > 1:
         if not dist.is_initialized():
             raise RuntimeError("Ray Train started a multi-worker run without a torch process group")

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 from .config import Params
+from .files import read_json
+from .pixels import augment, input_spec
 
 
-def load_domain(params: Params, role: str, arch: str):
-    """(train, test) :class:`ImageDataset` of a materialised domain at ``arch``'s input size."""
-    from tlcore import data, models
+def load_domain(params: Params, role: str, arch: str, manifest: dict | None = None):
+    """(train, test) :class:`ImageDataset` of a materialised domain as ``arch`` is fed in this run
+    (:func:`tasks.pixels.input_spec`: size, channels, crop, normalisation; the role's augmentation)."""
+    from tlcore import data
 
-    spec = models.get_spec(arch)
+    manifest = manifest or read_json(params.path("data", "manifest.json"))
+    spec = input_spec(params, arch, manifest)
     root = params.path("data", role)
-    tr = data.load_split(root / "train", spec.input_size, spec.default_in_channels, params.data.skip_corrupt)
-    te = data.load_split(root / "test", spec.input_size, spec.default_in_channels, params.data.skip_corrupt, tr.classes)
-    tr.transform = data.build_transform(spec, train=True)
+    kw = dict(resize=spec.resize_size, interpolation=spec.interpolation)
+    c = spec.default_in_channels
+    tr = data.load_split(root / "train", spec.input_size, c, params.data.skip_corrupt, **kw)
+    te = data.load_split(root / "test", spec.input_size, c, params.data.skip_corrupt, tr.classes, **kw)
+    tr.transform = data.build_transform(spec, train=True, augment=augment(params, role))
     te.transform = data.build_transform(spec, train=False)
     return tr, te

@@ -14,6 +14,7 @@ from .config import Params
 from .domains import load_domain
 from .files import atomic_path, read_json, write_json
 from .hardware import device_for, set_torch_threads
+from .pixels import spec_from_meta
 from .plan import budget_text, labels_per_class
 from .report import confusion_matrix_png, pct, table, training_curves
 from .stage import say, stage_main
@@ -77,14 +78,15 @@ def label_free_scores(params: Params, model, meta: dict, pool, device) -> dict:
     """:func:`tlcore.validators.scores` of ``model`` on the target training split with its labels unused (the
     unlabeled pool), and DEV on up to :data:`DEV_SOURCE_IMAGES` images of the source test split (held out
     from every training stage) when the model's classes are the source's."""
-    from tlcore import data, models, validators
+    from tlcore import data, validators
 
-    spec = models.get_spec(meta["arch"])
+    spec = spec_from_meta(meta)  # as the model was trained: size, crop, channels, normalisation
     pool.transform = data.build_transform(spec, train=False)
     batch = params.evaluate.batch_size
     feats, logits, _ = validators.features_and_logits(model, data.make_loader(pool, batch, train=False), device)
     src = data.load_split(params.path("data", "source", "test"), spec.input_size, meta["in_channels"],
-                          params.data.skip_corrupt, max_images=DEV_SOURCE_IMAGES, seed=params.base.seed)
+                          params.data.skip_corrupt, max_images=DEV_SOURCE_IMAGES, seed=params.base.seed,
+                          resize=spec.resize_size, interpolation=spec.interpolation)
     source = None
     if src.classes == meta["classes"] and len(src) >= 4:
         src.transform = data.build_transform(spec, train=False)

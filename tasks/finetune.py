@@ -5,6 +5,7 @@ from .checkpoints import save_checkpoint
 from .config import Params
 from .distributed import run_job_ray
 from .files import read_json, write_json
+from .pixels import input_spec
 from .plan import budget_text, labels_per_class, plan
 from .stage import say, stage_main
 from .training import target_job
@@ -12,8 +13,6 @@ from .training import target_job
 
 def finetune(params: Params) -> dict:
     """Fine-tune; writes ``models/finetuned.pt`` and ``reports/finetune.json`` (history and the strategy used)."""
-    from tlcore import models
-
     # refused here, before any data is loaded, when the data cannot support the strategy (tasks/plan.py)
     choice, _ = plan(params, read_json(params.path("data", "manifest.json")))
     job, manifest = target_job(params, choice.strategy, params.finetune.strategy_params)
@@ -23,8 +22,8 @@ def finetune(params: Params) -> dict:
     say(f"finetune: strategy {choice.describe()} on {n_labeled} labeled target images ({budget_text(k)}), "
         f"{params.finetune.epochs} epochs")
     model, history, info = run_job_ray(job, params, "finetune", manifest)
-    save_checkpoint(params.path("models", "finetuned.pt"), model, classes, models.get_spec(job.arch).default_in_channels,
-                    {"stage": "finetune", "strategy": job.strategy})
+    save_checkpoint(params.path("models", "finetuned.pt"), model, classes, job.in_channels,
+                    {"stage": "finetune", "strategy": job.strategy}, spec=input_spec(params, job.arch, manifest))
     summary = {"strategy": job.strategy, "strategy_requested": choice.requested, "strategy_why": choice.why,
                "labels_per_class": k, "labeled": n_labeled, **info, "history": history}
     write_json(params.path("reports", "finetune.json"), summary)

@@ -120,8 +120,10 @@ def _store(key: str, speedup: float) -> None:
 
 
 def resolve_precision(requested: str, arch: str, num_classes: int, batch_size: int, device,
-                      measure: Callable[..., float] | None = None) -> tuple[str, str]:
+                      measure: Callable[..., float] | None = None,
+                      image_shape: tuple[int, int, int] | None = None) -> tuple[str, str]:
     """``(precision, why)`` for training ``arch`` on ``device``; ``requested`` other than auto passes through.
+    ``image_shape``: ``(C, H, W)`` of the images it trains on (default: the backbone's registered size).
 
     ``measure`` replaces :func:`tlcore.engine.measure_bf16_speedup` (tests pass both answers)."""
     import torch
@@ -137,14 +139,14 @@ def resolve_precision(requested: str, arch: str, num_classes: int, batch_size: i
     if device.type != "cpu" or not engine.cpu_bf16_kernels():
         return engine.choose_precision(device.type, cpu_bf16=False)
     spec = models.get_spec(arch)
-    shape = (min(batch_size, 32), spec.default_in_channels, spec.input_size, spec.input_size)
+    shape = (min(batch_size, 32), *(image_shape or (spec.default_in_channels, spec.input_size, spec.input_size)))
     key = _key(arch, shape, torch.get_num_threads(), device.type)
     speedup = _cached(key)
     source = "cached"
     if speedup is None:
         try:
             with torch.random.fork_rng(devices=[]):  # the run's own random stream is left as it was
-                model = models.create(arch, num_classes)
+                model = models.create(arch, num_classes, in_channels=shape[1])
                 speedup = (measure or engine.measure_bf16_speedup)(model, shape, device)
         except Exception as e:  # noqa: BLE001 - a failed measurement must not stop training
             return "fp32", f"fp32: measuring bf16 failed here ({type(e).__name__}: {e})"

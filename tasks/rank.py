@@ -86,7 +86,7 @@ def _target_root(params: Params, tmp: Path) -> Path:
 
 def rank(params: Params, candidates: list[str], include_source: bool = True) -> dict:
     """Score every candidate; returns ``{"rows": [...] best LogME first, "labeled": N, "labels_per_class": k}``."""
-    from tlcore import data, models, transferability, validators
+    from tlcore import data, transferability, validators
 
     set_torch_threads(params)
     device = device_for(params)
@@ -107,13 +107,15 @@ def rank(params: Params, candidates: list[str], include_source: bool = True) -> 
         for c in todo:
             model, has_head = load_candidate(c, params)
             model = model.to(device)
-            spec = models.get_spec(model.arch)
+            spec = candidate_spec(c, model, params)
             channels = model_in_channels(model)
-            if (spec.input_size, channels) not in splits:
-                ds = data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt)
+            key = (spec.input_size, spec.resize_size, spec.interpolation, channels)
+            if key not in splits:
+                ds = data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt,
+                                     resize=spec.resize_size, interpolation=spec.interpolation)
                 b = data.label_budget_split(ds.targets.numpy(), k, params.base.seed, params.data.val_per_class)
-                splits[spec.input_size, channels] = ds.subset(b.labeled)
-            labeled = splits[spec.input_size, channels]
+                splits[key] = ds.subset(b.labeled)
+            labeled = splits[key]
             labeled.transform = data.build_transform(spec, train=False, channels=channels)
             loader = data.make_loader(labeled, params.evaluate.batch_size, train=False)
             feats, logits, y = validators.features_and_logits(model, loader, device)
@@ -122,6 +124,17 @@ def rank(params: Params, candidates: list[str], include_source: bool = True) -> 
             rows.append({"candidate": c.name, "arch": model.arch, "features": int(feats.shape[1]), **s})
     rows.sort(key=lambda r: -r["logme"])
     return {"rows": rows, "labeled": len(labeled), "labels_per_class": k, "classes": len(labeled.classes)}
+
+
+def candidate_spec(c: "Candidate", model, params: Params):
+    """How to feed candidate ``c``: the source checkpoint as it was trained; torchvision weights as they were
+    trained (their resolution, crop and normalisation, or ``data.image_size``); else the backbone's own."""
+    from .pixels import spec_from_meta, weights_spec
+
+    if c.name == SOURCE:
+        return spec_from_meta(load_checkpoint(params.path("models", SOURCE))[1])
+    file = c.weights and (Path(c.weights).suffix in {".pt", ".pth"} or Path(c.weights).exists())
+    return weights_spec(model.arch, None if file else c.weights, params.data.image_size)
 
 
 def model_in_channels(model) -> int:

@@ -248,10 +248,12 @@ def classify(model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_siz
     that does not decode. Pixels come from :func:`tlcore.images.decode_image`, as the training data's do."""
     import torch
 
-    from tlcore import data, models
+    from tlcore import data
     from tlcore.images import ImageDecodeError, decode_image, show_path
 
-    spec = models.get_spec(meta["arch"])
+    from .pixels import spec_from_meta
+
+    spec = spec_from_meta(meta)  # size, crop and normalisation as the model was trained with
     tf = data.build_transform(spec, train=False, channels=meta["in_channels"])
     mode, classes = ("L" if meta["in_channels"] == 1 else "RGB"), meta["classes"]
     k = max(1, min(top_k, len(classes)))
@@ -274,7 +276,7 @@ def classify(model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_siz
     batch: list = []
     for f in files:
         try:
-            batch.append((f, torch.from_numpy(decode_image(f, mode, spec.input_size)).permute(2, 0, 1)))
+            batch.append((f, torch.from_numpy(decode_image(f, mode, spec.input_size, spec.resize_size, spec.interpolation)).permute(2, 0, 1)))
         except ImageDecodeError as e:
             yield from run(batch)  # keep the order: what came before, then this file's error
             batch = []

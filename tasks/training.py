@@ -25,6 +25,18 @@ class TrainJob:
     labeled: Any = None  # ImageDataset (labeled target)
     unlabeled: Any = None  # ImageDataset (target pool, labels unused)
     val: Any = None  # ImageDataset for per-epoch validation
+    in_channels: int | None = None  # the model's input channels; None: those of the job's images
+
+    def channels(self) -> int | None:
+        if self.in_channels is not None:
+            return self.in_channels
+        shape = self.image_shape()
+        return shape[0] if shape else None
+
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of the images the job trains on (``None`` for datasets that do not say)."""
+        ds = next((d for d in (self.labeled, self.source, self.unlabeled, self.val) if d is not None), None)
+        return tuple(int(n) for n in ds.images.shape[1:]) if hasattr(ds, "images") else None
 
 
 def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print, replicas: int = 1,
@@ -44,8 +56,8 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
     from tlcore.strategies import STREAMS, StreamsError
 
     seed_everything(job.seed)
-    model = (models.create(job.arch, job.num_classes) if job.init_state is None
-             else models.from_state(job.arch, job.init_state))
+    model = (models.create(job.arch, job.num_classes, in_channels=job.channels()) if job.init_state is None
+             else models.from_state(job.arch, job.init_state, in_channels=job.channels()))
     try:
         strat = strategies.create_strategy(job.strategy, **{"label_smoothing": job.optim.label_smoothing, **job.strategy_params})
     except TypeError as e:
@@ -87,7 +99,8 @@ def run_job(job: TrainJob, device, callbacks=(), log=print):
     """Train ``job`` in this process; returns ``(model, history)``."""
     from .hardware import resolve_precision
 
-    precision, why = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device)
+    precision, why = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device,
+                                       image_shape=job.image_shape())
     job.optim = job.optim.model_copy(update={"precision": precision})
     if log:
         log(f"precision {why}")
@@ -104,18 +117,28 @@ def target_job(params: Params, strategy: str, strategy_params: dict | None = Non
     from .domains import load_domain
     from .files import read_json
 
+    from .pixels import input_spec
+
     manifest = read_json(params.path("data", "manifest.json"))
     source_model, meta = load_checkpoint(params.path("models", "source.pt"))
     classes = manifest["target"]["classes"]
-    train_ds, _ = load_domain(params, "target", meta["arch"])
+    channels = input_spec(params, meta["arch"], manifest).default_in_channels
+    if meta["in_channels"] != channels:
+        raise ParamsError(
+            f"the source model {params.path('models', 'source.pt')} takes {meta['in_channels']}-channel images, but "
+            f"this run feeds {channels}-channel ones (data.channels = {params.data.channels!r}"
+            + (f"; the target {manifest['target']['name']!r} is {'grey' if channels == 1 else 'in colour'}"
+               if params.data.channels == "auto" else "") + "). Rerun pretrain (dvc repro) so the source model "
+            f"is trained on the same channels, or set data.channels: {meta['in_channels']}.")
+    train_ds, _ = load_domain(params, "target", meta["arch"], manifest)
     labeled, unlabeled, val = target_splits(params, train_ds)
     cls = strategies.strategy_class(strategy)
-    source = load_domain(params, "source", meta["arch"])[0] if "source" in cls.streams.used else None
+    source = load_domain(params, "source", meta["arch"], manifest)[0] if "source" in cls.streams.used else None
     job = TrainJob(
         arch=meta["arch"], num_classes=len(classes), strategy=strategy, optim=params.finetune, seed=params.base.seed,
         init_state=source_model.state_dict() if cls.transfers else None,
         strategy_params=strategy_params or {}, same_label_space=manifest["same_label_space"],
-        **job_streams(cls, source=source, labeled=labeled, unlabeled=unlabeled), val=val,
+        **job_streams(cls, source=source, labeled=labeled, unlabeled=unlabeled), val=val, in_channels=channels,
     )
     return job, manifest
 

@@ -202,3 +202,31 @@ def test_batched_blur_is_torchvisions_gaussian_blur_per_image():
     sig = torch.tensor([0.2, 0.5, 0.8, 1.0, 1.1, 1.2])
     want = torch.stack([TF.gaussian_blur(xi[None], kernel_size=5, sigma=float(s))[0] for xi, s in zip(x, sig)])
     assert torch.allclose(gaussian_blur_each(x, sig), want, atol=1e-6)
+
+
+def test_photo_augmentation_is_batched_per_image_and_exact_at_its_limits():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 24, 20)
+    same = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.0, contrast=0.0, saturation=0.0)
+    assert torch.allclose(data.random_photo(x, flip=0.0, **same), x, atol=1e-5)  # the whole image, unchanged
+    assert torch.allclose(data.random_photo(x, flip=1.0, **same), x.flip(-1), atol=1e-5)  # mirrored
+    out = data.random_photo(x, **data.AUGMENT["photo"]["photo"])
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert len({tuple(o.flatten().round(decimals=3).tolist()) for o in out}) == 16  # parameters per image
+    # brightness alone scales each image by its own factor in [0.6, 1.4]
+    flat = torch.full((8, 3, 4, 4), 0.5)
+    b = data.random_photo(flat, flip=0.0, **{**same, "brightness": 0.4})
+    f = b[:, :, 0, 0] / 0.5
+    assert torch.allclose(b, b[:, :, :1, :1].expand_as(b)) and (f - f[:, :1]).abs().max() < 1e-6
+    assert f.min() >= 0.6 - 1e-6 and f.max() <= 1.4 + 1e-6 and f[:, 0].unique().numel() == 8
+    # a grey photo stays grey: saturation and contrast do not invent colour
+    grey = torch.rand(8, 1, 6, 6).expand(8, 3, 6, 6).contiguous()
+    g = data.random_photo(grey, flip=0.5, **{**same, "contrast": 0.4, "saturation": 0.9})
+    assert torch.allclose(g[:, 0], g[:, 1], atol=1e-6) and torch.allclose(g[:, 1], g[:, 2], atol=1e-6)
+    # a profile per transform: photo at train time only; digits keep the affine warp
+    spec = models.get_spec("resnet18")
+    train, test = data.build_transform(spec, True, augment="photo"), data.build_transform(spec, False, augment="photo")
+    assert train.photo and not train.affine and not test.photo and not test.affine
+    assert data.build_transform(spec, True).affine and not data.build_transform(spec, True, augment="none").affine
+    with pytest.raises(ValueError, match="unknown augmentation 'flips'; choose one of: digits, photo, none"):
+        data.build_transform(spec, True, augment="flips")

@@ -123,3 +123,33 @@ def test_a_file_name_that_is_not_utf8_is_read_hashed_and_named(tmp_path):
     with pytest.raises(data.DataValidationError, match=r"caf\\xe9\.png: not a readable image") as e:
         data.validate_imagefolder(tmp_path)
     str(e.value).encode("utf-8")  # the message prints on any terminal
+
+
+@pytest.mark.parametrize("wh", [(300, 200), (200, 300), (256, 256), (90, 120)])
+def test_resize_and_centre_crop_are_torchvisions_eval_transform(tmp_path, wh):
+    """With ImageNet weights an image is prepared as torchvision's weights.transforms() does: the shorter side
+    resized, the centre cropped (no stretching); without, stretched to size as before."""
+    from torchvision.transforms import functional as F
+
+    rng = np.random.default_rng(0)
+    p = _png(tmp_path / "photo.png", rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    want = np.asarray(F.center_crop(F.resize(Image.open(p).convert("RGB"), 256), 224))
+    got = decode_image(p, "RGB", 224, resize=256)
+    assert got.shape == (224, 224, 3) and np.array_equal(got, want)
+    assert decode_image(p, "RGB", 32).shape == (32, 32, 3)  # stretched
+    small = decode_image(p, "L", 64, resize=40)  # resize below the crop: padded as CenterCrop pads
+    assert small.shape == (64, 64, 1)
+
+
+def test_colour_is_counted_per_split_and_grey_stored_as_rgb_is_grey(tmp_path):
+    from tlcore.images import is_grey
+
+    grey = np.tile(np.arange(64, dtype=np.uint8).reshape(8, 8, 1), (1, 1, 3))
+    colour = grey.copy()
+    colour[0, 0] = (10, 200, 30)
+    _png(tmp_path / "train" / "a" / "grey_as_rgb.png", grey)
+    _png(tmp_path / "train" / "a" / "colour.png", colour)
+    _png(tmp_path / "train" / "b" / "l.png", grey[..., 0])
+    rep = data.validate_split(tmp_path / "train")
+    assert rep.colour == 1
+    assert is_grey(grey) and not is_grey(colour) and is_grey(grey[..., :1])

@@ -66,3 +66,50 @@ def test_weights_file_roundtrip_skips_mismatched_head(tmp_path):
     assert dst.num_classes == 3
     with pytest.raises(ValueError, match="do not fit"):
         models.create("tinycnn", 10, weights=str(tmp_path / "w.pt"))
+
+
+def _cache_file(tmp_path, monkeypatch, arch="resnet18"):
+    """The exact path torchvision (and so this project) looks for ``arch``'s DEFAULT weights under TORCH_HOME."""
+    from torchvision.models import get_model_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = tmp_path / "hub" / "checkpoints" / get_model_weights(arch).DEFAULT.url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert models.torchvision_cache_path(get_model_weights(arch).DEFAULT) == path
+    return path
+
+
+def test_weights_of_another_architecture_or_shape_are_refused_naming_the_file(tmp_path, monkeypatch):
+    from torchvision.models import mobilenet_v3_small, resnet18
+
+    path = _cache_file(tmp_path, monkeypatch)
+    torch.save(mobilenet_v3_small().state_dict(), path)  # another architecture under resnet18's file name
+    with pytest.raises(ValueError, match=rf"weights file {path} does not fit a torchvision resnet18 \(missing \d+ "
+                                         r"key\(s\), e\.g\. conv1\.weight.*unknown key.*features\.0\.0\.weight"):
+        models.create("resnet18", 10, weights="IMAGENET1K_V1")
+    torch.save(resnet18(num_classes=10).state_dict(), path)  # the right keys, a changed shape
+    with pytest.raises(ValueError, match=r"other shapes: fc\.weight \(10, 512\) \(a resnet18 has \(1000, 512\)\)"):
+        models.create("resnet18", 10, weights="DEFAULT")
+    path.write_bytes(b"<html>a proxy's error page</html>")  # a failed download saved under the name
+    with pytest.raises(ValueError, match=rf"{path} for resnet18 cannot be read as a torch state_dict"):
+        models.create("resnet18", 10, weights="IMAGENET1K_V1")
+    own = tmp_path / "mine.pth"  # a file path: the same checks
+    torch.save(mobilenet_v3_small().state_dict(), own)
+    with pytest.raises(ValueError, match=rf"weights file {own} does not fit a torchvision resnet18"):
+        models.create("resnet18", 10, weights=str(own))
+    with pytest.raises(ValueError, match=r"unknown weights 'IMAGENET9K' for resnet18; choose one of: IMAGENET1K_V1"):
+        models.create("resnet18", 10, weights="IMAGENET9K")
+
+
+def test_weights_preprocessing_comes_from_torchvisions_own_transforms():
+    from torchvision.models import get_model_weights
+
+    pre = models.weights_preprocessing("resnet18", "IMAGENET1K_V1")
+    t = get_model_weights("resnet18").IMAGENET1K_V1.transforms()
+    assert pre == {"crop_size": 224, "resize_size": 256, "mean": tuple(t.mean), "std": tuple(t.std),
+                   "interpolation": "bilinear"}
+    assert models.weights_preprocessing("efficientnet_b0", "DEFAULT")["interpolation"] == "bicubic"
+    assert models.weights_preprocessing("resnet18", None) is None
+    assert models.weights_preprocessing("resnet18", "models/source.pt") is None  # a file: nothing recorded
+    with pytest.raises(ValueError, match="smallcnn has no torchvision weights"):
+        models.weights_preprocessing("smallcnn", "IMAGENET1K_V1")

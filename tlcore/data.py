@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .images import IMG_EXTENSIONS, ImageDecodeError, decode_image, show_path
+from .images import IMG_EXTENSIONS, ImageDecodeError, decode_image, is_grey, show_path
 from .models import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ class FolderReport:
     files: list[tuple[Path, int]]
     skipped: list[Path] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)  # files without an image extension
+    colour: int = 0  # images whose channels differ somewhere (the others are grey, whatever their file mode)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -88,7 +89,7 @@ def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[st
             f"class it never sees; add training images for them under train/<class>/ or remove them from "
             f"{show_path(split_dir)}."
         )
-    files, ignored, corrupt, empty = [], [], [], []
+    files, ignored, corrupt, empty, colour = [], [], [], [], 0
     for y, name in enumerate(classes):
         cdir = split_dir / name
         imgs, others = _walk_class(cdir) if cdir.is_dir() else ([], [])
@@ -96,7 +97,7 @@ def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[st
         good = 0
         for p in imgs:
             try:
-                decode_image(p)
+                colour += not is_grey(decode_image(p))
             except ImageDecodeError as e:
                 corrupt.append((p, str(e)))
                 continue
@@ -120,7 +121,7 @@ def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[st
         raise DataValidationError(
             f"class folder(s) with no readable images: {_list(empty)}. Add images or delete the empty folder(s)."
         )
-    return FolderReport(classes, files, [p for p, _ in corrupt], ignored)
+    return FolderReport(classes, files, [p for p, _ in corrupt], ignored, colour)
 
 
 def validate_imagefolder(root: str | Path, skip_corrupt: bool = False) -> dict[str, FolderReport]:
@@ -182,10 +183,13 @@ class ImageDataset(Dataset):
 
 
 def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bool = False,
-               classes: list[str] | None = None, max_images: int | None = None, seed: int = 0) -> ImageDataset:
-    """Validate and decode one split into an :class:`ImageDataset` at ``size`` x ``size``.
+               classes: list[str] | None = None, max_images: int | None = None, seed: int = 0,
+               resize: int | None = None, interpolation: str = "bilinear") -> ImageDataset:
+    """Validate and decode one split into an :class:`ImageDataset` at ``size`` x ``size``, ``channels`` 1 (grey)
+    or 3 (RGB; a grey image repeats its grey).
 
-    ``max_images``: decode only a seeded random sample of that many files (in folder order)."""
+    ``max_images``: decode only a seeded random sample of that many files (in folder order). ``resize``: the
+    shorter side to this, then a centre crop (:func:`tlcore.images.resize_image`); ``None`` stretches."""
     rep = validate_split(Path(split_dir), skip_corrupt, classes)
     files = rep.files
     if max_images is not None and len(files) > max_images:
@@ -194,7 +198,7 @@ def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bo
     mode = "L" if channels == 1 else "RGB"
     arr = np.empty((len(files), size, size, channels), dtype=np.uint8)
     for i, (p, _) in enumerate(files):
-        arr[i] = decode_image(p, mode, size)
+        arr[i] = decode_image(p, mode, size, resize, interpolation)
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(images, torch.tensor([y for _, y in files], dtype=torch.long), rep.classes)
 
@@ -228,18 +232,77 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: tupl
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def random_photo(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], flip: float,
+                 brightness: float, contrast: float, saturation: float) -> torch.Tensor:
+    """Photo augmentation of a float batch ``(N, C, H, W)`` in [0, 1], independently per image: a random resized
+    crop (area ``scale`` of the image, aspect ratio in ``ratio``, resampled back to ``H`` x ``W``), a horizontal
+    flip with probability ``flip``, and colour jitter (brightness, contrast, saturation factors in
+    ``[1 - j, 1 + j]``, in that order, clamped to [0, 1] after each, as ``torchvision.transforms.v2``'s
+    ``RandomResizedCrop``, ``RandomHorizontalFlip`` and ``ColorJitter`` without hue).
+
+    One ``grid_sample`` for the crop and flip of the whole batch. Unlike torchvision, a crop that does not fit
+    is shrunk to fit rather than redrawn (torchvision retries 10 times, then takes the centre).
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+
+    def u(lo, hi):
+        return torch.empty(n, device=dev).uniform_(lo, hi)
+
+    area = u(*scale)
+    logr = u(float(np.log(ratio[0])), float(np.log(ratio[1])))
+    cw = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)  # crop width, as a fraction of the image width
+    ch = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
+    cx, cy = (1 - cw) * u(-1, 1), (1 - ch) * u(-1, 1)  # the crop's centre, in grid_sample's [-1, 1] coords
+    sign = torch.where(torch.rand(n, device=dev) < flip, -1.0, 1.0)
+    zero = torch.zeros(n, device=dev)
+    theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def factor(j):
+        return u(max(0.0, 1 - j), 1 + j)[:, None, None, None]
+
+    x = (x * factor(brightness)).clamp(0, 1)
+    grey = _luma(x)
+    x = ((x - grey.mean((1, 2, 3), keepdim=True)) * factor(contrast) + grey.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+    if c == 3:
+        grey = _luma(x)
+        x = ((x - grey) * factor(saturation) + grey).clamp(0, 1)
+    return x
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """Grey level ``(N, 1, H, W)`` of a batch: ITU-R 601 weights for RGB (as torchvision), the channel itself for grey."""
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+# Train-time augmentation profiles (``data.augment``): a mild affine warp for digits (a flip or a colour change
+# would make another digit or nothing), crops, flips and colour jitter for photos.
+AUGMENT = {
+    "digits": {"affine": dict(degrees=12.0, translate=0.1, scale=(0.85, 1.15), shear=8.0)},
+    "photo": {"photo": dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.4, contrast=0.4,
+                            saturation=0.4)},
+    "none": {},
+}
+
+
 class ImageTransform(torch.nn.Module):
     """uint8 ``(C, H, W)`` or a batch ``(N, C, H, W)`` -> normalised float, with an optional per-image
-    random affine at train time. Batch-capable (``batched = True``), so :class:`ImageDataset`
-    transforms a whole DataLoader batch in one call."""
+    random affine (:func:`random_affine`, digits) or photo augmentation (:func:`random_photo`) at train
+    time. Batch-capable (``batched = True``), so :class:`ImageDataset` transforms a whole DataLoader batch
+    in one call."""
 
     batched = True
 
-    def __init__(self, mean, std, affine: dict | None = None):
+    def __init__(self, mean, std, affine: dict | None = None, photo: dict | None = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.affine = affine
+        self.photo = photo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         single = x.dim() == 3
@@ -247,20 +310,26 @@ class ImageTransform(torch.nn.Module):
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         if self.affine:
             x = random_affine(x, **self.affine)
+        if self.photo:
+            x = random_photo(x, **self.photo)
         x = (x - self.mean) / self.std
         return x[0] if single else x
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}"
+        return (f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}, "
+                f"photo={self.photo}")
 
 
-def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "standard"):
-    """Per-backbone transform on uint8 tensors: (train-time) affine jitter, scale to [0,1], normalise."""
+def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "digits"):
+    """Per-backbone transform on uint8 tensors: (train-time) augmentation of profile ``augment`` (a key of
+    :data:`AUGMENT`: ``digits``, ``photo`` or ``none``), scale to [0,1], normalise with the spec's mean/std
+    (averaged over colour channels for grey input)."""
+    if augment not in AUGMENT:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENT)}")
     c = channels or spec.default_in_channels
     mean = spec.mean if len(spec.mean) == c else (sum(spec.mean) / len(spec.mean),) * c
     std = spec.std if len(spec.std) == c else (sum(spec.std) / len(spec.std),) * c
-    affine = dict(degrees=12.0, translate=0.1, scale=(0.85, 1.15), shear=8.0) if train and augment != "none" else None
-    return ImageTransform(mean, std, affine)
+    return ImageTransform(mean, std, **(AUGMENT[augment] if train else {}))
 
 
 @dataclass

@@ -64,14 +64,45 @@ def _open(path: Path) -> Image.Image:
             raise ImageDecodeError(f"{show_path(path)}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None) -> np.ndarray:
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def resize_image(im: Image.Image, size: int, resize: int | None = None, interpolation: str = "bilinear") -> Image.Image:
+    """``size`` x ``size`` pixels: stretched (``resize=None``; the aspect ratio is not kept), or the shorter side
+    resized to ``resize`` and the centre ``size`` x ``size`` cropped (torchvision's ``Resize(resize)`` +
+    ``CenterCrop(size)``, the evaluation transform of its pretrained weights)."""
+    how = _RESAMPLE[interpolation]
+    if resize is None:
+        return im.resize((size, size), how)
+    w, h = im.size
+    if w <= h:
+        nw, nh = resize, max(1, int(h * resize / w))  # int(), as torchvision computes it
+    else:
+        nw, nh = max(1, int(w * resize / h)), resize
+    im = im.resize((nw, nh), how)
+    if nw < size or nh < size:  # resize < size: pad, as CenterCrop does, with black
+        canvas = Image.new(im.mode, (max(nw, size), max(nh, size)))
+        canvas.paste(im, ((canvas.size[0] - nw) // 2, (canvas.size[1] - nh) // 2))
+        im, (nw, nh) = canvas, canvas.size
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def is_grey(a: np.ndarray) -> bool:
+    """Whether decoded pixels ``(H, W, C)`` carry no colour: one channel, or three equal ones."""
+    return a.shape[-1] == 1 or bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+
+
+def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None, resize: int | None = None,
+                 interpolation: str = "bilinear") -> np.ndarray:
     """Decode one image file as a user has it into ``uint8 (H, W, C)`` pixels, ``C`` = 1 (``mode="L"``) or 3.
 
     The one decoder that training data (:func:`load_split`) and prediction use, so both see the same
     pixels. EXIF orientation is applied; 16-bit and 32-bit greyscale is scaled to 8 bits (see
     :func:`_to_8bit`), not saturated; alpha (RGBA, LA, a palette or grey image with a transparent
     colour) is composited onto a white background; palette, CMYK, 1-bit and other modes are converted.
-    ``size`` resizes to ``size`` x ``size`` (bilinear). Raises :class:`ImageDecodeError` naming the file:
+    ``size`` resizes to ``size`` x ``size`` (bilinear), stretched, or with ``resize`` by a centre crop (see
+    :func:`resize_image`). Raises :class:`ImageDecodeError` naming the file:
     not an image, truncated, or larger than PIL's decompression-bomb limit.
     """
     im = _open(Path(path))
@@ -85,7 +116,7 @@ def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None) -
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
         im = im.convert(mode)
         if size is not None:
-            im = im.resize((size, size), Image.BILINEAR)
+            im = resize_image(im, size, resize, interpolation)
     except (OSError, ValueError) as e:
         raise ImageDecodeError(f"{show_path(path)}: cannot be converted to {mode} ({type(e).__name__}: {e})") from None
     a = np.array(im)  # writable: torch.from_numpy takes it as is

@@ -17,7 +17,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a caller needs to feed a model: input size and normalisation (per backbone)."""
+    """What a caller needs to feed a model: input size and normalisation (per backbone).
+
+    ``resize_size``: ``None`` resizes an image to ``input_size`` x ``input_size`` (aspect ratio not kept);
+    a number resizes its shorter side to that many pixels and centre-crops ``input_size`` (the evaluation
+    transform of torchvision's pretrained weights). A run's own variant (another image size, channels,
+    the weights' normalisation) is a :func:`dataclasses.replace` of the registered spec.
+    """
 
     name: str
     input_size: int
@@ -25,6 +31,8 @@ class ModelSpec:
     std: tuple[float, ...]
     default_in_channels: int
     builder: Callable[..., "TransferModel"]
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -172,31 +180,69 @@ def load_transfer_state(model: "TransferModel", state: dict) -> list[str]:
     return skipped
 
 
-def _torchvision_state(arch: str, weights: str) -> dict:
-    """Resolve ``weights`` for a torchvision ``arch`` from local disk only."""
+def _is_file(weights: str) -> bool:
+    p = Path(weights)
+    return p.suffix in {".pt", ".pth"} or p.exists()
+
+
+def torchvision_weights(arch: str, weights: str):
+    """The torchvision weights enum member ``weights`` names for ``arch`` (``"IMAGENET1K_V1"``,
+    ``"DEFAULT"``, ``"ResNet18_Weights.IMAGENET1K_V1"``), or ``None`` when ``weights`` is a file path."""
     from torchvision.models import get_model_weights
 
-    p = Path(weights)
-    if p.suffix in {".pt", ".pth"} or p.exists():
-        if not p.is_file():
-            raise WeightsNotFoundError(f"weights file {p} for {arch} does not exist; check the path.")
-        return torch.load(p, map_location="cpu", weights_only=True)
+    if _is_file(weights):
+        return None
+    if arch not in TORCHVISION_ARCHS:
+        raise ValueError(f"{arch} has no torchvision weights; give pretrain.weights as a file saved from a {arch} "
+                         f"model, or pick a torchvision backbone ({', '.join(sorted(TORCHVISION_ARCHS))}).")
     enum = get_model_weights(arch)
     key = weights.split(".")[-1].upper()
     if key == "DEFAULT":
-        w = enum.DEFAULT
-    elif key in enum.__members__:
-        w = enum[key]
-    else:
-        raise ValueError(f"unknown weights {weights!r} for {arch}; choose one of: {', '.join(enum.__members__)}")
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-    if not cache.is_file():
+        return enum.DEFAULT
+    if key in enum.__members__:
+        return enum[key]
+    raise ValueError(f"unknown weights {weights!r} for {arch}; choose one of: {', '.join(enum.__members__)}, "
+                     f"or give the path of a weights file")
+
+
+def weights_preprocessing(arch: str, weights: str | None) -> dict | None:
+    """How the images were prepared when torchvision's ``weights`` were trained: ``{"crop_size", "resize_size",
+    "mean", "std", "interpolation"}`` from the weights' own ``transforms()`` (ImageNet weights: resize to 256,
+    centre-crop 224, ImageNet mean/std). ``None`` when ``weights`` is ``None`` or a file (nothing recorded)."""
+    w = torchvision_weights(arch, weights) if weights else None
+    if w is None:
+        return None
+    t = w.transforms()
+    return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]), "mean": tuple(t.mean),
+            "std": tuple(t.std), "interpolation": t.interpolation.value}
+
+
+def torchvision_cache_path(w) -> Path:
+    """Where torchvision keeps the file of weights ``w``: ``$TORCH_HOME/hub/checkpoints/<file name of its URL>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+
+
+def _torchvision_state(arch: str, weights: str) -> tuple[dict, Path]:
+    """Resolve ``weights`` for a torchvision ``arch`` from local disk only: ``(state_dict, file)``."""
+    w = torchvision_weights(arch, weights)
+    p = Path(weights) if w is None else torchvision_cache_path(w)
+    if w is None and not p.is_file():
+        raise WeightsNotFoundError(f"weights file {p} for {arch} does not exist; check the path.")
+    if not p.is_file():
         raise WeightsNotFoundError(
-            f"{arch} weights {w} are not in the local torch cache: expected {cache}. This pipeline never "
+            f"{arch} weights {w} are not in the local torch cache: expected {p}. This pipeline never "
             f"downloads at run time. Copy the file there (it comes from {w.url}), set TORCH_HOME to a "
-            f"directory that has hub/checkpoints/{cache.name}, or pass a local file path as weights."
+            f"directory that has hub/checkpoints/{p.name}, or pass a local file path as weights."
         )
-    return torch.load(cache, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike: the file is not a state_dict
+        raise ValueError(f"weights file {p} for {arch} cannot be read as a torch state_dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}). Replace it with the {arch} weights file"
+                         + (f" from {w.url}" if w is not None else "") + ".") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {p} holds a {type(state).__name__}, not a {arch} state_dict.")
+    return state, p
 
 
 def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
@@ -218,8 +264,32 @@ def _tv_build(arch: str, in_channels: int, weights: str | None) -> nn.Module:
 
     net = tvm.get_model(arch, weights=None)
     if weights is not None:
-        net.load_state_dict(_torchvision_state(arch, weights))
+        state, path = _torchvision_state(arch, weights)
+        own = net.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f"{k} {tuple(state[k].shape)} (a {arch} has {tuple(own[k].shape)})" for k in own
+                  if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            found = "; ".join(x for x in (
+                f"missing {len(missing)} key(s), e.g. {', '.join(missing[:3])}" if missing else "",
+                f"{len(unexpected)} unknown key(s), e.g. {', '.join(unexpected[:3])}" if unexpected else "",
+                f"other shapes: {', '.join(shapes[:3])}" if shapes else "") if x)
+            raise ValueError(
+                f"weights file {path} does not fit a torchvision {arch} ({found}): it holds another "
+                f"architecture or a changed one. Put the {arch} weights file there (torchvision's own, e.g. "
+                f"{_weights_url(arch)}), or point pretrain.weights at weights saved from a {arch}.")
+        net.load_state_dict(state)
     return net
+
+
+def _weights_url(arch: str) -> str:
+    from torchvision.models import get_model_weights
+
+    return get_model_weights(arch).DEFAULT.url
+
+
+TORCHVISION_ARCHS = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
 
 
 def _wrap(num_classes: int, backbone: nn.Module, out_features: int, arch: str) -> TransferModel:
