@@ -1,5 +1,5 @@
-"""`tl tune`: the search space from params.yaml, a real Ray Tune search with ASHA over finetune jobs, MLflow
-child runs, the best configuration applied like `dvc exp apply`, and a finished search restored, not rerun."""
+"""`tl tune`: the search space from params.yaml, a real Ray Tune search with ASHA over finetune jobs resumed after
+its driver is killed, MLflow child runs, the best configuration applied like `dvc exp apply`."""
 from __future__ import annotations
 
 import json
@@ -63,17 +63,52 @@ def project(tmp_path, monkeypatch):
     return tmp_path, sets
 
 
+def _kill_after_first_trial(root, sets) -> None:
+    """`tl tune` in its own process group, killed (SIGKILL, the driver and its local Ray) once the first trial
+    has reported both epochs, i.e. in the middle of the search."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import env
+
+    cmd = [sys.executable, "-m", "tasks.cli", "tune", *sum((["-S", s] for s in sets), [])]
+    proc = subprocess.Popen(cmd, cwd=root, env={**env(), "PYTHONPATH": str(ROOT)}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = [f for f in root.glob("ray_results/tune/*/trial_*/result.json") if len(f.read_text().splitlines()) >= 2]
+            if done:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, f"tl tune ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
+        assert done, "the first trial did not finish in 90 s"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.slow
-def test_tune_searches_logs_every_trial_and_applies_the_best(project):
+def test_tune_resumes_after_a_crash_logs_every_trial_and_applies_the_best(project):
     from tasks import cli
     from tasks.config import load_params
     from tasks.tracking import client
     from tasks.tune import tune
 
     root, sets = project
+    _kill_after_first_trial(root, sets)
+    assert not (root / "reports" / "tune.json").exists()
+    first = {f.parent.name: f.read_text() for f in root.glob("ray_results/tune/*/trial_*/result.json")
+             if len(f.read_text().splitlines()) >= 2}
+
     params = load_params("params.yaml", sets)
-    out = tune(params)
-    assert out["objective"] == "val_free_snd" and out["mode"] == "max" and not out["restored"]
+    out = tune(params)  # the same experiment, restored: the finished trial is kept, the rest run
+    assert out["restored"] and out["objective"] == "val_free_snd" and out["mode"] == "max"
+    assert {f.parent.name: f.read_text() for f in root.glob("ray_results/tune/*/trial_*/result.json")
+            if f.parent.name in first} == first  # not rerun: its results are the killed driver's, byte for byte
     assert len(out["trials"]) == 3 and not any(t["error"] for t in out["trials"])
     assert {t["config"]["strategy"] for t in out["trials"]} == {"finetune", "mcc"}
     assert all(1 <= t["epochs"] <= 2 for t in out["trials"]) and max(t["epochs"] for t in out["trials"]) == 2
