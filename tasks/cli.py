@@ -178,9 +178,12 @@ def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIG
          source: bool = typer.Option(True, help="include the project's models/source.pt when it exists"),
          params: Path = typer.Option(Path("params.yaml"), help="params file"),
          set_: List[str] = typer.Option([], "-S", "--set", help="param overrides, e.g. -S data.labels_per_class=5"),
+         validator: str = typer.Option("snd", help="with 0 target labels: the label-free score to rank by "
+                                       "(entropy | im | snd | bnm)"),
          as_json: bool = typer.Option(False, "--json", help="print the ranking as JSON")):
     """Rank candidate source models / backbones for the target before training: LogME on their penultimate
-    features, LEEP and NCE on their source classifier, over the labeled target budget (never the test split)."""
+    features, LEEP and NCE on their source classifier, over the labeled target budget (never the test split);
+    with data.labels_per_class = 0, label-free validators of their predictions on the unlabeled target pool."""
     import json
 
     from .stage import StageError
@@ -188,7 +191,7 @@ def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIG
     from .rank import rank as do, table
 
     try:
-        r = do(load_params(params, set_), candidate, include_source=source)
+        r = do(load_params(params, set_), candidate, include_source=source, validator=validator)
     except (ParamsError, StageError, ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(json.dumps(r, indent=2) if as_json else table(r))
