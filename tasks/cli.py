@@ -213,8 +213,11 @@ def tune(params: Path = typer.Option(Path("params.yaml"), help="params file"),
     from .stage import StageError
     from .tune import table, tune as do
 
+    import contextlib
+
     try:
-        r = do(load_params(params, set_), fresh=fresh, apply_to=params if apply else None, verbose=0 if as_json else 1)
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: the JSON only
+            r = do(load_params(params, set_), fresh=fresh, apply_to=params if apply else None, verbose=0 if as_json else 1)
     except (ParamsError, StageError) as e:
         _fail(e)
     typer.echo(json.dumps(r, indent=2) if as_json else table(r))

@@ -192,8 +192,10 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
                          run_config=rt.RunConfig(name=name, storage_path=str(storage), verbose=verbose,
                                                  checkpoint_config=rt.CheckpointConfig(num_to_keep=1),
                                                  failure_config=rt.FailureConfig(max_failures=params.ray.max_failures)))
-    grid_result = tuner.fit()
-    ray.shutdown()
+    try:
+        grid_result = tuner.fit()
+    finally:
+        ray.shutdown()
     trials = [_trial_row(r, metric) for r in grid_result]
     errors = [t for t in trials if t["error"]]
     done = [t for t in trials if t["objective"] is not None]
