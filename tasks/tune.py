@@ -147,6 +147,13 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
 
     ``apply_to``: a params.yaml to write the best configuration into (``tl tune --apply``); ``verbose``: Tune's
     progress table on stdout (1) or not (0)."""
+    for need in (params.path("data", "manifest.json"), params.path("models", "source.pt")):
+        if not need.is_file():
+            raise StageError(f"tl tune needs {need}, which does not exist: run the data and pretrain stages first "
+                             f"(`dvc repro pretrain`, or `tl run`)")
+    manifest = read_json(params.path("data", "manifest.json"))
+    _check_space(params, manifest)
+
     import ray
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
@@ -154,12 +161,6 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     from .cluster import cluster_cpus, init_ray
     from .run_identity import storage_path
 
-    for need in (params.path("data", "manifest.json"), params.path("models", "source.pt")):
-        if not need.is_file():
-            raise StageError(f"tl tune needs {need}, which does not exist: run the data and pretrain stages first "
-                             f"(`dvc repro pretrain`, or `tl run`)")
-    manifest = read_json(params.path("data", "manifest.json"))
-    _check_space(params, manifest)
     metric, mode = objective(params)
     name = experiment_name(params, manifest)
     storage = Path(storage_path(params)) / "tune"

@@ -44,6 +44,23 @@ def test_bad_search_space_is_refused_before_any_work(tmp_path, override, says):
         _params(tmp_path, override)
 
 
+def test_a_space_the_data_cannot_run_is_refused_with_the_fix(tmp_path, monkeypatch):
+    from tasks.stage import StageError
+    from tasks.tune import _check_space, tune
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match="run the data and pretrain stages first"):
+        tune(_params(tmp_path))  # no data/manifest.json, no models/source.pt
+    digits = [str(d) for d in range(10)]
+    manifest = {"source": {"name": "synth_digits", "classes": digits}, "target": {"name": "optdigits", "classes": digits}}
+    _check_space(_params(tmp_path, "data.labels_per_class=0", "tune.strategies=[mcc, semi]"), manifest)
+    with pytest.raises(ParamsError, match="tune.strategies lists 'finetune', which cannot run here"):
+        _check_space(_params(tmp_path, "data.labels_per_class=0", "tune.strategies=[mcc, finetune]"), manifest)
+    manifest["target"]["classes"] = ["a", "b"]  # other classes: only a new head can learn them
+    with pytest.raises(ParamsError, match="'mcc', which cannot run here"):
+        _check_space(_params(tmp_path, "tune.strategies=[finetune, mcc]"), manifest)
+
+
 @pytest.fixture()
 def project(tmp_path, monkeypatch):
     """A project with its data stage run (tiny synthetic source, the embedded target) and a source model."""
