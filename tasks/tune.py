@@ -133,10 +133,14 @@ def trial(config: dict, params: Params, root: str, metric: str, threads: int) ->
 
 
 def experiment_name(params: Params, manifest: dict) -> str:
-    """``tune-<hash>`` of the params a trial reads, the data and the code: a changed space starts a new one."""
+    """``tune-<hash>`` of the params a trial reads, the data and the code: a changed space starts a new one. The
+    finetune values a trial replaces (strategy, lr, strategy_params) are left out, so ``--apply`` writing the
+    best into params.yaml does not turn the finished search into a new one."""
     from .run_identity import code_hash
 
-    blob = json.dumps({"params": params.model_dump(exclude={"register", "evaluate", "compress"}),
+    exclude = {"register": True, "evaluate": True, "compress": True,
+               "finetune": {"strategy", "lr", "strategy_params", "epochs"}}
+    blob = json.dumps({"params": params.model_dump(exclude=exclude),
                        "data": {r: manifest[r]["splits"] for r in ("source", "target")}, "code": code_hash("tune")},
                       sort_keys=True, default=str)
     return f"tune-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -163,8 +167,8 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
 
     metric, mode = objective(params)
     name = experiment_name(params, manifest)
-    storage = Path(storage_path(params)) / "tune"
-    path = storage / name
+    storage = storage_path(params).rstrip("/") + "/tune"  # a local folder or a URI (s3://...)
+    path = f"{storage}/{name}"
     grid = space(params)
     say(f"tune: {len(grid)} trial(s) of up to {params.tune.epochs} epoch(s), objective {metric} ({mode}), "
         f"experiment {path}")
@@ -176,12 +180,12 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     fn = rt.with_resources(rt.with_parameters(trial, params=params, root=str(Path.cwd().resolve()), metric=metric,
                                               threads=threads),
                            {"CPU": per_trial, **({"GPU": 1} if params.ray.use_gpu else {})})
-    if fresh and path.exists():
+    if fresh and "://" not in path and Path(path).exists():
         shutil.rmtree(path)
-    restored = rt.Tuner.can_restore(str(path))
+    restored = rt.Tuner.can_restore(path)
     if restored:
         say(f"tune: resuming {name}: finished trials are kept, unfinished ones go on from their last checkpoint")
-        tuner = rt.Tuner.restore(str(path), trainable=fn, resume_errored=True)
+        tuner = rt.Tuner.restore(path, trainable=fn, resume_errored=True)
     else:
         asha = ASHAScheduler(time_attr="training_iteration", max_t=params.tune.epochs,
                              grace_period=min(params.tune.grace_period, params.tune.epochs),
@@ -190,7 +194,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
                          tune_config=rt.TuneConfig(metric=metric, mode=mode, scheduler=asha,
                                                    max_concurrent_trials=params.tune.concurrent_trials,
                                                    reuse_actors=True),
-                         run_config=rt.RunConfig(name=name, storage_path=str(storage), verbose=verbose,
+                         run_config=rt.RunConfig(name=name, storage_path=storage, verbose=verbose,
                                                  checkpoint_config=rt.CheckpointConfig(num_to_keep=1),
                                                  failure_config=rt.FailureConfig(max_failures=params.ray.max_failures)))
     try:
@@ -203,7 +207,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     if not done:
         raise StageError(f"tl tune: no trial reported {metric}; first error: {errors[0]['error'] if errors else '?'}")
     best = (max if mode == "max" else min)(done, key=lambda t: t["objective"])
-    out = {"experiment": name, "path": str(path), "objective": metric, "mode": mode, "restored": restored,
+    out = {"experiment": name, "path": path, "objective": metric, "mode": mode, "restored": restored,
            "best": best["config"], "best_objective": best["objective"], "overrides": overrides(best["config"]),
            "trials": trials, "report": str(params.path("reports", "tune.json"))}
     out["mlflow_run_id"] = log_to_mlflow(params, out)

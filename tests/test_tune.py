@@ -113,7 +113,9 @@ def _kill_after_first_trial(root, sets) -> None:
 def test_tune_resumes_after_a_crash_logs_every_trial_and_applies_the_best(project):
     from tasks import cli
     from tasks.config import load_params
+    from tasks.files import read_json
     from tasks.tracking import client
+    from tasks.tune import experiment_name
 
     root, sets = project
     _kill_after_first_trial(root, sets)
@@ -148,3 +150,5 @@ def test_tune_resumes_after_a_crash_logs_every_trial_and_applies_the_best(projec
     assert (applied.finetune.strategy, applied.finetune.lr, applied.finetune.strategy_params) == (
         out["best"]["strategy"], out["best"]["lr"], out["best"]["strategy_params"])
     assert "# tl tune: a grid search" in (root / "params.yaml").read_text()  # comments kept
+    # the applied values are not part of the search's identity: the next `tl tune` finds the same experiment
+    assert experiment_name(load_params("params.yaml", sets), read_json("data/manifest.json")) == out["experiment"]
