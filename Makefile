@@ -32,9 +32,11 @@ bench: install
 	$(PY) -m bench.throughput
 	$(PY) -m bench.throughput --backbone resnet18
 	$(PY) -m bench.pipeline
+	$(PY) -m bench.selection
 
 bench-quick: install
 	$(PY) -m bench.transfer --quick
+	$(PY) -m bench.selection --quick
 
 # refresh the exact resolved versions after changing dependencies in pyproject.toml
 lock: install

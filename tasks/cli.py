@@ -178,9 +178,12 @@ def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIG
          source: bool = typer.Option(True, help="include the project's models/source.pt when it exists"),
          params: Path = typer.Option(Path("params.yaml"), help="params file"),
          set_: List[str] = typer.Option([], "-S", "--set", help="param overrides, e.g. -S data.labels_per_class=5"),
+         validator: str = typer.Option("snd", help="with 0 target labels: the label-free score to rank by "
+                                       "(entropy | im | snd | bnm)"),
          as_json: bool = typer.Option(False, "--json", help="print the ranking as JSON")):
     """Rank candidate source models / backbones for the target before training: LogME on their penultimate
-    features, LEEP and NCE on their source classifier, over the labeled target budget (never the test split)."""
+    features, LEEP and NCE on their source classifier, over the labeled target budget (never the test split);
+    with data.labels_per_class = 0, label-free validators of their predictions on the unlabeled target pool."""
     import json
 
     from .stage import StageError
@@ -188,10 +191,38 @@ def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIG
     from .rank import rank as do, table
 
     try:
-        r = do(load_params(params, set_), candidate, include_source=source)
+        r = do(load_params(params, set_), candidate, include_source=source, validator=validator)
     except (ParamsError, StageError, ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(json.dumps(r, indent=2) if as_json else table(r))
+
+
+@app.command()
+def tune(params: Path = typer.Option(Path("params.yaml"), help="params file"),
+         set_: List[str] = typer.Option([], "-S", "--set", help="param overrides, e.g. -S 'tune.lr=[0.001,0.01]'"),
+         apply: bool = typer.Option(False, "--apply", help="write the best configuration into params.yaml "
+                                    "(as `dvc exp apply`); without it the workspace is left as it is"),
+         fresh: bool = typer.Option(False, "--fresh", help="start the search over instead of resuming it"),
+         as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
+    """Search strategy x learning rate x strategy params (the `tune:` section) with Ray Tune and ASHA; the
+    objective is validation accuracy when data.val_per_class > 0, else the label-free tune.validator. Needs
+    the data and pretrain stages' outputs; resumes an interrupted search; every trial goes to MLflow."""
+    import json
+
+    from .config import ParamsError, load_params
+    from .stage import StageError
+    from .tune import table, tune as do
+
+    import contextlib
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: the JSON only
+            r = do(load_params(params, set_), fresh=fresh, apply_to=params if apply else None, verbose=0 if as_json else 1)
+    except (ParamsError, StageError) as e:
+        _fail(e)
+    typer.echo(json.dumps(r, indent=2) if as_json else table(r))
+    if apply:
+        typer.echo(f"params: applied {' '.join(r['overrides'])} to {params}", err=as_json)
 
 
 FORMATS = ("tsv", "csv", "json")

@@ -296,6 +296,58 @@ class Ray(_Section):
         return self
 
 
+
+VALIDATORS = ("entropy", "im", "snd", "bnm")  # label-free objectives of `tl tune` (tlcore.validators, no source data)
+
+
+class Tune(_Section):
+    """``tl tune``: the search space (a grid of strategy x learning rate x strategy params) and ASHA's budget."""
+    strategies: list[str] = Field(["semi", "mcc"], min_length=1)
+    lr: list[Annotated[float, Field(gt=0)]] = Field([0.001, 0.003], min_length=1)
+    strategy_params: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="per strategy, values to try for each of its params, e.g. "
+                                          "{mcc: {temperature: [2.0, 3.0]}}")
+    epochs: int = Field(4, ge=1, description="epochs per trial (ASHA's max_t); finetune.epochs is left alone")
+    validator: Literal[VALIDATORS] = Field(  # type: ignore[valid-type]
+        "snd", description="the objective when data.val_per_class = 0 (no labeled validation images)")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: keep the best 1/reduction_factor at each rung")
+    concurrent_trials: int = Field(1, ge=1, description="trials at once; each gets the cluster's CPUs / this")
+
+    @field_validator("strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from tlcore.strategies import list_strategies
+
+        bad = [s for s in v if s not in list_strategies()]
+        if bad:
+            raise ValueError(f"unknown strategy {', '.join(map(repr, bad))}; allowed: {', '.join(list_strategies())}")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a strategy twice; give each once")
+        return v
+
+    @model_validator(mode="after")
+    def _params_fit_strategies(self):
+        import itertools
+
+        from tlcore.strategies import create_strategy
+
+        for name, grid in self.strategy_params.items():
+            if name not in self.strategies:
+                raise ValueError(f"tune.strategy_params has values for {name!r}, which is not in tune.strategies "
+                                 f"({', '.join(self.strategies)}); add it there or remove its params")
+            for key, values in grid.items():
+                if not values:
+                    raise ValueError(f"tune.strategy_params.{name}.{key} is an empty list; give at least one value")
+            for combo in itertools.product(*grid.values()):
+                try:
+                    create_strategy(name, **dict(zip(grid, combo)))
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"tune.strategy_params.{name} = {dict(zip(grid, combo))} is not accepted by "
+                                     f"strategy {name!r} ({e}); use the names of its constructor's arguments") from None
+        return self
+
+
 # `register` is also the name of ABCMeta.register on the metaclass (instances are unaffected), so pydantic
 # warns, while it creates the class, that the field shadows it: silenced for that moment only.
 with warnings.catch_warnings():
@@ -310,6 +362,7 @@ with warnings.catch_warnings():
         compress: Compress = Compress()
         register: Register = Register()
         ray: Ray = Ray()
+        tune: Tune = Tune()
 
         @model_validator(mode="after")
         def _one_device_rule(self):

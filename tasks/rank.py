@@ -7,6 +7,12 @@ LEEP and NCE (:mod:`tlcore.transferability`). Candidates: the project's source m
 (``models/source.pt``, when pretrain has run) and every ``--candidate ARCH[:WEIGHTS]``: WEIGHTS is a
 file (a checkpoint saved by this project, or a state_dict) or a torchvision weights name read from the
 local torch cache; no WEIGHTS is random initialisation, the floor any real candidate should clear.
+
+With ``data.labels_per_class: 0`` there is nothing labeled to score on: each candidate with a classifier of its
+own is then scored label-free, by :mod:`tlcore.validators` (entropy, IM, SND, BNM) of its source-class predictions
+on the unlabeled target pool (up to :data:`POOL_IMAGES` images of the training split, labels unused), ranked by
+one of them (``validator``, default SND). That asks "how confidently and consistently does the source model
+cluster the target?", a weaker signal than LogME with labels; a candidate without a classifier gets no score.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from .config import EMBEDDED, Params
 from .plan import labels_per_class
 
 SOURCE = "source.pt"
+POOL_IMAGES = 2000  # unlabeled target images a label-free ranking reads
+LABEL_FREE = ("entropy", "im", "snd", "bnm")
 
 
 @dataclass
@@ -84,17 +92,17 @@ def _target_root(params: Params, tmp: Path) -> Path:
                                 test_fraction=params.data.target_test_fraction)
 
 
-def rank(params: Params, candidates: list[str], include_source: bool = True) -> dict:
-    """Score every candidate; returns ``{"rows": [...] best LogME first, "labeled": N, "labels_per_class": k}``."""
-    from tlcore import data, transferability, validators
+def rank(params: Params, candidates: list[str], include_source: bool = True, validator: str = "snd") -> dict:
+    """Score every candidate; returns ``{"rows": [...] best first, "labeled": N, "labels_per_class": k,
+    "score": the column the rows are ordered by}``. With 0 labels per class the rows hold the label-free
+    validators on the unlabeled pool, ordered by ``validator`` (see the module docstring)."""
+    from tlcore import data, models, transferability, validators
 
     set_torch_threads(params)
     device = device_for(params)
     k = labels_per_class(params)
-    if k == 0:
-        raise StageError("tl rank scores candidates on labeled target images, but data.labels_per_class is 0; "
-                         "give it some (e.g. -S data.labels_per_class=5): the label-free validators judge trained "
-                         "models, not candidates")
+    if k == 0 and validator not in LABEL_FREE:
+        raise StageError(f"--validator {validator!r}: choose one of {', '.join(LABEL_FREE)}")
     todo = [parse_candidate(t) for t in candidates]
     if include_source and params.path("models", SOURCE).is_file():
         todo.insert(0, Candidate(SOURCE, "", None))  # its architecture is read from the checkpoint
@@ -114,16 +122,27 @@ def rank(params: Params, candidates: list[str], include_source: bool = True) -> 
                 ds = data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt,
                                      resize=spec.resize_size, interpolation=spec.interpolation)
                 b = data.label_budget_split(ds.targets.numpy(), k, params.base.seed, params.data.val_per_class)
-                splits[key] = ds.subset(b.labeled)
-            labeled = splits[key]
-            labeled.transform = data.build_transform(spec, train=False, channels=channels)
-            loader = data.make_loader(labeled, params.evaluate.batch_size, train=False)
+                splits[key] = ds.subset(b.unlabeled if k == 0 else b.labeled)
+            images = splits[key]
+            images.transform = data.build_transform(spec, train=False, channels=channels)
+            loader = data.make_loader(images, params.evaluate.batch_size, train=False)
+            row = {"candidate": c.name, "arch": model.arch}
+            if k == 0:
+                feats, logits, _ = validators.features_and_logits(model, loader, device, limit=POOL_IMAGES)
+                free = validators.scores(logits) if has_head else {}
+                rows.append({**row, "features": int(feats.shape[1]), **{v: free.get(v) for v in LABEL_FREE}})
+                continue
             feats, logits, y = validators.features_and_logits(model, loader, device)
             s = transferability.scores(feats.numpy(), y.numpy(), logits.softmax(1).numpy() if has_head else None,
-                                       len(labeled.classes))
-            rows.append({"candidate": c.name, "arch": model.arch, "features": int(feats.shape[1]), **s})
+                                       len(images.classes))
+            rows.append({**row, "features": int(feats.shape[1]), **s})
+    if k == 0:
+        sign = 1 if validators.HIGHER_IS_BETTER[validator] else -1
+        rows.sort(key=lambda r: (r[validator] is None, -sign * (r[validator] or 0)))
+        return {"rows": rows, "labeled": 0, "unlabeled": min(len(images), POOL_IMAGES), "labels_per_class": 0,
+                "classes": len(images.classes), "score": validator}
     rows.sort(key=lambda r: -r["logme"])
-    return {"rows": rows, "labeled": len(labeled), "labels_per_class": k, "classes": len(labeled.classes)}
+    return {"rows": rows, "labeled": len(images), "labels_per_class": k, "classes": len(images.classes), "score": "logme"}
 
 
 def candidate_spec(c: "Candidate", model, params: Params):
@@ -146,12 +165,22 @@ def model_in_channels(model) -> int:
 
 def table(result: dict) -> str:
     """The ranking, for people: best LogME first; ``-`` where a score does not apply."""
-    cols = ["rank", "candidate", "arch", "features", "logme", "leep", "nce"]
+    free = result["labels_per_class"] == 0
+    cols = ["rank", "candidate", "arch", "features", *(LABEL_FREE if free else ("logme", "leep", "nce"))]
     fmt = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
     cells = [[str(i + 1)] + [fmt(r[c]) for c in cols[1:]] for i, r in enumerate(result["rows"])]
     widths = [max(len(c), *(len(t[i]) for t in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(t, widths)) for t in cells]
-    lines.append(f"{result['labeled']} labeled target images ({result['classes']} classes); higher is better for "
-                 f"every score. LEEP/NCE need the candidate's own source classifier (- without one).")
+    if free:
+        from tlcore.validators import HIGHER_IS_BETTER
+
+        v = result["score"]
+        lines.append(f"0 labeled target images: ranked label-free by {v} ({'higher' if HIGHER_IS_BETTER[v] else 'lower'}"
+                     f" is better) on {result['unlabeled']} unlabeled target images, from each candidate's own source-"
+                     f"class predictions (- without a classifier). Lower is better for entropy, higher for the others. "
+                     f"A hint only: with labels (-S data.labels_per_class=N) LogME ranks on the target's classes.")
+    else:
+        lines.append(f"{result['labeled']} labeled target images ({result['classes']} classes); higher is better for "
+                     f"every score. LEEP/NCE need the candidate's own source classifier (- without one).")
     return "\n".join(lines)

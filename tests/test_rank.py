@@ -1,5 +1,5 @@
 """`tl rank` on a tiny ImageFolder target: candidates load, the labeled budget is what finetune trains on,
-scores apply where they can, and a budget of 0 labels is refused with the fix."""
+scores apply where they can, and with 0 labels the candidates are ranked label-free on the unlabeled pool."""
 from __future__ import annotations
 
 import json
@@ -53,8 +53,6 @@ def test_rank_scores_each_candidate_on_the_labeled_budget(project):
     assert out.exit_code == 0 and "logme" in out.output and "12 labeled target images (3 classes)" in out.output  # auto: all of a user's labels
     out = run("--candidate", "nosuchnet")
     assert out.exit_code == 2 and "unknown architecture 'nosuchnet'" in out.output
-    out = run("--candidate", "tinycnn", "-S", "data.labels_per_class=0")
-    assert out.exit_code == 2 and "data.labels_per_class is 0" in out.output
     out = run()
     assert out.exit_code == 2 and "nothing to rank" in out.output
     save_checkpoint("models/source.pt", models.create("tinycnn", 10), [str(i) for i in range(10)], 1)
@@ -62,3 +60,35 @@ def test_rank_scores_each_candidate_on_the_labeled_budget(project):
     assert [(row["candidate"], row["arch"]) for row in r["rows"]] == [("source.pt", "tinycnn")]
     assert r["rows"][0]["leep"] is not None
     assert "source.pt" not in run("--no-source", "--candidate", "tinycnn").output
+
+
+def test_rank_with_no_labels_uses_a_label_free_validator_on_the_pool(project):
+    import torch
+
+    from tasks import cli
+    from tasks.checkpoints import save_checkpoint
+    from tasks.config import load_params
+    from tasks.rank import rank
+    from tlcore import models
+
+    sure, unsure = models.create("tinycnn", 7), models.create("tinycnn", 7)
+    with torch.no_grad():
+        unsure.head.weight.zero_()
+        unsure.head.bias.zero_()  # uniform predictions: maximal entropy, no information
+    for name, m in (("sure", sure), ("unsure", unsure)):
+        save_checkpoint(project / f"{name}.pt", m, [str(i) for i in range(7)], 1)
+    cands = [f"tinycnn:{project / 'unsure.pt'}", "tinycnn", f"tinycnn:{project / 'sure.pt'}"]
+    params = load_params("params.yaml", [f"data.target={project / 'tgt'}", "data.labels_per_class=0",
+                                         "evaluate.batch_size=4"])
+    for v in ("entropy", "im"):  # lower is better for entropy, higher for im: the confident head wins both
+        r = rank(params, cands, validator=v)
+        assert r["score"] == v and r["labeled"] == 0 and r["unlabeled"] == 12  # the whole train split, labels unused
+        assert [row["candidate"] for row in r["rows"]] == [cands[2], cands[0], cands[1]]  # no classifier: no score, last
+        assert r["rows"][-1]["snd"] is None and abs(r["rows"][1]["entropy"] - __import__("math").log(7)) < 1e-6
+
+    run = lambda *a: CliRunner().invoke(cli.app, ["rank", "-S", f"data.target={project / 'tgt'}", "-S",
+                                                  "data.labels_per_class=0", *(x for c in cands for x in ("--candidate", c)), *a])
+    out = run()
+    assert out.exit_code == 0 and "ranked label-free by snd" in out.output and "logme" not in out.output
+    out = run("--validator", "dev")
+    assert out.exit_code == 2 and "choose one of entropy, im, snd, bnm" in out.output

@@ -1,0 +1,239 @@
+"""Selection benchmark: how well label-free validators (and LogME) pick a model without target labels.
+
+On every embedded domain pair (``tlcore.datasets.PAIRS``) and seed, one source model is pretrained, then a
+pool of checkpoints is trained with no target labels: the unsupervised methods (dann, mcc, semi) x a grid of
+learning rates. Each checkpoint is scored by every validator of :mod:`tlcore.validators` on the unlabeled
+target pool (the target training split, labels unused; DEV also on a held-out tenth of the source, kept out
+of every training run) and by LogME on its features with 5 target labels per class (not label-free: the
+"few labels" reference). Its true accuracy is measured twice: on the pool with its labels (the quantity the
+validators are compared with: Kendall tau over the pair's checkpoints, and the regret of each validator's
+pick), and on the target test split (reported for the picks only). No choice in this file or in the
+pipeline's defaults reads the test split; it is only reported.
+
+Regret of a validator on one (pair, seed): accuracy of the oracle-best checkpoint minus that of the
+checkpoint the validator picks. The table also gives the fixed default (``semi`` at lr 3e-3, what
+``finetune.strategy: auto`` trains with the default ``finetune.lr``) and ``source_only`` (no adaptation).
+
+    python -m bench.selection            # every pair, 3 seeds, 3 methods x 3 learning rates (about 45 min on 2 cores)
+    python -m bench.selection --quick    # one pair, 1 seed, 2 methods x 2 lrs, short schedules (< 3 min); bench_out/
+    python -m bench.selection --render   # rewrite the docs section from the saved results
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.docs import DOC, QUICK_DIR, machine, write_section
+from bench.transfer import optim_config
+from tasks.files import atomic_path
+
+METHODS = ["dann", "mcc", "semi"]
+LRS = [1e-3, 3e-3, 1e-2]
+DEFAULT = ("semi", 3e-3)  # finetune.strategy auto with one shared label set, at the default finetune.lr
+VALIDATORS = ["entropy", "im", "snd", "bnm", "dev"]
+SCORES = VALIDATORS + ["logme"]  # logme reads LOGME_LABELS labels per class: the few-labels reference
+LOGME_LABELS = 5
+SECTION = "selection"
+
+
+def _score_checkpoint(model, pool, source_heldout, logme_idx, test_loader, batch: int = 256) -> dict:
+    """Validators, LogME, pool accuracy and test accuracy of one trained model."""
+    from tlcore import data, transferability, validators
+    from tlcore.metrics import accuracy
+
+    model.eval()
+    feats, logits, y = validators.features_and_logits(model, data.make_loader(pool, batch, train=False))
+    src = validators.features_and_logits(model, data.make_loader(source_heldout, batch, train=False))
+    s = validators.scores(logits, src, feats)
+    s["logme"] = transferability.logme(feats[logme_idx].numpy(), y[logme_idx].numpy(), 10)
+    return {**s, "pool_accuracy": float((logits.argmax(1) == y).float().mean()),
+            "test_accuracy": accuracy(model, test_loader)}
+
+
+def run(args) -> dict:
+    from tasks.training import TrainJob, job_streams, run_job
+    from tlcore import data, datasets, models
+    from tlcore.strategies import strategy_class
+
+    spec = models.get_spec("smallcnn")
+    eval_tf = data.build_transform(spec, train=False)
+    pairs = [(s, t) for s, t, _ in datasets.PAIRS][:1 if args.quick else None]
+    seeds = list(range(1 if args.quick else args.seeds))
+    methods, lrs = (["mcc", "semi"], [1e-3, 3e-3]) if args.quick else (METHODS, LRS)
+    epochs, steps = (2, 10) if args.quick else (args.epochs, args.steps)
+    pre_epochs = 3 if args.quick else 6
+    settings = {"quick": args.quick, "epochs": epochs, "steps": steps, "pretrain_epochs": pre_epochs,
+                "synth_per_class": args.synth_per_class, "methods": methods, "lrs": lrs, "seeds": seeds}
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if args.resume and out.is_file() else {}
+    if saved and saved["settings"] != settings:
+        raise SystemExit(f"--resume: {out} was made with {saved['settings']}, not {settings}")
+    # rows[pair][seed] = {"source_only": {...}, "checkpoints": [{"method", "lr", scores...}]}; saved after each
+    rows: dict = saved.get("rows", {})
+    t0, wall0 = time.time(), saved.get("wall_s", 0.0)
+
+    def save():
+        state = {"settings": settings, "rows": rows, "wall_s": wall0 + time.time() - t0}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(state, indent=1))
+        return state
+
+    def train(job):
+        return run_job(job, "cpu", log=None)[0]
+
+    for source, target in pairs:
+        key = f"{source}->{target}"
+        for seed in seeds:
+            cell = rows.setdefault(key, {}).setdefault(str(seed), {"checkpoints": []})
+            src_all, pool, test = datasets.domain_task(spec, source, target, args.synth_per_class, seed=seed)
+            perm = np.random.default_rng(seed).permutation(len(src_all))
+            cut = len(src_all) // 10  # a tenth of the source held out of every run, for DEV
+            src_ds, src_held = src_all.subset(perm[cut:]), src_all.subset(perm[:cut], transform=eval_tf)
+            pool_eval = pool.subset(np.arange(len(pool)), transform=eval_tf)
+            logme_idx = data.label_budget_split(pool.targets.numpy(), LOGME_LABELS, seed).labeled
+            test_loader = data.make_loader(test, 512, train=False)
+            score = lambda m: _score_checkpoint(m, pool_eval, src_held, logme_idx, test_loader)
+            print(f"== {key} seed {seed}: pretraining the source model", flush=True)
+            src = train(TrainJob("smallcnn", 10, "scratch", optim_config(pre_epochs, None, 128), seed, labeled=src_ds))
+            if "source_only" not in cell:
+                cell["source_only"] = score(src)
+            state = {k: v.clone() for k, v in src.state_dict().items()}
+            done = {(c["method"], c["lr"]) for c in cell["checkpoints"]}
+            for m in methods:
+                for lr in lrs:
+                    if (m, lr) in done:
+                        continue
+                    t = time.time()
+                    cls = strategy_class(m)
+                    job = TrainJob("smallcnn", 10, m, optim_config(epochs, steps, 64, lr=lr), seed, init_state=state,
+                                   **job_streams(cls, source=src_ds, unlabeled=pool))
+                    r = {"method": m, "lr": lr, **score(train(job)), "seconds": time.time() - t}
+                    cell["checkpoints"].append(r)
+                    print(f"  {m:<5} lr={lr:<6g} pool acc {r['pool_accuracy']:.4f} test acc {r['test_accuracy']:.4f} "
+                          f"snd {r['snd']:.3f} ({r['seconds']:.0f} s)", flush=True)
+                    save()
+            save()
+    return save()
+
+
+def summarise(state: dict) -> dict:
+    """Kendall tau per pair and score, and per-(pair, seed) picks: ``{"tau": {pair: {score: tau}}, "regret": ...}``."""
+    from scipy.stats import kendalltau
+
+    from tlcore.validators import HIGHER_IS_BETTER
+
+    better = {**HIGHER_IS_BETTER, "logme": True}
+    tau, picks = {}, {}
+    for pair, by_seed in state["rows"].items():
+        cks = [c for cell in by_seed.values() for c in cell["checkpoints"]]
+        acc = [c["pool_accuracy"] for c in cks]
+        tau[pair] = {}
+        for s in SCORES:
+            vals = [c[s] for c in cks]
+            ok = [i for i, v in enumerate(vals) if v is not None and np.isfinite(v)]
+            t = kendalltau([vals[i] if better[s] else -vals[i] for i in ok], [acc[i] for i in ok]).statistic if len(ok) > 2 else None
+            tau[pair][s] = None if t is None or not np.isfinite(t) else float(t)
+        picks[pair] = []
+        for seed, cell in by_seed.items():
+            c = cell["checkpoints"]
+            if not c:
+                continue
+            row = {"seed": seed, "oracle": max(c, key=lambda x: x["pool_accuracy"]), "source_only": cell["source_only"]}
+            row["default"] = next((x for x in c if (x["method"], x["lr"]) == DEFAULT), None)
+            for s in SCORES:
+                cand = [x for x in c if x[s] is not None and np.isfinite(x[s])]
+                row[s] = (max if better[s] else min)(cand, key=lambda x: x[s]) if cand else None
+            picks[pair].append(row)
+    return {"tau": tau, "picks": picks}
+
+
+def _mean(rows, who, metric):
+    vals = [r[who][metric] for r in rows if r.get(who) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def render(state: dict, dest: Path) -> str:
+    s = summarise(state)
+    st = state["settings"]
+    f = lambda v: "–" if v is None else f"{v:+.2f}"
+    pct = lambda v: "–" if v is None else f"{v * 100:.1f}"
+    pairs = list(s["tau"])
+    cmd = "python -m bench.selection" + (" --quick" if st["quick"] else "")
+    lines = ["## Selection without target labels", "",
+             f"`{cmd}`: per pair, {len(st['seeds'])} seed(s) x methods {', '.join(st['methods'])} x learning rates "
+             f"{', '.join(f'{x:g}' for x in st['lrs'])}, no target labels, {st['epochs']} epochs x {st['steps']} "
+             f"steps each from a source model pretrained for {st['pretrain_epochs']} epochs. Validators score each "
+             f"checkpoint on the unlabeled target pool (the target training split, labels unused); LogME uses "
+             f"{LOGME_LABELS} labels per class of that pool (a few-labels reference, not label-free). \"Accuracy\" is "
+             f"on that pool with its labels (never used to train); the target test split is only reported, for the "
+             f"picks. Wall time {state['wall_s'] / 60:.1f} min on {machine()}.", "",
+             "Kendall τ between each score (signed so that larger should mean better) and accuracy, over a pair's "
+             "checkpoints; a negative τ means the score points the wrong way there:", "",
+             "| score | " + " | ".join(pairs) + " | mean |", "|---" * (len(pairs) + 2) + "|"]
+    for sc in SCORES:
+        vals = [s["tau"][p][sc] for p in pairs]
+        ok = [v for v in vals if v is not None]
+        flag = " (fails: τ < 0 somewhere)" if any(v < 0 for v in ok) else ""
+        lines.append(f"| {sc}{flag} | " + " | ".join(f(v) for v in vals) + f" | {f(np.mean(ok) if ok else None)} |")
+    lines += ["", "Pool accuracy (%) of the checkpoint each picks, mean over seeds, and its regret (oracle minus pick, "
+              "points); test accuracy of the pick in brackets:", "",
+              "| pair | oracle | default (semi, 3e-3) | source_only | " + " | ".join(SCORES) + " |",
+              "|---" * (len(SCORES) + 4) + "|"]
+    regret = {sc: [] for sc in SCORES + ["default", "source_only"]}
+    for p in pairs:
+        rows = s["picks"][p]
+        oracle = _mean(rows, "oracle", "pool_accuracy")
+        cells = []
+        for who in ["default", "source_only"] + SCORES:
+            a, t = _mean(rows, who, "pool_accuracy"), _mean(rows, who, "test_accuracy")
+            if a is None:
+                cells.append("–")
+                continue
+            regret[who].append((oracle - a) * 100)
+            cells.append(f"{pct(a)} (−{(oracle - a) * 100:.1f}) [{pct(t)}]")
+        lines.append(f"| {p} | {pct(oracle)} [{pct(_mean(rows, 'oracle', 'test_accuracy'))}] | " + " | ".join(cells) + " |")
+    mean_regret = {k: float(np.mean(v)) for k, v in regret.items() if v}
+    label_free = {k: v for k, v in mean_regret.items() if k in VALIDATORS}
+    best = min(label_free, key=label_free.get) if label_free else None
+    if best:
+        so_worse = [p for p in pairs if (_mean(s["picks"][p], best, "pool_accuracy") or 0)
+                    < (_mean(s["picks"][p], "source_only", "pool_accuracy") or 0)]
+        lines += ["", "Mean regret (points): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(mean_regret.items(), key=lambda kv: kv[1])) + ".",
+                  f"Best label-free validator here: **{best}** (mean regret {label_free[best]:.2f} points; goal ≤ 1); "
+                  + ("never below source_only." if not so_worse else f"below source_only on {', '.join(so_worse)}.")]
+    text = "\n".join(lines)
+    write_section(SECTION, text, dest / DOC.name)
+    return text
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one pair, 1 seed, 2 methods x 2 lrs, short schedules")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--synth-per-class", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--out", default=None, help="results JSON (default docs/selection_benchmark.json; "
+                                                "bench_out/ with --quick)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
+    ap.add_argument("--resume", action="store_true", help="keep the checkpoints already scored (same settings)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.synth_per_class = min(args.synth_per_class, 100)
+    dest = QUICK_DIR if args.quick else DOC.parent
+    args.out = args.out or str(dest / "selection_benchmark.json")
+    if args.render:
+        state = json.loads(Path(args.out).read_text())
+        dest = QUICK_DIR if state["settings"]["quick"] else DOC.parent
+    else:
+        state = run(args)
+    print(render(state, dest))
+
+
+if __name__ == "__main__":
+    main()
