@@ -247,17 +247,26 @@ def reproduce(spec: str = typer.Argument(..., help="NAME/VERSION or NAME@alias, 
 
 @app.command()
 def predict(paths: List[Path] = typer.Argument(..., help="image files, folders (searched recursively) or quoted globs"),
-            name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion"),
+            name: Optional[str] = typer.Option(None, help="registered model name (default: register.model_name)"),
+            alias: str = typer.Option("champion"),
+            model: Optional[str] = typer.Option(None, "--model", help="the version to use: NAME@ALIAS, NAME/VERSION, "
+                                                "@ALIAS or VERSION (default: --name's --alias, the champion)"),
             top_k: int = typer.Option(1, "--top-k", min=1, help="the K most likely classes with their probabilities"),
             fmt: str = typer.Option("tsv", "--format", help="tsv | csv (with a header) | json (one object per line)")):
-    """Classify images with the champion (or another alias), printing each result as it is computed; files that
-    cannot be read are listed at the end (exit status 1)."""
-    from .registry import predict as do
+    """Classify images with the champion (or another alias or version: --model), printing each result as it is
+    computed; files that cannot be read are listed at the end (exit status 1)."""
+    from .registry import RegistryError, parse_model, predict as do
 
     if fmt not in FORMATS:
         _fail(ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}"))
+    version = None
+    if model is not None:
+        try:
+            name, alias, version = parse_model(model, name or _model_name(None))
+        except RegistryError as e:
+            _fail(e)
     failed, header = [], fmt == "csv"
-    for r in do(paths, _model_name(name), alias, top_k):
+    for r in do(paths, _model_name(name), alias, top_k, version=version):
         if "error" in r:
             failed.append(r["error"])
             continue
