@@ -41,8 +41,13 @@ def run(
     force: bool = typer.Option(False, help="rerun every stage even if nothing changed"),
     push: bool = typer.Option(True, help="push data and models to the DVC remote afterwards"),
     prefect: bool = typer.Option(False, "--prefect", help="run as the Prefect flow (retries, artifacts, UI)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show everything Ray prints (also: TL_VERBOSE=1); by default "
+                                 "one line per epoch and one per stage"),
 ):
     """Run the whole pipeline with `dvc repro` (only stages whose inputs changed run)."""
+    from .console import set_verbose
+
+    set_verbose(verbose)  # the stages DVC or Prefect start read it from the environment
     p = _checked(params, set_)
     from .lock import ProjectLocked, project_lock
     from .tracking import project_root
