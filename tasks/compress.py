@@ -10,7 +10,7 @@ from .config import Params
 from .domains import load_domain
 from .files import atomic_path, write_json
 from .hardware import device_for, resolve_precision, set_torch_threads
-from .report import table
+from .report import pct, table
 from .stage import say, stage_main
 from .training import target_splits
 
@@ -59,6 +59,7 @@ def compress(params: Params) -> dict:
         r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
     out = {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in rows}
     write_json(params.path("reports", "compress.json"), out)
+    say("compress: " + ", ".join(f"{r['variant']} {pct(r['accuracy'])} {r['size_mb']:.2f} MB" for r in rows))
     md = ["# Compression trade-offs", "", "Fine-tuned model and its compressed variants on the target test split "
           "(CPU, batch-1 latency; throughput at batch 256).", "",
           table(rows, ["variant", "accuracy", "accuracy_drop", "size_mb", "size_ratio", "latency_ms_p50",

@@ -59,7 +59,7 @@ def pct(v: float | None) -> str:
 
 def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+        return f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))  # None: does not apply
 
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
