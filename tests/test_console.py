@@ -88,3 +88,29 @@ def test_report_draws_no_empty_validation_panel(tmp_path):
     with_val = [{**h, "val_accuracy": 0.5} for h in hist]
     assert training_curves({"finetune": with_val, "pretrain": hist}, tmp_path / "b.png") == 2
     assert (tmp_path / "a.png").stat().st_size > 1000 and pct(None) == "n/a" and pct(0.7648147940635681) == "76.5 %"
+
+
+def test_verbose_flags_reach_the_stages(tmp_path, monkeypatch):
+    """`python -m tasks.<stage> --verbose` and `tl run --verbose` set TL_VERBOSE for the stage (and every stage
+    DVC or Prefect starts from there)."""
+    import os
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from helpers import ROOT
+    from tasks import cli
+    from tasks.stage import stage_main
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    seen = []
+    stage_main(lambda p: seen.append(console.verbose()), [], load=lambda path, overrides: None)
+    stage_main(lambda p: seen.append(console.verbose()), ["--verbose"], load=lambda path, overrides: None)
+    assert seen == [False, True]
+    monkeypatch.delenv(console.VERBOSE_ENV)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_dvc", lambda *args, **kw: seen.append((args[0], os.environ.get(console.VERBOSE_ENV))) or 0)
+    r = CliRunner().invoke(cli.app, ["run", "--verbose"])
+    assert r.exit_code == 0, r.output
+    assert seen[2:] == [("repro", "1"), ("push", "1")]
