@@ -8,7 +8,6 @@ from .config import Params
 from .distributed import run_job_ray
 from .files import read_json, write_json
 from .plan import budget_text, labels_per_class, plan
-from .report import pct
 from .stage import say, stage_main
 from .training import target_job
 
@@ -31,7 +30,7 @@ def finetune(params: Params) -> dict:
     val = last.get("val_accuracy")
     say(f"finetune: {job.strategy} done in {time.perf_counter() - t0:.0f} s" + (
         f", last epoch loss {last['train_loss']:.3f}" if "train_loss" in last else "") + (
-        f", validation accuracy {pct(val)}" if val is not None else ""))
+        f", validation accuracy {val * 100:.1f} %" if val is not None else ""))
     save_checkpoint(params.path("models", "finetuned.pt"), model, classes, models.get_spec(job.arch).default_in_channels,
                     {"stage": "finetune", "strategy": job.strategy})
     summary = {"strategy": job.strategy, "strategy_requested": choice.requested, "strategy_why": choice.why,
