@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import Params
+from .console import EpochLine
 from .domains import load_domain
 from .files import atomic_path, write_json
 from .hardware import device_for, resolve_precision, set_torch_threads
@@ -88,7 +89,7 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
                        seed=params.base.seed, precision=precision)
     loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed) if len(labeled) else None,
                       unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
-    Trainer(net, strat, tcfg, loaders, device=device).fit()
+    Trainer(net, strat, tcfg, loaders, device=device, callbacks=[EpochLine("compress", epochs, say)], log=None).fit()
     return net.model.cpu().eval()
 
 
