@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -153,4 +152,11 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     # source_only applies only when the source classifier knows the target's classes
     assert (m["source_only_accuracy"] is not None) == same
     assert ("source_only n/a" in out) == (not same) and "None" not in out
-    assert 0 <= m["accuracy"] <= 1 and os.path.getsize(project / "reports" / "report.md") > 0
+    assert 0 <= m["accuracy"] <= 1
+    free = {k: v for k, v in m.items() if k.startswith("val_free_")}
+    assert set(free) == {"val_free_entropy", "val_free_im", "val_free_snd", "val_free_bnm", "val_free_dev"}
+    assert (free.pop("val_free_dev") is None) == (not same)  # DEV needs the source's classes
+    assert all(isinstance(v, float) for v in free.values())
+    report = (project / "reports" / "report.md").read_text()
+    assert f"strategy `{want}`, target labels: {said} ({ft['labeled']} labeled target images)" in report
+    assert ("Transfer gain over source_only" if budget == 0 else "Transfer gain over scratch") in report
