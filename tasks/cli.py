@@ -41,8 +41,13 @@ def run(
     force: bool = typer.Option(False, help="rerun every stage even if nothing changed"),
     push: bool = typer.Option(True, help="push data and models to the DVC remote afterwards"),
     prefect: bool = typer.Option(False, "--prefect", help="run as the Prefect flow (retries, artifacts, UI)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show everything Ray prints (also: TL_VERBOSE=1); by default "
+                                 "one line per epoch and one per stage"),
 ):
     """Run the whole pipeline with `dvc repro` (only stages whose inputs changed run)."""
+    from .console import set_verbose
+
+    set_verbose(verbose)  # the stages DVC or Prefect start read it from the environment
     p = _checked(params, set_)
     from .lock import ProjectLocked, project_lock
     from .tracking import project_root
@@ -278,17 +283,26 @@ def reproduce(spec: str = typer.Argument(..., help="NAME/VERSION or NAME@alias, 
 
 @app.command()
 def predict(paths: List[Path] = typer.Argument(..., help="image files, folders (searched recursively) or quoted globs"),
-            name: Optional[str] = typer.Option(None), alias: str = typer.Option("champion"),
+            name: Optional[str] = typer.Option(None, help="registered model name (default: register.model_name)"),
+            alias: str = typer.Option("champion"),
+            model: Optional[str] = typer.Option(None, "--model", help="the version to use: NAME@ALIAS, NAME/VERSION, "
+                                                "@ALIAS or VERSION (default: --name's --alias, the champion)"),
             top_k: int = typer.Option(1, "--top-k", min=1, help="the K most likely classes with their probabilities"),
             fmt: str = typer.Option("tsv", "--format", help="tsv | csv (with a header) | json (one object per line)")):
-    """Classify images with the champion (or another alias), printing each result as it is computed; files that
-    cannot be read are listed at the end (exit status 1)."""
-    from .registry import predict as do
+    """Classify images with the champion (or another alias or version: --model), printing each result as it is
+    computed; files that cannot be read are listed at the end (exit status 1)."""
+    from .registry import RegistryError, parse_model, predict as do
 
     if fmt not in FORMATS:
         _fail(ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}"))
+    version = None
+    if model is not None:
+        try:
+            name, alias, version = parse_model(model, name or _model_name(None))
+        except RegistryError as e:
+            _fail(e)
     failed, header = [], fmt == "csv"
-    for r in do(paths, _model_name(name), alias, top_k):
+    for r in do(paths, _model_name(name), alias, top_k, version=version):
         if "error" in r:
             failed.append(r["error"])
             continue

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from .checkpoints import load_checkpoint, save_checkpoint
 from .config import Params
+from .console import EpochLine
 from .domains import load_domain
 from .pixels import spec_from_meta
 from .files import atomic_path, write_json
 from .hardware import device_for, resolve_precision, set_torch_threads
-from .report import table
+from .report import pct, table
 from .stage import say, stage_main
 from .training import target_splits
 
@@ -60,6 +61,7 @@ def compress(params: Params) -> dict:
         r["accuracy_drop"] = base["accuracy"] - r["accuracy"]
     out = {r["variant"]: {k: v for k, v in r.items() if k != "variant"} for r in rows}
     write_json(params.path("reports", "compress.json"), out)
+    say("compress: " + ", ".join(f"{r['variant']} {pct(r['accuracy'])} {r['size_mb']:.2f} MB" for r in rows))
     md = ["# Compression trade-offs", "", "Fine-tuned model and its compressed variants on the target test split "
           "(CPU, batch-1 latency; throughput at batch 256).", "",
           table(rows, ["variant", "accuracy", "accuracy_drop", "size_mb", "size_ratio", "latency_ms_p50",
@@ -88,7 +90,7 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
                        seed=params.base.seed, precision=precision)
     loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed) if len(labeled) else None,
                       unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
-    Trainer(net, strat, tcfg, loaders, device=device).fit()
+    Trainer(net, strat, tcfg, loaders, device=device, callbacks=[EpochLine("compress", epochs, say)], log=None).fit()
     return net.model.cpu().eval()
 
 

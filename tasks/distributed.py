@@ -26,6 +26,7 @@ import os
 
 from .cluster import cluster_cpus, init_ray
 from .config import Params, ParamsError
+from .console import EpochLine, ray_env, train_logging_config, verbose
 from .hardware import worker_cpus
 from .probes import WORKER_LOG_ENV, Fault, FaultInjector, WorkerLog
 from .run_checkpoints import RayReport, load_state, resume_state
@@ -63,12 +64,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     callbacks = [WorkerLog(config["worker_log_dir"], rank, shard)] if config.get("worker_log_dir") else []
     callbacks += [FaultInjector(config["fault"], rank)] if config.get("fault") else []
-    callbacks.append(RayReport(rank, config.get("local_dir")))
     stage = config.get("stage", "train")
+    callbacks += [EpochLine(stage, job.optim.epochs, say)] if rank == 0 else []  # one line per epoch, from rank 0
+    callbacks.append(RayReport(rank, config.get("local_dir")))
     trainer = build_trainer(job, device, callbacks=callbacks,
                             wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
                             loader_hook=hook, replicas=world, rank=rank, sync_batchnorm=use_sync_batchnorm(device.type, world),
-                            log=(lambda s: say(f"[{stage} w{rank}] {s}")) if rank == 0 else None)
+                            log=None)
     if rank == 0:
         say(f"[{stage}] training on {device}, {world} worker(s) x {torch.get_num_threads()} thread(s), precision {why}")
     state = resume_state(ray.train.get_checkpoint(), config.get("run_dir"))
@@ -124,6 +126,7 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict, *, fa
         raise ParamsError("ray.use_gpu = true with ray.num_workers = 0 trains in this process, which sees no CUDA "
                           "device; run it on a GPU machine, set ray.num_workers >= 1 to train on a GPU cluster's "
                           "workers, or set ray.use_gpu: false.")
+    ray_env()
     if rc.num_workers > 0:
         init_ray(params)
     name, storage, local_run_dir = resolve_run(stage, params, manifest)
@@ -138,9 +141,10 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict, *, fa
                            "local_dir": str(local_run_dir / "local") if rc.num_workers == 0 and local_run_dir else None},
         scaling_config=ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=rc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=train_logging_config()),
     )
-    say(f"{stage}: Ray Train run {name!r} ({rc.num_workers or 'local mode, 0'} worker(s), storage {storage})")
+    if verbose():
+        say(f"{stage}: Ray Train run {name!r} ({rc.num_workers or 'local mode, 0'} worker(s), storage {storage})")
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint; see the log above.")

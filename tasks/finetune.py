@@ -1,6 +1,8 @@
 """Stage ``finetune``: transfer the source model to the target with the configured strategy."""
 from __future__ import annotations
 
+import time
+
 from .checkpoints import save_checkpoint
 from .config import Params
 from .distributed import run_job_ray
@@ -21,7 +23,13 @@ def finetune(params: Params) -> dict:
     n_labeled = len(job.labeled) if job.labeled is not None else 0  # None: a strategy without the target stream
     say(f"finetune: strategy {choice.describe()} on {n_labeled} labeled target images ({budget_text(k)}), "
         f"{params.finetune.epochs} epochs")
+    t0 = time.perf_counter()
     model, history, info = run_job_ray(job, params, "finetune", manifest)
+    last = history[-1] if history else {}
+    val = last.get("val_accuracy")
+    say(f"finetune: {job.strategy} done in {time.perf_counter() - t0:.0f} s" + (
+        f", last epoch loss {last['train_loss']:.3f}" if "train_loss" in last else "") + (
+        f", validation accuracy {val * 100:.1f} %" if val is not None else ""))
     save_checkpoint(params.path("models", "finetuned.pt"), model, classes, job.in_channels,
                     {"stage": "finetune", "strategy": job.strategy}, spec=input_spec(params, job.arch, manifest))
     summary = {"strategy": job.strategy, "strategy_requested": choice.requested, "strategy_why": choice.why,

@@ -86,8 +86,8 @@ def decide(rules: Register, accuracy: float, champion: Paired | str | None = Non
     alpha, reasons, ok = rules.significance, [], True
     good = accuracy >= rules.min_accuracy
     ok &= good
-    reasons.append(f"{'pass' if good else 'FAIL'}: accuracy {accuracy:.4f} {'>=' if good else '<'} "
-                   f"min_accuracy {rules.min_accuracy}")
+    reasons.append(f"{'pass' if good else 'FAIL'}: accuracy {_pt(accuracy)} {'>=' if good else '<'} "
+                   f"min_accuracy {_pt(rules.min_accuracy)}")
     p_champ = None
     cv = f"champion v{champion_version}" if champion_version else "champion"
     if champion is None:

@@ -80,7 +80,8 @@ def refresh(name: str, c=None) -> dict:
                      "git": (t.get("git_commit") or "")[:8], "created": time.strftime(
                          "%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000))})
     snap = {"rows": sorted(rows, key=lambda r: r["version"]),
-            "aliases": {a: {"version": str(v), **sources.get(str(v), {})} for a, v in aliases.items()}}
+            "aliases": {a: {"version": str(v), **sources.get(str(v), {})} for a, v in aliases.items()},
+            "versions": {v: {"version": v, **src} for v, src in sources.items()}}
     root = _cache_root(uri)
     if root is not None and sig is not None:
         try:
@@ -112,7 +113,7 @@ def _snapshot(name: str) -> dict:
         f = root / "registry" / f"{name}.json"
         try:
             cached = json.loads(f.read_text())
-            if cached.get("signature") == sig:
+            if cached.get("signature") == sig and "versions" in cached:  # a listing cached before versions were kept
                 return cached
         except (OSError, ValueError):
             pass
@@ -183,6 +184,32 @@ def load_alias(name: str, alias: str = "champion"):
     entry = _snapshot(name)["aliases"].get(alias)
     if entry is None:
         raise RegistryError(f"{name} has no version with alias {alias!r}; see `tl models`.")
+    return load_checkpoint(_model_file(name, entry))
+
+
+def parse_model(spec: str, default_name: str) -> tuple[str, str | None, int | None]:
+    """``tl predict --model``: ``NAME@ALIAS``, ``NAME/VERSION``, ``@ALIAS`` or ``VERSION`` (the default model name)
+    -> ``(name, alias, version)``, one of alias and version set."""
+    name, sep, rest = spec.rpartition("@") if "@" in spec else spec.rpartition("/")
+    name = name or default_name
+    if sep == "@" and rest and "/" not in rest:
+        return name, rest, None
+    if rest.isdigit() and int(rest) > 0 and "@" not in name:
+        return name, None, int(rest)
+    raise RegistryError(f"--model {spec!r}: give NAME@ALIAS (digits-transfer@champion), NAME/VERSION "
+                        f"(digits-transfer/3), @ALIAS or a version number; see `tl models` for what is registered.")
+
+
+def load_model(name: str, alias: str | None = "champion", version: int | None = None):
+    """``(model, meta)`` of ``name@alias`` or of version ``version`` (when given), from the checked local model
+    cache when it holds that version (:func:`load_alias`)."""
+    if version is None:
+        return load_alias(name, alias or "champion")
+    from .checkpoints import load_checkpoint
+
+    entry = _snapshot(name)["versions"].get(str(version))
+    if entry is None:
+        raise RegistryError(f"{name} has no version {version} in {tracking_uri()}; see `tl models`.")
     return load_checkpoint(_model_file(name, entry))
 
 
@@ -288,9 +315,10 @@ def classify(model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_siz
     yield from run(batch)
 
 
-def predict(paths: list[Path], name: str, alias: str = "champion", top_k: int = 1) -> Iterator[dict]:
-    """Classify image files, folders (recursively) or globs with the registered model ``name@alias``, streaming
-    one result per file (see :func:`classify`)."""
+def predict(paths: list[Path], name: str, alias: str | None = "champion", top_k: int = 1,
+            version: int | None = None) -> Iterator[dict]:
+    """Classify image files, folders (recursively) or globs with the registered model ``name@alias`` (or its
+    version ``version``), streaming one result per file (see :func:`classify`)."""
     import itertools
 
     from tlcore.images import IMG_EXTENSIONS
@@ -299,5 +327,5 @@ def predict(paths: list[Path], name: str, alias: str = "champion", top_k: int = 
     first = next(files, None)
     if first is None:
         raise RegistryError(f"no images found in {', '.join(map(str, paths))} ({', '.join(sorted(IMG_EXTENSIONS))}).")
-    model, meta = load_alias(name, alias)
+    model, meta = load_model(name, alias, version)
     return classify(model, meta, itertools.chain([first], files), top_k)

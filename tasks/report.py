@@ -13,18 +13,22 @@ def _plt():
     return plt
 
 
-def training_curves(histories: dict[str, list[dict]], path: Path) -> None:
+def training_curves(histories: dict[str, list[dict]], path: Path) -> int:
+    """Training loss per epoch, and validation accuracy next to it when any history has one (no empty panel
+    when there is no validation split). Returns the number of panels drawn."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    histories = {name: hist for name, hist in histories.items() if hist}
+    with_val = any("val_accuracy" in hist[0] for hist in histories.values())
+    fig, axes = plt.subplots(1, 2 if with_val else 1, figsize=(10 if with_val else 5.5, 3.6), squeeze=False)
+    axes = axes[0]
     for name, hist in histories.items():
-        if not hist:
-            continue
         ep = [h["epoch"] for h in hist]
         axes[0].plot(ep, [h["train_loss"] for h in hist], marker="o", label=name)
-        if "val_accuracy" in hist[0]:
+        if with_val and "val_accuracy" in hist[0]:
             axes[1].plot(ep, [h["val_accuracy"] for h in hist], marker="o", label=name)
     axes[0].set(title="training loss", xlabel="epoch")
-    axes[1].set(title="validation accuracy (held-out target train)", xlabel="epoch")
+    if with_val:
+        axes[1].set(title="validation accuracy (held-out target train)", xlabel="epoch")
     for ax in axes:
         if ax.lines:
             ax.legend()
@@ -32,6 +36,7 @@ def training_curves(histories: dict[str, list[dict]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return len(axes)
 
 
 def confusion_matrix_png(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
@@ -54,7 +59,7 @@ def pct(v: float | None) -> str:
 
 def table(rows: list[dict], cols: list[str]) -> str:
     def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+        return f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))  # None: does not apply
 
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]

@@ -27,7 +27,11 @@ def stage_main(fn: Callable[[Params], Any], argv: list[str] | None = None,
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    ap.add_argument("--verbose", action="store_true", help="show everything Ray prints (also: TL_VERBOSE=1)")
     args = ap.parse_args(argv)
+    from .console import set_verbose
+
+    set_verbose(args.verbose)
     try:
         fn(load(args.params, args.overrides))
     except (ParamsError, ValueError, FileNotFoundError, StageError) as e:

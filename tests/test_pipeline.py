@@ -177,6 +177,12 @@ def test_registry_cli_models_promote_rollback_predict(repo):
     preds = [line.split("\t") for line in out]
     assert all(p[1] in [str(i) for i in range(10)] and 0 < float(p[2]) <= 1 for p in preds)
     assert sum(p[1] == "3" for p in preds) > len(preds) / 2  # the champion mostly recognises threes
+    # another version than the champion, by number: downloaded from the registry and cached by version
+    # (python -m tasks.cli: the copy's code; the `tl` script imports the checkout it was installed from)
+    v1 = sh(sys.executable, "-m", "tasks.cli", "predict", "data/target/test/3", "--model", "digits-transfer/1",
+            cwd=repo).stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in v1] == [p[0] for p in preds]
+    assert list((repo / ".tlcache/models/digits-transfer").glob("v1-*/model.pt"))
 
 
 def test_tl_run_fails_loudly_when_the_push_fails(repo, tmp_path):

@@ -1,6 +1,7 @@
 """A user's own data, any label budget (tasks/plan.py): ``finetune.strategy: auto`` and ``data.labels_per_class: auto``
 resolve from the label sets, and a strategy the data cannot support is refused before any training, in
-``tl check``, ``tl run`` and the finetune stage. Tiny image folders; one in-process run of the target-side stages."""
+``tl check``, ``tl run`` and the finetune stage. Tiny image folders; the stages themselves run every combination in
+tests/test_matrix.py."""
 from __future__ import annotations
 
 import json
@@ -137,19 +138,6 @@ def _stage_project(project, tmp_path, target_classes=("cat", "dog")):
     return params
 
 
-def _in_process(monkeypatch):
-    """Ray Train's local mode runs the same loop; here it runs in-process (no Ray import in a unit test)."""
-    from tasks import baselines, finetune
-    from tasks.training import run_job
-
-    def run(job, params, stage, manifest):
-        model, history = run_job(job, "cpu", log=None)
-        return model, history, {}
-
-    monkeypatch.setattr(finetune, "run_job_ray", run)
-    monkeypatch.setattr(baselines, "run_job_ray", run)
-
-
 def test_finetune_stage_refuses_before_loading_data(project, tmp_path, monkeypatch):
     from tasks import finetune
 
@@ -160,34 +148,7 @@ def test_finetune_stage_refuses_before_loading_data(project, tmp_path, monkeypat
         finetune.finetune(params)
 
 
-def test_the_strategy_used_is_printed_and_recorded(project, tmp_path, monkeypatch, capsys):
-    """Different label sets, auto strategy, all labels: finetune -> baselines -> evaluate in-process."""
-    from tasks.baselines import baselines
-    from tasks.evaluate import evaluate
-    from tasks.finetune import finetune
-
-    from tlcore import metrics as tl_metrics
-
-    params = _stage_project(project, tmp_path)
-    _in_process(monkeypatch)
-    monkeypatch.setattr(tl_metrics, "throughput", lambda *a, **k: 0.0)  # seconds of batch-256 timing: not tested here
-    (project / "reports").mkdir(exist_ok=True)
-    (project / "reports" / "pretrain.json").write_text(json.dumps({"history": [], "source_test_accuracy": 0.9}))
-    ft = finetune(params)
-    assert (ft["strategy"], ft["strategy_requested"], ft["labels_per_class"], ft["labeled"]) == \
-        ("gradual_unfreeze", "auto", None, 6)
-    out = capsys.readouterr().out
-    assert "finetune: strategy gradual_unfreeze (auto: source and target have different label sets) on 6 labeled " \
-           "target images (all)" in out
-    baselines(params)
-    metrics = evaluate(params)
-    assert metrics["strategy"] == "gradual_unfreeze"
-    free = {k: v for k, v in metrics.items() if k.startswith("val_free_")}
-    assert set(free) == {"val_free_entropy", "val_free_im", "val_free_snd", "val_free_bnm", "val_free_dev"}
-    assert free.pop("val_free_dev") is None  # DEV needs the source's classes: here they differ
-    assert all(isinstance(v, float) for v in free.values())
-    assert json.loads((project / "reports" / "metrics.json").read_text())["strategy"] == "gradual_unfreeze"
-    assert "strategy `gradual_unfreeze`, target labels: all (6 labeled" in (project / "reports" / "report.md").read_text()
+# the strategy used, printed and recorded with real stages for every label budget and label set: tests/test_matrix.py
 
 
 def _train_split(per_class=(6, 6, 6)):

@@ -90,3 +90,63 @@ def test_tl_predict_formats_top_k_and_exit_status(model, images, monkeypatch):
     assert r.exit_code == 2 and "--format 'xml'" in r.stderr
     r = CliRunner().invoke(cli.app, ["predict", str(images / "[12].png"), "--name", "m"])  # a quoted glob
     assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2
+
+
+def _cached_registry(tmp_path, monkeypatch, nets: dict) -> None:
+    """A sqlite registry as `tl` has cached it (tasks/registry.py): the listing keyed by the database file's
+    signature and each version's model.pt with its checksum, so nothing asks MLflow. ``nets``: version -> model;
+    version 1 is the champion."""
+    import os
+    import time
+
+    from tasks.checkpoints import save_checkpoint
+    from tasks.files import file_sha256, write_json
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"")
+    old = time.time() - 60
+    os.utime(db, (old, old))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    cache = tmp_path / registry.CACHE_DIR
+    versions = {}
+    for v, net in nets.items():
+        f = cache / "models" / "m" / f"v{v}-run{v}" / "model.pt"
+        f.parent.mkdir(parents=True)
+        save_checkpoint(f, net, CLASSES, 1)
+        (f.parent / "model.pt.sha256").write_text(file_sha256(f))
+        versions[str(v)] = {"version": str(v), "source": f"models:/m/{v}", "run_id": f"run{v}", "sha256": file_sha256(f)}
+    write_json(cache / "registry" / "m.json", {"signature": registry._signature(f"sqlite:///{db}"), "rows": [],
+                                               "aliases": {"champion": versions["1"]}, "versions": versions})
+
+
+def test_tl_predict_model_picks_an_alias_or_a_version(model, images, tmp_path, monkeypatch):
+    champion, _ = model
+    torch.manual_seed(1)
+    other = models.create("smallcnn", len(CLASSES)).eval()
+    _cached_registry(tmp_path, monkeypatch, {1: champion, 2: other})
+
+    def classes(*args):
+        r = CliRunner().invoke(cli.app, ["predict", str(images / "[12].png"), "--name", "m", "--top-k", "3", *args])
+        assert r.exit_code == 0, r.output
+        return r.stdout
+
+    default = classes()
+    assert classes("--model", "m@champion") == classes("--model", "@champion") == classes("--model", "m/1") == default
+    v2 = classes("--model", "m/2")
+    assert v2 == classes("--model", "2") != default  # a bare version number: of --name's model
+    want = list(registry.classify(other, {"arch": "smallcnn", "in_channels": 1, "classes": CLASSES},
+                                  [images / "1.png", images / "2.png"], top_k=3))
+    assert [line.split("\t")[1] for line in v2.splitlines()] == [w["class"] for w in want]
+    for bad, says in (("m/7", "m has no version 7"), ("m@nobody", "no version with alias 'nobody'"),
+                      ("m/x", "give NAME@ALIAS")):
+        r = CliRunner().invoke(cli.app, ["predict", str(images / "1.png"), "--name", "m", "--model", bad])
+        assert r.exit_code != 0 and says in (r.stderr + str(r.exception)), (bad, r.output, r.exception)
+
+
+def test_parse_model_spec():
+    assert registry.parse_model("digits@challenger", "d") == ("digits", "challenger", None)
+    assert registry.parse_model("digits/3", "d") == ("digits", None, 3)
+    assert registry.parse_model("3", "d") == ("d", None, 3) and registry.parse_model("@x", "d") == ("d", "x", None)
+    for bad in ("digits", "digits/0", "digits/", "digits@", "a@b/2"):
+        with pytest.raises(registry.RegistryError, match="NAME@ALIAS"):
+            registry.parse_model(bad, "d")

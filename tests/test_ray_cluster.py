@@ -31,9 +31,12 @@ def _epochs(log_dir: Path, rank: int = 0) -> list[int]:
 
 
 def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
+    """Also the console (tasks/console.py): the first run with TL_VERBOSE=1 shows Ray Train's own lines, the
+    rerun by default one line per epoch and none of Ray's chatter."""
     e = {**env(), "TL_WORKER_LOG_DIR": str(tmp_path)}
     args = [sys.executable, "-m", "tasks.pretrain", "-S", "ray.num_workers=1"]
-    proc = subprocess.Popen(args, cwd=repo, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, cwd=repo, env={**e, "TL_VERBOSE": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while len(_epochs(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -45,6 +48,7 @@ def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
         proc.kill()
         out1, _ = proc.communicate()
     assert proc.returncode != 0 and not (repo / "models" / "source.pt").exists()
+    assert "Requesting resources" in out1 and "Ray Train run 'pretrain-" in out1, out1[-3000:]  # --verbose: Ray's too
     done_before = _epochs(tmp_path)
     assert len(done_before) < 6, "interrupted too late to test resumption"
     r = subprocess.run(args, cwd=repo, env=e, capture_output=True, text=True, timeout=400)
@@ -55,6 +59,13 @@ def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
     assert resumed_at >= 2
     after = _epochs(tmp_path)[len(done_before):]
     assert after == list(range(resumed_at + 1, 7))  # continued, nothing from before the checkpoint redone
+    lines = log.splitlines()
+    for epoch in after:  # once each, without Ray's "(RayTrainWorker pid=...)" prefix
+        assert sum(ln.startswith(f"[pretrain] epoch {epoch}/6  loss ") for ln in lines) == 1, log
+    for noise in ("PreemptionWatcher", "Failed to query Ray Train Controller", "Token authentication",
+                  "Checkpoint successfully created", "TrainingReport(", "Requesting resources"):
+        assert noise not in log, (noise, log)
+    assert lines[-1].startswith("pretrain: source test accuracy ") and lines[-1].endswith(" %")
     assert (repo / "models" / "source.pt").exists()
     hist = json.loads((repo / "reports" / "pretrain.json").read_text())["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6]
