@@ -132,6 +132,10 @@ class Data(_Section):
     synth_per_class: int = Field(500, ge=1)
     synth_test_per_class: int = Field(100, ge=1)
     target_test_fraction: float = Field(0.3, gt=0, lt=1)
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="data-loader processes per training stream: auto = 0 on CPU, up to 2 on a GPU "
+                            "(tasks/hardware.py says why); a number >= 0 sets it. The batches, and so the "
+                            "results, do not depend on it")
 
     @field_validator("source", "target")
     @classmethod

@@ -25,6 +25,7 @@ class TrainJob:
     labeled: Any = None  # ImageDataset (labeled target)
     unlabeled: Any = None  # ImageDataset (target pool, labels unused)
     val: Any = None  # ImageDataset for per-epoch validation
+    loader_workers: int = 0  # data-loader processes per training stream (tasks.hardware.loader_workers)
 
 
 def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print, replicas: int = 1,
@@ -32,9 +33,10 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
     """Model + strategy + loaders + :class:`tlcore.engine.Trainer` for ``job`` (nothing trained yet).
 
     As data-parallel worker ``rank`` of ``replicas``: the model starts from ``job.seed`` on every worker,
-    augmentation draws from ``job.seed + rank`` (no two workers warp alike), the training loaders shard
-    with a sampler seeded by ``job.seed`` (pinned memory on CUDA) and the validation loader takes a disjoint
-    slice (the engine sums over the slices). ``loader_hook`` sees the training loaders only.
+    augmentation draws from ``job.seed + rank`` (no two workers warp alike; it runs on ``device``, after the
+    copy), the training loaders shard with a sampler seeded by ``job.seed`` (``job.loader_workers`` processes
+    each, pinned memory on CUDA) and the validation loader takes a disjoint slice (the engine sums over the
+    slices). ``loader_hook`` sees the training loaders only.
     ``sync_batchnorm`` turns BatchNorm into ``SyncBatchNorm`` (CUDA, more than one worker)."""
     import torch
     from torch import nn
@@ -62,6 +64,7 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
         if ds is None or len(ds) == 0:
             return None
         dl = data.make_loader(ds, size, train=train, seed=job.seed, replicas=replicas, rank=rank,
+                              num_workers=job.loader_workers if train else 0,
                               pin_memory=torch.device(device).type == "cuda")  # async host-to-GPU copies
         return hook(dl) if train else dl
 
