@@ -362,7 +362,9 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
     A training loader over an :class:`ImageDataset` with a batch-capable transform yields uint8 batches and
     leaves the transform (augmentation, normalisation) to its consumer, on its device
     (:func:`device_transform`): the warp runs batched where the model trains, and its random draws stay in
-    the training process, so ``num_workers`` loader processes change neither the batches nor a resume.
+    the training process, so ``num_workers`` loader processes change neither the batches nor a resume. (A
+    transform that works per image only stays in the loader; with ``num_workers`` > 0 its random draws come
+    from the loader processes, which a resume does not restore.)
     """
     g = torch.Generator().manual_seed(seed)
     if train and len(ds) < batch_size * replicas:

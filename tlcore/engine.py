@@ -273,6 +273,11 @@ class Trainer:
     sums over all ranks (losses averaged, ``train_images_per_s`` of the whole group), and each rank
     validates its own ``loaders.val`` (give each a disjoint shard) with the sums all-reduced.
     Losses are read from the device once per epoch, not per step.
+
+    Augmentation: a training loader that leaves its transform to its consumer (uint8 batches, see
+    :func:`tlcore.data.make_loader`) is transformed here, batched on ``device`` after the copy, stream by
+    stream in a fixed order; its random draws come from that device's default generator, whose state
+    ``state_dict`` saves (``torch_rng``, ``cuda_rng``), so a resume replays them exactly.
     """
 
     def __init__(self, net: TransferNet, strategy: Strategy, cfg: TrainConfig, loaders: Loaders,
