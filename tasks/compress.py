@@ -11,7 +11,7 @@ from .console import EpochLine
 from .domains import load_domain
 from .pixels import spec_from_meta
 from .files import atomic_path, write_json
-from .hardware import device_for, resolve_precision, set_torch_threads
+from .hardware import device_for, loader_workers, local_cpus, resolve_precision, set_torch_threads
 from .report import pct, table
 from .stage import say, stage_main
 from .training import target_splits
@@ -88,8 +88,9 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
     precision, _ = resolve_precision(f.precision, student.arch, teacher.num_classes, f.batch_size, device)
     tcfg = TrainConfig(epochs=epochs, steps_per_epoch=f.steps_per_epoch, lr=lr, weight_decay=f.weight_decay,
                        seed=params.base.seed, precision=precision)
-    loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed) if len(labeled) else None,
-                      unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1) if len(pool) else None)
+    workers = loader_workers(params.data.loader_workers, device.type, local_cpus())
+    loaders = Loaders(target=data.make_loader(labeled, f.batch_size, True, params.base.seed, workers) if len(labeled) else None,
+                      unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1, workers) if len(pool) else None)
     Trainer(net, strat, tcfg, loaders, device=device, callbacks=[EpochLine("compress", epochs, say)], log=None).fit()
     return net.model.cpu().eval()
 

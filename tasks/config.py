@@ -148,6 +148,10 @@ class Data(_Section):
         if isinstance(v, bool):  # Literal[1] would take True: a boolean is not a channel count
             raise ValueError(f"{str(v).lower()} is a boolean; write auto, 1 (grey) or 3 (RGB)")
         return v
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="data-loader processes per training stream: auto = 0 on CPU, up to 2 on a GPU "
+                            "(tasks/hardware.py says why); a number >= 0 sets it. The batches, and so the "
+                            "results, do not depend on it")
 
     @field_validator("source", "target")
     @classmethod

@@ -27,7 +27,7 @@ import os
 from .cluster import cluster_cpus, init_ray
 from .config import Params, ParamsError
 from .console import EpochLine, ray_env, train_logging_config, verbose
-from .hardware import worker_cpus
+from .hardware import loader_workers, worker_cpus
 from .probes import WORKER_LOG_ENV, Fault, FaultInjector, WorkerLog
 from .run_checkpoints import RayReport, load_state, resume_state
 from .run_identity import mark_done, resolve_run
@@ -132,6 +132,7 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict, *, fa
     name, storage, local_run_dir = resolve_run(stage, params, manifest)
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
+    job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus)
     resources = {"CPU": cpus, **({"GPU": int(rc.gpus_per_worker)} if rc.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -37,6 +37,7 @@ class TrainJob:
         """``(C, H, W)`` of the images the job trains on (``None`` for datasets that do not say)."""
         ds = next((d for d in (self.labeled, self.source, self.unlabeled, self.val) if d is not None), None)
         return tuple(int(n) for n in ds.images.shape[1:]) if hasattr(ds, "images") else None
+    loader_workers: int = 0  # data-loader processes per training stream (tasks.hardware.loader_workers)
 
 
 def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=None, log=print, replicas: int = 1,
@@ -44,9 +45,10 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
     """Model + strategy + loaders + :class:`tlcore.engine.Trainer` for ``job`` (nothing trained yet).
 
     As data-parallel worker ``rank`` of ``replicas``: the model starts from ``job.seed`` on every worker,
-    augmentation draws from ``job.seed + rank`` (no two workers warp alike), the training loaders shard
-    with a sampler seeded by ``job.seed`` (pinned memory on CUDA) and the validation loader takes a disjoint
-    slice (the engine sums over the slices). ``loader_hook`` sees the training loaders only.
+    augmentation draws from ``job.seed + rank`` (no two workers warp alike; it runs on ``device``, after the
+    copy), the training loaders shard with a sampler seeded by ``job.seed`` (``job.loader_workers`` processes
+    each, pinned memory on CUDA) and the validation loader takes a disjoint slice (the engine sums over the
+    slices). ``loader_hook`` sees the training loaders only.
     ``sync_batchnorm`` turns BatchNorm into ``SyncBatchNorm`` (CUDA, more than one worker)."""
     import torch
     from torch import nn
@@ -74,6 +76,7 @@ def build_trainer(job: TrainJob, device, callbacks=(), wrap=None, loader_hook=No
         if ds is None or len(ds) == 0:
             return None
         dl = data.make_loader(ds, size, train=train, seed=job.seed, replicas=replicas, rank=rank,
+                              num_workers=job.loader_workers if train else 0,
                               pin_memory=torch.device(device).type == "cuda")  # async host-to-GPU copies
         return hook(dl) if train else dl
 

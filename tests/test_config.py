@@ -53,6 +53,14 @@ def test_booleans_are_not_numbers(params_file, key):
         load_params(params_file, [f"{key}=true"])
 
 
+def test_loader_workers_is_auto_or_a_count(params_file):
+    assert load_params(params_file).data.loader_workers == "auto"
+    assert load_params(params_file, ["data.loader_workers=2"]).data.loader_workers == 2
+    for bad in ("-1", "many", "1.5"):
+        with pytest.raises(ParamsError, match=r"data\.loader_workers"):
+            load_params(params_file, [f"data.loader_workers={bad}"])
+
+
 def test_booleans_are_not_numbers_in_params_yaml_or_python(params_file):
     _edit(params_file, "  batch_size: 64\n", "  batch_size: true\n")
     with pytest.raises(ParamsError, match=r"finetune\.batch_size = True: true is a boolean"):

@@ -109,6 +109,28 @@ def test_batched_affine_is_per_image_and_matches_single_calls():
     assert torch.equal(xb, torch.stack([ds[i][0] for i in range(8)])) and yb.tolist() == list(range(8))
 
 
+def test_a_training_loader_leaves_the_transform_to_its_consumer_and_every_consumer_applies_it():
+    from tlcore import engine, validators
+
+    g = torch.Generator().manual_seed(0)
+    tf = data.build_transform(models.get_spec("tinycnn"), train=False)
+    ds = data.ImageDataset(torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8, generator=g),
+                           torch.arange(16) % 10, [str(i) for i in range(10)], tf)
+    train, test = data.make_loader(ds, 8, train=True), data.make_loader(ds, 8, train=False)
+    xb, _ = next(iter(train))
+    assert xb.dtype == torch.uint8 and data.device_transform(train) is tf and data.device_transform(test) is None
+    assert ds.transform is tf and not ds.defer_transform and ds[0][0].dtype == torch.float32  # the dataset itself is unchanged
+    assert torch.equal(data.batch_to(xb, "cpu", train), tf(xb))
+    assert ds.subset([0, 1]).defer_transform is False and train.dataset.subset([0]).defer_transform is True
+    # the same images through a deferring and a ready loader: the same predictions and features
+    model = models.create("tinycnn", 10).eval()
+    ready, deferred = data.make_loader(ds, 8, train=False), data.make_loader(ds.deferred(), 8, train=False)
+    assert torch.equal(engine.predict(model, ready, "cpu")[0], engine.predict(model, deferred, "cpu")[0])
+    assert torch.equal(validators.features_and_logits(model, ready)[0], validators.features_and_logits(model, deferred)[0])
+    with pytest.raises(ValueError, match="batch-capable"):
+        data.ImageDataset(ds.images, ds.targets, ds.classes, lambda x: x.float(), defer_transform=True)
+
+
 def test_synth_digits_deterministic_and_balanced():
     x1, y1 = datasets.render_synth_digits(4, seed=3)
     x2, y2 = datasets.render_synth_digits(4, seed=3)

@@ -54,7 +54,9 @@ ALL = frozenset((s, k) for s, ks in FIELDS.items() for k in ks)
 TYPES = {n: c for n, c in vars(config).items() if isinstance(c, type) and issubclass(c, config._Section)}
 # Params that say where and how robustly to run, not what is computed: changing them must not rerun a stage.
 # (ray.num_workers, use_gpu and cpus_per_worker do change it: the batch split, the device, the threads.)
-EXECUTION_ONLY = {("ray", "address"), ("ray", "storage_path"), ("ray", "max_failures"), ("ray", "gpus_per_worker")}
+# data.loader_workers: the batches do not depend on it (tests/test_engine.py trains alike with 0 and 1).
+EXECUTION_ONLY = {("ray", "address"), ("ray", "storage_path"), ("ray", "max_failures"), ("ray", "gpus_per_worker"),
+                  ("data", "loader_workers")}
 # Read through params.path(...): dvc.yaml names them as ${base.*_dir} in deps and outs, so DVC sees them.
 DIRS = {("base", "data_dir"), ("base", "models_dir"), ("base", "reports_dir")}
 # Functions whose reads do not reach a stage's outputs. run_name hashes params only to name a Ray run

@@ -128,14 +128,6 @@ def test_evaluation_moves_the_model_to_the_evaluation_device(monkeypatch):
     assert seen == [("meta", "meta"), ("meta", "meta")]
 
 
-class _Noisy(TensorDataset):
-    """Stands in for augmentation: every image fetched draws from the global RNG, as the random affine does."""
-
-    def __getitem__(self, i):
-        x, y = super().__getitem__(i)
-        return x + 0.1 * torch.randn_like(x), y
-
-
 class _StopAfter:
     def __init__(self, epochs: int):
         self.epochs, self.state = epochs, None
@@ -151,19 +143,23 @@ class _StopAfter:
             raise KeyboardInterrupt("interrupted")
 
 
-def _resumable_trainer(callbacks=()) -> Trainer:
+def _resumable_trainer(callbacks=(), loader_workers: int = 0) -> Trainer:
+    """The real training data path: uint8 images, the backbone's train-time transform (a random affine per
+    image), which the engine applies after the copy, drawing from the training process's generator."""
     from tlcore import data
     from tlcore.engine import seed_everything
 
     seed_everything(0)
     g = torch.Generator().manual_seed(5)
+    tf = data.build_transform(models.get_spec("tinycnn"), train=True)
 
     def ds(n):
-        return _Noisy(torch.randn(n, 1, 32, 32, generator=g), torch.arange(n) % 10)
+        return data.ImageDataset(torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=g),
+                                 torch.arange(n) % 10, [str(i) for i in range(10)], tf)
 
     # 20, 28 and 36 images in batches of 8: passes end at other steps than epochs do (3 steps per epoch)
-    loaders = Loaders(target=data.make_loader(ds(20), 8, True, seed=1), source=data.make_loader(ds(28), 8, True, seed=2),
-                      unlabeled=data.make_loader(ds(36), 8, True, seed=3))
+    loaders = Loaders(*(data.make_loader(ds(n), 8, True, seed=s, num_workers=loader_workers)
+                        for n, s in ((20, 1), (28, 2), (36, 3))))  # target, source, unlabeled
     strat = strategies.create_strategy("semi")
     net = strat.setup(models.create("tinycnn", 10), 10)
     cfg = TrainConfig(epochs=4, steps_per_epoch=3, precision="fp32", lr=1e-2)
@@ -171,15 +167,19 @@ def _resumable_trainer(callbacks=()) -> Trainer:
 
 
 def test_an_interrupted_and_resumed_run_gives_the_same_weights_as_an_uninterrupted_one():
+    """Also with loader processes: the loaders yield uint8 and see no randomness (they seed themselves), so the
+    interrupted and the resumed run, each with 1 loader process per stream, match the uninterrupted one with 0."""
     whole = _resumable_trainer()
+    assert next(iter(whole.loaders.target))[0].dtype == torch.uint8  # the warp is not done in the loader
     whole.fit()
     stop = _StopAfter(2)
     with pytest.raises(KeyboardInterrupt):
-        _resumable_trainer([stop]).fit()
+        _resumable_trainer([stop], loader_workers=1).fit()
     # 6 batches taken: the 4-batch unlabeled stream is mid-pass, the 2-batch target stream at the end of a pass
     assert stop.state["streams"]["unlabeled"] == {"passes": 1, "taken": 2}
     assert stop.state["streams"]["target"] == {"passes": 2, "taken": 2}
-    resumed = _resumable_trainer()
+    resumed = _resumable_trainer(loader_workers=1)
+    assert resumed.loaders.unlabeled.num_workers == 1
     torch.manual_seed(123)  # whatever the new process did before: the checkpoint decides
     resumed.load_state_dict(stop.state)
     resumed.fit()
@@ -200,3 +200,4 @@ def test_training_loaders_pin_memory_for_a_gpu_only():
     ds = TensorDataset(torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long))
     assert data.make_loader(ds, 8, True, pin_memory=True).pin_memory
     assert not data.make_loader(ds, 8, True).pin_memory
+

@@ -88,6 +88,14 @@ def test_cpus_per_worker_auto(monkeypatch):
     assert hardware.worker_cpus(2, 1.5, [{"CPU": 8}]) == 1.5  # explicit wins
 
 
+def test_loader_workers_auto_is_none_on_cpu_and_a_few_on_a_gpu():
+    from tasks import hardware
+
+    assert [hardware.loader_workers("auto", "cpu", c) for c in (1, 2, 16)] == [0, 0, 0]  # threads use every CPU
+    assert [hardware.loader_workers("auto", "cuda", c) for c in (1, 2, 3, 16)] == [0, 1, 2, 2]  # one CPU feeds the GPU
+    assert hardware.loader_workers(3, "cpu", 2) == 3 and hardware.loader_workers(0, "cuda", 8) == 0  # explicit wins
+
+
 def test_stage_under_a_python_without_the_packages_says_to_activate_the_venv():
     from helpers import ROOT
 

@@ -11,6 +11,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -147,16 +148,27 @@ def tree_hash(split_dir: str | Path) -> str:
 
 
 class ImageDataset(Dataset):
-    """In-memory images ``(N, C, H, W)`` uint8 with int labels; ``transform`` maps uint8 -> float."""
+    """In-memory images ``(N, C, H, W)`` uint8 with int labels; ``transform`` maps uint8 -> float.
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str], transform=None):
+    ``defer_transform`` (a batch-capable ``transform`` only): items stay uint8 and whoever consumes the
+    batches applies ``transform`` after copying them to its device (:func:`device_transform`). Training
+    loaders do this (:func:`make_loader`), so the augmentation runs batched on the training device.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str], transform=None,
+                 defer_transform: bool = False):
+        if defer_transform and not getattr(transform, "batched", False):
+            raise ValueError(f"defer_transform needs a batch-capable transform (batched = True), got {transform!r}")
         self.images, self.targets, self.classes, self.transform = images, targets.long(), classes, transform
+        self.defer_transform = defer_transform
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, i: int):
         x = self.images[i]
+        if self.defer_transform:
+            return x, self.targets[i]
         return (self.transform(x) if self.transform else x.float() / 255), self.targets[i]
 
     def __getitems__(self, idx: list[int]) -> list:
@@ -166,8 +178,16 @@ class ImageDataset(Dataset):
             return [self[i] for i in idx]
         ii = torch.as_tensor(idx, dtype=torch.long)
         x = self.images[ii]
-        x = self.transform(x) if self.transform else x.float() / 255
+        if not self.defer_transform:
+            x = self.transform(x) if self.transform else x.float() / 255
         return list(zip(x.unbind(0), self.targets[ii].unbind(0)))
+
+    def deferred(self) -> "ImageDataset":
+        """This dataset (sharing its tensors) yielding uint8, its batch-capable transform left to the consumer;
+        itself when the transform is missing or works per image only."""
+        if self.defer_transform or not getattr(self.transform, "batched", False):
+            return self
+        return ImageDataset(self.images, self.targets, self.classes, self.transform, defer_transform=True)
 
     @classmethod
     def from_numpy(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None) -> "ImageDataset":
@@ -178,8 +198,9 @@ class ImageDataset(Dataset):
 
     def subset(self, idx, transform="same") -> "ImageDataset":
         idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        return ImageDataset(self.images[idx], self.targets[idx], self.classes,
-                            self.transform if transform == "same" else transform)
+        same = isinstance(transform, str) and transform == "same"
+        return ImageDataset(self.images[idx], self.targets[idx], self.classes, self.transform if same else transform,
+                            defer_transform=self.defer_transform and same)
 
 
 def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bool = False,
@@ -226,7 +247,7 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: tupl
     t = torch.stack([u(-translate, translate) * w, u(-translate, translate) * h], 1)
     # grid_sample wants the inverse map in normalised coords: D^-1 A^-1 D with D = diag(w/2, h/2)
     d = torch.tensor([w / 2, h / 2], device=dev)
-    inv = torch.linalg.inv(a)
+    inv = torch.linalg.inv_ex(a).inverse  # never singular (zoom > 0, |shear| < 90 degrees); no device sync
     theta = torch.cat([inv * (d[None, None, :] / d[None, :, None]), (-inv @ t[:, :, None]) / d[None, :, None]], 2)
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -293,7 +314,9 @@ class ImageTransform(torch.nn.Module):
     """uint8 ``(C, H, W)`` or a batch ``(N, C, H, W)`` -> normalised float, with an optional per-image
     random affine (:func:`random_affine`, digits) or photo augmentation (:func:`random_photo`) at train
     time. Batch-capable (``batched = True``), so :class:`ImageDataset` transforms a whole DataLoader batch
-    in one call."""
+    in one call, and it runs on whatever device the batch is on (the engine applies a training loader's
+    transform on the training device, see :func:`device_transform`); the random draws come from that
+    device's default generator."""
 
     batched = True
 
@@ -312,7 +335,7 @@ class ImageTransform(torch.nn.Module):
             x = random_affine(x, **self.affine)
         if self.photo:
             x = random_photo(x, **self.photo)
-        x = (x - self.mean) / self.std
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x[0] if single else x
 
     def extra_repr(self) -> str:
@@ -404,6 +427,13 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
     ``replicas``-th item from ``rank`` on, so the shards cover the set exactly once (no padding: sums over
     them are exact). ``pin_memory`` (for a CUDA device) makes the engine's ``non_blocking`` copies
     overlap with compute.
+
+    A training loader over an :class:`ImageDataset` with a batch-capable transform yields uint8 batches and
+    leaves the transform (augmentation, normalisation) to its consumer, on its device
+    (:func:`device_transform`): the warp runs batched where the model trains, and its random draws stay in
+    the training process, so ``num_workers`` loader processes change neither the batches nor a resume. (A
+    transform that works per image only stays in the loader; with ``num_workers`` > 0 its random draws come
+    from the loader processes, which a resume does not restore.)
     """
     g = torch.Generator().manual_seed(seed)
     if train and len(ds) < batch_size * replicas:
@@ -413,6 +443,7 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
             torch.utils.data.ConcatDataset([ds] * reps)
     sampler = None
     if train:
+        ds = ds.deferred() if isinstance(ds, ImageDataset) else ds
         sampler = ResumableSampler(ds, seed, replicas, rank)
     elif replicas > 1:
         idx = np.arange(rank, len(ds), replicas)
@@ -421,3 +452,18 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
     # shift) the global RNG that augmentation uses
     return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, drop_last=train,
                       generator=g, num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
+
+
+def device_transform(loader) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The transform a consumer applies to ``loader``'s image batches once they are on its device, or ``None``
+    when the loader yields them ready (:meth:`ImageDataset.deferred`)."""
+    ds = getattr(loader, "dataset", None)
+    return ds.transform if getattr(ds, "defer_transform", False) else None
+
+
+def batch_to(x: torch.Tensor, device: torch.device | str, loader) -> torch.Tensor:
+    """A batch of ``loader``'s images on ``device``, ready for the model: copied (asynchronously from pinned
+    memory), then transformed there if the loader left that to its consumer (:func:`device_transform`)."""
+    x = x.to(device, non_blocking=True)
+    tf = device_transform(loader)
+    return tf(x) if tf is not None else x

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .data import batch_to
 from .strategies import STREAMS, Batch, Strategy, TransferNet
 
 
@@ -222,10 +223,10 @@ class _Stream:
         self.passes, self.taken, self._it = int(state["passes"]), int(state["taken"]), None
 
 
-def _to(x, device):
-    if isinstance(x, (list, tuple)):
-        return tuple(t.to(device, non_blocking=True) for t in x)
-    return x.to(device, non_blocking=True)
+def _to(item, device, loader):
+    """A training batch ``(images, labels)`` on ``device``, the loader's transform (augmentation) applied there."""
+    x, y = item
+    return batch_to(x, device, loader), y.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -236,7 +237,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device | str | N
     model.eval()
     outs, ys = [], []
     for x, y in loader:
-        out = model(x.to(device))
+        out = model(batch_to(x, device, loader))
         outs.append((out["logits"] if isinstance(out, dict) else out).float().cpu())
         ys.append(y)
     model.train(was)
@@ -272,6 +273,11 @@ class Trainer:
     sums over all ranks (losses averaged, ``train_images_per_s`` of the whole group), and each rank
     validates its own ``loaders.val`` (give each a disjoint shard) with the sums all-reduced.
     Losses are read from the device once per epoch, not per step.
+
+    Augmentation: a training loader that leaves its transform to its consumer (uint8 batches, see
+    :func:`tlcore.data.make_loader`) is transformed here, batched on ``device`` after the copy, stream by
+    stream in a fixed order; its random draws come from that device's default generator, whose state
+    ``state_dict`` saves (``torch_rng``, ``cuda_rng``), so a resume replays them exactly.
     """
 
     def __init__(self, net: TransferNet, strategy: Strategy, cfg: TrainConfig, loaders: Loaders,
@@ -389,11 +395,9 @@ class Trainer:
             for step in range(self.steps_per_epoch):
                 progress = (epoch * self.steps_per_epoch + step) / total_steps
                 raw = {s: next(iters[s]) for s in self.streams}
-                batch = Batch(
-                    target=_to(raw["target"], dev) if "target" in raw else None,
-                    source=_to(raw["source"], dev) if "source" in raw else None,
-                    unlabeled=_to(raw["unlabeled"][0], dev) if "unlabeled" in raw else None,
-                )
+                on_dev = {s: _to(b, dev, iters[s].loader) for s, b in raw.items()}  # augmented here, in stream order
+                batch = Batch(target=on_dev.get("target"), source=on_dev.get("source"),
+                              unlabeled=on_dev["unlabeled"][0] if "unlabeled" in on_dev else None)
                 n_img += sum(len(v[0]) for v in raw.values())
                 with self._amp():
                     loss, logs = self.strategy.loss(self.model, batch, progress)
@@ -447,8 +451,8 @@ class Trainer:
         was = net.training
         net.eval()
         s = torch.zeros(3, device=dev, dtype=torch.float64)
-        for x, y in self.loaders.val:
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        for item in self.loaders.val:
+            x, y = _to(item, dev, self.loaders.val)
             logits = net(x)["logits"].float()
             s += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
                               (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import batch_to
+
 # True: a larger score predicts a more accurate model; False: a smaller one does
 HIGHER_IS_BETTER = {"entropy": False, "im": True, "snd": True, "bnm": True, "dev": False}
 
@@ -164,7 +166,7 @@ def features_and_logits(model: nn.Module, loader, device: torch.device | str = "
     model.eval()
     feats, logits, ys, n = [], [], [], 0
     for x, y in loader:
-        f = model.backbone(x.to(device))
+        f = model.backbone(batch_to(x, device, loader))
         feats.append(f.float().cpu())
         logits.append(model.head(f).float().cpu())
         ys.append(y)
