@@ -96,7 +96,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
     """Score every candidate; returns ``{"rows": [...] best first, "labeled": N, "labels_per_class": k,
     "score": the column the rows are ordered by}``. With 0 labels per class the rows hold the label-free
     validators on the unlabeled pool, ordered by ``validator`` (see the module docstring)."""
-    from tlcore import data, models, transferability, validators
+    from tlcore import data, transferability, validators
 
     set_torch_threads(params)
     device = device_for(params)
