@@ -200,10 +200,12 @@ class Pretrain(Optim):
     @model_validator(mode="after")
     def _weights_fit_backbone(self):
         """A torchvision weights name needs a torchvision backbone (a file may hold any backbone's weights)."""
+        w = self.weights
+        if not w:
+            return self  # no torch import for the common case: validating params must stay quick
         from tlcore.models import TORCHVISION_ARCHS
 
-        w = self.weights
-        if w and not (Path(w).suffix in {".pt", ".pth"} or Path(w).exists()) and self.backbone not in TORCHVISION_ARCHS:
+        if not (Path(w).suffix in {".pt", ".pth"} or Path(w).exists()) and self.backbone not in TORCHVISION_ARCHS:
             raise ValueError(f"pretrain.weights = {w!r} names torchvision weights (no such file exists), but "
                              f"pretrain.backbone = {self.backbone!r} has none; pick one of "
                              f"{', '.join(TORCHVISION_ARCHS)} for ImageNet weights, or give the path of a weights "
@@ -334,6 +336,8 @@ class Tune(_Section):
     def _params_fit_strategies(self):
         import itertools
 
+        if not self.strategy_params:
+            return self  # no torch import for the common case: validating params must stay quick
         from tlcore.strategies import create_strategy
 
         for name, grid in self.strategy_params.items():
