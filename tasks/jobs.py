@@ -29,7 +29,7 @@ from .lineage import git_info
 # "/" anchors a pattern there): git history, secrets, environments, caches, local stores, outputs the job
 # rebuilds or pulls
 EXCLUDES = [".git", ".env*", ".venv", "venv", "/data", "/models", "/reports", "/mlruns", "/mlflow.db*",
-            "/ray_results", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "/.dvc-remote", ".tlcache",
+            "/ray_results", "/.tlstack", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "/.dvc-remote", ".tlcache",
             "__pycache__", "*.egg-info", ".pytest_cache"]
 # forwarded from the submitter's shell when set: addresses, never credentials
 PASS_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
