@@ -94,7 +94,7 @@ def _components(s: dict[str, str], state: Path, root: Path) -> dict[str, dict]:
                     "health": u["prefect"] + "/health"},
         # runs the project's deployments (prefect.yaml) as local processes, against the stack
         "worker": {"argv": [tool("prefect"), "worker", "start", "--pool", s["PREFECT_WORK_POOL"], "--type", "process"],
-                   "env": {**prefect_env, **client_env(s), "TL_PROJECT_DIR": str(root)}, "after": "prefect"},
+                   "env": {**prefect_env, **client_env(s), "TL_PROJECT_DIR": str(root), "PYTHONPATH": str(root)}},
         "ray": {"argv": [tool("ray"), "start", "--head", "--block", f"--port={s['RAY_PORT']}", f"--node-ip-address={h}",
                          "--include-dashboard=true", f"--dashboard-host={h}", f"--dashboard-port={s['RAY_DASHBOARD_PORT']}",
                          f"--temp-dir={_ray_temp_dir(state)}", "--disable-usage-stats"],
@@ -250,6 +250,9 @@ def down(root: Path, state: Path | None = None, grace_s: float = 10, say=print) 
         except ProcessLookupError:
             pass
         say(f"stack: killed {name} (pid {rec['pid']}: no exit {grace_s:.0f} s after SIGTERM)")
+    deadline = time.monotonic() + 5  # SIGKILL is not instant: return once the groups are gone
+    while any(_group_alive(rec["pgid"]) for rec in pending.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     tmp = str(_ray_temp_dir(state))  # Ray's daemons may leave the group: ours run under this stack's temp dir
     for p in Path("/proc").iterdir():
         if p.name.isdigit() and tmp in _cmdline(int(p.name)):

@@ -91,7 +91,7 @@ def test_stack_up_is_healthy_and_idempotent(stack):
     assert (repo / ".tlstack" / "env").read_text() == again.stdout
 
 
-def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
+def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path, monkeypatch):
     """Two `tl submit` jobs at once with different -S: both succeed; two new versions in the MLflow server, the
     later gated against the earlier; both jobs' data and models in the S3 remote; no submitter secret in what
     Ray shows; a fresh clone with only the stack's URLs and keys pulls them and loads the champion."""
@@ -107,14 +107,15 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
     outs = [p.communicate(timeout=120)[0] for p in subs]
     assert all(p.returncode == 0 for p in subs), outs
     jobs = [o.split("submitted job ")[1].split()[0] for o in outs]
-    statuses = {}
-    deadline = time.time() + 400
-    while time.time() < deadline and len(statuses) < 2:
-        for j in jobs:
-            st = tl("status", j, cwd=repo, extra_env=env).stdout
-            if st.split()[0] in ("SUCCEEDED", "FAILED", "STOPPED"):
-                statuses[j] = st
+    from ray.job_submission import JobSubmissionClient
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    ray_jobs = JobSubmissionClient(env["TL_RAY_ADDRESS"])  # polled in-process: a CLI start per poll costs CPU
+    deadline = time.time() + 500
+    while time.time() < deadline and not all(str(ray_jobs.get_job_status(j)) in ("SUCCEEDED", "FAILED", "STOPPED")
+                                             for j in jobs):
         time.sleep(3)
+    statuses = {j: tl("status", j, cwd=repo, extra_env=env).stdout for j in jobs}
     logs = {j: tl("logs", j, cwd=repo, extra_env=env).stdout for j in jobs}
     print(f"two jobs: {time.monotonic() - t0:.1f} s")
     for j, lr in zip(jobs, ("0.003", "0.01")):
@@ -169,6 +170,59 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
     image = next((fresh / "data").rglob("*.png"))
     pred = tl("predict", image, cwd=fresh, extra_env=only_stack)
     assert str(image) in pred.stdout and len(pred.stdout.strip().split("\t")) == 3, pred.stdout
+
+
+def _api(env, path: str, body: dict | None = None):
+    import urllib.request
+
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path, data=json.dumps(body or {}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _runs(env, deployment: str) -> list[dict]:
+    dep = _api(env, "/deployments/filter", {"deployments": {"name": {"any_": [deployment]}}})
+    return _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep[0]["id"]]}}}) if dep else []
+
+
+def _wait_completed(env, deployment: str, timeout_s: float, auto_scheduled: bool = False) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        runs = [r for r in _runs(env, deployment) if r["auto_scheduled"] == auto_scheduled]
+        done = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+        if done:
+            return done[0]
+        time.sleep(2)
+    raise AssertionError(f"no {deployment} run finished within {timeout_s} s: {_runs(env, deployment)}")
+
+
+def test_prefect_deployments_run_on_the_stack_worker(stack):
+    """prefect.yaml deploys to the stack's Prefect server; its process worker runs a `transfer-pipeline`
+    deployment run (registering into the stack's MLflow, pushing to its S3 remote), then a scheduled `retrain`
+    (a once-a-minute schedule) fires and completes: the data did not change, so it has nothing to do."""
+    repo, env, _ = stack
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    t0 = time.monotonic()
+    sh("prefect", "--no-prompt", "deploy", "--name", "transfer-pipeline", cwd=repo, extra_env=env)
+    sh("prefect", "deployment", "run", "transfer-pipeline/transfer-pipeline", cwd=repo, extra_env=env)
+    run = _wait_completed(env, "transfer-pipeline", 400)
+    assert run["state_type"] == "COMPLETED", run
+    print(f"transfer-pipeline deployment run: {time.monotonic() - t0:.1f} s")
+    c = _client(env)
+    reg = json.loads((repo / "reports" / "registration.json").read_text())
+    assert reg["tracking_uri"] == env["MLFLOW_TRACKING_URI"] and c.get_model_version(MODEL, str(reg["version"]))
+    # the nightly schedule, made once a minute: the worker picks it up and the run completes
+    for d in doc["deployments"]:
+        if d["name"] == "retrain-nightly":
+            d["schedules"] = [{"cron": "* * * * *", "timezone": "UTC"}]
+    (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    t1 = time.monotonic()
+    sh("prefect", "--no-prompt", "deploy", "--name", "retrain-nightly", cwd=repo, extra_env=env)
+    run = _wait_completed(env, "retrain-nightly", 150, auto_scheduled=True)
+    assert run["state_type"] == "COMPLETED" and "nothing to do" in (run["state"]["message"] or ""), run
+    print(f"scheduled retrain: {time.monotonic() - t1:.1f} s")
 
 
 def test_stack_down_stops_what_it_started_and_nothing_else(stack, tmp_path):
