@@ -80,6 +80,7 @@ def _components(s: dict[str, str], state: Path, root: Path) -> dict[str, dict]:
     u, h = urls(s), s["TL_STACK_HOST"]
     creds = {k: s[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     prefect_env = {"PREFECT_HOME": str(state / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "PREFECT_WORKER_QUERY_SECONDS": "5",  # a dev stack: pick runs up within 5 s (default 10)
                    "PREFECT_API_URL": u["prefect"]}
     return {
         "s3": {"argv": [tool("moto_server"), "-H", h, "-p", s["S3_PORT"]], "env": creds,
