@@ -112,11 +112,12 @@ REGISTRY_LOCK_SUFFIX = ".registration-lock"
 
 
 @contextmanager
-def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float = 1800):
+def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float = 900):
     """One registration of ``name`` at a time, across processes *and machines*: the lock lives in the registry
     every job shares. Creating a registered model is atomic (its name is unique in the tracking store's
     database), so whoever creates ``<name>.registration-lock`` holds the lock, and deletes it when done.
-    Others wait (up to ``wait_s``); a lock older than ``stale_s`` (its holder died) is taken over."""
+    Others wait (up to ``wait_s``); a lock whose holder is gone is taken over: at once when the holder ran on
+    this host and its process is dead, else once the lock is older than ``stale_s``."""
     import random
     import time
 
@@ -137,9 +138,12 @@ def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float =
             held = c.get_registered_model(lock).tags
         except MlflowException:
             continue  # released in between: try again at once
-        if time.time() - float(held.get("since") or 0) > stale_s:
+        host, _, pid = (held.get("holder") or "::").partition(":")
+        dead_here = host == socket.gethostname() and pid.split(":")[0].isdigit() and not _alive(int(pid.split(":")[0]))
+        if dead_here or time.time() - float(held.get("since") or 0) > stale_s:
+            why = "its process is gone" if dead_here else f"taken more than {stale_s:.0f} s ago"
             print(f"register: taking over the registry lock of {name} left by {held.get('holder')} "
-                  f"({held.get('what')}, more than {stale_s:.0f} s ago)", flush=True)
+                  f"({held.get('what')}; {why})", flush=True)
             try:
                 c.delete_registered_model(lock)
             except MlflowException:
