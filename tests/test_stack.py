@@ -104,7 +104,7 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path, monkeypa
     subs = [subprocess.Popen([sys.executable, "-m", "tasks.cli", "submit", "-S", f"finetune.lr={lr}",
                               "--env-file-on-cluster", str(cluster_env)], cwd=repo, env={**sh_env(), **submitter},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for lr in ("0.003", "0.01")]
-    outs = [p.communicate(timeout=120)[0] for p in subs]
+    outs = [p.communicate(timeout=300)[0] for p in subs]
     assert all(p.returncode == 0 for p in subs), outs
     jobs = [o.split("submitted job ")[1].split()[0] for o in outs]
     from ray.job_submission import JobSubmissionClient
