@@ -96,11 +96,24 @@ def _components(s: dict[str, str], state: Path, root: Path) -> dict[str, dict]:
         # runs the project's deployments (prefect.yaml) as local processes, against the stack
         "worker": {"argv": [tool("prefect"), "worker", "start", "--pool", s["PREFECT_WORK_POOL"], "--type", "process"],
                    "env": {**prefect_env, **client_env(s), "TL_PROJECT_DIR": str(root), "PYTHONPATH": str(root)}},
+        # Ray's other fixed default ports (job agent 52365, client 10001, ...) would collide with any other Ray on
+        # this machine (the job agent then never starts: "No available agent"): free ones, picked now
         "ray": {"argv": [tool("ray"), "start", "--head", "--block", f"--port={s['RAY_PORT']}", f"--node-ip-address={h}",
                          "--include-dashboard=true", f"--dashboard-host={h}", f"--dashboard-port={s['RAY_DASHBOARD_PORT']}",
-                         f"--temp-dir={_ray_temp_dir(state)}", "--disable-usage-stats"],
+                         f"--temp-dir={_ray_temp_dir(state)}", "--disable-usage-stats",
+                         *(f"--{opt}={_free_port()}" for opt in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                                  "ray-client-server-port", "metrics-export-port",
+                                                                  "runtime-env-agent-port"))],
                 "env": {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}, "health": u["ray"] + "/api/version"},
     }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _ok(url: str) -> bool:
@@ -261,6 +274,10 @@ def down(root: Path, state: Path | None = None, grace_s: float = 10, say=print) 
                 os.kill(int(p.name), signal.SIGKILL)
             except OSError:
                 pass
+    if ours.get("ray"):
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # Ray's session files (logs, sockets) of this stack
     for name in ORDER:
         procs.pop(name, None)
     _write_state(state, procs)
