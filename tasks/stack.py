@@ -30,6 +30,7 @@ from .project import configure_environment, tool
 STATE_DIR = ".tlstack"
 ENV_FILE = "infra/stack.env"
 ORDER = ("s3", "mlflow", "prefect", "worker", "ray")
+MARK = "TL_STACK_ID"  # in the environment of everything the stack starts, inherited by what they start in turn
 
 
 class StackError(RuntimeError):
@@ -194,7 +195,7 @@ def up(root: Path, env_file: Path | None = None, state: Path | None = None, time
         c = comps[name]
         with open(state / "logs" / f"{name}.log", "a") as log:
             p = subprocess.Popen(c["argv"], cwd=state, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env={**os.environ, **c["env"]}, start_new_session=True)
+                                 env={**os.environ, **c["env"], MARK: str(state)}, start_new_session=True)
         procs[name] = {"pid": p.pid, "pgid": p.pid, "argv0": c["argv"][0], "started": time.time()}
         _write_state(state, procs)
 
@@ -267,9 +268,17 @@ def down(root: Path, state: Path | None = None, grace_s: float = 10, say=print) 
     deadline = time.monotonic() + 5  # SIGKILL is not instant: return once the groups are gone
     while any(_group_alive(rec["pgid"]) for rec in pending.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    tmp = str(_ray_temp_dir(state))  # Ray's daemons may leave the group: ours run under this stack's temp dir
+    # what left the groups (Ray's daemons, the Ray jobs' drivers and their `dvc repro`, flow runs): ours carry the
+    # stack's mark in their environment, or run under its Ray temp dir
+    tmp, mark = str(_ray_temp_dir(state)), f"{MARK}={state}".encode()
     for p in Path("/proc").iterdir():
-        if p.name.isdigit() and tmp in _cmdline(int(p.name)):
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            ours_too = mark in (p / "environ").read_bytes().split(b"\0") or tmp in _cmdline(int(p.name))
+        except OSError:  # gone, or another user's
+            continue
+        if ours_too:
             try:
                 os.kill(int(p.name), signal.SIGKILL)
             except OSError:

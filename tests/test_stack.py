@@ -91,7 +91,7 @@ def test_stack_up_is_healthy_and_idempotent(stack):
     assert (repo / ".tlstack" / "env").read_text() == again.stdout
 
 
-def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path, monkeypatch):
+def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
     """Two `tl submit` jobs at once with different -S: both succeed; two new versions in the MLflow server, the
     later gated against the earlier; both jobs' data and models in the S3 remote; no submitter secret in what
     Ray shows; a fresh clone with only the stack's URLs and keys pulls them and loads the champion."""
@@ -107,14 +107,11 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path, monkeypa
     outs = [p.communicate(timeout=300)[0] for p in subs]
     assert all(p.returncode == 0 for p in subs), outs
     jobs = [o.split("submitted job ")[1].split()[0] for o in outs]
-    from ray.job_submission import JobSubmissionClient
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    ray_jobs = JobSubmissionClient(env["TL_RAY_ADDRESS"])  # polled in-process: a CLI start per poll costs CPU
-    deadline = time.time() + 500
-    while time.time() < deadline and not all(str(ray_jobs.get_job_status(j)) in ("SUCCEEDED", "FAILED", "STOPPED")
-                                             for j in jobs):
-        time.sleep(3)
+    # one poller process (a CLI start per poll would cost CPU), with the stack's env (RAY_AUTH_MODE=token)
+    sh(sys.executable, "-c", "import sys, time; from ray.job_submission import JobSubmissionClient as C; "
+       "c = C(sys.argv[1]); end = time.time() + 500\n"
+       "while time.time() < end and not all(str(c.get_job_status(j)) in ('SUCCEEDED', 'FAILED', 'STOPPED') "
+       "for j in sys.argv[2:]): time.sleep(3)", env["TL_RAY_ADDRESS"], *jobs, cwd=repo, extra_env=env, timeout=600)
     statuses = {j: tl("status", j, cwd=repo, extra_env=env).stdout for j in jobs}
     logs = {j: tl("logs", j, cwd=repo, extra_env=env).stdout for j in jobs}
     print(f"two jobs: {time.monotonic() - t0:.1f} s")
