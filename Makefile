@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install run test test-fast bench bench-quick lock clean
+.PHONY: install run test test-fast bench bench-quick lock clean stack-up stack-down
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not gpu"
+
+# the shared stack on this machine (S3, MLflow, Prefect + worker, Ray head); ports and credentials in infra/stack.env
+stack-up: install
+	$(VENV)/bin/tl stack up
+
+stack-down:
+	$(VENV)/bin/tl stack down
 
 # every number in docs/benchmarks.md comes from these scripts
 bench: install

@@ -349,7 +349,8 @@ def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraini
 
 
 @app.command()
-def submit(address: str = typer.Option(..., help="Ray dashboard / job server, e.g. http://HEAD:8265"),
+def submit(address: str = typer.Option(..., envvar="TL_RAY_ADDRESS", help="Ray dashboard / job server, e.g. "
+                                      "http://HEAD:8265 (default: $TL_RAY_ADDRESS, which `tl stack env` sets)"),
            set_: List[str] = typer.Option([], "-S", "--set", help="param overrides for the job"),
            allow_local: bool = typer.Option(False, "--allow-local", help="submit although the registry is a local "
                                             "sqlite file or the DVC remote a local path (a Ray head on this machine)"),
@@ -383,7 +384,7 @@ def submit(address: str = typer.Option(..., help="Ray dashboard / job server, e.
 
 
 @app.command()
-def status(job_id: str, address: str = typer.Option(..., help="e.g. http://HEAD:8265")):
+def status(job_id: str, address: str = typer.Option(..., envvar="TL_RAY_ADDRESS", help="e.g. http://HEAD:8265")):
     """Status of a submitted job (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); once it has finished, the model
     version it registered and the gate's decision (from its logs)."""
     from .jobs import FINISHED, logs as job_logs, registration, status as do
@@ -399,7 +400,7 @@ def status(job_id: str, address: str = typer.Option(..., help="e.g. http://HEAD:
 
 
 @app.command()
-def logs(job_id: str, address: str = typer.Option(...), follow_logs: bool = typer.Option(False, "--follow")):
+def logs(job_id: str, address: str = typer.Option(..., envvar="TL_RAY_ADDRESS"), follow_logs: bool = typer.Option(False, "--follow")):
     """Logs of a submitted job."""
     from .jobs import follow, logs as do
 
@@ -408,6 +409,52 @@ def logs(job_id: str, address: str = typer.Option(...), follow_logs: bool = type
             typer.echo(chunk, nl=False)
     else:
         typer.echo(do(address, job_id))
+
+
+stack_app = typer.Typer(no_args_is_help=True, help="The shared stack on this machine: S3 object store, MLflow server, "
+                        "Prefect server + worker, Ray head (ports and credentials in infra/stack.env).")
+app.add_typer(stack_app, name="stack")
+_ENV_FILE = typer.Option(None, "--env-file", help="ports and credentials (default: infra/stack.env)")
+_STATE = typer.Option(None, "--dir", help="state, logs and pids (default: .tlstack/ in the project)")
+
+
+@stack_app.command("up")
+def stack_up(env_file: Optional[Path] = _ENV_FILE, state: Optional[Path] = _STATE,
+             timeout: float = typer.Option(180, help="seconds to wait for each server")):
+    """Start the stack (only what is not running yet) and wait until every server answers; print the lines to
+    export (also written to .tlstack/env: `eval "$(tl stack env)"`)."""
+    from .stack import StackError, up
+    from .tracking import project_root
+
+    try:
+        env = up(project_root(), env_file, state, timeout, say=lambda m: typer.echo(m, err=True))
+    except StackError as e:
+        _fail(e)
+    typer.echo("".join(f"export {k}={v}\n" for k, v in env.items()), nl=False)
+
+
+@stack_app.command("down")
+def stack_down(state: Optional[Path] = _STATE):
+    """Stop what `tl stack up` started (the recorded processes, nothing else). Data kept in .tlstack/ stays."""
+    from .stack import down
+    from .tracking import project_root
+
+    down(project_root(), state, say=typer.echo)
+
+
+@stack_app.command("env")
+def stack_env(env_file: Optional[Path] = _ENV_FILE, state: Optional[Path] = _STATE):
+    """Print the lines to export to use the stack (`eval "$(tl stack env)"`)."""
+    from .stack import StackError, default_env_file, export_lines, settings, status
+    from .tracking import project_root
+
+    root = project_root()
+    if not any(status(root, state).values()):
+        typer.secho("warning: the stack is not running here (`tl stack up`)", fg="yellow", err=True)
+    try:
+        typer.echo(export_lines(settings(env_file or default_env_file(root, state))), nl=False)
+    except StackError as e:
+        _fail(e)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import os
 import secrets
 import shlex
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,7 +30,7 @@ from .lineage import git_info
 # "/" anchors a pattern there): git history, secrets, environments, caches, local stores, outputs the job
 # rebuilds or pulls
 EXCLUDES = [".git", ".env*", ".venv", "venv", "/data", "/models", "/reports", "/mlruns", "/mlflow.db*",
-            "/ray_results", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "/.dvc-remote", ".tlcache",
+            "/ray_results", "/.tlstack", ".dvc/cache", ".dvc/tmp", ".dvc/config.local", "/.dvc-remote", ".tlcache",
             "__pycache__", "*.egg-info", ".pytest_cache"]
 # forwarded from the submitter's shell when set: addresses, never credentials
 PASS_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
@@ -129,7 +130,7 @@ def entrypoint(submission_id: str, overrides: list[str], stores: dict, env_file:
 
 
 def submit(address: str, overrides: list[str], workdir: Path = Path("."), pip: list[str] | None = None,
-           allow_local: bool = False, env_file: str | None = None) -> str:
+           allow_local: bool = False, env_file: str | None = None, agent_wait_s: float = 120) -> str:
     """Submit the pipeline as a Ray Job (checks first: :func:`check_stores` refuses before any connection)."""
     workdir = workdir.resolve()
     stores = check_stores(workdir, allow_local)
@@ -137,10 +138,18 @@ def submit(address: str, overrides: list[str], workdir: Path = Path("."), pip: l
     runtime_env = {"working_dir": str(workdir), "excludes": EXCLUDES, "env_vars": job_env(stores, workdir)}
     if pip:
         runtime_env["pip"] = pip
-    return _client(address).submit_job(
-        entrypoint=entrypoint(submission_id, overrides, stores, env_file), submission_id=submission_id,
-        runtime_env=runtime_env,
-        metadata={"job": "transfer-pipeline", "git_commit": runtime_env["env_vars"]["TL_GIT_COMMIT"]})
+    client = _client(address)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint(submission_id, overrides, stores, env_file), submission_id=submission_id,
+                runtime_env=runtime_env,
+                metadata={"job": "transfer-pipeline", "git_commit": runtime_env["env_vars"]["TL_GIT_COMMIT"]})
+        except RuntimeError as e:  # a head that has just started answers before its job agent is up
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _client(address: str):

@@ -102,3 +102,68 @@ def project_lock(root: str | Path, what: str | None = None):
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+class RegistryLocked(StageError):
+    """Another registration of the same model holds the registry lock for too long."""
+
+
+REGISTRY_LOCK_SUFFIX = ".registration-lock"
+
+
+@contextmanager
+def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float = 900):
+    """One registration of ``name`` at a time, across processes *and machines*: the lock lives in the registry
+    every job shares. Creating a registered model is atomic (its name is unique in the tracking store's
+    database), so whoever creates ``<name>.registration-lock`` holds the lock, and deletes it when done.
+    Others wait (up to ``wait_s``); a lock whose holder is gone is taken over: at once when the holder ran on
+    this host and its process is dead, else once the lock is older than ``stale_s``."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    lock = name + REGISTRY_LOCK_SUFFIX
+    token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    deadline, waited = time.monotonic() + wait_s, False
+    while True:
+        try:
+            c.create_registered_model(lock, tags={"holder": token, "since": f"{time.time():.3f}", "what": what},
+                                      description="held while a registration gates and moves aliases (tasks/lock.py)")
+            break
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = c.get_registered_model(lock).tags
+        except MlflowException:
+            continue  # released in between: try again at once
+        host, _, pid = (held.get("holder") or "::").partition(":")
+        dead_here = host == socket.gethostname() and pid.split(":")[0].isdigit() and not _alive(int(pid.split(":")[0]))
+        if dead_here or time.time() - float(held.get("since") or 0) > stale_s:
+            why = "its process is gone" if dead_here else f"taken more than {stale_s:.0f} s ago"
+            print(f"register: taking over the registry lock of {name} left by {held.get('holder')} "
+                  f"({held.get('what')}; {why})", flush=True)
+            try:
+                c.delete_registered_model(lock)
+            except MlflowException:
+                pass
+            continue
+        if time.monotonic() > deadline:
+            raise RegistryLocked(f"the registry lock of {name} ({lock} in {c.tracking_uri}) is held by "
+                                 f"{held.get('holder')} ({held.get('what')}) and was not released within {wait_s:.0f} s. "
+                                 f"If that registration died, delete the lock model (`{lock}`) in the MLflow UI, "
+                                 f"or wait: it is taken over after {stale_s:.0f} s.")
+        if not waited:
+            print(f"register: waiting for the registry lock of {name}, held by {held.get('holder')} "
+                  f"({held.get('what')})", flush=True)
+            waited = True
+        time.sleep(0.5 + random.random())
+    try:
+        yield
+    finally:
+        try:
+            if c.get_registered_model(lock).tags.get("holder") == token:
+                c.delete_registered_model(lock)
+        except MlflowException:
+            pass

@@ -7,7 +7,8 @@ state_dict checkpoint (loaded with ``weights_only=True``), never as a pickle.
 
 Safe to repeat and to crash: a registration is keyed by the model file, params and data
 (``registration_key``); a rerun reuses the finished run and the version instead of adding twins,
-and completes whatever a crash left undone. Aliases move last, under the project lock, and only if
+and completes whatever a crash left undone. Aliases move last, under the project lock and the registry
+lock (held in the tracking store, so it holds across machines: `tasks/lock.py`), and only if
 the champion is still the one the gate compared against (compare-and-set); otherwise the stage
 fails with "champion changed during registration" and leaves the aliases alone.
 """
@@ -26,7 +27,7 @@ from .config import Params
 from .files import file_sha256, read_json, write_json
 from .gate import Decision, Paired, decide, paired
 from .lineage import git_info, params_hash
-from .lock import project_lock
+from .lock import project_lock, registry_lock
 from .registry import load_version, refresh
 from .stage import StageError, say, stage_main
 from .tracking import client, experiment_id, project_root, tracking_uri, version_by_alias
@@ -200,7 +201,9 @@ def register(params: Params) -> dict:
     lineage = {**git_info(), **dvc_lineage("dvc.lock", manifest), "params_hash": params_hash(params),
                "model_sha256": file_sha256(params.path("models", "finetuned.pt")), **environment(params)}
     key = registration_key(lineage)
-    with project_lock(project_root(), "register stage"):
+    # the project lock keeps one checkout's runs apart; the registry lock, held in the shared registry, keeps
+    # registrations from other checkouts and machines (concurrent `tl submit` jobs) out of the gate's window
+    with project_lock(project_root(), "register stage"), registry_lock(c, name, f"register stage in {project_root()}"):
         mv = _find_version(c, name, key)
         if mv is None:
             run_id, source_uri = _log_run(c, params, experiment_id(c, params.register.experiment), key, lineage,

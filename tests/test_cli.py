@@ -1,4 +1,5 @@
-"""The `tl` CLI: lazy imports, and `tl submit` against a real local Ray head (Job Submission API)."""
+"""The `tl` CLI: lazy imports, and `tl submit`'s checks (the submission itself runs against the stack in
+tests/test_stack.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import env as sh_env, make_repo, sh
+from helpers import env as sh_env
 
 TL = Path(sys.executable).parent / "tl"
-RAY = Path(sys.executable).parent / "ray"
 
 
 def test_cli_module_imports_no_heavy_packages():
@@ -90,7 +90,7 @@ def test_only_code_is_shipped(tmp_path):
 
     never = [".git/config", ".env", ".env.prod", "flows/.env.local", ".venv/bin/python", "data/target/x.png",
              "models/finetuned.pt", "mlruns/1/meta.yaml", "mlflow.db", "ray_results/r/ckpt", ".dvc/cache/files/md5/ab",
-             ".tlcache/project.lock", ".dvc/config.local", "reports/metrics.json", "tasks/__pycache__/cli.pyc"]
+             ".tlcache/project.lock", ".tlstack/env", ".dvc/config.local", "reports/metrics.json", "tasks/__pycache__/cli.pyc"]
     code = ["tasks/cli.py", "tasks/data.py", "tlcore/models.py", "tlcore/data/loaders.py", "flows/pipeline.py",
             "dvc.yaml", "dvc.lock", "params.yaml", ".dvc/config", ".gitignore"]
     for f in never + code:
@@ -116,73 +116,3 @@ def test_job_helpers(tmp_path):
     f.write_text("# creds\nexport AWS_ACCESS_KEY_ID=abc\nAWS_SECRET_ACCESS_KEY='x y'\nURL=http://h:1 # c\n\nbad\n")
     assert read_env_file(f) == {"AWS_ACCESS_KEY_ID": "abc", "AWS_SECRET_ACCESS_KEY": "x y", "URL": "http://h:1"}
     assert job_dir("raysubmit_ab/../c").parent.name == "tl-jobs" and "/" not in job_dir("a/b").name
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    import socket
-
-    def free():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    gcs, dash = free(), free()
-    e = {"RAY_AUTH_MODE": "token"}
-    sh(RAY, "get-auth-token", "--generate", cwd=tmp_path, extra_env=e)
-    try:
-        sh(RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats", cwd=tmp_path, extra_env=e)
-        yield f"http://127.0.0.1:{dash}", e
-    finally:
-        sh(RAY, "stop", "--force", cwd=tmp_path, extra_env=e, check=False)
-
-
-@pytest.mark.slow
-def test_submit_runs_pipeline_as_ray_job(tmp_path, ray_head):
-    """A team-safe job on a real Ray head: no secret of the submitter's environment (nor of an .env file or the
-    cluster's env file) in the job's info; its own directory; pushed to the remote, registered in the submitter's
-    registry (here local, hence --allow-local); `tl status` reports the registered version and the gate."""
-    import sqlite3
-    import tempfile
-
-    address, e = ray_head
-    repo = make_repo(tmp_path / "repo", {"compress": {"methods": ["int8"]}})
-    secret, cluster_secret = "tl-sentinel-7f3a9c", "tl-cluster-sentinel-51d2"
-    (repo / ".env").write_text(f"AWS_SECRET_ACCESS_KEY={secret}\n")  # not git-ignored: excludes must keep it home
-    cluster_env = tmp_path / "cluster.env"  # "on the cluster": only its path travels
-    cluster_env.write_text(f"AWS_SECRET_ACCESS_KEY={cluster_secret}\nTL_FROM_CLUSTER_ENV=1\n")
-    submitter = {**e, "AWS_ACCESS_KEY_ID": secret, "AWS_SECRET_ACCESS_KEY": secret, "AWS_SESSION_TOKEN": secret,
-                 "MLFLOW_TRACKING_PASSWORD": secret, "MLFLOW_TRACKING_TOKEN": secret,
-                 "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}  # an address: forwarded
-    r = sh(TL, "submit", "--address", address, "-S", "finetune.epochs=1", "--allow-local",
-           "--env-file-on-cluster", cluster_env, cwd=repo, extra_env=submitter)
-    job_id = r.stdout.split("submitted job ")[1].split()[0]
-    assert f"tl logs {job_id}" in r.stdout and "--allow-local: the job registers into" in r.stdout
-    deadline, status = time.time() + 400, ""
-    while time.time() < deadline:
-        status = sh(TL, "status", job_id, "--address", address, cwd=repo, extra_env=e).stdout
-        if status.split()[0] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(3)
-    logs = sh(TL, "logs", job_id, "--address", address, cwd=repo, extra_env=e).stdout
-    assert status.startswith("SUCCEEDED"), logs[-3000:]
-    for stage in ("data", "pretrain", "finetune", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in logs
-    assert "finetune.epochs=1" in logs and "register: digits-transfer version 1" in logs
-    assert "registered: digits-transfer version 1 -> " in status, status
-    # what anyone who can list the cluster's jobs sees
-    seen = sh(sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-              "c = C(sys.argv[1]); print(repr(c.get_job_info(sys.argv[2]))); print(repr(c.list_jobs()))",
-              address, job_id, cwd=repo, extra_env=e).stdout
-    assert job_id in seen and "AWS_ENDPOINT_URL" in seen and "http://127.0.0.1:9" in seen
-    for s in (secret, cluster_secret):
-        assert s not in seen and s not in logs
-    assert f"from {cluster_env}: AWS_SECRET_ACCESS_KEY, TL_FROM_CLUSTER_ENV" in logs
-    # its own directory, removed once pushed and registered
-    own = Path(tempfile.gettempdir()) / "tl-jobs" / job_id
-    assert f"working in {own}" in logs and not own.exists()
-    # pushed to the remote, registered into the submitter's registry
-    assert any(p.is_file() for p in (repo / ".dvc-remote").rglob("*"))
-    with sqlite3.connect(repo / "mlflow.db") as db:
-        assert db.execute("select version from model_versions where name = 'digits-transfer'").fetchall() == [(1,)]

@@ -82,7 +82,48 @@ def test_dockerfile_and_compose_consistent():
     svc = compose["services"]
     assert svc["prefect"]["image"].split(":")[1].startswith(version("prefect"))
     assert svc["mlflow"]["image"].endswith("v" + version("mlflow-skinny"))
-    assert {"prefect", "postgres", "mlflow", "minio"} <= set(svc)
+    assert {"prefect", "postgres", "mlflow", "minio", "ray-head", "worker"} <= set(svc)
+
+
+def test_compose_kuberay_and_local_stack_share_env_names_images_and_credentials():
+    """One env file (infra/stack.env) for `tl stack up`, compose and the KubeRay secret: every variable compose
+    interpolates is in it, the services that hold credentials read it, the object store's keys are its AWS keys,
+    the buckets are its buckets; the Ray pods run the same image in compose and KubeRay, and get the addresses
+    under the names `tl stack env` exports and the credentials from the secret made from that file."""
+    from tasks.jobs import read_env_file
+    from tasks.stack import client_env, settings
+
+    env_file = INFRA / "stack.env"
+    keys = set(read_env_file(env_file))
+    local = settings(env_file)
+    assert set(local) == keys and set(client_env(local)) >= {"MLFLOW_TRACKING_URI", "PREFECT_API_URL",
+                                                            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"}
+    text = (INFRA / "compose.yaml").read_text()
+    used = set(re.findall(r"\$\{(\w+)\}", text)) | set(re.findall(r"\$\$(\w+)", text))
+    assert used and used <= keys, used - keys
+    svc = yaml.safe_load(text)["services"]
+    for name in ("minio", "buckets", "mlflow", "ray-head", "worker"):
+        assert svc[name]["env_file"] == "stack.env", name
+    assert svc["minio"]["environment"] == {"MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID}",
+                                           "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY}"}
+    assert "$$DVC_BUCKET" in svc["buckets"]["entrypoint"] and "$$RAY_BUCKET" in svc["buckets"]["entrypoint"]
+    addresses = set(client_env(local)) - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                          "TL_RAY_ADDRESS", "RAY_AUTH_MODE"}
+    assert addresses <= set(svc["ray-head"]["environment"]) and addresses <= set(svc["worker"]["environment"])
+    images = {svc["ray-head"]["image"], svc["worker"]["image"]}
+    for f in ("raycluster.yaml", "rayjob.yaml"):
+        raw = (INFRA / "k8s" / f).read_text()
+        assert "--from-env-file=infra/stack.env" in raw, f
+        doc = yaml.safe_load(raw)
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+        for pod in pods:
+            for c in pod["spec"]["containers"]:
+                images.add(c["image"])
+                assert c["envFrom"] == [{"secretRef": {"name": "transfer-pipeline-env"}}], f
+                assert addresses <= {e["name"] for e in c["env"]}, f
+                assert not keys & {e["name"] for e in c["env"]}  # credentials never inline
+    assert images == {"transfer-pipeline:latest"}
 
 
 def test_image_python_matches_the_lock_and_cuda_comes_once():

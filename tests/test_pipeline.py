@@ -416,3 +416,45 @@ def test_gate_refuses_a_champion_it_cannot_compare_like_with_like(repo, tmp_path
     shutil.copy2(seen, test_dir / "3" / ("from-train-" + seen.name))
     why = reg.compare_with_champion(c, NAME, champ, params, manifest, set(reg.image_hashes(test_dir)), new)
     assert isinstance(why, str) and "trained on 1 of the" in why
+
+
+def test_registry_lock_excludes_waits_and_takes_over(repo):
+    """The registry lock (tasks/lock.py) lives in the tracking store, so it holds across machines: a second taker
+    waits for the first; a lock whose holder died here is taken over at once, one too old from anywhere too."""
+    import socket
+    import threading
+    import time
+
+    from tasks.lock import REGISTRY_LOCK_SUFFIX, RegistryLocked, registry_lock
+
+    c, name, order = _mlflow(repo), "lock-drill", []
+    lock = name + REGISTRY_LOCK_SUFFIX
+
+    def second():
+        with registry_lock(c, name, "second", wait_s=60):
+            order.append("second in")
+
+    with registry_lock(c, name, "first"):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(1.5)
+        with pytest.raises(RegistryLocked, match="not released within 0 s"):
+            with registry_lock(c, name, "third", wait_s=0):
+                pass
+        order.append("first out")
+    t.join(timeout=60)
+    assert order == ["first out", "second in"] and not c.search_registered_models(f"name = '{lock}'")
+    dead = _dead_pid()
+    for holder, since in ((f"{socket.gethostname()}:{dead}:x", time.time()), ("elsewhere:1:x", 0.0)):
+        c.create_registered_model(lock, tags={"holder": holder, "since": str(since), "what": "crashed"})
+        with registry_lock(c, name, "after a crash", wait_s=5, stale_s=60):
+            assert c.get_registered_model(lock).tags["what"] == "after a crash"
+    assert not c.search_registered_models(f"name = '{lock}'")
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

@@ -1,0 +1,249 @@
+"""The shared stack (`tl stack up|down`: S3 object store, MLflow server, Prefect server + worker, Ray head) as
+real local processes, and the team workflow against it: concurrent `tl submit` jobs, the shared registry,
+the S3 DVC remote, a fresh clone that pulls and loads the champion. One stack for the whole module."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import ROOT, make_repo, sh
+from helpers import env as sh_env
+
+pytestmark = pytest.mark.slow
+PORTS = ("MLFLOW_PORT", "S3_PORT", "PREFECT_PORT", "RAY_PORT", "RAY_DASHBOARD_PORT")
+MODEL = "digits-transfer"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tl(*args, cwd, extra_env=None, check=True, **kw):
+    """This checkout's CLI (the copy's code, from its cwd), not the installed `tl` entry point."""
+    return sh(sys.executable, "-m", "tasks.cli", *args, cwd=cwd, extra_env=extra_env, check=check, **kw)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A project with the team remote (S3, in the stack) committed in .dvc/config, and the stack started from it
+    on free ports. Yields (repo, client env, seconds `tl stack up` took)."""
+    repo = make_repo(tmp_path_factory.mktemp("stack") / "repo", {
+        "data": {"synth_per_class": 20, "synth_test_per_class": 5},
+        "pretrain": {"backbone": "tinycnn", "epochs": 1},
+        "finetune": {"epochs": 1, "steps_per_epoch": 3},
+        "evaluate": {"latency_iters": 1},
+        "compress": {"methods": []},  # compression is covered by tests/test_compress.py
+        "register": {"min_accuracy": 0.0, "require_positive_transfer": False}})
+    ports = {k: str(_free_port()) for k in PORTS}
+    t0 = time.monotonic()
+    up = tl("stack", "up", "--env-file", ROOT / "infra" / "stack.env", cwd=repo, extra_env=ports, timeout=300)
+    up_s = time.monotonic() - t0
+    env = {ln.removeprefix("export ").split("=", 1)[0]: ln.split("=", 1)[1] for ln in up.stdout.splitlines()
+           if ln.startswith("export ")}
+    try:
+        sh("dvc", "remote", "add", "-d", "team", "s3://dvc/project", cwd=repo)
+        sh("dvc", "remote", "modify", "team", "endpointurl", env["AWS_ENDPOINT_URL"], cwd=repo)
+        sh("git", "commit", "-qam", "team remote", cwd=repo)
+        yield repo, {**env, **ports}, up_s
+    finally:
+        tl("stack", "down", cwd=repo, check=False)
+
+
+def _client(env):
+    from mlflow import MlflowClient
+
+    return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def _s3(env):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+
+def test_stack_up_is_healthy_and_idempotent(stack):
+    import urllib.request
+
+    repo, env, up_s = stack
+    print(f"tl stack up: {up_s:.1f} s")
+    state = json.loads((repo / ".tlstack" / "state.json").read_text())
+    assert {"s3", "mlflow", "prefect", "worker", "ray"} <= set(state)
+    for url in (env["MLFLOW_TRACKING_URI"] + "/health", env["PREFECT_API_URL"] + "/health"):
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert r.status == 200, url
+    assert {b["Name"] for b in _s3(env).list_buckets()["Buckets"]} >= {"dvc", "mlflow", "ray-checkpoints"}
+    again = tl("stack", "up", cwd=repo, extra_env=env, timeout=60)  # a second `up` starts nothing
+    assert again.stderr.count("already running") == 5, again.stderr
+    assert json.loads((repo / ".tlstack" / "state.json").read_text()) == state
+    assert (repo / ".tlstack" / "env").read_text() == again.stdout
+
+
+def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
+    """Two `tl submit` jobs at once with different -S: both succeed; two new versions in the MLflow server, the
+    later gated against the earlier; both jobs' data and models in the S3 remote; no submitter secret in what
+    Ray shows; a fresh clone with only the stack's URLs and keys pulls them and loads the champion."""
+    repo, env, _ = stack
+    secret = "tl-sentinel-7f3a9c"
+    (repo / ".env").write_text(f"AWS_SESSION_TOKEN={secret}\n")  # not git-ignored: excludes must keep it home
+    submitter = {**env, "AWS_SESSION_TOKEN": secret, "MLFLOW_TRACKING_PASSWORD": secret, "MLFLOW_TRACKING_TOKEN": secret}
+    cluster_env = repo / ".tlstack" / "env"  # "on the cluster": the stack's keys; only its path travels
+    t0 = time.monotonic()
+    subs = [subprocess.Popen([sys.executable, "-m", "tasks.cli", "submit", "-S", f"finetune.lr={lr}",
+                              "--env-file-on-cluster", str(cluster_env)], cwd=repo, env={**sh_env(), **submitter},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for lr in ("0.003", "0.01")]
+    outs = [p.communicate(timeout=300)[0] for p in subs]
+    assert all(p.returncode == 0 for p in subs), outs
+    jobs = [o.split("submitted job ")[1].split()[0] for o in outs]
+    # one poller process (a CLI start per poll would cost CPU), with the stack's env (RAY_AUTH_MODE=token)
+    sh(sys.executable, "-c", "import sys, time; from ray.job_submission import JobSubmissionClient as C; "
+       "c = C(sys.argv[1]); end = time.time() + 500\n"
+       "while time.time() < end and not all(str(c.get_job_status(j)) in ('SUCCEEDED', 'FAILED', 'STOPPED') "
+       "for j in sys.argv[2:]): time.sleep(3)", env["TL_RAY_ADDRESS"], *jobs, cwd=repo, extra_env=env, timeout=600)
+    statuses = {j: tl("status", j, cwd=repo, extra_env=env).stdout for j in jobs}
+    logs = {j: tl("logs", j, cwd=repo, extra_env=env).stdout for j in jobs}
+    print(f"two jobs: {time.monotonic() - t0:.1f} s")
+    for j, lr in zip(jobs, ("0.003", "0.01")):
+        assert statuses.get(j, "").startswith("SUCCEEDED"), logs[j][-4000:]
+        assert "registered: digits-transfer version " in statuses[j]
+        assert f"finetune.lr={lr}" in logs[j] and "Running stage 'register'" in logs[j]
+        assert f"from {cluster_env}: " in logs[j] and "AWS_SECRET_ACCESS_KEY" in logs[j]  # the cluster's env file, read
+        own = logs[j].split("job: working in ")[1].split()[0]  # its own directory, removed once pushed and registered
+        assert own.endswith(f"/tl-jobs/{j}") and not Path(own).exists()
+    # what anyone who can list the cluster's jobs sees: addresses, never a key
+    seen = sh(sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+              "c = C(sys.argv[1]); print(repr([c.get_job_info(j) for j in sys.argv[2:]])); print(repr(c.list_jobs()))",
+              env["TL_RAY_ADDRESS"], *jobs, cwd=repo, extra_env=env).stdout
+    assert env["MLFLOW_TRACKING_URI"] in seen
+    for s in (secret, env["AWS_SECRET_ACCESS_KEY"]):
+        assert s not in seen and all(s not in lg for lg in logs.values())
+
+    # the shared registry: two versions, the later gated against the earlier, aliases agree with the gate
+    c = _client(env)
+    vs = sorted(c.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
+    assert [v.version for v in vs] == ["1", "2"]
+    v1, v2 = vs
+    assert v1.tags["gate_decision"] == "promoted" and v1.tags["gate_compared_with"] == ""
+    assert v2.tags["gate_compared_with"] == "1" and v2.tags["gate_decision"] in ("promoted", "rejected")
+    champion = c.get_model_version_by_alias(MODEL, "champion").version
+    assert champion == ("2" if v2.tags["gate_decision"] == "promoted" else "1")
+    assert v1.run_id != v2.run_id and v1.tags["model_sha256"] != v2.tags["model_sha256"]
+
+    # both jobs' data and models in the S3 remote: every output of each version's dvc.lock (from its MLflow
+    # run, through the server's artifact proxy to the mlflow bucket) is an object under s3://dvc/project
+    s3 = _s3(env)
+    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc", Prefix="project/")
+            for o in page.get("Contents", [])}
+    locks = {}
+    for v in vs:
+        d = c.download_artifacts(v.run_id, "lineage", str(tmp_path / f"v{v.version}"))
+        locks[v.version] = Path(d) / "dvc.lock"
+        lock = yaml.safe_load(locks[v.version].read_text())
+        md5s = {o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+                if o["path"].split("/")[0] in ("data", "models")}  # cached outputs (reports are git-tracked metrics)
+        assert md5s and all(f"project/files/md5/{m[:2]}/{m[2:]}" in keys for m in md5s), (v.version, md5s)
+
+    # a fresh clone, with only the stack's URLs and keys: `dvc pull` the champion's lineage, load the champion
+    fresh = tmp_path / "fresh"
+    sh("git", "clone", "-q", repo, fresh, cwd=tmp_path)
+    (fresh / "dvc.lock").write_bytes(locks[champion].read_bytes())
+    only_stack = {k: v for k, v in env.items() if k not in PORTS}
+    pulled = sh("dvc", "pull", cwd=fresh, extra_env=only_stack)
+    assert (fresh / "models" / "finetuned.pt").is_file(), pulled.stdout
+    assert hashlib.sha256((fresh / "models" / "finetuned.pt").read_bytes()).hexdigest().startswith(
+        vs[int(champion) - 1].tags["model_sha256"])
+    image = next((fresh / "data").rglob("*.png"))
+    pred = tl("predict", image, cwd=fresh, extra_env=only_stack)
+    assert str(image) in pred.stdout and len(pred.stdout.strip().split("\t")) == 3, pred.stdout
+
+
+def _api(env, path: str, body: dict | None = None):
+    import urllib.request
+
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path, data=json.dumps(body or {}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _runs(env, deployment: str) -> list[dict]:
+    dep = _api(env, "/deployments/filter", {"deployments": {"name": {"any_": [deployment]}}})
+    return _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep[0]["id"]]}}}) if dep else []
+
+
+def _wait_completed(env, deployment: str, timeout_s: float, auto_scheduled: bool = False) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        runs = [r for r in _runs(env, deployment) if r["auto_scheduled"] == auto_scheduled]
+        done = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+        if done:
+            return done[0]
+        time.sleep(2)
+    raise AssertionError(f"no {deployment} run finished within {timeout_s} s: {_runs(env, deployment)}")
+
+
+def test_prefect_deployments_run_on_the_stack_worker(stack):
+    """prefect.yaml deploys to the stack's Prefect server; its process worker runs a `transfer-pipeline`
+    deployment run (registering into the stack's MLflow, pushing to its S3 remote), then a scheduled `retrain`
+    (a once-a-minute schedule) fires and completes: the data did not change, so it has nothing to do."""
+    repo, env, _ = stack
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    t0 = time.monotonic()
+    sh("prefect", "--no-prompt", "deploy", "--name", "transfer-pipeline", cwd=repo, extra_env=env)
+    sh("prefect", "deployment", "run", "transfer-pipeline/transfer-pipeline", cwd=repo, extra_env=env)
+    run = _wait_completed(env, "transfer-pipeline", 400)
+    assert run["state_type"] == "COMPLETED", run
+    print(f"transfer-pipeline deployment run: {time.monotonic() - t0:.1f} s")
+    c = _client(env)
+    reg = json.loads((repo / "reports" / "registration.json").read_text())
+    assert reg["tracking_uri"] == env["MLFLOW_TRACKING_URI"] and c.get_model_version(MODEL, str(reg["version"]))
+    # the nightly schedule, made once a minute: the worker picks it up and the run completes
+    for d in doc["deployments"]:
+        if d["name"] == "retrain-nightly":
+            d["schedules"] = [{"cron": "* * * * *", "timezone": "UTC"}]
+    (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    t1 = time.monotonic()
+    sh("prefect", "--no-prompt", "deploy", "--name", "retrain-nightly", cwd=repo, extra_env=env)
+    run = _wait_completed(env, "retrain-nightly", 150, auto_scheduled=True)
+    assert run["state_type"] == "COMPLETED" and "nothing to do" in (run["state"]["message"] or ""), run
+    print(f"scheduled retrain: {time.monotonic() - t1:.1f} s")
+
+
+def test_stack_down_stops_what_it_started_and_nothing_else(stack, tmp_path):
+    repo, env, _ = stack
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        state = json.loads((repo / ".tlstack" / "state.json").read_text())
+        t0 = time.monotonic()
+        out = tl("stack", "down", cwd=repo, timeout=120).stdout
+        print(f"tl stack down: {time.monotonic() - t0:.1f} s")
+        for name in ("s3", "mlflow", "prefect", "worker", "ray"):
+            assert f"stopped {name}" in out or f"killed {name}" in out, out
+            with pytest.raises(ProcessLookupError):
+                os.killpg(state[name]["pgid"], 0)
+        left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(repo) in _cmd(p)]
+        assert not left, [_cmd(p) for p in left]
+        assert decoy.poll() is None  # not ours: untouched
+        assert "nothing running" in tl("stack", "down", cwd=repo).stdout
+    finally:
+        decoy.send_signal(signal.SIGKILL)
+
+
+def _cmd(p: Path) -> str:
+    try:
+        return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
