@@ -94,10 +94,11 @@ def decoded_once(monkeypatch):
 
     real, memo = domains.load_domain, _DECODED
 
-    def load_domain(params, role, arch):
-        key = (str(params.path("data", role).resolve()), role, arch, params.data.skip_corrupt)
+    def load_domain(params, role, arch, manifest=None):
+        key = (str(params.path("data", role).resolve()), role, arch, params.model_dump_json(include={"data"}),
+               json.dumps(manifest, sort_keys=True, default=str))
         if key not in memo:
-            memo[key] = real(params, role, arch)
+            memo[key] = real(params, role, arch, manifest)
         return tuple(ImageDataset(d.images, d.targets, d.classes, d.transform) for d in memo[key])
 
     for module in (domains, baselines, evaluate):
