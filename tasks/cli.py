@@ -196,7 +196,10 @@ def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIG
     from .rank import rank as do, table
 
     try:
-        r = do(load_params(params, set_), candidate, include_source=source, validator=validator)
+        # ranking trains nothing, so finetune.strategy is not its business: a labeled-only strategy in
+        # params.yaml must not stop `tl rank -S data.labels_per_class=0`
+        r = do(load_params(params, [*set_, "finetune.strategy=auto"]), candidate, include_source=source,
+               validator=validator)
     except (ParamsError, StageError, ValueError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(json.dumps(r, indent=2) if as_json else table(r))

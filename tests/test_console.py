@@ -102,7 +102,7 @@ def test_verbose_flags_reach_the_stages(tmp_path, monkeypatch):
     from tasks import cli
     from tasks.stage import stage_main
 
-    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(console.VERBOSE_ENV, "0")  # recorded first, so teardown leaves TL_VERBOSE as it found it
     seen = []
     stage_main(lambda p: seen.append(console.verbose()), [], load=lambda path, overrides: None)
     stage_main(lambda p: seen.append(console.verbose()), ["--verbose"], load=lambda path, overrides: None)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from helpers import ROOT
+from helpers import ROOT, env
 from tasks.config import ParamsError, load_params
 
 
@@ -111,7 +112,6 @@ def _kill_after_first_trial(root, sets) -> None:
 
 @pytest.mark.slow
 def test_tune_resumes_after_a_crash_logs_every_trial_and_applies_the_best(project):
-    from tasks import cli
     from tasks.config import load_params
     from tasks.files import read_json
     from tasks.tracking import client
@@ -124,8 +124,10 @@ def test_tune_resumes_after_a_crash_logs_every_trial_and_applies_the_best(projec
              if len(f.read_text().splitlines()) >= 2}
 
     # the same command again: the experiment is restored, the finished trial kept, the rest run; --apply writes back
-    r = CliRunner().invoke(cli.app, ["tune", "--apply", "--json", *sum((["-S", s] for s in sets), [])])
-    assert r.exit_code == 0, r.output
+    # in its own process, as a user reruns it (not in pytest's, where an earlier test's Ray session may linger)
+    r = subprocess.run([sys.executable, "-m", "tasks.cli", "tune", "--apply", "--json", *sum((["-S", s] for s in sets), [])],
+                       cwd=root, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout)  # --json: stdout is the result alone (progress goes to stderr)
     assert out == json.loads((root / "reports" / "tune.json").read_text())
     assert out["restored"] and out["objective"] == "val_free_snd" and out["mode"] == "max"
