@@ -151,7 +151,7 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict, *, fa
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint; see the log above.")
     with result.checkpoint.as_directory() as d:
         state = load_state(d)
-    model = models.from_state(job.arch, TransferNet.model_state(state["net"]))
+    model = models.from_state(job.arch, TransferNet.model_state(state["net"]), in_channels=job.channels())
     mark_done(local_run_dir, state["epoch"])
     info = {"workers": max(1, rc.num_workers), "threads_per_worker": threads,
             "precision": state.get("config", {}).get("precision", job.optim.precision), "ray_run": name}

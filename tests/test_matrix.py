@@ -33,7 +33,7 @@ OPTDIGITS_TRAIN = 1257  # images in the embedded optdigits target's training spl
 
 
 def _folder(root: Path, seed: int) -> Path:
-    """A user's ImageFolder: RGB photos of mixed sizes (decoded to the backbone's grey 32x32)."""
+    """A user's ImageFolder: RGB photos of mixed sizes (read in colour, resized to the backbone's 32x32)."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         for c in PETS:
@@ -69,14 +69,16 @@ def projects(tmp_path_factory):
         with contextlib.chdir(p):
             params = load_params("params.yaml")
             prepare(params)
-            if src in trained:  # one source model per source, shared
+            # one source model per source and channel count (data.channels auto follows the target), shared
+            model_key = (src, json.loads((p / "data" / "manifest.json").read_text())["target"]["channels"])
+            if model_key in trained:
                 (p / "models").mkdir()
-                shutil.copy(trained[src] / "models" / "source.pt", p / "models" / "source.pt")
+                shutil.copy(trained[model_key] / "models" / "source.pt", p / "models" / "source.pt")
                 (p / "reports").mkdir()
-                shutil.copy(trained[src] / "reports" / "pretrain.json", p / "reports" / "pretrain.json")
+                shutil.copy(trained[model_key] / "reports" / "pretrain.json", p / "reports" / "pretrain.json")
             else:
                 pretrain(params)
-                trained[src] = p
+                trained[model_key] = p
         out[key] = p
     return out
 
