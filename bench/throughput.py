@@ -50,7 +50,7 @@ def _job(params, ds):
 
 def _row(setup: str, workers: int, threads: int, precision: str, hist: list[dict], total: float, rss: float) -> dict:
     steady = hist[1:]
-    images = sum(h["train_images_per_s"] * h["epoch_time_s"] for h in steady) * workers  # rank 0 counts its shard
+    images = sum(h["train_images_per_s"] * h["epoch_time_s"] for h in steady)  # the engine counts every rank
     return {"setup": setup, "workers": workers, "threads": threads, "precision": precision,
             "images_per_s": images / sum(h["epoch_time_s"] for h in steady),
             "startup_s": total - sum(h["epoch_time_s"] for h in hist), "peak_rss_mb": rss}
