@@ -223,10 +223,14 @@ def tune(params: Path = typer.Option(Path("params.yaml"), help="params file"),
 
     import contextlib
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: the JSON only
+    from .lock import ProjectLocked, project_lock
+    from .tracking import project_root
+
+    try:  # one run at a time: a search reads data/ and models/, and --apply writes params.yaml
+        with project_lock(project_root(params.resolve().parent), "tl tune " + " ".join(f"-S {s}" for s in set_)), \
+                contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: JSON only
             r = do(load_params(params, set_), fresh=fresh, apply_to=params if apply else None, verbose=0 if as_json else 1)
-    except (ParamsError, StageError) as e:
+    except (ParamsError, StageError, ProjectLocked) as e:
         _fail(e)
     typer.echo(json.dumps(r, indent=2) if as_json else table(r))
     if apply:

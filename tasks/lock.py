@@ -117,8 +117,10 @@ def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float =
     every job shares. Creating a registered model is atomic (its name is unique in the tracking store's
     database), so whoever creates ``<name>.registration-lock`` holds the lock, and deletes it when done.
     Others wait (up to ``wait_s``); a lock whose holder is gone is taken over: at once when the holder ran on
-    this host and its process is dead, else once the lock is older than ``stale_s``."""
+    this host and its process is dead, else once its heartbeat (the ``since`` tag, refreshed every
+    ``stale_s / 10`` while held) is older than ``stale_s``, so a slow but live registration is never taken over."""
     import random
+    import threading
     import time
 
     from mlflow.exceptions import MlflowException
@@ -137,15 +139,19 @@ def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float =
         try:
             held = c.get_registered_model(lock).tags
         except MlflowException:
-            continue  # released in between: try again at once
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue  # released in between: try again
         host, _, pid = (held.get("holder") or "::").partition(":")
         dead_here = host == socket.gethostname() and pid.split(":")[0].isdigit() and not _alive(int(pid.split(":")[0]))
         if dead_here or time.time() - float(held.get("since") or 0) > stale_s:
             why = "its process is gone" if dead_here else f"taken more than {stale_s:.0f} s ago"
             print(f"register: taking over the registry lock of {name} left by {held.get('holder')} "
                   f"({held.get('what')}; {why})", flush=True)
-            try:
-                c.delete_registered_model(lock)
+            try:  # only the lock we judged stale: another waiter may have taken it over since
+                if c.get_registered_model(lock).tags.get("holder") == held.get("holder"):
+                    c.delete_registered_model(lock)
             except MlflowException:
                 pass
             continue
@@ -159,9 +165,23 @@ def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float =
                   f"({held.get('what')})", flush=True)
             waited = True
         time.sleep(0.5 + random.random())
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(stale_s / 10):
+            try:
+                if c.get_registered_model(lock).tags.get("holder") == token:
+                    c.set_registered_model_tag(lock, "since", f"{time.time():.3f}")
+            except MlflowException:
+                pass
+
+    beat = threading.Thread(target=heartbeat, name="registry-lock-heartbeat", daemon=True)
+    beat.start()
     try:
         yield
     finally:
+        stop.set()
+        beat.join(timeout=5)
         try:
             if c.get_registered_model(lock).tags.get("holder") == token:
                 c.delete_registered_model(lock)

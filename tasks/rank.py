@@ -96,6 +96,8 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
     """Score every candidate; returns ``{"rows": [...] best first, "labeled": N, "labels_per_class": k,
     "score": the column the rows are ordered by}``. With 0 labels per class the rows hold the label-free
     validators on the unlabeled pool, ordered by ``validator`` (see the module docstring)."""
+    import numpy as np
+
     from tlcore import data, transferability, validators
 
     set_torch_threads(params)
@@ -122,7 +124,11 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
                 ds = data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt,
                                      resize=spec.resize_size, interpolation=spec.interpolation)
                 b = data.label_budget_split(ds.targets.numpy(), k, params.base.seed, params.data.val_per_class)
-                splits[key] = ds.subset(b.unlabeled if k == 0 else b.labeled)
+                if k == 0:  # a seeded random sample of the pool (the split is ordered class by class)
+                    pick = np.random.default_rng(params.base.seed).permutation(b.unlabeled)[:POOL_IMAGES]
+                    splits[key] = ds.subset(np.sort(pick))
+                else:
+                    splits[key] = ds.subset(b.labeled)
             images = splits[key]
             images.transform = data.build_transform(spec, train=False, channels=channels)
             loader = data.make_loader(images, params.evaluate.batch_size, train=False)

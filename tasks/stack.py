@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -69,7 +70,7 @@ def client_env(s: dict[str, str]) -> dict[str, str]:
 
 
 def export_lines(s: dict[str, str]) -> str:
-    return "".join(f"export {k}={v}\n" for k, v in client_env(s).items())
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in client_env(s).items())  # safe to eval
 
 
 def _ray_temp_dir(state: Path) -> Path:
@@ -228,7 +229,10 @@ def up(root: Path, env_file: Path | None = None, state: Path | None = None, time
             wait("worker")
         elif name == "prefect":
             say(f"stack: worker already running (pid {procs['worker']['pid']})")
-    (state / "env").write_text(export_lines(s))
+    env_path = state / "env"
+    env_path.touch(mode=0o600)  # it holds the object store's secret key
+    env_path.chmod(0o600)
+    env_path.write_text(export_lines(s))
     return client_env(s)
 
 

@@ -102,10 +102,11 @@ class TuneReport:
 
 def trial(config: dict, params: Params, root: str, metric: str, threads: int) -> None:
     """One Tune trial: the finetune job with this trial's strategy, learning rate and params."""
+    import numpy as np
     import torch
     from ray import tune
 
-    from tlcore import data, models
+    from tlcore import data
 
     from .domains import load_domain
     from .hardware import resolve_precision
@@ -117,13 +118,16 @@ def trial(config: dict, params: Params, root: str, metric: str, threads: int) ->
     c = config["trial"]
     job, _ = target_job(params, c["strategy"], c["strategy_params"])
     device = torch.device("cuda" if params.ray.use_gpu else "cpu")
-    precision, _ = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device)
+    precision, _ = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device,
+                                     image_shape=job.image_shape())
     job.optim = job.optim.model_copy(update={"lr": c["lr"], "epochs": params.tune.epochs, "precision": precision})
     pool = None
     if metric.startswith("val_free_"):
-        pool = load_domain(params, "target", job.arch)[0]  # the training split, labels unused
-        pool.transform = data.build_transform(models.get_spec(job.arch), train=False)
-        pool = data.make_loader(pool, params.evaluate.batch_size, train=False)
+        train, test = load_domain(params, "target", job.arch)  # the training split, labels unused
+        # a seeded random sample (the split is ordered class by class), fed as evaluation feeds the model
+        pick = np.random.default_rng(params.base.seed).permutation(len(train))[:VALIDATOR_IMAGES]
+        pool = data.make_loader(train.subset(np.sort(pick), transform=test.transform), params.evaluate.batch_size,
+                                train=False)
     trainer = build_trainer(job, device, callbacks=[TuneReport(metric, pool, device)], log=None)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # a restored experiment: go on from the trial's last epoch
