@@ -1,5 +1,7 @@
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,14 @@ def _threads():
     import torch
 
     torch.set_num_threads(2)
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch) -> Path:
+    """An empty project folder holding the repository's params.yaml, as the working directory (a test module
+    may define its own ``project``)."""
+    p = tmp_path / "project"
+    p.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", p / "params.yaml")
+    monkeypatch.chdir(p)
+    return p

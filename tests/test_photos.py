@@ -4,7 +4,6 @@ normalisation and augmentation a run feeds its model follow ``data.image_size``,
 folder of RGB photos of mixed sizes, with its weights read from the torch cache."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT
 from tasks.config import ParamsError, load_params
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
@@ -32,15 +30,6 @@ def _photos(root: Path, n_train=4, n_test=2) -> Path:
                 a = np.clip(np.array(rgb) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(a).save(root / split / c / f"{i}.{'jpg' if i % 2 else 'png'}")
     return root
-
-
-@pytest.fixture()
-def project(tmp_path, monkeypatch) -> Path:
-    p = tmp_path / "project"
-    p.mkdir()
-    shutil.copy(ROOT / "params.yaml", p / "params.yaml")
-    monkeypatch.chdir(p)
-    return p
 
 
 def _manifest(target_channels: int) -> dict:

@@ -5,14 +5,12 @@ tests/test_matrix.py."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT
 from tasks.config import ParamsError, load_params
 from tasks.plan import budget_text, label_sets, labels_per_class, plan
 
@@ -25,15 +23,6 @@ def _folder(root: Path, classes=("cat", "dog"), n_train=3, n_test=2) -> Path:
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / split / c / f"{i}.png")
     return root
-
-
-@pytest.fixture()
-def project(tmp_path, monkeypatch) -> Path:
-    p = tmp_path / "project"
-    p.mkdir()
-    shutil.copy(ROOT / "params.yaml", p / "params.yaml")
-    monkeypatch.chdir(p)
-    return p
 
 
 def _plan(project, sets=()):
