@@ -1,6 +1,7 @@
 """Shared helpers for integration tests: a temporary git + DVC copy of the project with tiny params."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,10 @@ def make_repo(dst: Path, params: dict | None = None) -> Path:
     """Copy the project into ``dst`` with the tiny params (``params`` merged in), as a git + DVC repo with a
     local remote and one commit (:func:`tasks.project.copy_project`)."""
     return copy_project(dst, deep_update(yaml.safe_load(yaml.safe_dump(TINY)), params or {}), env())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import env, make_repo, sh
+from helpers import env, free_port, make_repo, sh
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).parent / "ray"
@@ -71,15 +70,9 @@ def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5, 6]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    port = _free_port()
+    port = free_port()
     e = {"RAY_AUTH_MODE": "token"}  # `ray start` nodes authenticate with ~/.ray/auth_token
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     sh(RAY, "get-auth-token", "--generate", cwd=tmp_path, extra_env=e)  # a fresh machine may have no token yet

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, make_repo, sh
+from helpers import ROOT, free_port, make_repo, sh
 from helpers import env as sh_env
 
 pytestmark = pytest.mark.slow
 PORTS = ("MLFLOW_PORT", "S3_PORT", "PREFECT_PORT", "RAY_PORT", "RAY_DASHBOARD_PORT")
 MODEL = "digits-transfer"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tl(*args, cwd, extra_env=None, check=True, **kw):
@@ -46,7 +39,7 @@ def stack(tmp_path_factory):
         "evaluate": {"latency_iters": 1},
         "compress": {"methods": []},  # compression is covered by tests/test_compress.py
         "register": {"min_accuracy": 0.0, "require_positive_transfer": False}})
-    ports = {k: str(_free_port()) for k in PORTS}
+    ports = {k: str(free_port()) for k in PORTS}
     t0 = time.monotonic()
     up = tl("stack", "up", "--env-file", ROOT / "infra" / "stack.env", cwd=repo, extra_env=ports, timeout=300)
     up_s = time.monotonic() - t0
