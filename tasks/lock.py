@@ -30,7 +30,8 @@ class ProjectLocked(StageError):
     """Another process holds the project lock."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ def project_lock(root: str | Path, what: str | None = None):
                 f"registry in step.")
         before = _read(path)
         if before.get("pid") and before.get("host") == socket.gethostname() and before.get("pid") != os.getpid() \
-                and not _alive(int(before["pid"])):
+                and not pid_alive(int(before["pid"])):
             print(f"lock: took over the project lock left by pid {before['pid']} (`{before.get('command', '?')}`, "
                   f"no longer running)", file=sys.stderr, flush=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "token": secrets.token_hex(8),
@@ -144,7 +145,7 @@ def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float =
             time.sleep(0.1)
             continue  # released in between: try again
         host, _, pid = (held.get("holder") or "::").partition(":")
-        dead_here = host == socket.gethostname() and pid.split(":")[0].isdigit() and not _alive(int(pid.split(":")[0]))
+        dead_here = host == socket.gethostname() and pid.split(":")[0].isdigit() and not pid_alive(int(pid.split(":")[0]))
         if dead_here or time.time() - float(held.get("since") or 0) > stale_s:
             why = "its process is gone" if dead_here else f"taken more than {stale_s:.0f} s ago"
             print(f"register: taking over the registry lock of {name} left by {held.get('holder')} "

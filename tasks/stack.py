@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from .jobs import read_env_file
+from .lock import pid_alive
 from .project import configure_environment, tool
 
 STATE_DIR = ".tlstack"
@@ -138,11 +139,7 @@ def _cmdline(pid: int) -> str:
 
 def _alive(rec: dict) -> bool:
     """The recorded process still runs (the same command: a reused pid is not ours)."""
-    try:
-        os.kill(rec["pid"], 0)
-    except OSError:
-        return False
-    return rec["argv0"] in _cmdline(rec["pid"])
+    return pid_alive(rec["pid"]) and rec["argv0"] in _cmdline(rec["pid"])
 
 
 def _read_state(state: Path) -> dict:
