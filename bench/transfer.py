@@ -27,6 +27,7 @@ TRANSFER = ["linear_probe", "finetune", "gradual_unfreeze", "joint", "dann", "mc
 UDA = {"dann", "mcc", "semi"}
 BUDGETS = [0, 1, 2, 3, 5, 10, None]
 DEFAULT_PAIR = ("synth_digits", "optdigits")
+SEEDS = 3
 
 
 def pair_files(source: str, target: str, dest: Path) -> tuple[Path, Path, str]:
@@ -59,7 +60,7 @@ def optim_config(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, p
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, budgets 0/1/10, shorter schedules")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=SEEDS)
     ap.add_argument("--synth-per-class", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=8, help="target-side epochs (x --steps steps)")
     ap.add_argument("--steps", type=int, default=25)
@@ -209,7 +210,8 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
     complete = all(len(_vals(results.get(m, {}).get(c))) >= n
                    for m in ["scratch"] + TRANSFER for c in cols if c != "0" or m in UDA)
     ceil_vals = _vals(results.get("train_on_target", {}).get("all"))
-    cmd = f"python -m bench.transfer --pair {source}:{target}" + (" --quick" if settings["quick"] else "")
+    cmd = f"python -m bench.transfer --pair {source}:{target}" + (" --quick" if settings["quick"] else
+                                                                   f" --seeds {n}" if n != SEEDS else "")
     synth = (f"{settings['synth_per_class']} synthetic images per class; " if "synth_digits" in pair else "")
     lines = [f"## Transfer benchmark: {source} -> {target}", "",
              *([f"Shift: {shift}.", ""] if shift else []),

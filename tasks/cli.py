@@ -183,8 +183,8 @@ def rank(candidate: List[str] = typer.Option([], "--candidate", help="ARCH[:WEIG
          source: bool = typer.Option(True, help="include the project's models/source.pt when it exists"),
          params: Path = typer.Option(Path("params.yaml"), help="params file"),
          set_: List[str] = typer.Option([], "-S", "--set", help="param overrides, e.g. -S data.labels_per_class=5"),
-         validator: str = typer.Option("snd", help="with 0 target labels: the label-free score to rank by "
-                                       "(entropy | im | snd | bnm)"),
+         validator: str = typer.Option("auto", help="with 0 target labels: the label-free score to rank by "
+                                       "(entropy | im | snd | bnm; auto: the one the selection benchmark found best)"),
          as_json: bool = typer.Option(False, "--json", help="print the ranking as JSON")):
     """Rank candidate source models / backbones for the target before training: LogME on their penultimate
     features, LEEP and NCE on their source classifier, over the labeled target budget (never the test split);
@@ -324,9 +324,12 @@ def predict(paths: List[Path] = typer.Argument(..., help="image files, folders (
 
 
 @app.command()
-def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraining"),
+def serve(cron: Optional[str] = typer.Option(None, help="cron schedule for retraining (default: 0 3 * * *, "
+                                                         "03:00 every day)"),
+          interval: Optional[float] = typer.Option(None, min=1, help="retrain every this many seconds instead "
+                                                                      "(the first run one interval from now)"),
           name: Optional[str] = typer.Option(None, help="deployment name (default: retrain-<project folder>)")):
-    """Serve the `retrain` flow on a cron schedule from this machine (Ctrl-C stops).
+    """Serve the `retrain` flow on a cron or interval schedule from this machine (Ctrl-C stops).
 
     Uses PREFECT_API_URL if set; otherwise starts a local Prefect server (with its scheduler and UI)
     for as long as this command runs, since Prefect's ephemeral API never fires schedules."""
@@ -341,16 +344,21 @@ def serve(cron: str = typer.Option("0 3 * * *", help="cron schedule for retraini
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGHUP, stop)  # a closed terminal
+    if cron is not None and interval is not None:
+        _fail(ValueError(f"tl serve: give --cron or --interval, not both (got --cron {cron!r} and --interval "
+                         f"{interval:g}); a deployment served here has one schedule"))
+    schedule = {"interval": interval} if interval is not None else {"cron": cron or "0 3 * * *"}
     root = project_root()
     name = name or f"retrain-{root.name}"
     with prefect_api(root / ".tlcache" / "prefect-server.log") as url:
         typer.echo(f"Prefect API {url} (UI: {url.removesuffix('/api')})")
         from flows.retrain import retrain
 
-        typer.echo(f"serving deployment retrain/{name} with cron {cron!r} for {root}")
+        when = f"every {interval:g} s" if interval is not None else f"with cron {schedule['cron']!r}"
+        typer.echo(f"serving deployment retrain/{name} {when} for {root}")
         try:
             # limit=1: a run that outlasts the interval, or runs missed while down, never overlap in one repo
-            retrain.serve(name=name, cron=cron, parameters={"repo": str(root)}, limit=1)
+            retrain.serve(name=name, parameters={"repo": str(root)}, limit=1, **schedule)
         except KeyboardInterrupt:
             typer.echo("stopped")
 

@@ -304,6 +304,15 @@ class Ray(_Section):
 
 
 VALIDATORS = ("entropy", "im", "snd", "bnm")  # label-free objectives of `tl tune` (tlcore.validators, no source data)
+# What `auto` means for tune.validator and `tl rank --validator`: of VALIDATORS, the one with the lowest mean regret
+# in the selection benchmark (`python -m bench.selection`, docs/benchmarks.md). tests/test_validators.py holds this
+# to docs/selection_benchmark.json, so a re-run that finds another best fails until this line follows it.
+AUTO_VALIDATOR = "snd"
+
+
+def resolve_validator(name: str) -> str:
+    """``auto`` -> :data:`AUTO_VALIDATOR`; any other name as given."""
+    return AUTO_VALIDATOR if name == "auto" else name
 
 
 class Tune(_Section):
@@ -314,8 +323,9 @@ class Tune(_Section):
         default_factory=dict, description="per strategy, values to try for each of its params, e.g. "
                                           "{mcc: {temperature: [2.0, 3.0]}}")
     epochs: int = Field(4, ge=1, description="epochs per trial (ASHA's max_t); finetune.epochs is left alone")
-    validator: Literal[VALIDATORS] = Field(  # type: ignore[valid-type]
-        "snd", description="the objective when data.val_per_class = 0 (no labeled validation images)")
+    validator: Literal[("auto", *VALIDATORS)] = Field(  # type: ignore[valid-type]
+        "auto", description="the objective when data.val_per_class = 0 (no labeled validation images); auto = the "
+                            f"validator the selection benchmark found best ({AUTO_VALIDATOR})")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep the best 1/reduction_factor at each rung")
     concurrent_trials: int = Field(1, ge=1, description="trials at once; each gets the cluster's CPUs / this")

@@ -11,7 +11,8 @@ local torch cache; no WEIGHTS is random initialisation, the floor any real candi
 With ``data.labels_per_class: 0`` there is nothing labeled to score on: each candidate with a classifier of its
 own is then scored label-free, by :mod:`tlcore.validators` (entropy, IM, SND, BNM) of its source-class predictions
 on the unlabeled target pool (up to :data:`POOL_IMAGES` images of the training split, labels unused), ranked by
-one of them (``validator``, default SND). That asks "how confidently and consistently does the source model
+one of them (``validator``; ``auto``, the default, is the one the selection benchmark found best,
+:data:`tasks.config.AUTO_VALIDATOR`). That asks "how confidently and consistently does the source model
 cluster the target?", a weaker signal than LogME with labels; a candidate without a classifier gets no score.
 """
 from __future__ import annotations
@@ -24,12 +25,11 @@ from pathlib import Path
 from .checkpoints import load_checkpoint
 from .hardware import device_for, set_torch_threads
 from .stage import StageError, say
-from .config import EMBEDDED, Params
+from .config import EMBEDDED, VALIDATORS, Params, resolve_validator
 from .plan import labels_per_class
 
 SOURCE = "source.pt"
 POOL_IMAGES = 2000  # unlabeled target images a label-free ranking reads
-LABEL_FREE = ("entropy", "im", "snd", "bnm")
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _target_root(params: Params, tmp: Path) -> Path:
                                 test_fraction=params.data.target_test_fraction)
 
 
-def rank(params: Params, candidates: list[str], include_source: bool = True, validator: str = "snd") -> dict:
+def rank(params: Params, candidates: list[str], include_source: bool = True, validator: str = "auto") -> dict:
     """Score every candidate; returns ``{"rows": [...] best first, "labeled": N, "labels_per_class": k,
     "score": the column the rows are ordered by}``. With 0 labels per class the rows hold the label-free
     validators on the unlabeled pool, ordered by ``validator`` (see the module docstring)."""
@@ -103,8 +103,9 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
     set_torch_threads(params)
     device = device_for(params)
     k = labels_per_class(params)
-    if k == 0 and validator not in LABEL_FREE:
-        raise StageError(f"--validator {validator!r}: choose one of {', '.join(LABEL_FREE)}")
+    validator = resolve_validator(validator)
+    if k == 0 and validator not in VALIDATORS:
+        raise StageError(f"--validator {validator!r}: choose auto or one of {', '.join(VALIDATORS)}")
     todo = [parse_candidate(t) for t in candidates]
     if include_source and params.path("models", SOURCE).is_file():
         todo.insert(0, Candidate(SOURCE, "", None))  # its architecture is read from the checkpoint
@@ -136,7 +137,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
             if k == 0:
                 feats, logits, _ = validators.features_and_logits(model, loader, device, limit=POOL_IMAGES)
                 free = validators.scores(logits) if has_head else {}
-                rows.append({**row, "features": int(feats.shape[1]), **{v: free.get(v) for v in LABEL_FREE}})
+                rows.append({**row, "features": int(feats.shape[1]), **{v: free.get(v) for v in VALIDATORS}})
                 continue
             feats, logits, y = validators.features_and_logits(model, loader, device)
             s = transferability.scores(feats.numpy(), y.numpy(), logits.softmax(1).numpy() if has_head else None,
@@ -172,7 +173,7 @@ def model_in_channels(model) -> int:
 def table(result: dict) -> str:
     """The ranking, for people: best LogME first; ``-`` where a score does not apply."""
     free = result["labels_per_class"] == 0
-    cols = ["rank", "candidate", "arch", "features", *(LABEL_FREE if free else ("logme", "leep", "nce"))]
+    cols = ["rank", "candidate", "arch", "features", *(VALIDATORS if free else ("logme", "leep", "nce"))]
     fmt = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
     cells = [[str(i + 1)] + [fmt(r[c]) for c in cols[1:]] for i, r in enumerate(result["rows"])]
     widths = [max(len(c), *(len(t[i]) for t in cells)) for i, c in enumerate(cols)]

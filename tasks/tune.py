@@ -7,7 +7,8 @@ learning rate and params, for ``tune.epochs`` epochs, run inside the Tune trial'
 reports the objective and a checkpoint, and ASHA stops the trials that trail.
 
 Objective: ``val_accuracy`` on the held-out labeled validation images when ``data.val_per_class > 0``; with
-none, the label-free validator ``tune.validator`` (:mod:`tlcore.validators`) on the target training split
+none, the label-free validator ``tune.validator`` (:mod:`tlcore.validators`; ``auto``: the one the selection
+benchmark found best, :data:`tasks.config.AUTO_VALIDATOR`) on the target training split
 with its labels unused (the pool ``evaluate`` scores as ``val_free_*``). The target test split is never read.
 
 Resuming: the experiment lives in ``<ray.storage_path>/tune/<name>``, the name a hash of the params, the
@@ -28,7 +29,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import Params, ParamsError
+from .config import Params, ParamsError, resolve_validator
 from .files import read_json, write_json
 from .stage import StageError, say
 
@@ -53,7 +54,7 @@ def objective(params: Params) -> tuple[str, str]:
 
     if params.data.val_per_class > 0:
         return "val_accuracy", "max"
-    v = params.tune.validator
+    v = resolve_validator(params.tune.validator)
     return f"val_free_{v}", "max" if HIGHER_IS_BETTER[v] else "min"
 
 

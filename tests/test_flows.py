@@ -78,9 +78,10 @@ def test_bad_override_fails_before_any_work(repo):
     assert (repo / "params.yaml").read_text() == before
 
 
-def test_tl_serve_fires_its_cron_schedule(repo, tmp_path):
-    """`tl serve` with no PREFECT_API_URL starts a local server (the ephemeral API has no scheduler),
-    and a once-a-minute schedule really fires a `retrain` run that completes."""
+def test_tl_serve_fires_its_schedule(repo, tmp_path):
+    """`tl serve` with no PREFECT_API_URL starts a local server (the ephemeral API has no scheduler), and its
+    schedule (every 5 s here, rather than a cron's wait for the next minute) really fires a `retrain` run that
+    completes. A cron and an interval at once are refused before anything starts."""
     import re
     import signal
     import subprocess
@@ -93,7 +94,11 @@ def test_tl_serve_fires_its_cron_schedule(repo, tmp_path):
 
     e = {k: v for k, v in env().items() if not k.startswith("PREFECT_API")}
     e["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "tl"), "serve", "--cron", "* * * * *"], cwd=repo,
+    tl = str(Path(sys.executable).parent / "tl")
+    both = subprocess.run([tl, "serve", "--cron", "* * * * *", "--interval", "5"], cwd=repo, env=e,
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "not both" in both.stderr and "Traceback" not in both.stderr, both.stderr
+    proc = subprocess.Popen([tl, "serve", "--interval", "5"], cwd=repo,
                             env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)

@@ -162,13 +162,14 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
     assert str(image) in pred.stdout and len(pred.stdout.strip().split("\t")) == 3, pred.stdout
 
 
-def _api(env, path: str, body: dict | None = None):
+def _api(env, path: str, body: dict | None = None, method: str = "POST"):
     import urllib.request
 
     req = urllib.request.Request(env["PREFECT_API_URL"] + path, data=json.dumps(body or {}).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers={"Content-Type": "application/json"}, method=method)
     with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+        body = r.read()
+        return json.loads(body) if body else None
 
 
 def _runs(env, deployment: str) -> list[dict]:
@@ -176,43 +177,56 @@ def _runs(env, deployment: str) -> list[dict]:
     return _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep[0]["id"]]}}}) if dep else []
 
 
-def _wait_completed(env, deployment: str, timeout_s: float, auto_scheduled: bool = False) -> dict:
+def _wait_finished(env, deployment: str, timeout_s: float, auto_scheduled: bool = False, count: int = 1) -> list[dict]:
+    """The first ``count`` runs of ``deployment`` to finish (in any final state), in the order they ended."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         runs = [r for r in _runs(env, deployment) if r["auto_scheduled"] == auto_scheduled]
-        done = [r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
-        if done:
-            return done[0]
+        done = sorted((r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")),
+                      key=lambda r: r["end_time"] or "")
+        if len(done) >= count:
+            return done[:count]
         time.sleep(2)
-    raise AssertionError(f"no {deployment} run finished within {timeout_s} s: {_runs(env, deployment)}")
+    raise AssertionError(f"{count} {deployment} run(s) did not finish within {timeout_s} s: {_runs(env, deployment)}")
 
 
 def test_prefect_deployments_run_on_the_stack_worker(stack):
     """prefect.yaml deploys to the stack's Prefect server; its process worker runs a `transfer-pipeline`
     deployment run (registering into the stack's MLflow, pushing to its S3 remote), then a scheduled `retrain`
-    (a once-a-minute schedule) fires and completes: the data did not change, so it has nothing to do."""
+    (every 10 s here, then paused) fires and completes: the data did not change, so it has nothing to do. Runs
+    that come due while one is going wait for it (prefect.yaml's concurrency limit) rather than fail."""
     repo, env, _ = stack
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     t0 = time.monotonic()
     sh("prefect", "--no-prompt", "deploy", "--name", "transfer-pipeline", cwd=repo, extra_env=env)
     sh("prefect", "deployment", "run", "transfer-pipeline/transfer-pipeline", cwd=repo, extra_env=env)
-    run = _wait_completed(env, "transfer-pipeline", 400)
+    run, = _wait_finished(env, "transfer-pipeline", 400)
     assert run["state_type"] == "COMPLETED", run
     print(f"transfer-pipeline deployment run: {time.monotonic() - t0:.1f} s")
     c = _client(env)
     reg = json.loads((repo / "reports" / "registration.json").read_text())
     assert reg["tracking_uri"] == env["MLFLOW_TRACKING_URI"] and c.get_model_version(MODEL, str(reg["version"]))
-    # the nightly schedule, made once a minute: the worker picks it up and the run completes
+    # the nightly schedule, made every 10 s (a cron waits for the next minute): the worker picks it up and the
+    # run completes; the next one, due while the first was going, waits for it (the deployment's concurrency limit
+    # of 1; without it the project lock would fail it). Then the deployment is paused and its runs drained, so
+    # `down` finds no flow run mid-way
     for d in doc["deployments"]:
         if d["name"] == "retrain-nightly":
-            d["schedules"] = [{"cron": "* * * * *", "timezone": "UTC"}]
+            d["schedules"] = [{"interval": 10, "timezone": "UTC"}]
     (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     t1 = time.monotonic()
     sh("prefect", "--no-prompt", "deploy", "--name", "retrain-nightly", cwd=repo, extra_env=env)
-    run = _wait_completed(env, "retrain-nightly", 150, auto_scheduled=True)
-    assert run["state_type"] == "COMPLETED" and "nothing to do" in (run["state"]["message"] or ""), run
-    print(f"scheduled retrain: {time.monotonic() - t1:.1f} s")
+    first, second = _wait_finished(env, "retrain-nightly", 180, auto_scheduled=True, count=2)
+    print(f"two scheduled retrains: {time.monotonic() - t1:.1f} s")
+    _api(env, f"/deployments/{first['deployment_id']}", {"paused": True}, method="PATCH")
+    for run in (first, second):
+        assert run["state_type"] == "COMPLETED" and "nothing to do" in (run["state"]["message"] or ""), run
+    assert second["start_time"] >= first["end_time"], (first, second)  # one after the other, never overlapping
+    deadline = time.time() + 90
+    while time.time() < deadline and any(r["state_type"] in ("PENDING", "RUNNING")
+                                         for r in _runs(env, "retrain-nightly")):
+        time.sleep(2)
 
 
 def test_stack_down_stops_what_it_started_and_nothing_else(stack, tmp_path):

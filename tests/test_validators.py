@@ -80,3 +80,23 @@ def test_features_and_logits_follow_backbone_then_head():
     assert f.shape == (8, m.out_features) and lg.shape == (8, 4) and torch.equal(yy, y[:8])
     m.eval()
     assert torch.allclose(lg, m(x[:8]), atol=1e-5)
+
+
+def test_auto_validator_is_the_one_the_selection_benchmark_found_best():
+    """`tune.validator: auto` and `tl rank --validator auto` mean the validator docs/selection_benchmark.json
+    measured best (lowest mean regret, bench.selection.best_validator), and the README's generated paragraph says
+    which: a re-run that finds another best fails here until tasks.config.AUTO_VALIDATOR follows it."""
+    import json
+
+    from bench.selection import POOL_ONLY, TRUST, best_validator
+    from helpers import ROOT
+    from tasks.config import AUTO_VALIDATOR, VALIDATORS, Tune, resolve_validator
+
+    state = json.loads((ROOT / "docs" / "selection_benchmark.json").read_text())
+    assert not state["settings"]["quick"] and len(state["rows"]) >= 2  # the full run, more than one domain pair
+    assert set(POOL_ONLY) == set(VALIDATORS) and set(VALIDATORS) <= set(V.HIGHER_IS_BETTER)
+    assert best_validator(state) == AUTO_VALIDATOR == resolve_validator("auto")
+    assert Tune().validator == "auto"
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index(f"<!-- {TRUST}:start -->"):readme.index(f"<!-- {TRUST}:end -->")]
+    assert f"`auto` is **{AUTO_VALIDATOR}**" in block
