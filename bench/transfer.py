@@ -28,6 +28,8 @@ UDA = {"dann", "mcc", "semi"}
 BUDGETS = [0, 1, 2, 3, 5, 10, None]
 DEFAULT_PAIR = ("synth_digits", "optdigits")
 SEEDS = 3
+README = DOC.parents[1] / "README.md"
+README_SECTION = "transfer-summary"  # the README's generated quote of every pair's grid
 
 
 def pair_files(source: str, target: str, dest: Path) -> tuple[Path, Path, str]:
@@ -259,6 +261,42 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
     _plot(results, cols, order, plot, f"{source} -> {target}")
     print("\n".join(lines))
     print(f"wrote {write_section(section, chr(10).join(lines), dest / DOC.name)}")
+    readme = README if dest == DOC.parent else dest / README.name
+    print(f"wrote {write_section(README_SECTION, summary(dest), readme)}")
+
+
+def summary(dest: Path = DOC.parent) -> str:
+    """One row per pair with saved results in ``dest``: the README's quote of every transfer grid."""
+    from tlcore.datasets import PAIRS
+
+    def best(results, col, methods):
+        cands = [(np.mean(_vals(results[m][col])), m) for m in methods if col in results.get(m, {})]
+        return max(cands) if cands else None
+
+    def cell(b):
+        return "–" if b is None else f"{b[0] * 100:.1f} `{b[1]}`"
+
+    def single(results, m, col):
+        v = _vals(results.get(m, {}).get(col))
+        return f"{np.mean(v) * 100:.1f}" if v else "–"
+
+    rows = []
+    for source, target, shift in PAIRS:
+        out = pair_files(source, target, dest)[0]
+        if not out.is_file():
+            rows.append(f"| {source} -> {target} | {shift} | not run yet | | | | | |")
+            continue
+        saved = json.loads(out.read_text())
+        r, n = saved["results"], len(saved["seeds"])
+        rows.append(f"| {source} -> {target} | {shift} | {n} | {single(r, 'source_only', '0')} | "
+                    f"{cell(best(r, '0', sorted(UDA)))} | {single(r, 'scratch', '1')} / {cell(best(r, '1', TRANSFER))} | "
+                    f"{single(r, 'scratch', '10')} / {cell(best(r, '10', TRANSFER))} | {single(r, 'train_on_target', 'all')} |")
+    return "\n".join(["Test accuracy (%, mean over seeds) on each embedded pair, from the saved grids (written by "
+                      "`python -m bench.transfer`; full tables in docs/benchmarks.md). Columns: no adaptation; the best "
+                      "method with no target labels; `scratch` / the best transfer method with 1 and with 10 labels "
+                      "per class; training on every target label:", "",
+                      "| pair | shift | seeds | source_only | 0 labels: best | 1 label: scratch / best | "
+                      "10 labels: scratch / best | train_on_target |", "|---" * 8 + "|", *rows])
 
 
 def _plot(results, cols, order, path: Path, title: str = "synth_digits -> optdigits"):
