@@ -246,8 +246,11 @@ def trust(state: dict) -> str:
     negative = [p for p in pairs if taus[p] is not None and taus[p] < 0]
     ok = regret[auto] <= 1 and not below
     st = state["settings"]
+    vs_default = ("a search by it beat the fixed default here. " if regret[auto] < regret["default"] else
+                  "the fixed default did as well here, so on data like these a search buys little; on data unlike "
+                  "them the validator is the only label-free evidence there is. ")
     verdict = ("On these pairs that meets the goal (within 1 point of the oracle on average, never below "
-               "`source_only`): use it to choose among the label-free methods and learning rates. " if ok else
+               "`source_only`), and " + vs_default if ok else
                "That misses the goal (within 1 point of the oracle on average, never below `source_only`): treat a "
                "label-free choice as a hint, and label a few target images per class for validation "
                "(`data.val_per_class`) when the choice matters. ")
@@ -256,9 +259,9 @@ def trust(state: dict) -> str:
             f"{len(st['seeds'])} seed(s) x {len(st['methods'])} methods x {len(st['lrs'])} learning rates on each of "
             f"the {len(pairs)} embedded pairs, its Kendall τ with accuracy is "
             + ", ".join(f"{'–' if taus[p] is None else f'{taus[p]:+.2f}'} ({p})" for p in pairs)
-            + f". Picking by it cost {regret[auto]:.1f} points of accuracy on average against the best checkpoint "
+            + f". Picking by it cost {regret[auto]:.2f} points of accuracy on average against the best checkpoint "
             f"(worst: {per_pair[worst][0]:.1f} on {worst}), where the fixed default (semi at lr 3e-3, no search) cost "
-            f"{regret['default']:.1f}; "
+            f"{regret['default']:.2f}; "
             + (f"it was below `source_only` on {', '.join(below)}. " if below else "it was never below `source_only`. ")
             + (f"Its τ is negative on {', '.join(negative)}: there it ranks models the wrong way round. " if negative else "")
             + verdict + "These are digit-like domains; on your data, a validator is unproven until you check it "

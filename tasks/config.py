@@ -307,7 +307,7 @@ VALIDATORS = ("entropy", "im", "snd", "bnm")  # label-free objectives of `tl tun
 # What `auto` means for tune.validator and `tl rank --validator`: of VALIDATORS, the one with the lowest mean regret
 # in the selection benchmark (`python -m bench.selection`, docs/benchmarks.md). tests/test_validators.py holds this
 # to docs/selection_benchmark.json, so a re-run that finds another best fails until this line follows it.
-AUTO_VALIDATOR = "snd"
+AUTO_VALIDATOR = "entropy"
 
 
 def resolve_validator(name: str) -> str:
