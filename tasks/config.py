@@ -215,7 +215,9 @@ class Pretrain(Optim):
 
 class Finetune(Optim):
     strategy: str = Field("auto", description="a strategy name, or auto: semi when source and target share one "
-                                              "label set, else gradual_unfreeze (tasks/plan.py says why)")
+                                              "label set, else gradual_unfreeze (tasks/plan.py says why); with no "
+                                              "target labels, the best of tune.strategies by tune.validator "
+                                              "(tasks/selection.py)")
     strategy_params: dict[str, Any] = Field(default_factory=dict)
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int | None = Field(25, ge=1)

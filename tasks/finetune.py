@@ -8,7 +8,8 @@ from .config import Params
 from .distributed import run_job_ray
 from .files import read_json, write_json
 from .pixels import input_spec
-from .plan import budget_text, labels_per_class, plan
+from .plan import Choice, budget_text, labels_per_class, plan
+from .selection import select_strategy
 from .stage import say, stage_main
 from .training import target_job
 
@@ -17,9 +18,12 @@ def finetune(params: Params) -> dict:
     """Fine-tune; writes ``models/finetuned.pt`` and ``reports/finetune.json`` (history and the strategy used)."""
     # refused here, before any data is loaded, when the data cannot support the strategy (tasks/plan.py)
     choice, _ = plan(params, read_json(params.path("data", "manifest.json")))
+    k = labels_per_class(params)
+    selection = select_strategy(params) if choice.requested == "auto" and k == 0 else None
+    if selection is not None:  # no target labels: measured (tasks/selection.py), not the rule
+        choice = Choice(selection["strategy"], "auto", selection["why"])
     job, manifest = target_job(params, choice.strategy, params.finetune.strategy_params)
     classes = manifest["target"]["classes"]
-    k = labels_per_class(params)
     n_labeled = len(job.labeled) if job.labeled is not None else 0  # None: a strategy without the target stream
     say(f"finetune: strategy {choice.describe()} on {n_labeled} labeled target images ({budget_text(k)}), "
         f"{params.finetune.epochs} epochs")
@@ -33,7 +37,7 @@ def finetune(params: Params) -> dict:
     save_checkpoint(params.path("models", "finetuned.pt"), model, classes, job.in_channels,
                     {"stage": "finetune", "strategy": job.strategy}, spec=input_spec(params, job.arch, manifest))
     summary = {"strategy": job.strategy, "strategy_requested": choice.requested, "strategy_why": choice.why,
-               "labels_per_class": k, "labeled": n_labeled, **info, "history": history}
+               "selection": selection, "labels_per_class": k, "labeled": n_labeled, **info, "history": history}
     write_json(params.path("reports", "finetune.json"), summary)
     return summary
 

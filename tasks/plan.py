@@ -22,6 +22,8 @@ in ``docs/benchmarks.md``, synth_digits -> optdigits, accuracy on the fixed optd
   here, at twice the time). The choice used that table's test-split numbers as published and
   nothing else; it was not tuned on any test split beyond them.
 - different label sets and no target labels: nothing can learn the target's classes, an error.
+- the same label set and no target labels: ``semi`` here, but the finetune stage replaces the rule by a
+  measurement (:mod:`tasks.selection`: the candidates of ``tune.strategies`` scored by a label-free validator).
 """
 from __future__ import annotations
 

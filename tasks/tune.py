@@ -31,9 +31,9 @@ from pathlib import Path
 
 from .config import Params, ParamsError, resolve_validator
 from .files import read_json, write_json
+from .selection import VALIDATOR_IMAGES, pool_loader
 from .stage import StageError, say
 
-VALIDATOR_IMAGES = 2000  # target pool images a label-free objective scores per epoch
 
 
 def space(params: Params) -> list[dict]:
@@ -103,13 +103,9 @@ class TuneReport:
 
 def trial(config: dict, params: Params, root: str, metric: str, threads: int) -> None:
     """One Tune trial: the finetune job with this trial's strategy, learning rate and params."""
-    import numpy as np
     import torch
     from ray import tune
 
-    from tlcore import data
-
-    from .domains import load_domain
     from .hardware import resolve_precision
     from .run_checkpoints import load_state
     from .training import build_trainer, target_job
@@ -122,13 +118,7 @@ def trial(config: dict, params: Params, root: str, metric: str, threads: int) ->
     precision, _ = resolve_precision(job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device,
                                      image_shape=job.image_shape())
     job.optim = job.optim.model_copy(update={"lr": c["lr"], "epochs": params.tune.epochs, "precision": precision})
-    pool = None
-    if metric.startswith("val_free_"):
-        train, test = load_domain(params, "target", job.arch)  # the training split, labels unused
-        # a seeded random sample (the split is ordered class by class), fed as evaluation feeds the model
-        pick = np.random.default_rng(params.base.seed).permutation(len(train))[:VALIDATOR_IMAGES]
-        pool = data.make_loader(train.subset(np.sort(pick), transform=test.transform), params.evaluate.batch_size,
-                                train=False)
+    pool = pool_loader(params, job.arch, params.evaluate.batch_size) if metric.startswith("val_free_") else None
     trainer = build_trainer(job, device, callbacks=[TuneReport(metric, pool, device)], log=None)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # a restored experiment: go on from the trial's last epoch

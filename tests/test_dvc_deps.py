@@ -64,7 +64,8 @@ DIRS = {("base", "data_dir"), ("base", "models_dir"), ("base", "reports_dir")}
 NOT_OUTPUT = {"tasks.run_identity.run_name"}
 # Params no stage reads: each is a bug (wire it or remove it); the test below fails when this list is stale.
 KNOWN_UNREAD: set = set()
-# Sections only a command reads, never a stage, so no stage declares them: `tune` is `tl tune`'s search space.
+# Sections mostly read by a command: `tune` is `tl tune`'s search space (the finetune stage declares the three keys
+# it reads, for finetune.strategy auto with no target labels), so its other keys are read by no stage.
 COMMAND_SECTIONS = {"tune"}
 
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 TINY = ["data.synth_per_class=12", "data.synth_test_per_class=4", "pretrain.backbone=tinycnn", "pretrain.epochs=1",
         "pretrain.steps_per_epoch=2", "pretrain.batch_size=16", "finetune.epochs=1", "finetune.steps_per_epoch=2",
         "finetune.batch_size=16", "pretrain.precision=fp32", "finetune.precision=fp32", "evaluate.latency_iters=2",
-        "base.num_threads=1", "ray.num_workers=0"]
+        "base.num_threads=1", "ray.num_workers=0", "tune.epochs=1"]
 PETS = ("cat", "dog")
 N_TRAIN, N_TEST = 5, 3  # per class in the user folders
 OPTDIGITS_TRAIN = 1257  # images in the embedded optdigits target's training split
@@ -134,6 +134,17 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
         return
     ft = finetune(params)
     want = "semi" if same else "gradual_unfreeze"
+    sel = ft["selection"]
+    if budget == 0:  # no labels at all: auto measures tune.strategies by the benchmark's best validator, no rule
+        from tasks.config import AUTO_VALIDATOR
+        from tlcore.validators import HIGHER_IS_BETTER
+
+        assert sel["objective"] == AUTO_VALIDATOR and set(sel["scores"]) == set(params.tune.strategies)
+        pick = (max if HIGHER_IS_BETTER[AUTO_VALIDATOR] else min)(sel["scores"], key=sel["scores"].get)
+        assert sel["strategy"] == pick and ft["strategy_why"] == sel["why"]
+        want = pick
+    else:
+        assert sel is None
     n_train = OPTDIGITS_TRAIN if kind == "embedded" else N_TRAIN * len(PETS)
     n_classes = 10 if kind == "embedded" else len(PETS)
     assert (ft["strategy"], ft["strategy_requested"]) == (want, "auto")
@@ -141,7 +152,7 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     base = baselines(params)
     m = evaluate(params)
     out = capsys.readouterr().out
-    assert f"finetune: strategy {want} (auto: source and target " in out
+    assert f"finetune: strategy {want} (auto: " + ("no target labels; " if budget == 0 else "source and target ") in out
     said = {0: "none", 1: "1 per class", "all": "all"}[budget]
     assert f"{ft['labeled']} labeled target images ({said})" in out
     assert m["strategy"] == want == json.loads((project / "reports" / "metrics.json").read_text())["strategy"]

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from helpers import ROOT, env
-from tasks.config import ParamsError, load_params
+from tasks.config import AUTO_VALIDATOR, ParamsError, load_params
+from tlcore.validators import HIGHER_IS_BETTER
 
 
 def _params(tmp_path, *overrides):
@@ -130,13 +131,15 @@ def test_tune_resumes_after_a_crash_logs_every_trial_and_applies_the_best(projec
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout)  # --json: stdout is the result alone (progress goes to stderr)
     assert out == json.loads((root / "reports" / "tune.json").read_text())
-    assert out["restored"] and out["objective"] == "val_free_snd" and out["mode"] == "max"
+    # tune.validator auto: the selection benchmark's best (entropy: lower is better)
+    assert out["restored"] and out["objective"] == f"val_free_{AUTO_VALIDATOR}"
+    assert out["mode"] == ("max" if HIGHER_IS_BETTER[AUTO_VALIDATOR] else "min")
     assert {f.parent.name: f.read_text() for f in root.glob("ray_results/tune/*/trial_*/result.json")
             if f.parent.name in first} == first  # not rerun: its results are the killed driver's, byte for byte
     assert len(out["trials"]) == 3 and not any(t["error"] for t in out["trials"])
     assert {t["config"]["strategy"] for t in out["trials"]} == {"finetune", "mcc"}
     assert all(1 <= t["epochs"] <= 2 for t in out["trials"]) and max(t["epochs"] for t in out["trials"]) == 2
-    assert out["best_objective"] == max(t["objective"] for t in out["trials"])
+    assert out["best_objective"] == (max if out["mode"] == "max" else min)(t["objective"] for t in out["trials"])
 
     c = client()
     runs = c.search_runs([c.get_experiment_by_name("transfer-pipeline").experiment_id],
@@ -146,7 +149,7 @@ def test_tune_resumes_after_a_crash_logs_every_trial_and_applies_the_best(projec
     assert len(parent) == 1 and len(children) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent[0].info.run_id}
     assert {r.data.params["strategy"] for r in children} == {"finetune", "mcc"}
-    assert all("val_free_snd" in r.data.metrics for r in children)
+    assert all(f"val_free_{AUTO_VALIDATOR}" in r.data.metrics for r in children)
 
     applied = load_params("params.yaml")
     assert (applied.finetune.strategy, applied.finetune.lr, applied.finetune.strategy_params) == (
