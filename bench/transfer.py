@@ -198,6 +198,12 @@ def _diff(a, b) -> list[float]:
     return [x - y for x, y in zip(_vals(a), _vals(b))]
 
 
+def _complete(results, cols, n: int) -> bool:
+    """Whether every cell of the grid has its ``n`` seeds (a grid stopped early and kept with --resume has not)."""
+    return all(len(_vals(results.get(m, {}).get(c))) >= n
+               for m in ["scratch"] + TRANSFER for c in cols if c != "0" or m in UDA)
+
+
 def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.parent, pair=DEFAULT_PAIR):
     from tlcore.datasets import PAIRS
 
@@ -209,8 +215,7 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
     order = ["source_only", "scratch"] + TRANSFER + ["train_on_target"]
     n = len(seeds)
     so = np.mean(_vals(results["source_only"]["0"]))
-    complete = all(len(_vals(results.get(m, {}).get(c))) >= n
-                   for m in ["scratch"] + TRANSFER for c in cols if c != "0" or m in UDA)
+    complete = _complete(results, cols, n)
     ceil_vals = _vals(results.get("train_on_target", {}).get("all"))
     cmd = f"python -m bench.transfer --pair {source}:{target}" + (" --quick" if settings["quick"] else
                                                                    f" --seeds {n}" if n != SEEDS else "")
@@ -288,7 +293,8 @@ def summary(dest: Path = DOC.parent) -> str:
             continue
         saved = json.loads(out.read_text())
         r, n = saved["results"], len(saved["seeds"])
-        rows.append(f"| {source} -> {target} | {shift} | {n} | {single(r, 'source_only', '0')} | "
+        seeds = str(n) if _complete(r, saved["columns"], n) else f"{n} (grid unfinished)"
+        rows.append(f"| {source} -> {target} | {shift} | {seeds} | {single(r, 'source_only', '0')} | "
                     f"{cell(best(r, '0', sorted(UDA)))} | {single(r, 'scratch', '1')} / {cell(best(r, '1', TRANSFER))} | "
                     f"{single(r, 'scratch', '10')} / {cell(best(r, '10', TRANSFER))} | {single(r, 'train_on_target', 'all')} |")
     return "\n".join(["Test accuracy (%, mean over seeds) on each embedded pair, from the saved grids (written by "

@@ -306,15 +306,20 @@ class Ray(_Section):
 
 
 VALIDATORS = ("entropy", "im", "snd", "bnm")  # label-free objectives of `tl tune` (tlcore.validators, no source data)
-# What `auto` means for tune.validator and `tl rank --validator`: of VALIDATORS, the one with the lowest mean regret
-# in the selection benchmark (`python -m bench.selection`, docs/benchmarks.md). tests/test_validators.py holds this
-# to docs/selection_benchmark.json, so a re-run that finds another best fails until this line follows it.
-AUTO_VALIDATOR = "entropy"
+# What `auto` means for tune.validator and `tl rank --validator`, per use, each the validator of VALIDATORS with the
+# lowest mean regret for that use in the selection benchmark (`python -m bench.selection`, docs/benchmarks.md).
+# tests/test_validators.py holds both to docs/selection_benchmark.json, so a re-run that finds another best fails
+# until these lines follow it.
+AUTO_VALIDATOR = "entropy"  # a search over methods and learning rates (`tl tune`; `tl rank` borrows it)
+AUTO_STRATEGY_VALIDATOR = "im"  # choosing among tune.strategies at finetune.lr (finetune.strategy auto, 0 labels)
 
 
-def resolve_validator(name: str) -> str:
-    """``auto`` -> :data:`AUTO_VALIDATOR`; any other name as given."""
-    return AUTO_VALIDATOR if name == "auto" else name
+def resolve_validator(name: str, use: Literal["search", "strategy"] = "search") -> str:
+    """``auto`` -> the benchmark's best for ``use`` (:data:`AUTO_VALIDATOR`, :data:`AUTO_STRATEGY_VALIDATOR`);
+    any other name as given."""
+    if name != "auto":
+        return name
+    return AUTO_STRATEGY_VALIDATOR if use == "strategy" else AUTO_VALIDATOR
 
 
 class Tune(_Section):
@@ -327,7 +332,8 @@ class Tune(_Section):
     epochs: int = Field(4, ge=1, description="epochs per trial (ASHA's max_t); finetune.epochs is left alone")
     validator: Literal[("auto", *VALIDATORS)] = Field(  # type: ignore[valid-type]
         "auto", description="the objective when data.val_per_class = 0 (no labeled validation images); auto = the "
-                            f"validator the selection benchmark found best ({AUTO_VALIDATOR})")
+                            f"validator the selection benchmark found best for the use: {AUTO_VALIDATOR} for tl "
+                            f"tune's search, {AUTO_STRATEGY_VALIDATOR} for finetune.strategy auto's choice")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep the best 1/reduction_factor at each rung")
     concurrent_trials: int = Field(1, ge=1, description="trials at once; each gets the cluster's CPUs / this")

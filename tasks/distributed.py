@@ -129,7 +129,7 @@ def run_job_ray(job: TrainJob, params: Params, stage: str, manifest: dict, *, fa
     ray_env()
     if rc.num_workers > 0:
         init_ray(params)
-    name, storage, local_run_dir = resolve_run(stage, params, manifest)
+    name, storage, local_run_dir = resolve_run(stage, params, manifest, job.strategy)
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
     job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus)

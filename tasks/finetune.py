@@ -19,9 +19,10 @@ def finetune(params: Params) -> dict:
     # refused here, before any data is loaded, when the data cannot support the strategy (tasks/plan.py)
     choice, _ = plan(params, read_json(params.path("data", "manifest.json")))
     k = labels_per_class(params)
-    selection = select_strategy(params) if choice.requested == "auto" and k == 0 else None
-    if selection is not None:  # no target labels: measured (tasks/selection.py), not the rule
-        choice = Choice(selection["strategy"], "auto", selection["why"])
+    selection = select_strategy(params) if choice.measured else None  # no target labels (tasks/selection.py)
+    if choice.measured:
+        choice = (Choice(selection["strategy"], "auto", selection["why"]) if selection else
+                  Choice(choice.strategy, "auto", "no target labels, and no strategy of tune.strategies fits: the rule"))
     job, manifest = target_job(params, choice.strategy, params.finetune.strategy_params)
     classes = manifest["target"]["classes"]
     n_labeled = len(job.labeled) if job.labeled is not None else 0  # None: a strategy without the target stream

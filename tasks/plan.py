@@ -95,11 +95,14 @@ def label_sets(params: Params, manifest: dict | None = None, root: Path = Path("
 
 @dataclass
 class Choice:
-    strategy: str  # the strategy that runs
+    strategy: str  # the strategy that runs (with ``measured``: the fallback, should no candidate fit)
     requested: str  # finetune.strategy as written (a name or auto)
     why: str
+    measured: bool = False  # decided by the finetune stage's measurement, not here
 
     def describe(self) -> str:
+        if self.measured:
+            return f"measured (auto: {self.why})"
         return self.strategy + (f" (auto: {self.why})" if self.requested == "auto" else "")
 
 
@@ -126,6 +129,10 @@ def choose_strategy(params: Params, sets: LabelSets) -> Choice:
             f"class folders are the target's.")
     if req == "auto":
         same = sets.same
+        if same and k == 0:
+            return Choice(AUTO_SAME, req, "no target labels: the finetune stage measures tune.strategies by a "
+                                          "label-free validator and trains the best (tasks/selection.py); "
+                                          f"{AUTO_SAME} if none of them fits", measured=True)
         return Choice(AUTO_SAME if same else AUTO_DIFFERENT, req,
                       "source and target share one label set" if same else "source and target have different label sets")
     if not sets.same and strategy_class(req).shared_label_set:

@@ -33,9 +33,12 @@ def code_hash(stage: str) -> str:
     return h.hexdigest()[:12]
 
 
-def run_name(stage: str, params: Params, manifest: dict) -> str:
+def run_name(stage: str, params: Params, manifest: dict, strategy: str = "") -> str:
+    """``strategy``: the one the job trains, which params alone may not fix (``finetune.strategy: auto`` with no
+    target labels measures candidates, tasks/selection.py): a resume never continues another strategy's run."""
     blob = json.dumps({"params": params.model_dump(exclude={"register", "evaluate", "compress"}),
-                       "data": {r: manifest[r]["splits"] for r in ("source", "target")}, "code": code_hash(stage)},
+                       "data": {r: manifest[r]["splits"] for r in ("source", "target")}, "code": code_hash(stage),
+                       **({"strategy": strategy} if strategy else {})},
                       sort_keys=True, default=str)
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
@@ -45,11 +48,11 @@ def storage_path(params: Params) -> str:
     return sp if "://" in sp else str(Path(sp).expanduser().resolve())
 
 
-def resolve_run(stage: str, params: Params, manifest: dict) -> tuple[str, str, Path | None]:
+def resolve_run(stage: str, params: Params, manifest: dict, strategy: str = "") -> tuple[str, str, Path | None]:
     """``(name, storage, local run directory)`` of the run to start or resume; the directory is ``None``
     for remote storage. A finished run's name gets a timestamp, so it starts fresh."""
     storage = storage_path(params)
-    name = run_name(stage, params, manifest)
+    name = run_name(stage, params, manifest, strategy)
     local = Path(storage) / name if "://" not in storage else None
     if local is not None and (local / DONE_MARKER).exists():
         name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -35,7 +35,6 @@ from .selection import VALIDATOR_IMAGES, pool_loader
 from .stage import StageError, say
 
 
-
 def space(params: Params) -> list[dict]:
     """The grid: ``[{"strategy", "lr", "strategy_params"}, ...]`` in ``params.tune`` order."""
     t = params.tune

@@ -136,11 +136,11 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     want = "semi" if same else "gradual_unfreeze"
     sel = ft["selection"]
     if budget == 0:  # no labels at all: auto measures tune.strategies by the benchmark's best validator, no rule
-        from tasks.config import AUTO_VALIDATOR
+        from tasks.config import AUTO_STRATEGY_VALIDATOR as auto
         from tlcore.validators import HIGHER_IS_BETTER
 
-        assert sel["objective"] == AUTO_VALIDATOR and set(sel["scores"]) == set(params.tune.strategies)
-        pick = (max if HIGHER_IS_BETTER[AUTO_VALIDATOR] else min)(sel["scores"], key=sel["scores"].get)
+        assert sel["objective"] == auto and set(sel["scores"]) == set(params.tune.strategies) and not sel["dropped"]
+        pick = (max if HIGHER_IS_BETTER[auto] else min)(sel["scores"], key=sel["scores"].get)
         assert sel["strategy"] == pick and ft["strategy_why"] == sel["why"]
         want = pick
     else:

@@ -41,6 +41,8 @@ def test_a_run_resumes_under_its_name_until_it_is_marked_done(tmp_path):
     assert resolve_run("finetune", params, MANIFEST)[0] == name  # same params, data and code: resume
     other = Params.model_validate({"ray": {"storage_path": str(tmp_path)}, "finetune": {"lr": 0.5}})
     assert resolve_run("finetune", other, MANIFEST)[0] != name
+    # the same params (finetune.strategy auto) but another measured pick: never the other strategy's checkpoint
+    assert resolve_run("finetune", params, MANIFEST, "mcc")[0] != resolve_run("finetune", params, MANIFEST, "semi")[0]
     run_dir.mkdir()
     mark_done(run_dir, 3)
     fresh, _, fresh_dir = resolve_run("finetune", params, MANIFEST)

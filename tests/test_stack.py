@@ -165,8 +165,9 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
 def _api(env, path: str, body: dict | None = None, method: str = "POST"):
     import urllib.request
 
-    req = urllib.request.Request(env["PREFECT_API_URL"] + path, data=json.dumps(body or {}).encode(),
-                                 headers={"Content-Type": "application/json"}, method=method)
+    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method=method,
+                                 data=None if method == "GET" else json.dumps(body or {}).encode(),
+                                 headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         body = r.read()
         return json.loads(body) if body else None
@@ -177,12 +178,15 @@ def _runs(env, deployment: str) -> list[dict]:
     return _api(env, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep[0]["id"]]}}}) if dep else []
 
 
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
 def _wait_finished(env, deployment: str, timeout_s: float, auto_scheduled: bool = False, count: int = 1) -> list[dict]:
     """The first ``count`` runs of ``deployment`` to finish (in any final state), in the order they ended."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         runs = [r for r in _runs(env, deployment) if r["auto_scheduled"] == auto_scheduled]
-        done = sorted((r for r in runs if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")),
+        done = sorted((r for r in runs if r["state_type"] in FINAL),
                       key=lambda r: r["end_time"] or "")
         if len(done) >= count:
             return done[:count]
@@ -193,8 +197,8 @@ def _wait_finished(env, deployment: str, timeout_s: float, auto_scheduled: bool 
 def test_prefect_deployments_run_on_the_stack_worker(stack):
     """prefect.yaml deploys to the stack's Prefect server; its process worker runs a `transfer-pipeline`
     deployment run (registering into the stack's MLflow, pushing to its S3 remote), then a scheduled `retrain`
-    (every 10 s here, then paused) fires and completes: the data did not change, so it has nothing to do. Runs
-    that come due while one is going wait for it (prefect.yaml's concurrency limit) rather than fail."""
+    (every 10 s here, then paused) fires and completes: the data did not change, so it has nothing to do. Two runs
+    due at once run one after the other (prefect.yaml's concurrency limit queues the second) rather than fail."""
     repo, env, _ = stack
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -208,25 +212,40 @@ def test_prefect_deployments_run_on_the_stack_worker(stack):
     reg = json.loads((repo / "reports" / "registration.json").read_text())
     assert reg["tracking_uri"] == env["MLFLOW_TRACKING_URI"] and c.get_model_version(MODEL, str(reg["version"]))
     # the nightly schedule, made every 10 s (a cron waits for the next minute): the worker picks it up and the
-    # run completes; the next one, due while the first was going, waits for it (the deployment's concurrency limit
-    # of 1; without it the project lock would fail it). Then the deployment is paused and its runs drained, so
-    # `down` finds no flow run mid-way
+    # run completes. Two more runs, due at once, show the deployment's concurrency limit of 1: one waits for the
+    # other (without the limit the project lock would fail it). Then the deployment is paused and whatever is left
+    # cancelled and drained, so `down` finds no flow run mid-way
     for d in doc["deployments"]:
         if d["name"] == "retrain-nightly":
             d["schedules"] = [{"interval": 10, "timezone": "UTC"}]
     (repo / "prefect.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     t1 = time.monotonic()
     sh("prefect", "--no-prompt", "deploy", "--name", "retrain-nightly", cwd=repo, extra_env=env)
-    first, second = _wait_finished(env, "retrain-nightly", 180, auto_scheduled=True, count=2)
-    print(f"two scheduled retrains: {time.monotonic() - t1:.1f} s")
-    _api(env, f"/deployments/{first['deployment_id']}", {"paused": True}, method="PATCH")
-    for run in (first, second):
+    dep = _api(env, "/deployments/filter", {"deployments": {"name": {"any_": ["retrain-nightly"]}}})[0]["id"]
+    for _ in range(2):
+        _api(env, f"/deployments/{dep}/create_flow_run", {})
+    try:
+        scheduled, = _wait_finished(env, "retrain-nightly", 240, auto_scheduled=True)
+        manual = _wait_finished(env, "retrain-nightly", 240, count=2)
+        print(f"one scheduled and two queued retrains: {time.monotonic() - t1:.1f} s")
+    finally:
+        _api(env, f"/deployments/{dep}/pause_deployment", {})
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            live = [r for r in _runs(env, "retrain-nightly") if r["state_type"] not in FINAL]
+            for r in live:
+                if r["state_type"] in ("SCHEDULED", "PENDING"):
+                    _api(env, f"/flow_runs/{r['id']}/set_state", {"state": {"type": "CANCELLED"}, "force": True})
+            if not live:
+                break
+            time.sleep(2)
+    assert all(r["state_type"] in FINAL for r in _runs(env, "retrain-nightly"))
+    for run in (scheduled, *manual):
         assert run["state_type"] == "COMPLETED" and "nothing to do" in (run["state"]["message"] or ""), run
-    assert second["start_time"] >= first["end_time"], (first, second)  # one after the other, never overlapping
-    deadline = time.time() + 90
-    while time.time() < deadline and any(r["state_type"] in ("PENDING", "RUNNING")
-                                         for r in _runs(env, "retrain-nightly")):
-        time.sleep(2)
+    states = [[st["name"] for st in _api(env, f"/flow_run_states/?flow_run_id={r['id']}", method="GET")] for r in manual]
+    assert any("AwaitingConcurrencySlot" in names for names in states), states  # queued by the limit
+    done = sorted((scheduled, *manual), key=lambda r: r["start_time"])
+    assert all(b["start_time"] >= a["end_time"] for a, b in zip(done, done[1:])), done  # one after the other
 
 
 def test_stack_down_stops_what_it_started_and_nothing_else(stack, tmp_path):

@@ -82,21 +82,23 @@ def test_features_and_logits_follow_backbone_then_head():
     assert torch.allclose(lg, m(x[:8]), atol=1e-5)
 
 
-def test_auto_validator_is_the_one_the_selection_benchmark_found_best():
-    """`tune.validator: auto` and `tl rank --validator auto` mean the validator docs/selection_benchmark.json
-    measured best (lowest mean regret, bench.selection.best_validator), and the README's generated paragraph says
-    which: a re-run that finds another best fails here until tasks.config.AUTO_VALIDATOR follows it."""
+def test_auto_validators_are_the_ones_the_selection_benchmark_found_best():
+    """`tune.validator: auto` means, for `tl tune`'s search (and `tl rank`), and for finetune.strategy auto's choice
+    with no target labels, the validator docs/selection_benchmark.json measured best for that use (lowest mean
+    regret, bench.selection.best_validator), and the README's generated paragraph says which: a re-run that finds
+    another best fails here until tasks.config follows it."""
     import json
 
     from bench.selection import POOL_ONLY, TRUST, best_validator
     from helpers import ROOT
-    from tasks.config import AUTO_VALIDATOR, VALIDATORS, Tune, resolve_validator
+    from tasks.config import AUTO_STRATEGY_VALIDATOR, AUTO_VALIDATOR, VALIDATORS, Tune, resolve_validator
 
     state = json.loads((ROOT / "docs" / "selection_benchmark.json").read_text())
     assert not state["settings"]["quick"] and len(state["rows"]) >= 2  # the full run, more than one domain pair
     assert set(POOL_ONLY) == set(VALIDATORS) and set(VALIDATORS) <= set(V.HIGHER_IS_BETTER)
-    assert best_validator(state) == AUTO_VALIDATOR == resolve_validator("auto")
-    assert Tune().validator == "auto"
+    assert best_validator(state) == AUTO_VALIDATOR == resolve_validator("auto") == resolve_validator("auto", "search")
+    assert best_validator(state, "strategy") == AUTO_STRATEGY_VALIDATOR == resolve_validator("auto", "strategy")
+    assert resolve_validator("bnm", "strategy") == "bnm" and Tune().validator == "auto"
     readme = (ROOT / "README.md").read_text()
     block = readme[readme.index(f"<!-- {TRUST}:start -->"):readme.index(f"<!-- {TRUST}:end -->")]
-    assert f"`auto` is **{AUTO_VALIDATOR}**" in block
+    assert f"`auto` is **{AUTO_VALIDATOR}**" in block and f"`auto` is **{AUTO_STRATEGY_VALIDATOR}**" in block
