@@ -34,7 +34,11 @@ def test_defaults_are_auto_and_keep_the_embedded_demo_as_it_was(project):
     assert (p.data.labels_per_class, p.finetune.strategy) == ("auto", "auto")
     choice, sets = _plan(project)
     assert (choice.strategy, labels_per_class(p), sets.same) == ("semi", 2, True)  # as the old explicit defaults
-    assert choice.describe() == "semi (auto: source and target share one label set)"
+    assert choice.describe() == "semi (auto: source and target share one label set)" and not choice.measured
+    # no target labels: the plan (tl check, tl run) says the finetune stage will measure, not that semi runs
+    choice, _ = _plan(project, ["data.labels_per_class=0"])
+    assert choice.measured and choice.describe().startswith("measured (auto: no target labels: the finetune stage")
+    assert not _plan(project, ["data.labels_per_class=0", "finetune.strategy=mcc"])[0].measured
 
 
 def test_auto_picks_a_plain_method_for_other_classes_and_all_of_a_user_folders_labels(project, tmp_path):
