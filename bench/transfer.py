@@ -227,7 +227,8 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
              f"class. Method hyper-parameters are the pipeline defaults, fixed in advance and the same for every pair; "
              f"{synth}{settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
              f"target side; {settings.get('precision', 'fp32')} training (autocast; `--precision`). The unlabeled pool is the target training split (labels unused); no test image is ever in it. "
-             f"Wall time {'' if complete else 'so far '}{wall / 60:.1f} min on {machine()}.", "",
+             f"Wall time {'' if complete else 'so far '}{wall / 60:.1f} min on {machine()}; `s/run` is the mean wall "
+             f"clock per run (training and the test pass), so it includes whatever else the machine ran at the time.", "",
              "| method | " + " | ".join(cols) + " | s/run |", "|---" * (len(cols) + 2) + "|"]
     for m in order:
         if m in results:
