@@ -163,14 +163,23 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
 
 
 def _api(env, path: str, body: dict | None = None, method: str = "POST"):
+    """One call to the stack's Prefect REST API, retried as Prefect's own client retries: the server answers 503
+    (or 429) for errors a client may retry, such as its sqlite database being busy."""
+    import urllib.error
     import urllib.request
 
     req = urllib.request.Request(env["PREFECT_API_URL"] + path, method=method,
                                  data=None if method == "GET" else json.dumps(body or {}).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        body = r.read()
-        return json.loads(body) if body else None
+    for attempt in range(10):
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                out = r.read()
+                return json.loads(out) if out else None
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 503) or attempt == 9:
+                raise
+            time.sleep(1 + attempt)
 
 
 def _runs(env, deployment: str) -> list[dict]:
@@ -212,8 +221,8 @@ def test_prefect_deployments_run_on_the_stack_worker(stack):
     reg = json.loads((repo / "reports" / "registration.json").read_text())
     assert reg["tracking_uri"] == env["MLFLOW_TRACKING_URI"] and c.get_model_version(MODEL, str(reg["version"]))
     # the nightly schedule, made every 10 s (a cron waits for the next minute): the worker picks it up and the
-    # run completes. Two more runs, due at once, show the deployment's concurrency limit of 1: one waits for the
-    # other (without the limit the project lock would fail it). Then the deployment is paused and whatever is left
+    # run completes. Then the schedule is paused, and two manual runs, due at once, show the deployment's concurrency
+    # limit of 1: one waits for the other (without the limit the project lock would fail it). Whatever is left is
     # cancelled and drained, so `down` finds no flow run mid-way
     for d in doc["deployments"]:
         if d["name"] == "retrain-nightly":
@@ -222,10 +231,11 @@ def test_prefect_deployments_run_on_the_stack_worker(stack):
     t1 = time.monotonic()
     sh("prefect", "--no-prompt", "deploy", "--name", "retrain-nightly", cwd=repo, extra_env=env)
     dep = _api(env, "/deployments/filter", {"deployments": {"name": {"any_": ["retrain-nightly"]}}})[0]["id"]
-    for _ in range(2):
-        _api(env, f"/deployments/{dep}/create_flow_run", {})
     try:
         scheduled, = _wait_finished(env, "retrain-nightly", 240, auto_scheduled=True)
+        _api(env, f"/deployments/{dep}/pause_deployment", {})  # no more scheduled runs; manual ones still run
+        for _ in range(2):
+            _api(env, f"/deployments/{dep}/create_flow_run", {})
         manual = _wait_finished(env, "retrain-nightly", 240, count=2)
         print(f"one scheduled and two queued retrains: {time.monotonic() - t1:.1f} s")
     finally:
