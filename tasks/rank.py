@@ -10,7 +10,7 @@ local torch cache; no WEIGHTS is random initialisation, the floor any real candi
 
 With ``data.labels_per_class: 0`` there is nothing labeled to score on: each candidate with a classifier of its
 own is then scored label-free, by :mod:`tlcore.validators` (entropy, IM, SND, BNM) of its source-class predictions
-on the unlabeled target pool (up to :data:`POOL_IMAGES` images of the training split, labels unused), ranked by
+on the unlabeled target pool (up to :data:`tasks.selection.VALIDATOR_IMAGES` images of the training split, labels unused), ranked by
 one of them (``validator``; ``auto``, the default, is the one the selection benchmark found best,
 :data:`tasks.config.AUTO_VALIDATOR`). That asks "how confidently and consistently does the source model
 cluster the target?", a weaker signal than LogME with labels; a candidate without a classifier gets no score.
@@ -27,9 +27,9 @@ from .hardware import device_for, set_torch_threads
 from .stage import StageError, say
 from .config import EMBEDDED, VALIDATORS, Params, resolve_validator
 from .plan import labels_per_class
+from .selection import VALIDATOR_IMAGES, pool_sample
 
 SOURCE = "source.pt"
-POOL_IMAGES = 2000  # unlabeled target images a label-free ranking reads
 
 
 @dataclass
@@ -96,8 +96,6 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
     """Score every candidate; returns ``{"rows": [...] best first, "labeled": N, "labels_per_class": k,
     "score": the column the rows are ordered by}``. With 0 labels per class the rows hold the label-free
     validators on the unlabeled pool, ordered by ``validator`` (see the module docstring)."""
-    import numpy as np
-
     from tlcore import data, transferability, validators
 
     set_torch_threads(params)
@@ -125,17 +123,13 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
                 ds = data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt,
                                      resize=spec.resize_size, interpolation=spec.interpolation)
                 b = data.label_budget_split(ds.targets.numpy(), k, params.base.seed, params.data.val_per_class)
-                if k == 0:  # a seeded random sample of the pool (the split is ordered class by class)
-                    pick = np.random.default_rng(params.base.seed).permutation(b.unlabeled)[:POOL_IMAGES]
-                    splits[key] = ds.subset(np.sort(pick))
-                else:
-                    splits[key] = ds.subset(b.labeled)
+                splits[key] = ds.subset(pool_sample(b.unlabeled, params.base.seed) if k == 0 else b.labeled)
             images = splits[key]
             images.transform = data.build_transform(spec, train=False, channels=channels)
             loader = data.make_loader(images, params.evaluate.batch_size, train=False)
             row = {"candidate": c.name, "arch": model.arch}
             if k == 0:
-                feats, logits, _ = validators.features_and_logits(model, loader, device, limit=POOL_IMAGES)
+                feats, logits, _ = validators.features_and_logits(model, loader, device, limit=VALIDATOR_IMAGES)
                 free = validators.scores(logits) if has_head else {}
                 rows.append({**row, "features": int(feats.shape[1]), **{v: free.get(v) for v in VALIDATORS}})
                 continue
@@ -146,7 +140,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
     if k == 0:
         sign = 1 if validators.HIGHER_IS_BETTER[validator] else -1
         rows.sort(key=lambda r: (r[validator] is None, -sign * (r[validator] or 0)))
-        return {"rows": rows, "labeled": 0, "unlabeled": min(len(images), POOL_IMAGES), "labels_per_class": 0,
+        return {"rows": rows, "labeled": 0, "unlabeled": min(len(images), VALIDATOR_IMAGES), "labels_per_class": 0,
                 "classes": len(images.classes), "score": validator}
     rows.sort(key=lambda r: -r["logme"])
     return {"rows": rows, "labeled": len(images), "labels_per_class": k, "classes": len(images.classes), "score": "logme"}

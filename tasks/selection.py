@@ -26,16 +26,22 @@ from .stage import StageError, say
 VALIDATOR_IMAGES = 2000  # target pool images a label-free score reads
 
 
+def pool_sample(indices, seed: int) -> np.ndarray:
+    """Up to :data:`VALIDATOR_IMAGES` of ``indices`` drawn at random with ``seed``, in order: a split is ordered
+    class by class, so its first images would be one class."""
+    return np.sort(np.random.default_rng(seed).permutation(indices)[:VALIDATOR_IMAGES])
+
+
 def pool_loader(params: Params, arch: str, batch_size: int):
-    """A seeded random sample of the target training split (labels unused; the split is ordered class by
-    class), fed as evaluation feeds the model: what a label-free validator scores."""
+    """A seeded random sample of the target training split (labels unused, :func:`pool_sample`), fed as
+    evaluation feeds the model: what a label-free validator scores."""
     from tlcore import data
 
     from .domains import load_domain
 
     train, test = load_domain(params, "target", arch)
-    pick = np.random.default_rng(params.base.seed).permutation(len(train))[:VALIDATOR_IMAGES]
-    return data.make_loader(train.subset(np.sort(pick), transform=test.transform), batch_size, train=False)
+    pick = pool_sample(np.arange(len(train)), params.base.seed)
+    return data.make_loader(train.subset(pick, transform=test.transform), batch_size, train=False)
 
 
 def candidates(params: Params) -> list[str]:
