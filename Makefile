@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install run test test-fast bench bench-quick lock clean stack-up stack-down
+.PHONY: install run lint test test-fast bench bench-quick lock clean stack-up stack-down
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/tl run
 
-test: install
+# style and declared dependencies (configured in pyproject.toml); `make test` runs it first
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/deptry .
+
+test: install lint
 	$(PY) -m pytest
 
 test-fast: install

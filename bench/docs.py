@@ -1,4 +1,5 @@
 """Write a generated section into docs/benchmarks.md between markers, leaving other sections alone."""
+
 from __future__ import annotations
 
 import platform
@@ -21,12 +22,14 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from tlcore.engine import cpu_bf16_kernels, cpu_has_amx
+    from tlcore.precision import cpu_bf16_kernels, cpu_has_amx
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     flags = f"AMX {'yes' if cpu_has_amx() else 'no'}, AVX512-BF16 {'yes' if cpu_bf16_kernels() else 'no'}"
-    return (f"{os.cpu_count()} CPU cores ({cpu}; {flags}), GPU: {gpu}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}; {flags}), GPU: {gpu}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
 
 
 def write_section(name: str, body: str, doc: Path = DOC) -> Path:
@@ -35,7 +38,7 @@ def write_section(name: str, body: str, doc: Path = DOC) -> Path:
     text = doc.read_text() if doc.exists() else HEADER
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)

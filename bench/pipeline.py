@@ -7,6 +7,7 @@ each stage from the moment DVC starts it to the moment the next one starts.
 
     python -m bench.pipeline
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ def _timed_run(repo: Path, env: dict, *args: str) -> tuple[list[tuple[str, float
     to the stage's own first line of output (after DVC's ``> command`` echo): DVC spawning the
     process, Python, the imports and reading the params, before the stage does any work."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(TL), *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [str(TL), *args], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     marks, first, out = [], {}, []
     for line in proc.stdout:
         out.append(line)
@@ -43,8 +45,7 @@ def _timed_run(repo: Path, env: dict, *args: str) -> tuple[list[tuple[str, float
     if proc.wait() != 0:
         raise SystemExit(f"tl {' '.join(args)} failed:\n{''.join(out)[-4000:]}")
     end = time.perf_counter()
-    stages = [(s, (marks[i + 1][1] if i + 1 < len(marks) else end) - t, first.get(s))
-              for i, (s, t) in enumerate(marks)]
+    stages = [(s, (marks[i + 1][1] if i + 1 < len(marks) else end) - t, first.get(s)) for i, (s, t) in enumerate(marks)]
     return stages, end - t0, "".join(out)
 
 
@@ -58,6 +59,20 @@ def _seconds(cmd: list[str], repo: Path, env: dict) -> float:
     return time.perf_counter() - t
 
 
+def _export(split_dir: Path, out: Path, n: int) -> list[Path]:
+    """The first ``n`` images of a prepared split written out as files, as a user would pass them to tl predict."""
+    from tlcore.shards import ShardImages
+
+    images = ShardImages(split_dir, 1, 1)
+    out.mkdir(parents=True)
+    files = []
+    for i, name in enumerate(images.index.name[:n]):
+        f = out / name.replace("/", "_")
+        f.write_bytes(images.raw(i))
+        files.append(f)
+    return files
+
+
 def _training_s(report: Path) -> float:
     if not report.is_file():
         return 0.0
@@ -67,7 +82,7 @@ def _training_s(report: Path) -> float:
 
 
 def main() -> None:
-    from tasks.project import copy_env, copy_project
+    from tasks.project.env import copy_env, copy_project
 
     with tempfile.TemporaryDirectory() as d:
         repo = copy_project(Path(d) / "repo")  # the default params.yaml: what `make run` does
@@ -76,13 +91,16 @@ def main() -> None:
         stages, total, out = _timed_run(repo, e, "run")
         _, noop, _ = _timed_run(repo, e, "run")
         cli = {"tl models": _seconds([str(TL), "models"], repo, e)}
-        images = sorted((repo / "data/target/test").rglob("*.png"))[:55]
+        images = _export(repo / "data/target/test", Path(d) / "images", 55)
         cli[f"tl predict ({len(images)} images)"] = _seconds([str(TL), "predict", *map(str, images)], repo, e)
-        cli[f"tl predict ({len(images)} images), second call"] = _seconds([str(TL), "predict", *map(str, images)], repo, e)
+        cli[f"tl predict ({len(images)} images), second call"] = _seconds(
+            [str(TL), "predict", *map(str, images)], repo, e
+        )
         print("tl reproduce digits-transfer/1 (a fresh clone + the DVC remote):", flush=True)
         t = time.perf_counter()
-        r = subprocess.run([str(TL), "reproduce", "digits-transfer/1", "--json"], cwd=repo, env=e, capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            [str(TL), "reproduce", "digits-transfer/1", "--json"], cwd=repo, env=e, capture_output=True, text=True
+        )
         replay_s = time.perf_counter() - t
         if not r.stdout.strip().startswith("{"):
             raise SystemExit(f"tl reproduce failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -91,36 +109,53 @@ def main() -> None:
         ft = json.loads((repo / "reports" / "finetune.json").read_text())
         train = {s: _training_s(repo / "reports" / f"{s}.json") for s in ("pretrain", "finetune", "baselines")}
         precision = ft.get("precision")
-        why = next((line.split("precision ", 1)[1].strip() for line in out.splitlines()
-                    if "[pretrain]" in line and "precision " in line), precision)
+        why = next(
+            (
+                line.split("precision ", 1)[1].strip()
+                for line in out.splitlines()
+                if "[pretrain]" in line and "precision " in line
+            ),
+            precision,
+        )
     startup = sum(up or 0.0 for _, _, up in stages)
     slowest = max(stages, key=lambda st: st[1])
-    lines = ["## Pipeline wall time", "",
-             f"`python -m bench.pipeline`: `tl run` with the default `params.yaml` (exactly what `make run` runs, "
-             f"including the DVC push) in a fresh copy of the project, then a no-op rerun and the registry commands. "
-             f"Machine: {machine()}. Training precision chosen by `auto`: {why}.", "",
-             "| stage | wall (s) | of which start-up (s) | of which training epochs (s) |", "|---|---|---|---|",
-             *(f"| {s} | {t:.1f} | {_num(up)} | {_num(train.get(s))} |" for s, t, up in stages),
-             f"| **`tl run`, total** (incl. DVC and push) | **{total:.1f}** | {startup:.1f} | "
-             f"{sum(train.values()):.1f} |",
-             f"| no-op rerun (`tl run`, everything up to date) | {noop:.1f} | – | – |",
-             *(f"| `{k}` | {v:.1f} | – | – |" for k, v in cli.items()),
-             f"| `tl reproduce digits-transfer/1` (clone, DVC pull, pretrain → evaluate) | {replay_s:.1f} | – | – |", "",
-             f"Goal: the default pipeline in {GOAL_S} s or less on 2 cores: {'met' if total <= GOAL_S else 'missed'} "
-             f"({total:.0f} s). Where the time goes: {startup:.0f} s stage start-up (process, imports, params), "
-             f"{sum(train.values()):.0f} s training epochs, {total - startup - sum(train.values()):.0f} s the rest "
-             f"(data rendering, evaluation, compression, registration, DVC and the push); the slowest stage is "
-             f"`{slowest[0]}` ({slowest[1]:.0f} s).", "",
-             "The replay of that model: " + ", ".join(
-                 f"{row['metric']} {row['original']:.4f} → {row['replay']:.4f} ({row['delta']:+.4f})"
-                 for row in replay["rows"] if row["delta"] is not None)
-             + f"; identical predictions {replay['identical_predictions']}/{replay['test_images']}; model file "
-               f"identical: {'yes' if replay['model_sha256_match'] else 'no'} (precision {precision}).", "",
-             "The rest of a training stage's time, beyond its epochs, is process start-up (Python, torch), data "
-             "loading and evaluation; Ray Train's local mode (`ray.num_workers: 0`, the default) starts no cluster.", "",
-             f"That run's model (`{ft['strategy']}`): target test accuracy {metrics['accuracy'] * 100:.1f} % vs "
-             f"{metrics['scratch_accuracy'] * 100:.1f} % for `scratch` on the same labels and "
-             f"{metrics['source_only_accuracy'] * 100:.1f} % for the source model without adaptation."]
+    lines = [
+        "## Pipeline wall time",
+        "",
+        f"`python -m bench.pipeline`: `tl run` with the default `params.yaml` (exactly what `make run` runs, "
+        f"including the DVC push) in a fresh copy of the project, then a no-op rerun and the registry commands. "
+        f"Machine: {machine()}. Training precision chosen by `auto`: {why}.",
+        "",
+        "| stage | wall (s) | of which start-up (s) | of which training epochs (s) |",
+        "|---|---|---|---|",
+        *(f"| {s} | {t:.1f} | {_num(up)} | {_num(train.get(s))} |" for s, t, up in stages),
+        f"| **`tl run`, total** (incl. DVC and push) | **{total:.1f}** | {startup:.1f} | {sum(train.values()):.1f} |",
+        f"| no-op rerun (`tl run`, everything up to date) | {noop:.1f} | – | – |",
+        *(f"| `{k}` | {v:.1f} | – | – |" for k, v in cli.items()),
+        f"| `tl reproduce digits-transfer/1` (clone, DVC pull, pretrain → evaluate) | {replay_s:.1f} | – | – |",
+        "",
+        f"Goal: the default pipeline in {GOAL_S} s or less on 2 cores: {'met' if total <= GOAL_S else 'missed'} "
+        f"({total:.0f} s). Where the time goes: {startup:.0f} s stage start-up (process, imports, params), "
+        f"{sum(train.values()):.0f} s training epochs, {total - startup - sum(train.values()):.0f} s the rest "
+        f"(data rendering, evaluation, compression, registration, DVC and the push); the slowest stage is "
+        f"`{slowest[0]}` ({slowest[1]:.0f} s).",
+        "",
+        "The replay of that model: "
+        + ", ".join(
+            f"{row['metric']} {row['original']:.4f} → {row['replay']:.4f} ({row['delta']:+.4f})"
+            for row in replay["rows"]
+            if row["delta"] is not None
+        )
+        + f"; identical predictions {replay['identical_predictions']}/{replay['test_images']}; model file "
+        f"identical: {'yes' if replay['model_sha256_match'] else 'no'} (precision {precision}).",
+        "",
+        "The rest of a training stage's time, beyond its epochs, is process start-up (Python, torch), data "
+        "loading and evaluation; Ray Train's local mode (`ray.num_workers: 0`, the default) starts no cluster.",
+        "",
+        f"That run's model (`{ft['strategy']}`): target test accuracy {metrics['accuracy'] * 100:.1f} % vs "
+        f"{metrics['scratch_accuracy'] * 100:.1f} % for `scratch` on the same labels and "
+        f"{metrics['source_only_accuracy'] * 100:.1f} % for the source model without adaptation.",
+    ]
     print("\n".join(lines))
     print(f"wrote {write_section('pipeline', chr(10).join(lines))}")
 

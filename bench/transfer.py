@@ -11,6 +11,7 @@ results docs/transfer_benchmark.json for the default pair; ..._SOURCE-TARGET.* f
     python -m bench.transfer --pair optdigits:optdigits_noisy   # one pair
     python -m bench.transfer --quick                            # smoke grid: 1 seed, budgets 0/1/10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.docs import DOC, QUICK_DIR, machine, write_section
-from tasks.files import atomic_path
+from tasks.project.files import atomic_path
 
 TRANSFER = ["linear_probe", "finetune", "gradual_unfreeze", "joint", "dann", "mcc", "semi"]
 UDA = {"dann", "mcc", "semi"}
@@ -54,7 +55,7 @@ def _pairs(given: list[str]) -> list[tuple[str, str]]:
 
 
 def optim_config(epochs: int, steps: int | None, batch: int, lr: float = 3e-3, precision: str = "auto"):
-    from tasks.config import Optim
+    from tasks.project.config import Optim
 
     return Optim(epochs=epochs, steps_per_epoch=steps, batch_size=batch, lr=lr, weight_decay=5e-4, precision=precision)
 
@@ -66,12 +67,25 @@ def main(argv=None) -> None:
     ap.add_argument("--synth-per-class", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=8, help="target-side epochs (x --steps steps)")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="training precision (auto: bf16 where the CPU has native bf16)")
-    ap.add_argument("--pair", action="append", default=[], metavar="SOURCE:TARGET",
-                    help="an embedded domain pair (repeatable; default: every pair in tlcore.datasets.PAIRS)")
-    ap.add_argument("--out", default=None, help="results JSON, with one --pair (default docs/transfer_benchmark"
-                                                "[_SOURCE-TARGET].json; bench_out/ with --quick)")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="training precision (auto: bf16 where the CPU has native bf16)",
+    )
+    ap.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="SOURCE:TARGET",
+        help="an embedded domain pair (repeatable; default: every pair in tlcore.datasets.PAIRS)",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="results JSON, with one --pair (default docs/transfer_benchmark"
+        "[_SOURCE-TARGET].json; bench_out/ with --quick)",
+    )
     ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved results")
     ap.add_argument("--resume", action="store_true", help="keep the cells already saved (same settings)")
     args = ap.parse_args(argv)
@@ -89,8 +103,16 @@ def main(argv=None) -> None:
             saved = json.loads(out.read_text())
             budgets = [None if c == "all" else int(c) for c in saved["columns"]]
             where = QUICK_DIR if saved["settings"]["quick"] else DOC.parent
-            _write(saved["results"], saved["times"], saved["seeds"], budgets, saved["settings"], saved.get("wall_s"),
-                   where, tuple(saved.get("pair", DEFAULT_PAIR)))
+            _write(
+                saved["results"],
+                saved["times"],
+                saved["seeds"],
+                budgets,
+                saved["settings"],
+                saved.get("wall_s"),
+                where,
+                tuple(saved.get("pair", DEFAULT_PAIR)),
+            )
         else:
             _run_pair(args, source, target, out, dest)
 
@@ -99,10 +121,10 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
     """The grid of one pair, saved to ``out`` after every cell; then its docs section."""
     import torch
 
-    from tasks.training import TrainJob, job_streams, run_job
+    from tasks.modeling.train import TrainJob, job_streams, run_job
     from tlcore import data, datasets, models
-    from tlcore.engine import resolve_precision
     from tlcore.metrics import accuracy
+    from tlcore.precision import precision_for_device
     from tlcore.strategies import strategy_class
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -111,12 +133,19 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
     epochs = max(2, args.epochs // 2) if args.quick else args.epochs
     spec = models.get_spec("smallcnn")
     cols = ["all" if b is None else str(b) for b in budgets]
-    settings = {"quick": args.quick, "epochs": epochs, "steps": args.steps, "synth_per_class": args.synth_per_class,
-                "precision": resolve_precision(args.precision, "cpu")}
+    settings = {
+        "quick": args.quick,
+        "epochs": epochs,
+        "steps": args.steps,
+        "synth_per_class": args.synth_per_class,
+        "precision": precision_for_device(args.precision, "cpu"),
+    }
     saved = json.loads(out.read_text()) if args.resume and out.exists() else {}
     if saved and (saved.get("settings") != settings or tuple(saved.get("pair", DEFAULT_PAIR)) != (source, target)):
-        raise SystemExit(f"--resume: {out} was made with {saved.get('settings')} for {saved.get('pair', DEFAULT_PAIR)}, "
-                         f"not {settings} for {[source, target]}")
+        raise SystemExit(
+            f"--resume: {out} was made with {saved.get('settings')} for {saved.get('pair', DEFAULT_PAIR)}, "
+            f"not {settings} for {[source, target]}"
+        )
     print(f"== {source} -> {target}", flush=True)
     # results[method][column][seed] = accuracy; saved after every run, so a stopped grid keeps its cells
     results: dict[str, dict[str, dict[str, float]]] = saved.get("results", {})
@@ -124,8 +153,15 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
     t_all, wall0 = time.time(), saved.get("wall_s", 0.0)
 
     def save():
-        state = {"settings": settings, "pair": [source, target], "results": results, "times": times, "seeds": seeds,
-                 "columns": cols, "wall_s": wall0 + time.time() - t_all}
+        state = {
+            "settings": settings,
+            "pair": [source, target],
+            "results": results,
+            "times": times,
+            "seeds": seeds,
+            "columns": cols,
+            "wall_s": wall0 + time.time() - t_all,
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(state, indent=1))
@@ -150,7 +186,11 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
         test_loader = data.make_loader(test, 512, train=False)
         print(f"seed {seed}: pretraining the source model", flush=True)
         t = time.time()
-        src = run(TrainJob("smallcnn", 10, "scratch", optim_config(6, None, 128, precision=args.precision), seed, labeled=src_ds))
+        src = run(
+            TrainJob(
+                "smallcnn", 10, "scratch", optim_config(6, None, 128, precision=args.precision), seed, labeled=src_ds
+            )
+        )
         if not done("source_only", "0", seed):
             record("source_only", "0", seed, accuracy(src, test_loader), time.time() - t)
         tasks_[seed] = (src_ds, tgt_ds, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
@@ -166,14 +206,26 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
                     continue
                 t = time.time()
                 cls = strategy_class(m)
-                job = TrainJob("smallcnn", 10, m, optim_config(epochs, args.steps, 64, precision=args.precision), seed,
-                               init_state=src_state if cls.transfers else None,
-                               **job_streams(cls, source=src_ds, labeled=labeled if budget != 0 else None,
-                                             unlabeled=pool))
+                job = TrainJob(
+                    "smallcnn",
+                    10,
+                    m,
+                    optim_config(epochs, args.steps, 64, precision=args.precision),
+                    seed,
+                    init_state=src_state if cls.transfers else None,
+                    **job_streams(cls, source=src_ds, labeled=labeled if budget != 0 else None, unlabeled=pool),
+                )
                 record(m, col, seed, accuracy(run(job), test_loader), time.time() - t)
             if budget is None and not done("train_on_target", "all", seed):
                 t = time.time()
-                full = TrainJob("smallcnn", 10, "scratch", optim_config(epochs * 2, args.steps, 64, precision=args.precision), seed, labeled=tgt_ds)
+                full = TrainJob(
+                    "smallcnn",
+                    10,
+                    "scratch",
+                    optim_config(epochs * 2, args.steps, 64, precision=args.precision),
+                    seed,
+                    labeled=tgt_ds,
+                )
                 record("train_on_target", "all", seed, accuracy(run(full), test_loader), time.time() - t)
     state = save()
     _write(results, times, seeds, budgets, settings, state["wall_s"], dest, (source, target))
@@ -200,8 +252,9 @@ def _diff(a, b) -> list[float]:
 
 def _complete(results, cols, n: int) -> bool:
     """Whether every cell of the grid has its ``n`` seeds (a grid stopped early and kept with --resume has not)."""
-    return all(len(_vals(results.get(m, {}).get(c))) >= n
-               for m in ["scratch"] + TRANSFER for c in cols if c != "0" or m in UDA)
+    return all(
+        len(_vals(results.get(m, {}).get(c))) >= n for m in ["scratch"] + TRANSFER for c in cols if c != "0" or m in UDA
+    )
 
 
 def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.parent, pair=DEFAULT_PAIR):
@@ -217,37 +270,59 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
     so = np.mean(_vals(results["source_only"]["0"]))
     complete = _complete(results, cols, n)
     ceil_vals = _vals(results.get("train_on_target", {}).get("all"))
-    cmd = f"python -m bench.transfer --pair {source}:{target}" + (" --quick" if settings["quick"] else
-                                                                   f" --seeds {n}" if n != SEEDS else "")
-    synth = (f"{settings['synth_per_class']} synthetic images per class; " if "synth_digits" in pair else "")
-    lines = [f"## Transfer benchmark: {source} -> {target}", "",
-             *([f"Shift: {shift}.", ""] if shift else []),
-             f"`{cmd}`: accuracy (%) on the fixed {target} test split, mean ± std over {n} seed(s) "
-             f"(`n=` marks a cell with fewer, from a grid stopped early and kept with `--resume`), by target labels per "
-             f"class. Method hyper-parameters are the pipeline defaults, fixed in advance and the same for every pair; "
-             f"{synth}{settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
-             f"target side; {settings.get('precision', 'fp32')} training (autocast; `--precision`). The unlabeled pool is the target training split (labels unused); no test image is ever in it. "
-             f"Wall time {'' if complete else 'so far '}{wall / 60:.1f} min on {machine()}; `s/run` is the mean wall "
-             f"clock per run (training and the test pass), so it includes whatever else the machine ran at the time.", "",
-             "| method | " + " | ".join(cols) + " | s/run |", "|---" * (len(cols) + 2) + "|"]
+    cmd = f"python -m bench.transfer --pair {source}:{target}" + (
+        " --quick" if settings["quick"] else f" --seeds {n}" if n != SEEDS else ""
+    )
+    synth = f"{settings['synth_per_class']} synthetic images per class; " if "synth_digits" in pair else ""
+    lines = [
+        f"## Transfer benchmark: {source} -> {target}",
+        "",
+        *([f"Shift: {shift}.", ""] if shift else []),
+        f"`{cmd}`: accuracy (%) on the fixed {target} test split, mean ± std over {n} seed(s) "
+        f"(`n=` marks a cell with fewer, from a grid stopped early and kept with `--resume`), by target labels per "
+        f"class. Method hyper-parameters are the pipeline defaults, fixed in advance and the same for every pair; "
+        f"{synth}{settings['epochs']} epochs x {settings['steps']} steps (batch 64) on the "
+        f"target side; {settings.get('precision', 'fp32')} training (autocast; `--precision`). The unlabeled pool is "
+        f"the target training split (labels unused); no test image is ever in it. "
+        f"Wall time {'' if complete else 'so far '}{wall / 60:.1f} min on {machine()}; `s/run` is the mean wall "
+        f"clock per run (training and the test pass), so it includes whatever else the machine ran at the time.",
+        "",
+        "| method | " + " | ".join(cols) + " | s/run |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
     for m in order:
         if m in results:
             row = [_cell(results[m].get(c), n) for c in cols]
             lines.append(f"| {m} | " + " | ".join(row) + f" | {np.mean(times[m]):.0f} |")
     if ceil_vals:
         ceil = np.mean(ceil_vals)
-        lines += ["", f"Share of the source-only ({so * 100:.1f}) -> train-on-target ({ceil * 100:.1f}) gap recovered:", "",
-                  "| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += [
+            "",
+            f"Share of the source-only ({so * 100:.1f}) -> train-on-target ({ceil * 100:.1f}) gap recovered:",
+            "",
+            "| method | " + " | ".join(cols) + " |",
+            "|---" * (len(cols) + 1) + "|",
+        ]
         for m in ["scratch"] + TRANSFER:
             if m in results:
-                row = [f"{(np.mean(_vals(results[m][c])) - so) / (ceil - so) * 100:.0f} %" if c in results[m] else "–"
-                       for c in cols]
+                row = [
+                    f"{(np.mean(_vals(results[m][c])) - so) / (ceil - so) * 100:.0f} %" if c in results[m] else "–"
+                    for c in cols
+                ]
                 lines.append(f"| {m} | " + " | ".join(row) + " |")
     else:
-        lines += ["", "The train-on-target ceiling (column `all`) was not reached in this run, so the gap-recovered "
-                  "table is omitted."]
-    lines += ["", "Gain over `scratch` (points, mean ± std of the per-seed difference):", "",
-              "| method | " + " | ".join(c for c in cols if c != "0") + " |", "|---" * len(cols) + "|"]
+        lines += [
+            "",
+            "The train-on-target ceiling (column `all`) was not reached in this run, so the gap-recovered "
+            "table is omitted.",
+        ]
+    lines += [
+        "",
+        "Gain over `scratch` (points, mean ± std of the per-seed difference):",
+        "",
+        "| method | " + " | ".join(c for c in cols if c != "0") + " |",
+        "|---" * len(cols) + "|",
+    ]
     for m in TRANSFER:
         row = []
         for c in cols:
@@ -262,8 +337,12 @@ def _write(results, times, seeds, budgets, settings, wall, dest: Path = DOC.pare
         if cands:
             acc, m = max(cands)
             best.append(f"{c} → `{m}` {acc * 100:.1f}")
-    lines += ["", "Best method per column: " + ", ".join(best) + ".",
-              "", f"![accuracy vs labels per class, {source} -> {target}]({plot.name})"]
+    lines += [
+        "",
+        "Best method per column: " + ", ".join(best) + ".",
+        "",
+        f"![accuracy vs labels per class, {source} -> {target}]({plot.name})",
+    ]
     _plot(results, cols, order, plot, f"{source} -> {target}")
     print("\n".join(lines))
     print(f"wrote {write_section(section, chr(10).join(lines), dest / DOC.name)}")
@@ -295,15 +374,24 @@ def summary(dest: Path = DOC.parent) -> str:
         saved = json.loads(out.read_text())
         r, n = saved["results"], len(saved["seeds"])
         seeds = str(n) if _complete(r, saved["columns"], n) else f"{n} (grid unfinished)"
-        rows.append(f"| {source} -> {target} | {shift} | {seeds} | {single(r, 'source_only', '0')} | "
-                    f"{cell(best(r, '0', sorted(UDA)))} | {single(r, 'scratch', '1')} / {cell(best(r, '1', TRANSFER))} | "
-                    f"{single(r, 'scratch', '10')} / {cell(best(r, '10', TRANSFER))} | {single(r, 'train_on_target', 'all')} |")
-    return "\n".join(["Test accuracy (%, mean over seeds) on each embedded pair, from the saved grids (written by "
-                      "`python -m bench.transfer`; full tables in docs/benchmarks.md). Columns: no adaptation; the best "
-                      "method with no target labels; `scratch` / the best transfer method with 1 and with 10 labels "
-                      "per class; training on every target label:", "",
-                      "| pair | shift | seeds | source_only | 0 labels: best | 1 label: scratch / best | "
-                      "10 labels: scratch / best | train_on_target |", "|---" * 8 + "|", *rows])
+        rows.append(
+            f"| {source} -> {target} | {shift} | {seeds} | {single(r, 'source_only', '0')} | "
+            f"{cell(best(r, '0', sorted(UDA)))} | {single(r, 'scratch', '1')} / {cell(best(r, '1', TRANSFER))} | "
+            f"{single(r, 'scratch', '10')} / {cell(best(r, '10', TRANSFER))} | {single(r, 'train_on_target', 'all')} |"
+        )
+    return "\n".join(
+        [
+            "Test accuracy (%, mean over seeds) on each embedded pair, from the saved grids (written by "
+            "`python -m bench.transfer`; full tables in docs/benchmarks.md). Columns: no adaptation; the best "
+            "method with no target labels; `scratch` / the best transfer method with 1 and with 10 labels "
+            "per class; training on every target label:",
+            "",
+            "| pair | shift | seeds | source_only | 0 labels: best | 1 label: scratch / best | "
+            "10 labels: scratch / best | train_on_target |",
+            "|---" * 8 + "|",
+            *rows,
+        ]
+    )
 
 
 def _plot(results, cols, order, path: Path, title: str = "synth_digits -> optdigits"):
@@ -316,19 +404,26 @@ def _plot(results, cols, order, path: Path, title: str = "synth_digits -> optdig
     for m, style in (("source_only", ":"), ("train_on_target", "--")):  # references: horizontal lines
         vals = [v for cell in results.get(m, {}).values() for v in _vals(cell)]
         if vals:
-            ax.axhline(np.mean(vals) * 100, color="grey", linestyle=style, linewidth=1.2,
-                       label=f"{m} ({np.mean(vals) * 100:.1f})")
+            ax.axhline(
+                np.mean(vals) * 100,
+                color="grey",
+                linestyle=style,
+                linewidth=1.2,
+                label=f"{m} ({np.mean(vals) * 100:.1f})",
+            )
     for m in order:
         if m in ("source_only", "train_on_target"):
             continue
-        pts = [(i, np.mean(_vals(results[m][c])) * 100, np.std(_vals(results[m][c])) * 100)
-               for i, c in enumerate(cols) if c in results.get(m, {})]
+        pts = [
+            (i, np.mean(_vals(results[m][c])) * 100, np.std(_vals(results[m][c])) * 100)
+            for i, c in enumerate(cols)
+            if c in results.get(m, {})
+        ]
         if pts:
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=m)
     ax.set_xticks(range(len(cols)), cols)
-    ax.set(xlabel="target labels per class", ylabel="test accuracy (%), mean ± std over seeds",
-           title=title)
+    ax.set(xlabel="target labels per class", ylabel="test accuracy (%), mean ± std over seeds", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()

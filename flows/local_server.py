@@ -6,23 +6,17 @@ schedule on one machine, :func:`prefect_api` starts ``prefect server start`` on 
 for as long as the block runs, and points this process at it. Prefect is only run as a command
 here, never imported, so the URL is set before Prefect reads its settings.
 """
+
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.project import configure_environment, tool
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tasks.project.env import configure_environment, free_port, tool
 
 
 @contextmanager
@@ -32,18 +26,24 @@ def prefect_api(log_path: Path, timeout_s: float = 240):
         yield os.environ["PREFECT_API_URL"]
         return
     configure_environment()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+        proc = subprocess.Popen(
+            [tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"the local Prefect server exited ({proc.returncode}) while starting; "
-                                   f"its log: {log_path}")
+                raise RuntimeError(
+                    f"the local Prefect server exited ({proc.returncode}) while starting; its log: {log_path}"
+                )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -51,8 +51,10 @@ def prefect_api(log_path: Path, timeout_s: float = 240):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the local Prefect server did not answer within {timeout_s:.0f} s; "
-                                   f"its log: {log_path}. Or set PREFECT_API_URL to a running server.")
+                raise RuntimeError(
+                    f"the local Prefect server did not answer within {timeout_s:.0f} s; "
+                    f"its log: {log_path}. Or set PREFECT_API_URL to a running server."
+                )
             time.sleep(1)
         os.environ["PREFECT_API_URL"] = url
         yield url

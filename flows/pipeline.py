@@ -1,32 +1,23 @@
 """``transfer_pipeline``: the DVC stages as Prefect tasks, with retries on I/O and report artifacts.
 
 Each Prefect task runs one stage through ``dvc repro --single-item <stage>``: the same
-``python -m tasks.<stage>`` that ``dvc.yaml`` declares, with DVC's lock and cache deciding
+``python -m tasks.stages.<stage>`` that ``dvc.yaml`` declares, with DVC's lock and cache deciding
 whether it runs or is skipped, so the flow and ``dvc repro`` always agree and ``dvc status`` is
-clean afterwards (but for the ``inputs`` fingerprint stage, which DVC runs every time). Runs on Prefect's ephemeral local API unless ``PREFECT_API_URL`` is set.
+clean afterwards (but for the ``inputs`` fingerprint stage, which DVC runs every time). Runs on Prefect's
+ephemeral local API unless ``PREFECT_API_URL`` is set.
+
+Importing this module writes no environment variable. The entry points set the process environment before
+Prefect is imported (:func:`tasks.project.env.configure_environment`: telemetry off, a start-up timeout for a
+slow machine): ``tl``, the team stack's worker, the tests' ``conftest.py``.
 """
+
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional
 
-from tasks.project import always_changed_stages, configure_environment, dvc, stage_names
+from prefect import flow, get_run_logger, task
 
-configure_environment()  # before Prefect reads its settings: telemetry off, a start-up timeout for slow machines
-
-from prefect import flow, get_run_logger, task  # noqa: E402
-
-FAIL_ONCE_ENV = "TL_FLOW_FAIL_ONCE"  # test-only: "<task-name>:<marker path>" raises once in that task
-
-
-def _maybe_fail(name: str) -> None:
-    spec = os.environ.get(FAIL_ONCE_ENV, "")
-    if spec.startswith(name + ":"):
-        marker = Path(spec.split(":", 1)[1])
-        if not marker.exists():
-            marker.write_text("failed once")
-            raise ConnectionError(f"injected transient failure in {name}")
+from tasks.project.env import always_changed_stages, dvc, stage_names
 
 
 @task(name="stage", task_run_name="{stage}")
@@ -46,14 +37,12 @@ def run_stage(stage: str, repo: str, force: bool = False) -> dict:
 @task(name="register", retries=2, retry_delay_seconds=[2, 10])
 def register_stage(repo: str) -> dict:
     """The registration stage talks to the MLflow tracking server: retried on failure."""
-    _maybe_fail("register")
     return run_stage.fn("register", repo)
 
 
 @task(name="dvc-push", retries=3, retry_delay_seconds=[2, 5, 15])
 def dvc_push(repo: str) -> str:
     """Push data and models to the DVC remote (network I/O: retried)."""
-    _maybe_fail("dvc-push")
     r = dvc(["push", "--quiet"], repo, capture=True)
     if r.returncode != 0:
         raise ConnectionError(f"dvc push failed: {r.stderr[-1000:]}")
@@ -64,9 +53,9 @@ def dvc_push(repo: str) -> str:
 def apply_params(repo: str, overrides: list[str]) -> list[str]:
     """Validate the overrides and that the strategy suits the data (fail before any work), then write them
     into params.yaml."""
-    from tasks.config import load_params
-    from tasks.plan import plan
-    from tasks.project import write_overrides
+    from tasks.modeling.plan import plan
+    from tasks.project.config import load_params
+    from tasks.project.env import write_overrides
 
     params_file = Path(repo) / "params.yaml"
     choice, _ = plan(load_params(params_file, overrides), root=Path(repo))
@@ -81,9 +70,9 @@ def publish(repo: str) -> dict:
     """Markdown report and per-class table as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.config import load_params
-    from tasks.files import read_json
-    from tasks.report import table
+    from tasks.project.config import load_params
+    from tasks.project.files import read_json
+    from tasks.project.report import table
 
     params = load_params(Path(repo) / "params.yaml")
     rep = Path(repo) / params.base.reports_dir
@@ -91,18 +80,30 @@ def publish(repo: str) -> dict:
     comp = read_json(rep / "compress.json") if (rep / "compress.json").exists() else {}
     so = m["source_only_accuracy"]
     md = [
-        f"# Transfer pipeline: `{m['strategy']}` ({params.data.source} -> {params.data.target})", "",
-        table([{"metric": k, "value": v} for k, v in m.items()], ["metric", "value"]), "",
-        (f"**Transfer gain over {m['gain_baseline']}:** {m['transfer_gain'] * 100:+.2f} points; over source-only: "
-         + (f"{(m['accuracy'] - so) * 100:+.2f} points." if so is not None else "n/a."))
-        if m.get("gain_baseline") else "**Transfer gain:** n/a (no baseline applies).", "",
-        f"**Gate:** {'promoted to champion' if reg['promoted'] else 'not promoted (challenger only)'}", "",
-        *(f"- {r}" for r in reg["reasons"]), "",
-        f"**Model:** `{reg['model_uri']}` in `{reg['tracking_uri']}` (run `{reg['run_id']}`)", "",
+        f"# Transfer pipeline: `{m['strategy']}` ({params.data.source} -> {params.data.target})",
+        "",
+        table([{"metric": k, "value": v} for k, v in m.items()], ["metric", "value"]),
+        "",
+        (
+            f"**Transfer gain over {m['gain_baseline']}:** {m['transfer_gain'] * 100:+.2f} points; over source-only: "
+            + (f"{(m['accuracy'] - so) * 100:+.2f} points." if so is not None else "n/a.")
+        )
+        if m.get("gain_baseline")
+        else "**Transfer gain:** n/a (no baseline applies).",
+        "",
+        f"**Gate:** {'promoted to champion' if reg['promoted'] else 'not promoted (challenger only)'}",
+        "",
+        *(f"- {r}" for r in reg["reasons"]),
+        "",
+        f"**Model:** `{reg['model_uri']}` in `{reg['tracking_uri']}` (run `{reg['run_id']}`)",
+        "",
     ]
     if comp:
-        md += ["## Compression", "", table([{"variant": k, **v} for k, v in comp.items()],
-                                           ["variant", "accuracy", "size_mb", "latency_ms_p50"])]
+        md += [
+            "## Compression",
+            "",
+            table([{"variant": k, **v} for k, v in comp.items()], ["variant", "accuracy", "size_mb", "latency_ms_p50"]),
+        ]
     create_markdown_artifact(markdown="\n".join(md), key="transfer-report", description="Transfer pipeline report")
     per_class = read_json(rep / "evaluation.json")["per_class"]
     create_table_artifact(table=per_class, key="per-class-metrics", description="Per-class precision/recall/F1")
@@ -112,12 +113,12 @@ def publish(repo: str) -> dict:
 @flow(name="transfer-pipeline", log_prints=True)
 def transfer_pipeline(
     repo: str = ".",
-    strategy: Optional[str] = None,
-    labels_per_class: Optional[int] = None,
-    backbone: Optional[str] = None,
-    finetune_epochs: Optional[int] = None,
-    num_workers: Optional[int] = None,
-    overrides: Optional[list[str]] = None,
+    strategy: str | None = None,
+    labels_per_class: int | None = None,
+    backbone: str | None = None,
+    finetune_epochs: int | None = None,
+    num_workers: int | None = None,
+    overrides: list[str] | None = None,
     force: bool = False,
     push: bool = True,
 ) -> dict:
@@ -126,19 +127,24 @@ def transfer_pipeline(
     Typed parameters are shortcuts for ``-S`` overrides (``strategy`` is ``finetune.strategy``,
     ``labels_per_class`` is ``data.labels_per_class`` ...); ``overrides`` takes any others.
     """
-    from tasks.lock import project_lock
+    from tasks.services.lock import project_lock
 
     repo = str(Path(repo).resolve())
     with project_lock(repo, "transfer-pipeline flow"):  # re-entrant under `tl run --prefect` and `retrain`
-        return _pipeline(repo, strategy, labels_per_class, backbone, finetune_epochs, num_workers, overrides, force,
-                         push)
+        return _pipeline(
+            repo, strategy, labels_per_class, backbone, finetune_epochs, num_workers, overrides, force, push
+        )
 
 
 def _pipeline(repo, strategy, labels_per_class, backbone, finetune_epochs, num_workers, overrides, force, push) -> dict:
     sets = list(overrides or [])
-    for key, val in (("finetune.strategy", strategy), ("data.labels_per_class", labels_per_class),
-                     ("pretrain.backbone", backbone), ("finetune.epochs", finetune_epochs),
-                     ("ray.num_workers", num_workers)):
+    for key, val in (
+        ("finetune.strategy", strategy),
+        ("data.labels_per_class", labels_per_class),
+        ("pretrain.backbone", backbone),
+        ("finetune.epochs", finetune_epochs),
+        ("ray.num_workers", num_workers),
+    ):
         if val is not None:
             sets.append(f"{key}={val}")
     apply_params(repo, sets)

@@ -1,4 +1,5 @@
 """``retrain``: for schedules. Refresh the data; retrain only if it changed since the champion."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,8 @@ from .pipeline import run_stage, transfer_pipeline
 @task(name="champion-data-hash", retries=2, retry_delay_seconds=[2, 10])
 def champion_data_hashes(repo: str) -> dict | None:
     """Target data hashes recorded on the current champion (None if there is none)."""
-    from tasks.config import load_params
-    from tasks.tracking import client, tracking_uri, version_by_alias
+    from tasks.project.config import load_params
+    from tasks.services.tracking import client, tracking_uri, version_by_alias
 
     params = load_params(Path(repo) / "params.yaml")
     v = version_by_alias(client(tracking_uri(repo)), params.register.model_name, "champion")
@@ -25,7 +26,7 @@ def champion_data_hashes(repo: str) -> dict | None:
 @flow(name="retrain", log_prints=True)
 def retrain(repo: str = ".", force: bool = False):
     """Re-materialise / re-validate the data; run ``transfer_pipeline`` only when it changed."""
-    from tasks.lock import project_lock
+    from tasks.services.lock import project_lock
 
     repo = str(Path(repo).resolve())
     with project_lock(repo, "retrain flow"):  # a scheduled run never overlaps a `tl run` in the same project
@@ -33,8 +34,8 @@ def retrain(repo: str = ".", force: bool = False):
 
 
 def _retrain(repo: str, force: bool):
-    from tasks.files import read_json
-    from tasks.config import load_params
+    from tasks.project.config import load_params
+    from tasks.project.files import read_json
 
     run_stage(stage="inputs", repo=repo)  # fingerprint user folders / weights first, so dvc.lock records them
     run_stage(stage="data", repo=repo, force=True)  # refresh: re-materialise embedded data / re-copy user trees

@@ -1,4 +1,6 @@
-"""Pipeline stages (``python -m tasks.<stage>``), their helpers, and the ``tl`` CLI."""
+"""The project's code around `tlcore`, one folder per role: `stages/` (the `dvc.yaml` stages), `cli/` (the `tl`
+command), `services/`, `modeling/` and `project/` (see the README's Layout)."""
+
 import importlib.util as _util
 import sys as _sys
 
@@ -7,4 +9,5 @@ if _missing:  # e.g. `dvc repro` from a shell where the venv is not active runs 
     raise SystemExit(
         f"error: {_sys.executable} has no {', '.join(_missing)}, so it is not this project's Python environment. "
         f"Activate the project's virtual environment first (`source .venv/bin/activate`; `make install` creates it), "
-        f"then run the command again.")
+        f"then run the command again."
+    )

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from tasks.project.env import configure_environment
+
+# the tests are an entry point, like `tl`: the process environment is set before Prefect or Ray is imported
+configure_environment()
 # the per-machine precision measurement is cached here for the session (and every subprocess), not in ~/.cache
 os.environ.setdefault("TL_CACHE_DIR", tempfile.mkdtemp(prefix="tl-test-cache-"))
 

@@ -1,14 +1,15 @@
 """Shared helpers for integration tests: a temporary git + DVC copy of the project with tiny params."""
+
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-from tasks.project import copy_env, copy_project, deep_update
+from tasks.project.env import copy_env, copy_project, deep_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,16 +27,26 @@ TINY = {
 
 def env() -> dict:
     e = copy_env()  # stages import the copy (cwd), not the checkout
-    e.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", RAY_USAGE_STATS_ENABLED="0",
-             GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    e.update(
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     return e
 
 
 def sh(*args, cwd, check=True, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(a) for a in args], cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True,
-                       text=True, **kw)
+    r = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True, **kw
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+        )
     return r
 
 
@@ -57,12 +68,26 @@ def set_params(repo: Path, updates: dict) -> None:
 
 def make_repo(dst: Path, params: dict | None = None) -> Path:
     """Copy the project into ``dst`` with the tiny params (``params`` merged in), as a git + DVC repo with a
-    local remote and one commit (:func:`tasks.project.copy_project`)."""
+    local remote and one commit (:func:`tasks.project.env.copy_project`)."""
     return copy_project(dst, deep_update(yaml.safe_load(yaml.safe_dump(TINY)), params or {}), env())
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def grey_pixels(size=(12, 12)):
+    """``pixels`` for :func:`image_folder`: random grey images of one size."""
+    return lambda rng, cls, i: rng.integers(0, 256, size, dtype=np.uint8)
+
+
+def image_folder(
+    root: Path, classes=("cat", "dog"), n_train=3, n_test=2, pixels=None, seed=0, suffix=lambda i: "png"
+) -> Path:
+    """A user's ImageFolder (``root/{train,test}/<class>/<i>.<suffix(i)>``), images from ``pixels(rng, class, i)``
+    (an ``HxW`` or ``HxWx3`` uint8 array; random grey 12x12 by default), drawn in order from one seeded rng."""
+    from PIL import Image
+
+    pixels, rng = pixels or grey_pixels(), np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(pixels(rng, c, i)).save(root / split / c / f"{i}.{suffix(i)}")
+    return root

@@ -1,7 +1,7 @@
 import pytest
 
-from tasks.checkpoints import load_checkpoint, save_checkpoint
-from tasks.files import atomic_path, write_json
+from tasks.modeling.checkpoints import load_checkpoint, save_checkpoint
+from tasks.project.files import atomic_path, write_json
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
@@ -36,7 +36,7 @@ def test_registry_client_leaves_the_environment_alone(tmp_path, monkeypatch):
     would then send every later DVC stage (a subprocess) to that store."""
     import os
 
-    from tasks.tracking import client
+    from tasks.services.tracking import client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -45,7 +45,7 @@ def test_registry_client_leaves_the_environment_alone(tmp_path, monkeypatch):
 
 
 def test_default_registry_is_anchored_to_the_project_root(tmp_path, monkeypatch):
-    from tasks.tracking import tracking_uri
+    from tasks.services.tracking import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
@@ -59,23 +59,25 @@ def test_default_registry_is_anchored_to_the_project_root(tmp_path, monkeypatch)
 def test_overrides_are_written_atomically_keeping_comments_and_mode(tmp_path):
     import os
 
-    from tasks.project import write_overrides
+    from tasks.project.env import write_overrides
 
     p = tmp_path / "params.yaml"
     p.write_text("finetune:\n  strategy: semi   # the default\n  lr: 0.003\n")
     os.chmod(p, 0o644)
     write_overrides(p, ["finetune.strategy=mcc", "finetune.lr=1e-3"])
     text = p.read_text()
-    assert "strategy: mcc" in text and "# the default" in text and "lr: 0.001" in text  # a number, not '1e-3' 
+    assert "strategy: mcc" in text and "# the default" in text and "lr: 0.001" in text  # a number, not '1e-3'
     assert oct(p.stat().st_mode & 0o777) == "0o644" and [f.name for f in tmp_path.iterdir()] == ["params.yaml"]
 
 
-@pytest.mark.parametrize("strategy,ok", [("linear_probe", False), ("finetune", False), ("joint", False),
-                                         ("mcc", True), ("semi", True), ("dann", True)])
+@pytest.mark.parametrize(
+    "strategy,ok",
+    [("linear_probe", False), ("finetune", False), ("joint", False), ("mcc", True), ("semi", True), ("dann", True)],
+)
 def test_zero_labels_refuse_strategies_that_need_them_before_any_work(strategy, ok):
     from helpers import ROOT
 
-    from tasks.config import ParamsError, load_params
+    from tasks.project.config import ParamsError, load_params
 
     sets = [f"finetune.strategy={strategy}", "data.labels_per_class=0"]
     if ok:
@@ -88,7 +90,7 @@ def test_zero_labels_refuse_strategies_that_need_them_before_any_work(strategy, 
 def test_git_dirty_counts_a_new_untracked_module(tmp_path, monkeypatch):
     import subprocess
 
-    from tasks.lineage import git_info
+    from tasks.project.lineage import git_info
 
     monkeypatch.delenv("TL_GIT_COMMIT", raising=False)
     e = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}

@@ -38,8 +38,9 @@ def test_recovery_training_keeps_pruned_weights_at_zero():
     x, y = torch.randn(32, 1, 32, 32), torch.arange(32) % 10
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, drop_last=True)
     w0 = student.head.weight_orig.detach().clone()
-    Trainer(net, strat, TrainConfig(epochs=1, steps_per_epoch=3, lr=1e-2), Loaders(target=loader), device="cpu",
-            log=None).fit()
+    Trainer(
+        net, strat, TrainConfig(epochs=1, steps_per_epoch=3, lr=1e-2), Loaders(target=loader), device="cpu", log=None
+    ).fit()
     assert not torch.equal(w0, student.head.weight_orig)  # it trained
     final = C.make_permanent(student)
     assert not any(hasattr(mod, "weight_mask") for mod in final.modules())
@@ -55,7 +56,9 @@ def test_int8_agrees_with_fp32_and_leaves_the_global_engine_alone():
     m = _model()
     calib = torch.rand(64, 1, 32, 32) * 2 - 1
     engines = torch.backends.quantized.supported_engines
-    other = next(e for e in ("qnnpack", "x86", "fbgemm") if e in engines and e != C.int8_engine(platform.machine(), engines))
+    other = next(
+        e for e in ("qnnpack", "x86", "fbgemm") if e in engines and e != C.int8_engine(platform.machine(), engines)
+    )
     before = torch.backends.quantized.engine
     q = C.quantize_int8(m, calib)
     assert torch.backends.quantized.engine == before
@@ -83,16 +86,25 @@ def test_distillation_without_target_labels_learns_from_the_teacher_alone():
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]  # the student moves towards the teacher
     assert C.Distill.streams.optional == {"target", "unlabeled"} and "streams" not in vars(strat)
     with pytest.raises(ValueError, match="at least one of the data streams"):
-        Trainer(C.Distill(teacher).setup(models.create("tinycnn", 10), 10), C.Distill(teacher), cfg, Loaders(),
-                device="cpu", log=None)
+        Trainer(
+            C.Distill(teacher).setup(models.create("tinycnn", 10), 10),
+            C.Distill(teacher),
+            cfg,
+            Loaders(),
+            device="cpu",
+            log=None,
+        )
 
 
-@pytest.mark.parametrize("machine,supported,want", [
-    ("x86_64", ["qnnpack", "onednn", "x86", "fbgemm"], "x86"),
-    ("AMD64", ["fbgemm", "qnnpack"], "fbgemm"),  # an older build without the x86 engine
-    ("aarch64", ["qnnpack", "onednn", "x86", "fbgemm"], "qnnpack"),  # Arm servers: x86 kernels do not exist there
-    ("arm64", ["qnnpack"], "qnnpack"),
-])
+@pytest.mark.parametrize(
+    "machine,supported,want",
+    [
+        ("x86_64", ["qnnpack", "onednn", "x86", "fbgemm"], "x86"),
+        ("AMD64", ["fbgemm", "qnnpack"], "fbgemm"),  # an older build without the x86 engine
+        ("aarch64", ["qnnpack", "onednn", "x86", "fbgemm"], "qnnpack"),  # Arm servers: x86 kernels do not exist there
+        ("arm64", ["qnnpack"], "qnnpack"),
+    ],
+)
 def test_int8_engine_follows_the_cpu_architecture(machine, supported, want):
     assert C.int8_engine(machine, supported) == want
 

@@ -1,15 +1,19 @@
-"""params.yaml validation (tasks/config.py): plain numbers, every section present, output dirs inside the project.
+"""params.yaml validation (tasks/project/config.py): plain numbers, every section present, output dirs inside the
+project.
 
 Pure and fast: each test validates a copy of the repository's params.yaml in a temporary project directory.
 """
+
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tasks.config import Params, ParamsError, apply_overrides, load_params
+from tasks.project.config import Params, ParamsError, load_params
+from tasks.project.overrides import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +34,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 # --- 1. -S values: no surprising YAML coercions --------------------------------------------------------------
 
+
 def test_leading_zero_override_is_refused_with_the_number_to_write(params_file):
     with pytest.raises(ParamsError, match=r"leading zero.*octal.*Write 10\b"):
         load_params(params_file, ["finetune.epochs=010"])
@@ -46,8 +51,18 @@ def test_sexagesimal_text_for_an_int_is_a_clear_error(params_file):
         load_params(params_file, ["finetune.epochs=1:30"])
 
 
-@pytest.mark.parametrize("key", ["finetune.batch_size", "finetune.epochs", "base.seed", "finetune.lr",
-                                 "data.target_test_fraction", "ray.cpus_per_worker", "evaluate.ece_bins"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "finetune.batch_size",
+        "finetune.epochs",
+        "base.seed",
+        "finetune.lr",
+        "data.target_test_fraction",
+        "ray.cpus_per_worker",
+        "evaluate.ece_bins",
+    ],
+)
 def test_booleans_are_not_numbers(params_file, key):
     with pytest.raises(ParamsError, match=rf"{key} = True: true is a boolean, but this key takes"):
         load_params(params_file, [f"{key}=true"])
@@ -75,8 +90,9 @@ def test_quoted_numbers_are_text_not_numbers(params_file):
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "nan", "inf"])
-@pytest.mark.parametrize("key", ["finetune.lr", "ray.cpus_per_worker", "register.min_improvement",
-                                 "pretrain.grad_clip"])
+@pytest.mark.parametrize(
+    "key", ["finetune.lr", "ray.cpus_per_worker", "register.min_improvement", "pretrain.grad_clip"]
+)
 def test_non_finite_floats_are_refused_everywhere(params_file, key, value):
     with pytest.raises(ParamsError, match=rf"{key} = .*not a finite number"):
         load_params(params_file, [f"{key}={value}"])
@@ -92,7 +108,7 @@ def test_non_finite_floats_are_refused_in_params_yaml_and_strategy_params(params
 
 
 def test_exponent_override_stays_a_number_and_is_written_back_as_one(params_file):
-    from tasks.project import write_overrides
+    from tasks.project.env import write_overrides
 
     assert load_params(params_file, ["finetune.lr=1e-3"]).finetune.lr == 0.001
     write_overrides(params_file, ["finetune.lr=1e-3", "finetune.epochs=12"])
@@ -103,7 +119,7 @@ def test_exponent_override_stays_a_number_and_is_written_back_as_one(params_file
 
 
 def test_write_overrides_refuses_a_leading_zero_and_leaves_the_file_alone(params_file):
-    from tasks.project import write_overrides
+    from tasks.project.env import write_overrides
 
     before = params_file.read_text()
     with pytest.raises(ParamsError, match="Write 10"):
@@ -112,12 +128,21 @@ def test_write_overrides_refuses_a_leading_zero_and_leaves_the_file_alone(params
 
 
 def test_plain_numbers_still_validate(params_file):
-    p = load_params(params_file, ["finetune.epochs=7", "finetune.lr=0.01", "ray.cpus_per_worker=2",
-                                  "finetune.grad_clip=1", "ray.cpus_per_worker=auto"])
+    p = load_params(
+        params_file,
+        [
+            "finetune.epochs=7",
+            "finetune.lr=0.01",
+            "ray.cpus_per_worker=2",
+            "finetune.grad_clip=1",
+            "ray.cpus_per_worker=auto",
+        ],
+    )
     assert (p.finetune.epochs, p.finetune.lr, p.finetune.grad_clip, p.ray.cpus_per_worker) == (7, 0.01, 1.0, "auto")
 
 
 # --- 2. every section in the file ----------------------------------------------------------------------------
+
 
 def test_an_empty_params_file_names_every_section(params_file):
     params_file.write_text("")
@@ -142,7 +167,7 @@ def test_a_missing_section_is_not_masked_by_an_override(params_file):
 
 def test_keys_inside_a_section_stay_optional_and_python_defaults_stay(params_file):
     text = params_file.read_text()
-    evaluate = text[text.index("\nevaluate:"):text.index("\ncompress:")]
+    evaluate = text[text.index("\nevaluate:") : text.index("\ncompress:")]
     params_file.write_text(text.replace(evaluate, "\nevaluate: {}\n"))
     assert load_params(params_file).evaluate.latency_iters == 50
     assert Params().finetune.epochs == 10
@@ -151,22 +176,34 @@ def test_keys_inside_a_section_stay_optional_and_python_defaults_stay(params_fil
 
 # --- 3. output directories inside the project ----------------------------------------------------------------
 
-@pytest.mark.parametrize("value,why", [("/some/dataset", "is an absolute path"), ("~/data", "is an absolute path"),
-                                       ("../data", "leaves the project with `..`"),
-                                       ("data/../../x", "leaves the project"), (".", "is the project directory"),
-                                       ("./", "is the project directory"), (".dvc/cache", "lies inside .dvc/")])
+
+@pytest.mark.parametrize(
+    "value,why",
+    [
+        ("/some/dataset", "is an absolute path"),
+        ("~/data", "is an absolute path"),
+        ("../data", "leaves the project with `..`"),
+        ("data/../../x", "leaves the project"),
+        (".", "is the project directory"),
+        ("./", "is the project directory"),
+        (".dvc/cache", "lies inside .dvc/"),
+    ],
+)
 def test_output_dirs_must_be_relative_and_below_the_project(params_file, value, why):
     for key in ("data_dir", "models_dir", "reports_dir"):
         with pytest.raises(ParamsError, match=rf"base\.{key} = '{value}': {why}.*relative path below the project"):
             load_params(params_file, [f"base.{key}={value}"])
 
 
-@pytest.mark.parametrize("sets,match", [
-    (["base.data_dir=models"], "base.data_dir = 'models' is the same directory as base.models_dir"),
-    (["base.models_dir=data/models"], "base.data_dir = 'data' contains base.models_dir = 'data/models'"),
-    (["base.reports_dir=models/./r"], "base.models_dir = 'models' contains base.reports_dir"),
-    (["base.data_dir=reports/data"], "base.data_dir = 'reports/data' lies inside base.reports_dir"),
-])
+@pytest.mark.parametrize(
+    "sets,match",
+    [
+        (["base.data_dir=models"], "base.data_dir = 'models' is the same directory as base.models_dir"),
+        (["base.models_dir=data/models"], "base.data_dir = 'data' contains base.models_dir = 'data/models'"),
+        (["base.reports_dir=models/./r"], "base.models_dir = 'models' contains base.reports_dir"),
+        (["base.data_dir=reports/data"], "base.data_dir = 'reports/data' lies inside base.reports_dir"),
+    ],
+)
 def test_output_dirs_are_distinct_and_not_nested(params_file, sets, match):
     with pytest.raises(ParamsError, match=match.replace(".", r"\.")):
         load_params(params_file, sets)
@@ -202,18 +239,35 @@ def test_output_dirs_must_not_overlap_a_user_imagefolder(params_file, layout):
 
 def test_a_user_imagefolder_elsewhere_and_nested_output_names_are_fine(params_file, tmp_path):
     tree = _imagefolder(tmp_path / "dataset")
-    p = load_params(params_file, [f"data.source={tree}", "base.data_dir=out/data", "base.models_dir=out/models",
-                                  "ray.storage_path=/tmp/ray_results"])
+    p = load_params(
+        params_file,
+        [
+            f"data.source={tree}",
+            "base.data_dir=out/data",
+            "base.models_dir=out/models",
+            "ray.storage_path=/tmp/ray_results",
+        ],
+    )
     assert (p.data.source, p.base.data_dir, p.ray.storage_path) == (str(tree), "out/data", "/tmp/ray_results")
 
 
 # --- devices: one rule for base.device and ray.use_gpu, whole GPUs per worker ----------------------------------
 
-@pytest.mark.parametrize("overrides,match", [
-    (["base.device=cuda"], r"base\.device = 'cuda' but ray\.use_gpu = false: .*would run on the CPU\. Set ray\.use_gpu: true"),
-    (["base.device=cpu", "ray.use_gpu=true", "ray.gpus_per_worker=1"],
-     r"base\.device = 'cpu' but ray\.use_gpu = true: .*contradict.*base\.device: auto.*ray\.use_gpu: false"),
-], ids=["cuda_without_use_gpu", "cpu_with_use_gpu"])
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            ["base.device=cuda"],
+            r"base\.device = 'cuda' but ray\.use_gpu = false: .*would run on the CPU\. Set ray\.use_gpu: true",
+        ),
+        (
+            ["base.device=cpu", "ray.use_gpu=true", "ray.gpus_per_worker=1"],
+            r"base\.device = 'cpu' but ray\.use_gpu = true: .*contradict.*base\.device: auto.*ray\.use_gpu: false",
+        ),
+    ],
+    ids=["cuda_without_use_gpu", "cpu_with_use_gpu"],
+)
 def test_base_device_and_use_gpu_must_agree(params_file, overrides, match):
     with pytest.raises(ParamsError, match=match):
         load_params(params_file, overrides)
@@ -221,19 +275,35 @@ def test_base_device_and_use_gpu_must_agree(params_file, overrides, match):
         Params.model_validate(apply_overrides({}, overrides))
 
 
-@pytest.mark.parametrize("overrides", [["ray.use_gpu=true", "ray.gpus_per_worker=1"],
-                                       ["base.device=cuda", "ray.use_gpu=true", "ray.gpus_per_worker=2"],
-                                       ["base.device=cpu"], ["base.device=auto", "ray.use_gpu=false"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["ray.use_gpu=true", "ray.gpus_per_worker=1"],
+        ["base.device=cuda", "ray.use_gpu=true", "ray.gpus_per_worker=2"],
+        ["base.device=cpu"],
+        ["base.device=auto", "ray.use_gpu=false"],
+    ],
+)
 def test_agreeing_devices_are_accepted(params_file, overrides):
-    load_params(params_file, overrides)
+    params = load_params(params_file, overrides)
+    for item in overrides:  # accepted as given
+        (section, key), value = item.split("=")[0].split("."), yaml.safe_load(item.split("=")[1])
+        assert getattr(getattr(params, section), key) == value
 
 
-@pytest.mark.parametrize("gpus,match", [
-    ("0.5", r"ray\.gpus_per_worker = 0\.5 with ray\.use_gpu = true: each worker needs a whole number of GPUs >= 1 "
-            r"\(NCCL cannot run two workers on one GPU"),
-    ("1.5", r"whole number of GPUs >= 1"),
-    ("0", r"ray\.gpus_per_worker = 0 with ray\.use_gpu = true: .*-S ray\.gpus_per_worker=1"),
-], ids=["half", "one_and_a_half", "zero"])
+@pytest.mark.parametrize(
+    "gpus,match",
+    [
+        (
+            "0.5",
+            r"ray\.gpus_per_worker = 0\.5 with ray\.use_gpu = true: each worker needs a whole number of GPUs >= 1 "
+            r"\(NCCL cannot run two workers on one GPU",
+        ),
+        ("1.5", r"whole number of GPUs >= 1"),
+        ("0", r"ray\.gpus_per_worker = 0 with ray\.use_gpu = true: .*-S ray\.gpus_per_worker=1"),
+    ],
+    ids=["half", "one_and_a_half", "zero"],
+)
 def test_gpus_per_worker_is_whole_with_use_gpu(params_file, gpus, match):
     with pytest.raises(ParamsError, match=match):
         load_params(params_file, ["ray.use_gpu=true", f"ray.gpus_per_worker={gpus}"])
@@ -245,7 +315,7 @@ def test_gpus_without_use_gpu_are_refused(params_file):
 
 
 def test_stage_device_on_a_gpu_less_node(params_file):
-    from tasks.hardware import device_for
+    from tasks.modeling.hardware import device_for
 
     cuda = load_params(params_file, ["base.device=cuda", "ray.use_gpu=true", "ray.gpus_per_worker=1"])
     with pytest.raises(ParamsError, match=r"sees no CUDA device .*Set base\.device: auto"):
@@ -258,7 +328,7 @@ def test_stage_device_on_a_gpu_less_node(params_file):
 def test_threads_are_set_only_when_a_stage_asks(params_file):
     import torch
 
-    from tasks.hardware import device_for, set_torch_threads
+    from tasks.modeling.hardware import device_for, set_torch_threads
 
     before = torch.get_num_threads()
     want = 1 if before != 1 else 2
@@ -277,5 +347,5 @@ def test_threads_are_set_only_when_a_stage_asks(params_file):
 def test_importing_the_config_installs_no_warnings_filter():
     import warnings
 
-    # tasks.config is imported at the top of this module: a filter it installed would be in place now
+    # tasks.project.config is imported at the top of this module: a filter it installed would be in place now
     assert not [f for f in warnings.filters if f[1] is not None and "register" in f[1].pattern]

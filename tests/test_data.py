@@ -103,8 +103,12 @@ def test_batched_affine_is_per_image_and_matches_single_calls():
     # every image draws its own warp (torchvision's RandomAffine shares one per call)
     assert len({tuple(o.flatten().round(decimals=3).tolist()) for o in out}) == 16
     # the DataLoader path (ImageDataset.__getitems__) gives the same as per-item __getitem__ without randomness
-    ds = data.ImageDataset(batch, torch.arange(16) % 10, [str(i) for i in range(10)],
-                           data.build_transform(models.get_spec("smallcnn"), train=False))
+    ds = data.ImageDataset(
+        batch,
+        torch.arange(16) % 10,
+        [str(i) for i in range(10)],
+        data.build_transform(models.get_spec("smallcnn"), train=False),
+    )
     xb, yb = next(iter(data.make_loader(ds, 8, train=False)))
     assert torch.equal(xb, torch.stack([ds[i][0] for i in range(8)])) and yb.tolist() == list(range(8))
 
@@ -114,19 +118,27 @@ def test_a_training_loader_leaves_the_transform_to_its_consumer_and_every_consum
 
     g = torch.Generator().manual_seed(0)
     tf = data.build_transform(models.get_spec("tinycnn"), train=False)
-    ds = data.ImageDataset(torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8, generator=g),
-                           torch.arange(16) % 10, [str(i) for i in range(10)], tf)
+    ds = data.ImageDataset(
+        torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8, generator=g),
+        torch.arange(16) % 10,
+        [str(i) for i in range(10)],
+        tf,
+    )
     train, test = data.make_loader(ds, 8, train=True), data.make_loader(ds, 8, train=False)
     xb, _ = next(iter(train))
     assert xb.dtype == torch.uint8 and data.device_transform(train) is tf and data.device_transform(test) is None
-    assert ds.transform is tf and not ds.defer_transform and ds[0][0].dtype == torch.float32  # the dataset itself is unchanged
+    assert (
+        ds.transform is tf and not ds.defer_transform and ds[0][0].dtype == torch.float32
+    )  # the dataset itself is unchanged
     assert torch.equal(data.batch_to(xb, "cpu", train), tf(xb))
     assert ds.subset([0, 1]).defer_transform is False and train.dataset.subset([0]).defer_transform is True
     # the same images through a deferring and a ready loader: the same predictions and features
     model = models.create("tinycnn", 10).eval()
     ready, deferred = data.make_loader(ds, 8, train=False), data.make_loader(ds.deferred(), 8, train=False)
     assert torch.equal(engine.predict(model, ready, "cpu")[0], engine.predict(model, deferred, "cpu")[0])
-    assert torch.equal(validators.features_and_logits(model, ready)[0], validators.features_and_logits(model, deferred)[0])
+    assert torch.equal(
+        validators.features_and_logits(model, ready)[0], validators.features_and_logits(model, deferred)[0]
+    )
     with pytest.raises(ValueError, match="batch-capable"):
         data.ImageDataset(ds.images, ds.targets, ds.classes, lambda x: x.float(), defer_transform=True)
 
@@ -146,7 +158,9 @@ def test_optdigits_export_roundtrip(tmp_path):
     tr = data.load_split(root / "train", 32, 1)
     te = data.load_split(root / "test", 32, 1)
     assert len(tr) + len(te) == len(y) == 1797
-    assert np.bincount(tr.targets.numpy()).tolist() == [int(v) for v in np.bincount(y[datasets.stratified_split(y, 0.3, 0)[0]])]
+    assert np.bincount(tr.targets.numpy()).tolist() == [
+        int(v) for v in np.bincount(y[datasets.stratified_split(y, 0.3, 0)[0]])
+    ]
     train_idx, _ = datasets.stratified_split(y, 0.3, 0)
     # PNG is lossless: the first exported image of class 0 equals the source pixels
     first0 = train_idx[y[train_idx] == 0][0]
@@ -157,20 +171,29 @@ def test_optdigits_export_roundtrip(tmp_path):
     assert all((te.images == im).all((1, 2, 3)).any() for im in few.images)
 
 
-def test_tree_hash_follows_names_and_bytes_not_location(good, tmp_path_factory):
+def _content_hash(split_dir, out_dir):
+    from tlcore import shards
+
+    rep = data.list_split(split_dir)
+    files = [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files]
+    return shards.write_split(files, rep.classes, out_dir, max_side=64)[0].content_hash()
+
+
+def test_a_prepared_split_hash_follows_names_and_bytes_not_location_or_sharding(good, tmp_path_factory):
     import shutil
 
-    h = data.tree_hash(good / "train")
+    out = tmp_path_factory.mktemp("prepared")
+    h = _content_hash(good / "train", out / "1")
     copy = tmp_path_factory.mktemp("elsewhere") / "train"
     shutil.copytree(good / "train", copy)
-    assert data.tree_hash(copy) == h  # where the split lives does not count
+    assert _content_hash(copy, out / "2") == h  # where the split lives does not count
     f = copy / "a" / "1.png"
-    f.write_bytes(f.read_bytes() + b"\0")
-    assert data.tree_hash(copy) != h  # one byte more
+    f.write_bytes(f.read_bytes() + b"\0")  # still a PNG (trailing bytes are ignored), one byte more
+    assert _content_hash(copy, out / "3") != h
     shutil.copy(good / "train" / "a" / "1.png", f)
-    assert data.tree_hash(copy) == h  # the same bytes back under the same name
+    assert _content_hash(copy, out / "4") == h  # the same bytes back under the same name
     (copy / "a" / "1.png").rename(copy / "b" / "9.png")
-    assert data.tree_hash(copy) != h  # the same bytes under another class: a relabel
+    assert _content_hash(copy, out / "5") != h  # the same bytes under another class: a relabel
 
 
 def test_image_extensions_match_torchvision():
@@ -182,15 +205,25 @@ def test_image_extensions_match_torchvision():
 
 
 def test_embedded_domain_pairs_are_named_alike_everywhere():
-    from tasks import config
+    from tasks.project import config
 
     assert config.EMBEDDED == datasets.EMBEDDED  # config cannot import tlcore.datasets (torch) to read it
     for source, target, _ in datasets.PAIRS:
         p = config.Params.model_validate({"data": {"source": source, "target": target}})
         config._check_budget(p)
     with pytest.raises(config.ParamsError, match="smallest synth_digits class"):
-        config._check_budget(config.Params.model_validate(
-            {"data": {"source": "optdigits", "target": "synth_digits", "labels_per_class": 30, "synth_per_class": 20}}))
+        config._check_budget(
+            config.Params.model_validate(
+                {
+                    "data": {
+                        "source": "optdigits",
+                        "target": "synth_digits",
+                        "labels_per_class": 30,
+                        "synth_per_class": 20,
+                    }
+                }
+            )
+        )
 
 
 def test_shifted_optdigits_keep_labels_and_change_pixels_deterministically():
@@ -206,8 +239,9 @@ def test_shifted_optdigits_keep_labels_and_change_pixels_deterministically():
 
 
 def test_domain_task_builds_the_reverse_pair():
-    source, target, test = datasets.domain_task(models.get_spec("smallcnn"), "optdigits", "synth_digits", 2,
-                                                synth_test_per_class=1)
+    source, target, test = datasets.domain_task(
+        models.get_spec("smallcnn"), "optdigits", "synth_digits", 2, synth_test_per_class=1
+    )
     assert (len(source), len(target), len(test)) == (1257, 20, 10)  # optdigits' training split as source
     assert source.classes == target.classes == datasets.CLASSES
     with pytest.raises(ValueError, match="unknown embedded dataset"):

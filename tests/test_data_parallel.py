@@ -3,6 +3,7 @@
 One short run (tinycnn, gradual_unfreeze, 2 epochs x 2 steps) is shared by the tests that read it:
 replicas stay identical after the unfreeze, validation covers the whole set, metrics are global.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,19 +30,27 @@ def _datasets():
 
 
 def _job(train, val, **optim):
-    from tasks.config import Optim
-    from tasks.training import TrainJob
+    from tasks.modeling.train import TrainJob
+    from tasks.project.config import Optim
 
     o = Optim(epochs=2, steps_per_epoch=STEPS, batch_size=BATCH, lr=3e-2, precision="fp32", **optim)
-    return TrainJob(arch="tinycnn", num_classes=10, strategy="gradual_unfreeze", optim=o, seed=0,
-                    strategy_params={"freeze_epochs": 1}, labeled=train, val=val)
+    return TrainJob(
+        arch="tinycnn",
+        num_classes=10,
+        strategy="gradual_unfreeze",
+        optim=o,
+        seed=0,
+        strategy_params={"freeze_epochs": 1},
+        labeled=train,
+        val=val,
+    )
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from tasks.training import build_trainer
+    from tasks.modeling.train import build_trainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -102,7 +111,7 @@ def test_validation_covers_the_whole_set_and_metrics_are_global(two_ranks):
 
 
 def test_each_rank_augments_with_its_own_seed_and_shards_with_the_run_seed():
-    from tasks.training import build_trainer
+    from tasks.modeling.train import build_trainer
 
     train, val = _datasets()
     draws, states = [], []
@@ -121,8 +130,8 @@ def test_each_rank_augments_with_its_own_seed_and_shards_with_the_run_seed():
 
 
 def test_sync_batchnorm_on_cuda_with_several_workers_only():
-    from tasks.distributed import use_sync_batchnorm
-    from tasks.training import build_trainer
+    from tasks.modeling.ray_train import use_sync_batchnorm
+    from tasks.modeling.train import build_trainer
 
     assert use_sync_batchnorm("cuda", 2) and not use_sync_batchnorm("cuda", 1) and not use_sync_batchnorm("cpu", 4)
     train, val = _datasets()

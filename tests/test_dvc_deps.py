@@ -1,10 +1,11 @@
 """`dvc.yaml` is computed from the code, not kept by hand, and these tests hold it to that:
 
 - each stage's code deps are the files it runs (its import closure in `tasks/`, plus `tlcore`), the one
-  definition in :func:`tasks.codedeps.stage_code_files`;
+  definition in :func:`tasks.project.codedeps.stage_code_files`;
 - each stage's params are the params it reads: read from its entry function and everything that
   function reaches, found by reading the source (``ast``), no pipeline run.
 """
+
 from __future__ import annotations
 
 import ast
@@ -12,10 +13,10 @@ from functools import cache
 
 import pytest
 import yaml
-
 from helpers import ROOT
-from tasks import config
-from tasks.codedeps import import_closure, stage_code_files
+
+from tasks.project import config
+from tasks.project.codedeps import import_closure, stage_code_files
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -23,8 +24,10 @@ STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_code_deps_are_its_import_closure(stage):
     spec = STAGES[stage]
-    assert spec["cmd"] == f"python -m tasks.{stage}"
-    needed = {p.relative_to(ROOT).as_posix() for p in stage_code_files(stage) if p.parent.name == "tasks"}
+    assert spec["cmd"] == f"python -m tasks.stages.{stage}"
+    needed = {
+        p.relative_to(ROOT).as_posix() for p in stage_code_files(stage) if p.relative_to(ROOT).parts[0] == "tasks"
+    }
     listed = {d for d in spec["deps"] if d.startswith("tasks/")}
     assert needed - listed == set(), f"{stage}: imports but does not declare {sorted(needed - listed)}"
     assert listed - needed == set(), f"{stage}: declares but never imports {sorted(listed - needed)}"
@@ -33,9 +36,19 @@ def test_stage_code_deps_are_its_import_closure(stage):
 
 def test_stage_code_files_are_the_closure_plus_tlcore():
     files = stage_code_files("data")
-    assert ROOT / "tasks/data.py" in files and ROOT / "tasks/config.py" in files and ROOT / "tlcore/data.py" in files
-    assert ROOT / "tasks/distributed.py" not in files  # another stage's helper
-    assert {f"tasks.{m}" for m in ("pretrain", "training", "distributed", "checkpoints", "config")} <= import_closure("tasks.pretrain")
+    assert (
+        ROOT / "tasks/stages/data.py" in files
+        and ROOT / "tasks/project/config.py" in files
+        and ROOT / "tlcore/data.py" in files
+    )
+    assert ROOT / "tasks/modeling/ray_train.py" not in files  # another stage's helper
+    assert {
+        "tasks.stages.pretrain",
+        "tasks.modeling.train",
+        "tasks.modeling.ray_train",
+        "tasks.modeling.checkpoints",
+        "tasks.project.config",
+    } <= import_closure("tasks.stages.pretrain")
 
 
 # --------------------------------------------------------------------------- params each stage reads
@@ -47,7 +60,9 @@ def test_stage_code_files_are_the_closure_plus_tlcore():
 #   reads the Optim fields of `finetune`, not `strategy`), else as the whole section;
 # - `params.model_dump()` and `params` handed to code outside the project read everything;
 # - `params.path(...)` reads base.*_dir, which dvc.yaml already names through `${base.*_dir}` in deps/outs;
-# - tasks/config.py is validation (run by every stage on every param), not a read.
+# - tasks/project/config.py is validation (run by every stage on every param), not a read; so is
+#   tasks/project/overrides.py, which applies `-S key=value` to the raw mapping before it is validated.
+NOT_READS = {"tasks.project.config", "tasks.project.overrides"}  # modules not followed
 SECTIONS = {name: f.annotation for name, f in config.Params.model_fields.items()}
 FIELDS = {s: set(cls.model_fields) for s, cls in SECTIONS.items()}
 ALL = frozenset((s, k) for s, ks in FIELDS.items() for k in ks)
@@ -55,13 +70,18 @@ TYPES = {n: c for n, c in vars(config).items() if isinstance(c, type) and issubc
 # Params that say where and how robustly to run, not what is computed: changing them must not rerun a stage.
 # (ray.num_workers, use_gpu and cpus_per_worker do change it: the batch split, the device, the threads.)
 # data.loader_workers: the batches do not depend on it (tests/test_engine.py trains alike with 0 and 1).
-EXECUTION_ONLY = {("ray", "address"), ("ray", "storage_path"), ("ray", "max_failures"), ("ray", "gpus_per_worker"),
-                  ("data", "loader_workers")}
+EXECUTION_ONLY = {
+    ("ray", "address"),
+    ("ray", "storage_path"),
+    ("ray", "max_failures"),
+    ("ray", "gpus_per_worker"),
+    ("data", "loader_workers"),
+}
 # Read through params.path(...): dvc.yaml names them as ${base.*_dir} in deps and outs, so DVC sees them.
 DIRS = {("base", "data_dir"), ("base", "models_dir"), ("base", "reports_dir")}
 # Functions whose reads do not reach a stage's outputs. run_name hashes params only to name a Ray run
 # (its resume key); it hashes every section but register/evaluate/compress, whatever the stage.
-NOT_OUTPUT = {"tasks.run_identity.run_name"}
+NOT_OUTPUT = {"tasks.services.ray_runs.run_name"}
 # Params no stage reads: each is a bug (wire it or remove it); the test below fails when this list is stale.
 KNOWN_UNREAD: set = set()
 # Sections mostly read by a command: `tune` is `tl tune`'s search space (the finetune stage declares the three keys
@@ -80,8 +100,8 @@ def _module(mod: str):
     defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
     imports = {}
     for n in ast.walk(tree):  # lazy (in-function) imports too
-        if isinstance(n, ast.ImportFrom) and (n.level == 1 or (n.module or "").startswith("tasks")):
-            base = f"tasks.{n.module}" if n.level == 1 else n.module
+        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("tasks"):
+            base = n.module
             for a in n.names:
                 imports[a.asname or a.name] = f"{base}.{a.name}"
     return defs, imports
@@ -89,7 +109,7 @@ def _module(mod: str):
 
 def _unit(qual: str):
     mod, _, name = qual.rpartition(".")
-    if mod == "tasks.config" or not (ROOT / (mod.replace(".", "/") + ".py")).is_file():
+    if mod in NOT_READS or not (ROOT / (mod.replace(".", "/") + ".py")).is_file():
         return None
     return _module(mod)[0].get(name)
 
@@ -102,8 +122,11 @@ def _resolve(mod: str, name: str) -> str | None:
 
 def _is_params_arg(a: ast.arg) -> bool:
     ann = a.annotation
-    return a.arg == "params" or (isinstance(ann, ast.Name) and ann.id == "Params") or (
-        isinstance(ann, ast.Constant) and ann.value == "Params")
+    return (
+        a.arg == "params"
+        or (isinstance(ann, ast.Name) and ann.id == "Params")
+        or (isinstance(ann, ast.Constant) and ann.value == "Params")
+    )
 
 
 def _received_as(mod: str, call: ast.Call, arg: ast.AST) -> ast.AST | None:
@@ -140,11 +163,19 @@ def _unit_reads(qual: str) -> tuple[set, set]:
     aliases, alias_values = {}, set()  # `cfg = params.compress`, `cfg, f = params.compress, params.finetune`
     for n in ast.walk(node):
         if isinstance(n, ast.Assign) and len(n.targets) == 1:
-            pairs = (zip(n.targets[0].elts, n.value.elts) if isinstance(n.targets[0], ast.Tuple)
-                     and isinstance(n.value, ast.Tuple) else [(n.targets[0], n.value)])
+            pairs = (
+                zip(n.targets[0].elts, n.value.elts)
+                if isinstance(n.targets[0], ast.Tuple) and isinstance(n.value, ast.Tuple)
+                else [(n.targets[0], n.value)]
+            )
             for t, v in pairs:
-                if (isinstance(t, ast.Name) and isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name)
-                        and v.value.id in names and v.attr in SECTIONS):
+                if (
+                    isinstance(t, ast.Name)
+                    and isinstance(v, ast.Attribute)
+                    and isinstance(v.value, ast.Name)
+                    and v.value.id in names
+                    and v.attr in SECTIONS
+                ):
                     aliases[t.id] = v.attr
                     alias_values.add(v)
     one, bulk = set(), set()
@@ -173,7 +204,9 @@ def _unit_reads(qual: str) -> tuple[set, set]:
                     if p not in alias_values:
                         section_use(p.attr, p)
                 elif p.attr in ("model_dump", "model_dump_json"):
-                    exclude = next((k.value for k in getattr(parents.get(p), "keywords", []) if k.arg == "exclude"), None)
+                    exclude = next(
+                        (k.value for k in getattr(parents.get(p), "keywords", []) if k.arg == "exclude"), None
+                    )
                     skip = set(ast.literal_eval(exclude)) if exclude is not None else set()
                     bulk.update(k for k in ALL if k[0] not in skip)
                 elif p.attr != "path":
@@ -188,11 +221,12 @@ def _unit_reads(qual: str) -> tuple[set, set]:
 
 @cache
 def stage_reads(stage: str) -> tuple[frozenset, frozenset]:
-    """(keys read one by one, keys read in bulk) by ``python -m tasks.<stage>``."""
-    mod = f"tasks.{stage}"
-    tree = ast.parse((ROOT / f"tasks/{stage}.py").read_text())
-    entry = next(n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call)
-                 and getattr(n.func, "id", None) == "stage_main")
+    """(keys read one by one, keys read in bulk) by ``python -m tasks.stages.<stage>``."""
+    mod = f"tasks.stages.{stage}"
+    tree = ast.parse((ROOT / f"tasks/stages/{stage}.py").read_text())
+    entry = next(
+        n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "stage_main"
+    )
     todo, seen = [f"{mod}.{entry}"], set()
     while todo:
         qual = todo.pop()
@@ -215,7 +249,7 @@ def declared(spec: dict) -> set:
     out = set()
     for item in spec.get("params", []):
         if isinstance(item, dict):  # `- params.yaml:` (all of the file) or `- params.yaml: [keys]`
-            (file, keys), = item.items()
+            ((file, keys),) = item.items()
             assert file == "params.yaml"
             out |= set(ALL) if not keys else declared({"params": keys})
         else:
@@ -237,8 +271,10 @@ def test_stage_params_are_the_params_it_reads(stage):
 def test_every_param_is_read_by_some_stage():
     read = set().union(*(stage_reads(s)[0] for s in STAGES))
     unread = {k for k in set(ALL) - read - DIRS if k[0] not in COMMAND_SECTIONS}
-    assert unread == KNOWN_UNREAD, (f"params no stage reads: {sorted('.'.join(k) for k in unread)}; "
-                                    f"KNOWN_UNREAD lists {sorted('.'.join(k) for k in KNOWN_UNREAD)}")
+    assert unread == KNOWN_UNREAD, (
+        f"params no stage reads: {sorted('.'.join(k) for k in unread)}; "
+        f"KNOWN_UNREAD lists {sorted('.'.join(k) for k in KNOWN_UNREAD)}"
+    )
 
 
 def test_the_params_analysis_sees_what_matters():

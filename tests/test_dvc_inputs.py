@@ -1,8 +1,10 @@
 """DVC knows every input: a user ImageFolder (data.source/data.target) and a pretrain.weights file rerun
 the stages that read them when their content changes, and only then (the `inputs` stage)."""
+
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -10,9 +12,9 @@ import time
 
 import pytest
 import yaml
-
 from helpers import ROOT, dvc, env, make_repo
-from tasks import inputs
+
+from tasks.stages import inputs
 
 OLD = time.time() - 3600  # an mtime far from now: hashes of such files are cached (recent ones are racy)
 
@@ -55,9 +57,13 @@ def test_folder_fingerprint_follows_content_not_mtime(tmp_path):
     (root / "train/a/.DS_Store").write_bytes(b"x")  # hidden files: the data stage skips them too
     assert _fp(root, cf)[0] == fp
     (root / "train/a/2024").mkdir()
-    for change in (lambda: img.write_bytes(b"edited"), lambda: (root / "train/b/new.png").write_bytes(b"n"),
-                   lambda: (root / "test/a/1.png").unlink(), lambda: (root / "train/c").mkdir(),
-                   lambda: (root / "train/a/2024/nested.png").write_bytes(b"n")):  # the data stage reads nested images
+    for change in (
+        lambda: img.write_bytes(b"edited"),
+        lambda: (root / "train/b/new.png").write_bytes(b"n"),
+        lambda: (root / "test/a/1.png").unlink(),
+        lambda: (root / "train/c").mkdir(),
+        lambda: (root / "train/a/2024/nested.png").write_bytes(b"n"),
+    ):  # the data stage reads nested images
         change()
         new, _ = _fp(root, cf)
         assert new != fp
@@ -75,9 +81,8 @@ def test_a_few_thousand_files_cost_stats_only(tmp_path):
                 (d / f"{i}.png").write_bytes(os.urandom(512))
                 os.utime(d / f"{i}.png", (OLD, OLD))
     assert _fp(root, cf)[1] == 3000
-    t0 = time.perf_counter()
     _, hashed = _fp(root, cf)
-    assert hashed == 0 and time.perf_counter() - t0 < 2.0
+    assert hashed == 0  # every file's hash came from the cache: its size and mtime were enough
 
 
 def test_weights_fingerprint_file_and_torchvision_name(tmp_path, monkeypatch):
@@ -103,17 +108,26 @@ def test_weights_fingerprint_file_and_torchvision_name(tmp_path, monkeypatch):
     assert str(expected) in str(e.value) and fp["kind"] == "torchvision" and fp["sha256"] is None
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"weights")
-    assert inputs.weights_fingerprint("IMAGENET1K_V1", "resnet18", cache)["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert (
+        inputs.weights_fingerprint("IMAGENET1K_V1", "resnet18", cache)["sha256"]
+        == hashlib.sha256(b"weights").hexdigest()
+    )
     assert any(k.startswith("resnet18|IMAGENET1K_V1|") for k in cache.names)  # resolved once, then cached
 
 
 def test_stage_imports_no_torch(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "tasks.inputs"], cwd=tmp_path,
-                       env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tasks.stages.inputs"],
+        cwd=tmp_path,
+        env={**env(), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
-    assert "torch" not in imported and "tasks.config" in imported
+    assert "torch" not in imported and "tasks.project.config" in imported
     assert yaml.safe_load((tmp_path / "data/inputs.json").read_text())["source"]["kind"] == "embedded"
     assert yaml.safe_load((tmp_path / "models/weights.json").read_text()) == {"weights": None}
 
@@ -139,5 +153,6 @@ def test_dvc_reruns_data_when_the_user_folder_changes(tmp_path):
     Image.new("L", (8, 8), 255).save(img)  # edit one image
     out = dvc("repro", "data", cwd=repo).stdout
     assert _ran(out) == {"inputs", "data"}
-    assert (repo / "data/target/train/a/0.png").read_bytes() == img.read_bytes()
+    index = json.loads((repo / "data/target/train/index.json").read_text())  # the prepared split holds the new bytes
+    assert index["sha256"][index["name"].index("a/0.png")] == hashlib.sha256(img.read_bytes()).hexdigest()
     assert _ran(dvc("repro", "data", cwd=repo).stdout) == {"inputs"}

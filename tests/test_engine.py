@@ -1,4 +1,5 @@
 """Engine behaviour that matters on a GPU, checked on the CPU: host-device syncs, fp16 loss scaling, RNG state."""
+
 from __future__ import annotations
 
 import sys
@@ -81,7 +82,9 @@ def test_fp16_scales_the_loss_and_clips_unscaled_gradients(monkeypatch):
 
     def spy(params, max_norm, *a, **kw):
         params = list(params)
-        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+        norms.append(
+            float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        )
         return clip(params, max_norm, *a, **kw)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
@@ -154,12 +157,17 @@ def _resumable_trainer(callbacks=(), loader_workers: int = 0) -> Trainer:
     tf = data.build_transform(models.get_spec("tinycnn"), train=True)
 
     def ds(n):
-        return data.ImageDataset(torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=g),
-                                 torch.arange(n) % 10, [str(i) for i in range(10)], tf)
+        return data.ImageDataset(
+            torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=g),
+            torch.arange(n) % 10,
+            [str(i) for i in range(10)],
+            tf,
+        )
 
     # 20, 28 and 36 images in batches of 8: passes end at other steps than epochs do (3 steps per epoch)
-    loaders = Loaders(*(data.make_loader(ds(n), 8, True, seed=s, num_workers=loader_workers)
-                        for n, s in ((20, 1), (28, 2), (36, 3))))  # target, source, unlabeled
+    loaders = Loaders(
+        *(data.make_loader(ds(n), 8, True, seed=s, num_workers=loader_workers) for n, s in ((20, 1), (28, 2), (36, 3)))
+    )  # target, source, unlabeled
     strat = strategies.create_strategy("semi")
     net = strat.setup(models.create("tinycnn", 10), 10)
     cfg = TrainConfig(epochs=4, steps_per_epoch=3, precision="fp32", lr=1e-2)
@@ -200,4 +208,3 @@ def test_training_loaders_pin_memory_for_a_gpu_only():
     ds = TensorDataset(torch.zeros(16, 1, 8, 8), torch.zeros(16, dtype=torch.long))
     assert data.make_loader(ds, 8, True, pin_memory=True).pin_memory
     assert not data.make_loader(ds, 8, True).pin_memory
-

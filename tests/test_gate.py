@@ -1,10 +1,11 @@
 """The promotion gate as a pure function: paired evidence on the same images, not one noisy number."""
+
 from __future__ import annotations
 
 import pytest
 
-from tasks.config import Register  # the gate's rules are params.register
-from tasks.gate import decide, paired
+from tasks.modeling.gate import decide, paired
+from tasks.project.config import Register  # the gate's rules are params.register
 
 
 def _results(n: int, wrong: set[int]) -> list[bool]:
@@ -62,8 +63,12 @@ def test_champion_non_inferiority_and_superiority():
 
 
 def test_an_incomparable_champion_is_never_replaced_and_the_reason_says_why():
-    d = decide(Register(), 0.99, champion="it predicts classes ['cat', 'dog'] but this target has ['0', '1', '2']",
-               champion_version="7")
+    d = decide(
+        Register(),
+        0.99,
+        champion="it predicts classes ['cat', 'dog'] but this target has ['0', '1', '2']",
+        champion_version="7",
+    )
     assert not d.promoted
     assert "cannot compare with champion v7" in d.reasons[1] and "tl promote" in d.reasons[1]
 

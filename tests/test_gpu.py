@@ -5,6 +5,7 @@ they ask for they fail and say so. What they cover runs on the CPU elsewhere (gl
 capabilities); here the same paths meet real CUDA: autocast in the GPU's precision, GradScaler, NCCL
 with SyncBatchNorm, one GPU per Ray worker, and a resume from a checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import Params
-from tasks.training import TrainJob, build_trainer
-from tlcore.engine import choose_precision
+from tasks.modeling.train import TrainJob, build_trainer
+from tasks.project.config import Params
+from tlcore.precision import choose_precision
 
 pytestmark = pytest.mark.gpu
 MANIFEST = {"source": {"splits": {}}, "target": {"splits": {}}}
@@ -34,10 +35,20 @@ def _digits():
 
 
 def _params(tmp_path, workers: int, epochs: int, **optim) -> Params:
-    ray = {"num_workers": workers, "use_gpu": True, "gpus_per_worker": 1, "storage_path": str(tmp_path / "ray"),
-           "max_failures": 1}
-    return Params.model_validate({"base": {"seed": 0}, "ray": ray, "finetune": {
-        "epochs": epochs, "steps_per_epoch": 3, "batch_size": 32, "lr": 3e-3, **optim}})
+    ray = {
+        "num_workers": workers,
+        "use_gpu": True,
+        "gpus_per_worker": 1,
+        "storage_path": str(tmp_path / "ray"),
+        "max_failures": 1,
+    }
+    return Params.model_validate(
+        {
+            "base": {"seed": 0},
+            "ray": ray,
+            "finetune": {"epochs": epochs, "steps_per_epoch": 3, "batch_size": 32, "lr": 3e-3, **optim},
+        }
+    )
 
 
 def _expected_auto() -> str:
@@ -49,8 +60,17 @@ def test_one_gpu_trains_in_its_precision_and_resumes(tmp_path, precision):
     _need_gpus(1)
     ds = _digits()
     params = _params(tmp_path, 0, 2, precision=precision)
-    job = TrainJob(arch="smallcnn", num_classes=10, strategy="semi", optim=params.finetune, seed=0,
-                   source=ds, labeled=ds, unlabeled=ds, val=ds.subset(np.arange(40)))
+    job = TrainJob(
+        arch="smallcnn",
+        num_classes=10,
+        strategy="semi",
+        optim=params.finetune,
+        seed=0,
+        source=ds,
+        labeled=ds,
+        unlabeled=ds,
+        val=ds.subset(np.arange(40)),
+    )
     want = _expected_auto() if precision == "auto" else "fp16"
     first = build_trainer(job, torch.device("cuda"), log=None)
     assert first.precision == want and first.scaler.is_enabled() == (want == "fp16")
@@ -69,17 +89,27 @@ def test_one_gpu_trains_in_its_precision_and_resumes(tmp_path, precision):
 def test_two_gpu_workers_nccl_sync_batchnorm_and_resume(tmp_path):
     import ray
 
-    from tasks.distributed import run_job_ray
-    from tasks.probes import Fault
+    from tasks.modeling.faults import Fault
+    from tasks.modeling.ray_train import run_job_ray
 
     _need_gpus(2)
     marker = tmp_path / "fault-fired"
     params = _params(tmp_path, 2, 3)
-    job = TrainJob(arch="smallcnn", num_classes=10, strategy="gradual_unfreeze", optim=params.finetune, seed=0,
-                   strategy_params={"freeze_epochs": 1}, labeled=_digits(), val=_digits().subset(np.arange(50)))
+    job = TrainJob(
+        arch="smallcnn",
+        num_classes=10,
+        strategy="gradual_unfreeze",
+        optim=params.finetune,
+        seed=0,
+        strategy_params={"freeze_epochs": 1},
+        labeled=_digits(),
+        val=_digits().subset(np.arange(50)),
+    )
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        model, history, info = run_job_ray(job, params, "gpu-smoke", MANIFEST, fault=Fault(str(marker), epoch=2, step=1, rank=1))
+        model, history, info = run_job_ray(
+            job, params, "gpu-smoke", MANIFEST, fault=Fault(str(marker), epoch=2, step=1, rank=1)
+        )
     finally:
         ray.shutdown()
     assert marker.exists()  # rank 1 died once in epoch 2 and the group resumed from the epoch-1 checkpoint

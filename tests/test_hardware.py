@@ -1,28 +1,33 @@
 """Precision and thread decisions: the `auto` rules with both answers, the per-machine cache, CPUs per worker."""
+
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tlcore.engine import choose_precision
+from tlcore.precision import choose_precision
 
 
-@pytest.mark.parametrize("kwargs,want", [
-    ({"device_type": "cuda", "cuda_capability": (7, 5)}, "fp16"),  # T4: bf16 only emulated, fp16 tensor cores
-    ({"device_type": "cuda", "cuda_capability": (7, 0)}, "fp16"),  # V100
-    ({"device_type": "cuda", "cuda_capability": (6, 1)}, "fp32"),  # Pascal: neither
-    ({"device_type": "cuda", "cuda_capability": None}, "fp32"),  # unknown
-    ({"device_type": "cuda", "cuda_capability": (8, 0)}, "bf16"),  # A100
-    ({"device_type": "cuda", "cuda_capability": (9, 0)}, "bf16"),  # H100/H200
-    ({"device_type": "cpu", "cpu_bf16": False, "bf16_speedup": 3.0}, "fp32"),  # no kernels: never
-    ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 1.6}, "bf16"),  # e.g. AMD Zen 4
-    ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 0.7}, "fp32"),  # Xeon with AVX512-BF16, no AMX
-    ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 1.05}, "fp32"),  # within noise: keep fp32
-    ({"device_type": "cpu", "cpu_bf16": True, "cpu_amx": True}, "bf16"),  # AMX, unmeasured
-    ({"device_type": "cpu", "cpu_bf16": True, "cpu_amx": False}, "fp32"),  # unmeasured, no AMX: don't guess
-])
+@pytest.mark.parametrize(
+    "kwargs,want",
+    [
+        ({"device_type": "cuda", "cuda_capability": (7, 5)}, "fp16"),  # T4: bf16 only emulated, fp16 tensor cores
+        ({"device_type": "cuda", "cuda_capability": (7, 0)}, "fp16"),  # V100
+        ({"device_type": "cuda", "cuda_capability": (6, 1)}, "fp32"),  # Pascal: neither
+        ({"device_type": "cuda", "cuda_capability": None}, "fp32"),  # unknown
+        ({"device_type": "cuda", "cuda_capability": (8, 0)}, "bf16"),  # A100
+        ({"device_type": "cuda", "cuda_capability": (9, 0)}, "bf16"),  # H100/H200
+        ({"device_type": "cpu", "cpu_bf16": False, "bf16_speedup": 3.0}, "fp32"),  # no kernels: never
+        ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 1.6}, "bf16"),  # e.g. AMD Zen 4
+        ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 0.7}, "fp32"),  # Xeon with AVX512-BF16, no AMX
+        ({"device_type": "cpu", "cpu_bf16": True, "bf16_speedup": 1.05}, "fp32"),  # within noise: keep fp32
+        ({"device_type": "cpu", "cpu_bf16": True, "cpu_amx": True}, "bf16"),  # AMX, unmeasured
+        ({"device_type": "cpu", "cpu_bf16": True, "cpu_amx": False}, "fp32"),  # unmeasured, no AMX: don't guess
+    ],
+)
 def test_auto_precision_rule(kwargs, want):
     device_type = kwargs.pop("device_type")
     got, why = choose_precision(device_type, **kwargs)
@@ -33,26 +38,26 @@ def test_auto_precision_rule(kwargs, want):
 def test_auto_precision_on_cuda_asks_the_capability_not_is_bf16_supported(monkeypatch, capability, want):
     import torch
 
-    from tasks import hardware
-    from tlcore import engine
+    from tasks.modeling import hardware
+    from tlcore import precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation too: never asked
     prec, why = hardware.resolve_precision("auto", "smallcnn", 10, 64, "cuda")
     assert prec == want and why.startswith(want)
-    assert engine.resolve_precision("auto", "cuda") == want
+    assert precision.precision_for_device("auto", "cuda") == want
     assert hardware.resolve_precision("fp16", "smallcnn", 10, 64, "cuda")[0] == "fp16"  # explicit passes through
 
 
 @pytest.mark.parametrize("speedup,want", [(1.6, "bf16"), (0.7, "fp32")])
 def test_auto_precision_measures_once_per_machine_and_model(tmp_path, monkeypatch, speedup, want):
-    from tasks import hardware
-    from tlcore import engine
+    from tasks.modeling import hardware
+    from tlcore import precision
 
     monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: True)
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_kernels", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
     calls = []
 
     def measure(model, shape, device):
@@ -70,15 +75,30 @@ def test_auto_precision_measures_once_per_machine_and_model(tmp_path, monkeypatc
     assert len(calls) == 2  # an explicit precision is never measured
 
 
-def test_measured_speedup_is_a_real_ratio():
-    from tlcore import engine, models
+def test_measured_speedup_is_the_ratio_of_bf16_to_fp32_steps_per_second():
+    import torch
+    from torch import nn
 
-    r = engine.measure_bf16_speedup(models.create("tinycnn", 10), (8, 1, 32, 32), "cpu", steps=2, warmup=1)
-    assert 0.05 < r < 20
+    from tlcore import precision
+
+    class SlowInBf16(nn.Module):
+        """A model whose step takes ~10 ms longer under bf16 autocast than in fp32: a speed-up well below 1."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if torch.is_autocast_enabled("cpu"):
+                time.sleep(0.01)
+            return self.fc(x.flatten(1)[:, :4])
+
+    r = precision.measure_bf16_speedup(SlowInBf16(), (2, 1, 2, 2), "cpu", steps=3, warmup=1)
+    assert 0 < r < 0.5  # fp32 steps take well under 1 ms here: bf16 is measured several times slower
 
 
 def test_cpus_per_worker_auto(monkeypatch):
-    from tasks import hardware
+    from tasks.modeling import hardware
 
     monkeypatch.setattr(hardware, "local_cpus", lambda: 8)
     assert hardware.worker_cpus(0, "auto") == 8  # local mode: the whole machine
@@ -89,7 +109,7 @@ def test_cpus_per_worker_auto(monkeypatch):
 
 
 def test_loader_workers_auto_is_none_on_cpu_and_a_few_on_a_gpu():
-    from tasks import hardware
+    from tasks.modeling import hardware
 
     assert [hardware.loader_workers("auto", "cpu", c) for c in (1, 2, 16)] == [0, 0, 0]  # threads use every CPU
     assert [hardware.loader_workers("auto", "cuda", c) for c in (1, 2, 3, 16)] == [0, 1, 2, 2]  # one CPU feeds the GPU
@@ -99,17 +119,17 @@ def test_loader_workers_auto_is_none_on_cpu_and_a_few_on_a_gpu():
 def test_stage_under_a_python_without_the_packages_says_to_activate_the_venv():
     from helpers import ROOT
 
-    r = subprocess.run([sys.executable, "-S", "-m", "tasks.data"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-S", "-m", "tasks.stages.data"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "source .venv/bin/activate" in r.stderr and "torch" in r.stderr
 
 
 def test_a_failed_measurement_falls_back_to_fp32_and_says_why(tmp_path, monkeypatch):
-    from tasks import hardware
-    from tlcore import engine
+    from tasks.modeling import hardware
+    from tlcore import precision
 
     monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_kernels", lambda: True)
 
     def broken(*_):
         raise RuntimeError("oneDNN said no")

@@ -1,4 +1,5 @@
 """infra/ and prefect.yaml stay consistent with the code, params.yaml and the installed versions."""
+
 from __future__ import annotations
 
 import importlib
@@ -7,15 +8,15 @@ import re
 from importlib.metadata import version
 
 import yaml
-
 from helpers import ROOT
-from tasks.config import load_params
+
+from tasks.project.config import load_params
 
 INFRA = ROOT / "infra"
 
 
 def _overrides(cmd: str) -> list[str]:
-    return [o.strip('"\'') for o in re.findall(r"-S\s+(\S+)", cmd)]
+    return [o.strip("\"'") for o in re.findall(r"-S\s+(\S+)", cmd)]
 
 
 def test_prefect_deployments_point_at_real_flows():
@@ -59,7 +60,7 @@ def test_ray_manifests_match_params_and_versions():
 def test_documented_submit_commands_are_valid():
     import typer
 
-    from tasks.cli import app
+    from tasks.cli.main import app
 
     submit = typer.main.get_command(app).commands["submit"]
     options = {o for p in submit.params for o in p.opts}
@@ -90,25 +91,36 @@ def test_compose_kuberay_and_local_stack_share_env_names_images_and_credentials(
     interpolates is in it, the services that hold credentials read it, the object store's keys are its AWS keys,
     the buckets are its buckets; the Ray pods run the same image in compose and KubeRay, and get the addresses
     under the names `tl stack env` exports and the credentials from the secret made from that file."""
-    from tasks.jobs import read_env_file
-    from tasks.stack import client_env, settings
+    from tasks.project.env import read_env_file
+    from tasks.services.stack import client_env, settings
 
     env_file = INFRA / "stack.env"
     keys = set(read_env_file(env_file))
     local = settings(env_file)
-    assert set(local) == keys and set(client_env(local)) >= {"MLFLOW_TRACKING_URI", "PREFECT_API_URL",
-                                                            "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"}
+    assert set(local) == keys and set(client_env(local)) >= {
+        "MLFLOW_TRACKING_URI",
+        "PREFECT_API_URL",
+        "AWS_ENDPOINT_URL",
+        "MLFLOW_S3_ENDPOINT_URL",
+    }
     text = (INFRA / "compose.yaml").read_text()
     used = set(re.findall(r"\$\{(\w+)\}", text)) | set(re.findall(r"\$\$(\w+)", text))
     assert used and used <= keys, used - keys
     svc = yaml.safe_load(text)["services"]
     for name in ("minio", "buckets", "mlflow", "ray-head", "worker"):
         assert svc[name]["env_file"] == "stack.env", name
-    assert svc["minio"]["environment"] == {"MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID}",
-                                           "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY}"}
+    assert svc["minio"]["environment"] == {
+        "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID}",
+        "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY}",
+    }
     assert "$$DVC_BUCKET" in svc["buckets"]["entrypoint"] and "$$RAY_BUCKET" in svc["buckets"]["entrypoint"]
-    addresses = set(client_env(local)) - {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                          "TL_RAY_ADDRESS", "RAY_AUTH_MODE"}
+    addresses = set(client_env(local)) - {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+        "TL_RAY_ADDRESS",
+        "RAY_AUTH_MODE",
+    }
     assert addresses <= set(svc["ray-head"]["environment"]) and addresses <= set(svc["worker"]["environment"])
     images = {svc["ray-head"]["image"], svc["worker"]["image"]}
     for f in ("raycluster.yaml", "rayjob.yaml"):

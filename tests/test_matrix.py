@@ -5,8 +5,10 @@ finetune -> baselines -> evaluate stages (Ray Train local mode, ``tinycnn``, one
 
 Four projects (one per target kind x label set), two source models: each source is pretrained once, by the real
 stage, and its ``models/source.pt`` shared by the two projects that use it. Stage functions run in this process
-(``python -m tasks.<stage>`` would pay a torch import per stage and cell); tests/test_pipeline.py runs them as DVC
+(``python -m tasks.stages.<stage>`` would pay a torch import per stage and cell); tests/test_pipeline.py runs them as
+DVC
 runs them."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,17 +18,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import ROOT, image_folder
 
-from helpers import ROOT
-from tasks.config import ParamsError, load_params
+from tasks.project.config import ParamsError, load_params
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.synth_per_class=12", "data.synth_test_per_class=4", "pretrain.backbone=tinycnn", "pretrain.epochs=1",
-        "pretrain.steps_per_epoch=2", "pretrain.batch_size=16", "finetune.epochs=1", "finetune.steps_per_epoch=2",
-        "finetune.batch_size=16", "pretrain.precision=fp32", "finetune.precision=fp32", "evaluate.latency_iters=2",
-        "base.num_threads=1", "ray.num_workers=0", "tune.epochs=1"]
+TINY = [
+    "data.synth_per_class=12",
+    "data.synth_test_per_class=4",
+    "pretrain.backbone=tinycnn",
+    "pretrain.epochs=1",
+    "pretrain.steps_per_epoch=2",
+    "pretrain.batch_size=16",
+    "finetune.epochs=1",
+    "finetune.steps_per_epoch=2",
+    "finetune.batch_size=16",
+    "pretrain.precision=fp32",
+    "finetune.precision=fp32",
+    "evaluate.latency_iters=2",
+    "base.num_threads=1",
+    "ray.num_workers=0",
+    "tune.epochs=1",
+]
 PETS = ("cat", "dog")
 N_TRAIN, N_TEST = 5, 3  # per class in the user folders
 OPTDIGITS_TRAIN = 1257  # images in the embedded optdigits target's training split
@@ -34,28 +48,28 @@ OPTDIGITS_TRAIN = 1257  # images in the embedded optdigits target's training spl
 
 def _folder(root: Path, seed: int) -> Path:
     """A user's ImageFolder: RGB photos of mixed sizes (read in colour, resized to the backbone's 32x32)."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        for c in PETS:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                size = tuple(int(s) for s in rng.integers(20, 48, 2))
-                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-    return root
+
+    def pixels(rng, cls, i):
+        size = tuple(int(s) for s in rng.integers(20, 48, 2))
+        return rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+
+    return image_folder(root, PETS, N_TRAIN, N_TEST, pixels, seed)
 
 
 # (target kind, label set) -> (source, target): the user folders are made by the fixture
-PROJECTS = {("embedded", "same"): ("synth_digits", "optdigits"),
-            ("embedded", "different"): ("PETS_SOURCE", "optdigits"),
-            ("user", "same"): ("PETS_SOURCE", "PETS_TARGET"),
-            ("user", "different"): ("synth_digits", "PETS_TARGET")}
+PROJECTS = {
+    ("embedded", "same"): ("synth_digits", "optdigits"),
+    ("embedded", "different"): ("PETS_SOURCE", "optdigits"),
+    ("user", "same"): ("PETS_SOURCE", "PETS_TARGET"),
+    ("user", "different"): ("synth_digits", "PETS_TARGET"),
+}
 
 
 @pytest.fixture(scope="module")
 def projects(tmp_path_factory):
-    from tasks.data import prepare
-    from tasks.pretrain import pretrain
-    from tasks.project import write_overrides
+    from tasks.project.env import write_overrides
+    from tasks.stages.data import prepare
+    from tasks.stages.pretrain import pretrain
 
     base = tmp_path_factory.mktemp("matrix")
     folders = {"PETS_SOURCE": _folder(base / "pets_source", 0), "PETS_TARGET": _folder(base / "pets_target", 1)}
@@ -64,8 +78,9 @@ def projects(tmp_path_factory):
         p = base / "-".join(key)
         p.mkdir()
         shutil.copy(ROOT / "params.yaml", p / "params.yaml")
-        write_overrides(p / "params.yaml", [f"data.source={folders.get(src, src)}", f"data.target={folders.get(tgt, tgt)}",
-                                            *TINY])
+        write_overrides(
+            p / "params.yaml", [f"data.source={folders.get(src, src)}", f"data.target={folders.get(tgt, tgt)}", *TINY]
+        )
         with contextlib.chdir(p):
             params = load_params("params.yaml")
             prepare(params)
@@ -91,14 +106,20 @@ def decoded_once(monkeypatch):
     """Each stage decodes its domains again (the 1,797 optdigits PNGs up to four times per cell); decoding is
     tested in tests/test_data.py and tests/test_images.py, so here each domain is decoded once per project and
     every stage gets fresh datasets over the same pixels."""
-    from tasks import baselines, domains, evaluate
+    from tasks.modeling import domains
+    from tasks.stages import baselines, evaluate
     from tlcore.data import ImageDataset
 
     real, memo = domains.load_domain, _DECODED
 
     def load_domain(params, role, arch, manifest=None):
-        key = (str(params.path("data", role).resolve()), role, arch, params.model_dump_json(include={"data"}),
-               json.dumps(manifest, sort_keys=True, default=str))
+        key = (
+            str(params.path("data", role).resolve()),
+            role,
+            arch,
+            params.model_dump_json(include={"data"}),
+            json.dumps(manifest, sort_keys=True, default=str),
+        )
         if key not in memo:
             memo[key] = real(params, role, arch, manifest)
         return tuple(ImageDataset(d.images, d.targets, d.classes, d.transform) for d in memo[key])
@@ -107,16 +128,20 @@ def decoded_once(monkeypatch):
         monkeypatch.setattr(module, "load_domain", load_domain)
 
 
-CELLS = [(kind, labels, budget) for kind in ("embedded", "user") for labels in ("same", "different")
-         for budget in (0, 1, "all")]
+CELLS = [
+    (kind, labels, budget)
+    for kind in ("embedded", "user")
+    for labels in ("same", "different")
+    for budget in (0, 1, "all")
+]
 
 
 @pytest.mark.parametrize("kind,labels,budget", CELLS, ids=["-".join(map(str, c)) for c in CELLS])
 def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, budget, monkeypatch, capsys):
-    from tasks.baselines import baselines
-    from tasks.evaluate import evaluate
-    from tasks.finetune import finetune
-    from tasks.plan import plan
+    from tasks.modeling.plan import plan
+    from tasks.stages.baselines import baselines
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.finetune import finetune
 
     project = projects[(kind, labels)]
     monkeypatch.chdir(project)
@@ -127,8 +152,11 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     if budget == 0 and not same:
         # refused before any training, by the plan (tl check, tl run) and by the finetune stage itself
         for attempt in (lambda: plan(params), lambda: finetune(params)):
-            with pytest.raises(ParamsError, match=r"labels_per_class = 0 cannot work with this data.*new classifier "
-                                                  r"head.*data\.labels_per_class >= 1"):
+            with pytest.raises(
+                ParamsError,
+                match=r"labels_per_class = 0 cannot work with this data.*new classifier "
+                r"head.*data\.labels_per_class >= 1",
+            ):
                 attempt()
         assert not (project / "models" / "finetuned.pt").exists()
         return
@@ -136,7 +164,7 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     want = "semi" if same else "gradual_unfreeze"
     sel = ft["selection"]
     if budget == 0:  # no labels at all: auto measures tune.strategies by the benchmark's best validator, no rule
-        from tasks.config import AUTO_STRATEGY_VALIDATOR as auto
+        from tasks.project.measured import AUTO_STRATEGY_VALIDATOR as auto
         from tlcore.validators import HIGHER_IS_BETTER
 
         assert sel["objective"] == auto and set(sel["scores"]) == set(params.tune.strategies) and not sel["dropped"]

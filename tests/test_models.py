@@ -84,8 +84,11 @@ def test_weights_of_another_architecture_or_shape_are_refused_naming_the_file(tm
 
     path = _cache_file(tmp_path, monkeypatch)
     torch.save(mobilenet_v3_small().state_dict(), path)  # another architecture under resnet18's file name
-    with pytest.raises(ValueError, match=rf"weights file {path} does not fit a torchvision resnet18 \(missing \d+ "
-                                         r"key\(s\), e\.g\. conv1\.weight.*unknown key.*features\.0\.0\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=rf"weights file {path} does not fit a torchvision resnet18 \(missing \d+ "
+        r"key\(s\), e\.g\. conv1\.weight.*unknown key.*features\.0\.0\.weight",
+    ):
         models.create("resnet18", 10, weights="IMAGENET1K_V1")
     torch.save(resnet18(num_classes=10).state_dict(), path)  # the right keys, a changed shape
     with pytest.raises(ValueError, match=r"other shapes: fc\.weight \(10, 512\) \(a resnet18 has \(1000, 512\)\)"):
@@ -106,8 +109,13 @@ def test_weights_preprocessing_comes_from_torchvisions_own_transforms():
 
     pre = models.weights_preprocessing("resnet18", "IMAGENET1K_V1")
     t = get_model_weights("resnet18").IMAGENET1K_V1.transforms()
-    assert pre == {"crop_size": 224, "resize_size": 256, "mean": tuple(t.mean), "std": tuple(t.std),
-                   "interpolation": "bilinear"}
+    assert pre == {
+        "crop_size": 224,
+        "resize_size": 256,
+        "mean": tuple(t.mean),
+        "std": tuple(t.std),
+        "interpolation": "bilinear",
+    }
     assert models.weights_preprocessing("efficientnet_b0", "DEFAULT")["interpolation"] == "bicubic"
     assert models.weights_preprocessing("resnet18", None) is None
     assert models.weights_preprocessing("resnet18", "models/source.pt") is None  # a file: nothing recorded

@@ -1,7 +1,8 @@
-"""Real image sizes and pretrained backbones (tasks/pixels.py): the image size, channels, resize / crop,
+"""Real image sizes and pretrained backbones (tasks/modeling/model_input.py): the image size, channels, resize / crop,
 normalisation and augmentation a run feeds its model follow ``data.image_size``, ``data.channels``,
 ``data.augment``, the data and the ImageNet weights; one in-process run of a torchvision ResNet on a
 folder of RGB photos of mixed sizes, with its weights read from the torch cache."""
+
 from __future__ import annotations
 
 import time
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import image_folder
 
-from tasks.config import ParamsError, load_params
+from tasks.project.config import ParamsError, load_params
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 SIZES = [(40, 30), (64, 64), (100, 50), (30, 80)]  # (width, height): mixed sizes and aspect ratios
@@ -21,15 +22,12 @@ SIZES = [(40, 30), (64, 64), (100, 50), (30, 80)]  # (width, height): mixed size
 def _photos(root: Path, n_train=4, n_test=2) -> Path:
     """An RGB ImageFolder: each class a colour (so grey input would lose what tells them apart), noisy, in
     mixed sizes, as JPEG and PNG."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c, rgb in COLOURS.items():
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                w, h = SIZES[i % len(SIZES)]
-                a = np.clip(np.array(rgb) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(a).save(root / split / c / f"{i}.{'jpg' if i % 2 else 'png'}")
-    return root
+
+    def pixels(rng, cls, i):
+        w, h = SIZES[i % len(SIZES)]
+        return np.clip(np.array(COLOURS[cls]) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+
+    return image_folder(root, COLOURS, n_train, n_test, pixels, suffix=lambda i: "jpg" if i % 2 else "png")
 
 
 def _manifest(target_channels: int) -> dict:
@@ -37,7 +35,7 @@ def _manifest(target_channels: int) -> dict:
 
 
 def test_image_size_channels_and_augment_resolve_from_weights_and_data(project, tmp_path):
-    from tasks.pixels import augment, input_spec
+    from tasks.modeling.model_input import augment, input_spec
 
     photos = _photos(tmp_path / "photos", 1, 1)
     p = load_params(project / "params.yaml")
@@ -45,8 +43,10 @@ def test_image_size_channels_and_augment_resolve_from_weights_and_data(project, 
     assert (spec.input_size, spec.default_in_channels, spec.resize_size, spec.mean) == (32, 1, None, (0.5,))
     assert augment(p, "source") == augment(p, "target") == "digits"
     assert input_spec(p, "smallcnn", _manifest(3)).default_in_channels == 3  # colour target: colour kept
-    p = load_params(project / "params.yaml", ["pretrain.backbone=resnet18", "pretrain.weights=IMAGENET1K_V1",
-                                              f"data.target={photos}"])
+    p = load_params(
+        project / "params.yaml",
+        ["pretrain.backbone=resnet18", "pretrain.weights=IMAGENET1K_V1", f"data.target={photos}"],
+    )
     spec = input_spec(p, "resnet18", _manifest(3))  # ImageNet weights: their resolution, crop and mean/std
     assert (spec.input_size, spec.resize_size, spec.default_in_channels) == (224, 256, 3)
     assert spec.mean == pytest.approx((0.485, 0.456, 0.406)) and spec.std == pytest.approx((0.229, 0.224, 0.225))
@@ -57,21 +57,30 @@ def test_image_size_channels_and_augment_resolve_from_weights_and_data(project, 
     p.data.channels = 1
     assert input_spec(p, "resnet18", _manifest(3)).default_in_channels == 1
     p.pretrain.weights = None  # random init: the backbone's own size, stretched
-    assert (input_spec(p, "resnet18", _manifest(3)).resize_size, input_spec(p, "resnet18", _manifest(3)).mean) == \
-        (None, (0.485, 0.456, 0.406))
-    with pytest.raises(ParamsError, match=r"pretrain.weights = 'IMAGENET1K_V1' names torchvision weights .* but "
-                                          r"pretrain.backbone = 'smallcnn' has none; pick one of resnet18"):
+    assert (input_spec(p, "resnet18", _manifest(3)).resize_size, input_spec(p, "resnet18", _manifest(3)).mean) == (
+        None,
+        (0.485, 0.456, 0.406),
+    )
+    with pytest.raises(
+        ParamsError,
+        match=r"pretrain.weights = 'IMAGENET1K_V1' names torchvision weights .* but "
+        r"pretrain.backbone = 'smallcnn' has none; pick one of resnet18",
+    ):
         load_params(project / "params.yaml", ["pretrain.weights=IMAGENET1K_V1"])  # tl check says so too
-    for bad, why in (("data.channels=2", "'auto', 1 or 3"), ("data.channels=true", "true is a boolean"),
-                     ("data.image_size=4", "greater than or equal to 8"), ("data.augment=flip", "'photo'")):
+    for bad, why in (
+        ("data.channels=2", "'auto', 1 or 3"),
+        ("data.channels=true", "true is a boolean"),
+        ("data.image_size=4", "greater than or equal to 8"),
+        ("data.augment=flip", "'photo'"),
+    ):
         with pytest.raises(ParamsError, match=why):
             load_params(project / "params.yaml", [bad])
 
 
 def _in_process(monkeypatch, seen: list):
     """Ray Train's local mode runs the same loop; here it runs in-process (no Ray in this test)."""
-    from tasks import baselines, finetune
-    from tasks.training import run_job
+    from tasks.modeling.train import run_job
+    from tasks.stages import baselines, finetune
 
     def run(job, params, stage, manifest):
         seen.append(job)
@@ -88,15 +97,15 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     weights' crop and normalisation recorded with the model and used again by predict."""
     from torchvision.models import ResNet18_Weights, resnet18
 
-    from tasks.baselines import baselines
-    from tasks.checkpoints import load_checkpoint
-    from tasks.compress import compress
-    from tasks.data import prepare
-    from tasks.evaluate import evaluate
-    from tasks.finetune import finetune
-    from tasks.pretrain import pretrain
-    from tasks.project import write_overrides
-    from tasks.registry import classify
+    from tasks.modeling.checkpoints import load_checkpoint
+    from tasks.modeling.serving import classify
+    from tasks.project.env import write_overrides
+    from tasks.stages.baselines import baselines
+    from tasks.stages.compress import compress
+    from tasks.stages.data import prepare
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.finetune import finetune
+    from tasks.stages.pretrain import pretrain
     from tlcore import metrics as tl_metrics
 
     start = time.perf_counter()
@@ -107,12 +116,25 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     imagenet = resnet18().state_dict()  # stands in for the real file, at the exact path torchvision uses
     torch.save(imagenet, cached)
     photos = _photos(tmp_path / "photos")
-    write_overrides(project / "params.yaml", [
-        f"data.target={photos}", "data.synth_per_class=3", "data.synth_test_per_class=2",
-        "pretrain.backbone=resnet18", "pretrain.weights=IMAGENET1K_V1", "data.image_size=32",
-        "finetune.epochs=1", "finetune.steps_per_epoch=1", "finetune.batch_size=4", "finetune.precision=fp32",
-        "evaluate.latency_iters=2", "base.num_threads=1", "compress.methods=[int8, distill]",
-        "compress.distill_epochs=1"])
+    write_overrides(
+        project / "params.yaml",
+        [
+            f"data.target={photos}",
+            "data.synth_per_class=3",
+            "data.synth_test_per_class=2",
+            "pretrain.backbone=resnet18",
+            "pretrain.weights=IMAGENET1K_V1",
+            "data.image_size=32",
+            "finetune.epochs=1",
+            "finetune.steps_per_epoch=1",
+            "finetune.batch_size=4",
+            "finetune.precision=fp32",
+            "evaluate.latency_iters=2",
+            "base.num_threads=1",
+            "compress.methods=[int8, distill]",
+            "compress.distill_epochs=1",
+        ],
+    )
     params = load_params(project / "params.yaml")
     jobs: list = []
     _in_process(monkeypatch, jobs)
@@ -137,8 +159,13 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     assert {"fp32", "int8", "distill_tinycnn"} <= set(comp)
 
     model, meta = load_checkpoint(params.path("models", "finetuned.pt"))
-    assert meta["input"] == {"size": 32, "resize": 37, "mean": list(ResNet18_Weights.IMAGENET1K_V1.transforms().mean),
-                             "std": list(ResNet18_Weights.IMAGENET1K_V1.transforms().std), "interpolation": "bilinear"}
+    assert meta["input"] == {
+        "size": 32,
+        "resize": 37,
+        "mean": list(ResNet18_Weights.IMAGENET1K_V1.transforms().mean),
+        "std": list(ResNet18_Weights.IMAGENET1K_V1.transforms().std),
+        "interpolation": "bilinear",
+    }
     files = sorted((photos / "test").rglob("*.*"))
     rows = list(classify(model, meta, files))
     assert [r["path"] for r in rows] == [str(f) for f in files] and all(r["class"] in COLOURS for r in rows)
@@ -149,10 +176,10 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
 
 
 def test_a_source_model_on_other_channels_is_refused_before_training(project, tmp_path):
-    from tasks.checkpoints import save_checkpoint
-    from tasks.data import prepare
-    from tasks.project import write_overrides
-    from tasks.training import target_job
+    from tasks.modeling.checkpoints import save_checkpoint
+    from tasks.modeling.train import target_job
+    from tasks.project.env import write_overrides
+    from tasks.stages.data import prepare
     from tlcore import models
 
     photos = _photos(tmp_path / "photos", 1, 1)
@@ -160,9 +187,12 @@ def test_a_source_model_on_other_channels_is_refused_before_training(project, tm
     params = load_params(project / "params.yaml")
     prepare(params)
     save_checkpoint(params.path("models", "source.pt"), models.create("smallcnn", 3, in_channels=1), list(COLOURS), 1)
-    with pytest.raises(ParamsError, match=r"source model .*source\.pt takes 1-channel images, but this run feeds "
-                                          r"3-channel ones \(data\.channels = 'auto'; the target .* is in colour\)"
-                                          r".*Rerun pretrain .* or set data\.channels: 1"):
+    with pytest.raises(
+        ParamsError,
+        match=r"source model .*source\.pt takes 1-channel images, but this run feeds "
+        r"3-channel ones \(data\.channels = 'auto'; the target .* is in colour\)"
+        r".*Rerun pretrain .* or set data\.channels: 1",
+    ):
         target_job(params, "finetune")
     params.data.channels = 1
     job, _ = target_job(params, "finetune")

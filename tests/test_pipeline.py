@@ -1,18 +1,32 @@
 """Integration tier: the real DVC pipeline in a temporary git repo, tiny params, a real sqlite MLflow store."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import yaml
-
 from helpers import dvc, make_repo, set_params, sh, up_to_date
 
 pytestmark = pytest.mark.slow
 
-EXPECTED_METRICS = {"accuracy", "macro_f1", "ece", "scratch_accuracy", "source_only_accuracy", "transfer_gain",
-                    "latency_ms_p50", "throughput_ips", "params_m", "size_mb", "val_free_entropy", "val_free_im",
-                    "val_free_snd", "val_free_bnm", "val_free_dev"}
+EXPECTED_METRICS = {
+    "accuracy",
+    "macro_f1",
+    "ece",
+    "scratch_accuracy",
+    "source_only_accuracy",
+    "transfer_gain",
+    "latency_ms_p50",
+    "throughput_ips",
+    "params_m",
+    "size_mb",
+    "val_free_entropy",
+    "val_free_im",
+    "val_free_snd",
+    "val_free_bnm",
+    "val_free_dev",
+}
 
 
 def ran(out: str) -> set[str]:
@@ -23,10 +37,15 @@ def ran(out: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     # fp32: `tl reproduce` of a version made here must give the same predictions bit for bit
-    return make_repo(tmp_path_factory.mktemp("pipeline") / "repo",
-                     {"register": {"min_accuracy": 0.0, "require_positive_transfer": False},
-                      "pretrain": {"precision": "fp32"}, "finetune": {"precision": "fp32"},
-                      "compress": {"methods": ["prune", "int8", "distill"]}})
+    return make_repo(
+        tmp_path_factory.mktemp("pipeline") / "repo",
+        {
+            "register": {"min_accuracy": 0.0, "require_positive_transfer": False},
+            "pretrain": {"precision": "fp32"},
+            "finetune": {"precision": "fp32"},
+            "compress": {"methods": ["prune", "int8", "distill"]},
+        },
+    )
 
 
 def _uri(repo) -> str:
@@ -94,8 +113,17 @@ def test_reproduce_replays_a_version_bit_for_bit_in_a_fresh_clone(repo, tmp_path
 
     lock_before = (repo / "dvc.lock").read_bytes()
     work = tmp_path / "replay"
-    r = sh(Path(sys.executable).parent / "tl", "reproduce", "digits-transfer/1", "--workdir", work, "--register",
-           "--json", cwd=repo, check=False)
+    r = sh(
+        Path(sys.executable).parent / "tl",
+        "reproduce",
+        "digits-transfer/1",
+        "--workdir",
+        work,
+        "--register",
+        "--json",
+        cwd=repo,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["ok"] and out["identical_predictions"] == out["test_images"] > 0
@@ -110,7 +138,9 @@ def test_reproduce_replays_a_version_bit_for_bit_in_a_fresh_clone(repo, tmp_path
     # what a replay needs is on the original version
     v1 = c.get_model_version("digits-transfer", "1")
     assert v1.tags["finetune_precision"] == "fp32" and v1.tags["env_torch"] and v1.tags["seed"] == "0"
-    assert "dvc.lock" in [a.path.split("/")[-1] for a in mlflow.MlflowClient(_uri(repo)).list_artifacts(v1.run_id, "lineage")]
+    assert "dvc.lock" in [
+        a.path.split("/")[-1] for a in mlflow.MlflowClient(_uri(repo)).list_artifacts(v1.run_id, "lineage")
+    ]
 
 
 def test_reproduce_refuses_clear_errors(repo, tmp_path):
@@ -130,8 +160,13 @@ def test_gate_rejects_worse_and_promotes_better(repo):
     champion_before = c.get_model_version_by_alias("digits-transfer", "champion").version
     # deliberately worse: a near-frozen model that barely moves from random. Only the stages downstream of
     # finetune's params rerun (and compress keeps int8 only from here on, to save time)
-    set_params(repo, {"finetune": {"strategy": "scratch", "lr": 1.0e-7, "epochs": 1, "steps_per_epoch": 1},
-                      "compress": {"methods": ["int8"]}})
+    set_params(
+        repo,
+        {
+            "finetune": {"strategy": "scratch", "lr": 1.0e-7, "epochs": 1, "steps_per_epoch": 1},
+            "compress": {"methods": ["int8"]},
+        },
+    )
     out = dvc("repro", cwd=repo).stdout
     assert {"finetune", "baselines", "evaluate", "compress", "register"} <= ran(out)
     assert not ran(out) & {"data", "pretrain"}
@@ -172,15 +207,28 @@ def test_registry_cli_models_promote_rollback_predict(repo):
     row1 = next(line for line in sh(tl, "models", cwd=repo).stdout.splitlines() if line.startswith("1 "))
     assert "champion" in row1
     c.set_registered_model_alias("digits-transfer", "champion", champ)
-    out = sh(tl, "predict", "data/target/test/3", cwd=repo).stdout.strip().splitlines()
-    assert len(out) == len(list((repo / "data/target/test/3").iterdir()))
+    out = sh(tl, "predict", "data/target/test/3", cwd=repo).stdout.strip().splitlines()  # one class, from the shards
+    test_index = json.loads((repo / "data/target/test/index.json").read_text())
+    assert len(out) == test_index["label"].count(test_index["classes"].index("3"))
     preds = [line.split("\t") for line in out]
     assert all(p[1] in [str(i) for i in range(10)] and 0 < float(p[2]) <= 1 for p in preds)
     assert sum(p[1] == "3" for p in preds) > len(preds) / 2  # the champion mostly recognises threes
     # another version than the champion, by number: downloaded from the registry and cached by version
-    # (python -m tasks.cli: the copy's code; the `tl` script imports the checkout it was installed from)
-    v1 = sh(sys.executable, "-m", "tasks.cli", "predict", "data/target/test/3", "--model", "digits-transfer/1",
-            cwd=repo).stdout.strip().splitlines()
+    # (python -m tasks.cli.main: the copy's code; the `tl` script imports the checkout it was installed from)
+    v1 = (
+        sh(
+            sys.executable,
+            "-m",
+            "tasks.cli.main",
+            "predict",
+            "data/target/test/3",
+            "--model",
+            "digits-transfer/1",
+            cwd=repo,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     assert [line.split("\t")[0] for line in v1] == [p[0] for p in preds]
     assert list((repo / ".tlcache/models/digits-transfer").glob("v1-*/model.pt"))
 
@@ -217,12 +265,15 @@ def test_dvc_exp_run_and_metrics_diff(repo):
 
 
 # one of each kind through both entry points (a process each); tests/test_config.py covers every rule in-process
-@pytest.mark.parametrize("override,key", [
-    ("finetune.lr=-1", "finetune.lr"),
-    ("pretrain.backbone=vgg11", "pretrain.backbone"),
-    ("data.labels_per_class=1000", "data.labels_per_class"),
-    ("finetune.bogus=1", "finetune.bogus"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("finetune.lr=-1", "finetune.lr"),
+        ("pretrain.backbone=vgg11", "pretrain.backbone"),
+        ("data.labels_per_class=1000", "data.labels_per_class"),
+        ("finetune.bogus=1", "finetune.bogus"),
+    ],
+)
 def test_bad_params_fail_fast_naming_the_key(tmp_path, override, key):
     import sys
     from pathlib import Path
@@ -235,7 +286,7 @@ def test_bad_params_fail_fast_naming_the_key(tmp_path, override, key):
     assert r.returncode != 0
     assert key in r.stderr and "Traceback" not in r.stderr + r.stdout
     assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # nothing written
-    r = sh(sys.executable, "-m", "tasks.finetune", "-S", override, cwd=tmp_path, check=False)
+    r = sh(sys.executable, "-m", "tasks.stages.finetune", "-S", override, cwd=tmp_path, check=False)
     assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr
 
 
@@ -252,13 +303,13 @@ def killed(self, *a, **k):
         orig(self, *a, **k)
     os._exit(137)  # as SIGKILL: no cleanup, no finally blocks
 setattr(MlflowClient, point, killed)
-from tasks.stage import stage_main
-from tasks.register import register
+from tasks.project.stage import stage_main
+from tasks.stages.register import register
 stage_main(register, [])
 """
 SLOW_GATE = """
 import pathlib, sys, time
-import tasks.register as reg
+import tasks.stages.register as reg
 orig = reg.compare_with_champion
 def slow(*a, **k):  # a gate that takes as long as the test needs: until it says "go" (at most argv[1] s)
     print("gate: comparing with the champion", flush=True)
@@ -267,7 +318,7 @@ def slow(*a, **k):  # a gate that takes as long as the test needs: until it says
         time.sleep(0.1)
     return orig(*a, **k)
 reg.compare_with_champion = slow
-from tasks.stage import stage_main
+from tasks.project.stage import stage_main
 stage_main(reg.register, [])
 """
 
@@ -304,7 +355,7 @@ def test_registration_killed_at_any_point_completes_on_rerun_without_twins(repo,
     (drill / "kill_at.py").write_text(KILL_AT)
     for point in ("log_artifacts", "create_model_version", "set_registered_model_alias"):
         assert _py("kill_at.py", point, cwd=drill, check=False).returncode == 137
-    _py("-m", "tasks.register", cwd=drill)
+    _py("-m", "tasks.stages.register", cwd=drill)
     reg = json.loads((drill / "reports/registration.json").read_text())
     versions = c.search_model_versions(f"name = '{NAME}'")
     assert len(versions) == n_before + 1  # the killed attempts left no twin
@@ -318,7 +369,7 @@ def test_registration_killed_at_any_point_completes_on_rerun_without_twins(repo,
     runs = c.search_runs([exp], f"tags.registration_key = '{reg['registration_key']}'")
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]  # the cut-short run is closed, not reused
     # registering the same model, params and data again reuses the version
-    _py("-m", "tasks.register", cwd=drill)
+    _py("-m", "tasks.stages.register", cwd=drill)
     assert json.loads((drill / "reports/registration.json").read_text())["version"] == reg["version"]
     assert len(c.search_model_versions(f"name = '{NAME}'")) == n_before + 1
 
@@ -337,8 +388,14 @@ def test_champion_moved_during_the_gate_is_not_overwritten(repo, tmp_path):
     challenger = c.get_model_version_by_alias(NAME, "challenger").version
     other = next(str(v.version) for v in c.search_model_versions(f"name = '{NAME}'") if str(v.version) != str(champ))
     (drill / "slow_gate.py").write_text(SLOW_GATE)
-    p = subprocess.Popen([sys.executable, "slow_gate.py", "300"], cwd=drill, env=env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "slow_gate.py", "300"],
+        cwd=drill,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in p.stdout:
             if "gate: comparing" in line:
@@ -359,7 +416,7 @@ def test_champion_moved_during_the_gate_is_not_overwritten(repo, tmp_path):
     raced = max(c.search_model_versions(f"name = '{NAME}'"), key=lambda v: int(v.version))
     assert raced.tags["gate_decision"] == "pending" and "registration" not in raced.tags  # not "promoted" off-champion
     # the rerun gates against the new champion and completes
-    _py("-m", "tasks.register", cwd=drill)
+    _py("-m", "tasks.stages.register", cwd=drill)
     v = c.get_model_version(NAME, str(json.loads((drill / "reports/registration.json").read_text())["version"]))
     assert v.tags["gate_compared_with"] == other and v.tags["registration"] == "complete"
 
@@ -373,10 +430,19 @@ def test_one_run_at_a_time_and_a_killed_holder_is_taken_over(repo, tmp_path):
 
     drill = _drill(repo, tmp_path)
     tl = Path(sys.executable).parent / "tl"
-    holder = subprocess.Popen([sys.executable, "-c", "import time\nfrom tasks.lock import project_lock\n"
-                               "with project_lock('.', 'tl run (the first one)'):\n"
-                               "    print('held', flush=True)\n    time.sleep(300)"],
-                              cwd=drill, env=env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom tasks.services.lock import project_lock\n"
+            "with project_lock('.', 'tl run (the first one)'):\n"
+            "    print('held', flush=True)\n    time.sleep(300)",
+        ],
+        cwd=drill,
+        env=env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         params_before = (drill / "params.yaml").read_bytes()
@@ -391,10 +457,9 @@ def test_one_run_at_a_time_and_a_killed_holder_is_taken_over(repo, tmp_path):
 
 
 def test_gate_refuses_a_champion_it_cannot_compare_like_with_like(repo, tmp_path, monkeypatch):
-    import shutil
 
-    from tasks import register as reg
-    from tasks.config import load_params
+    from tasks.project.config import load_params
+    from tasks.stages import register as reg
 
     drill = _drill(repo, tmp_path)
     monkeypatch.chdir(drill)
@@ -411,21 +476,21 @@ def test_gate_refuses_a_champion_it_cannot_compare_like_with_like(repo, tmp_path
     other = {**manifest, "target": {**manifest["target"], "classes": ["cat", "dog"]}}
     why = reg.compare_with_champion(c, NAME, champ, params, other, set(reg.image_hashes(test_dir)), new)
     assert isinstance(why, str) and "another label set" in why
-    # the test split now holds images the champion trained on (another base.seed re-splits the target)
-    seen = next((drill / "data/target/train/3").iterdir())
-    shutil.copy2(seen, test_dir / "3" / ("from-train-" + seen.name))
-    why = reg.compare_with_champion(c, NAME, champ, params, manifest, set(reg.image_hashes(test_dir)), new)
+    # the test split now holds an image the champion trained on (another base.seed re-splits the target)
+    seen = reg.image_hashes(drill / "data/target/train")[0]
+    why = reg.compare_with_champion(c, NAME, champ, params, manifest, set(reg.image_hashes(test_dir)) | {seen}, new)
     assert isinstance(why, str) and "trained on 1 of the" in why
 
 
 def test_registry_lock_excludes_waits_and_takes_over(repo):
-    """The registry lock (tasks/lock.py) lives in the tracking store, so it holds across machines: a second taker
+    """The registry lock (tasks/services/lock.py) lives in the tracking store, so it holds across machines: a second
+    taker
     waits for the first; a lock whose holder died here is taken over at once, one too old from anywhere too."""
     import socket
     import threading
     import time
 
-    from tasks.lock import REGISTRY_LOCK_SUFFIX, RegistryLocked, registry_lock
+    from tasks.services.lock import REGISTRY_LOCK_SUFFIX, RegistryLocked, registry_lock
 
     c, name, order = _mlflow(repo), "lock-drill", []
     lock = name + REGISTRY_LOCK_SUFFIX

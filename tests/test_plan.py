@@ -1,7 +1,9 @@
-"""A user's own data, any label budget (tasks/plan.py): ``finetune.strategy: auto`` and ``data.labels_per_class: auto``
+"""A user's own data, any label budget (tasks/modeling/plan.py): ``finetune.strategy: auto`` and
+``data.labels_per_class: auto``
 resolve from the label sets, and a strategy the data cannot support is refused before any training, in
 ``tl check``, ``tl run`` and the finetune stage. Tiny image folders; the stages themselves run every combination in
 tests/test_matrix.py."""
+
 from __future__ import annotations
 
 import json
@@ -9,20 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import image_folder
 
-from tasks.config import ParamsError, load_params
-from tasks.plan import budget_text, label_sets, labels_per_class, plan
+from tasks.modeling.plan import budget_text, label_sets, labels_per_class, plan
+from tasks.project.config import ParamsError, load_params
 
 
 def _folder(root: Path, classes=("cat", "dog"), n_train=3, n_test=2) -> Path:
-    rng = np.random.default_rng(len(classes))
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in classes:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / split / c / f"{i}.png")
-    return root
+    return image_folder(root, classes, n_train, n_test, seed=len(classes))
 
 
 def _plan(project, sets=()):
@@ -48,15 +44,21 @@ def test_auto_picks_a_plain_method_for_other_classes_and_all_of_a_user_folders_l
     assert (choice.strategy, choice.requested, sets.same) == ("gradual_unfreeze", "auto", False)
     assert sets.target == ["cat", "dog"] and sets.origin == "the class folders of train/"
     assert labels_per_class(p) is None and budget_text(None) == "all"
-    assert labels_per_class(load_params(project / "params.yaml", [f"data.target={target}", "data.labels_per_class=3"])) == 3
+    assert (
+        labels_per_class(load_params(project / "params.yaml", [f"data.target={target}", "data.labels_per_class=3"]))
+        == 3
+    )
     same = _folder(tmp_path / "pets_src")  # the same class folders on both sides: semi again
     assert _plan(project, [f"data.target={target}", f"data.source={same}"])[0].strategy == "semi"
 
 
 def test_auto_with_no_labels_and_other_classes_says_why(project, tmp_path):
     target = _folder(tmp_path / "pets")
-    with pytest.raises(ParamsError, match=r"labels_per_class = 0 cannot work.*cat, dog.*read from the class folders"
-                                          r".*new classifier head.*data\.labels_per_class >= 1"):
+    with pytest.raises(
+        ParamsError,
+        match=r"labels_per_class = 0 cannot work.*cat, dog.*read from the class folders"
+        r".*new classifier head.*data\.labels_per_class >= 1",
+    ):
         _plan(project, [f"data.target={target}", "data.labels_per_class=0"])
 
 
@@ -76,8 +78,11 @@ def test_a_strategy_that_needs_one_label_set_is_refused_with_what_where_and_fix(
 def test_the_manifest_decides_when_it_was_written_for_this_source_and_target(project):
     p = load_params(project / "params.yaml")
     (project / "data").mkdir()
-    m = {"source": {"name": "synth_digits", "classes": ["0", "1"]}, "target": {"name": "optdigits", "classes": ["a"]},
-         "same_label_space": False}
+    m = {
+        "source": {"name": "synth_digits", "classes": ["0", "1"]},
+        "target": {"name": "optdigits", "classes": ["a"]},
+        "same_label_space": False,
+    }
     (project / "data" / "manifest.json").write_text(json.dumps(m))
     sets = label_sets(p, root=project)
     assert not sets.same and sets.origin.endswith("manifest.json")
@@ -96,10 +101,11 @@ def test_labels_per_class_keys(project):
 
 # --- refused before any training: tl check, tl run, the finetune stage --------------------------------------
 
+
 def test_tl_check_and_tl_run_refuse_before_any_stage(project, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from tasks import cli
+    from tasks.cli import main as cli
 
     monkeypatch.setattr(cli, "_dvc", lambda *a, **k: pytest.fail("tl run started DVC despite an impossible strategy"))
     target = _folder(tmp_path / "pets")
@@ -109,22 +115,34 @@ def test_tl_check_and_tl_run_refuse_before_any_stage(project, tmp_path, monkeypa
         assert r.exit_code == 2 and "'semi' cannot work with this data" in r.output
     assert "strategy: auto" in (project / "params.yaml").read_text()  # tl run wrote nothing
     r = CliRunner().invoke(cli.app, ["check", "-S", f"data.target={target}"])
-    assert r.exit_code == 0 and "plan: strategy gradual_unfreeze (auto: source and target have different label sets); " \
-                                "target labels: all" in r.output
+    assert (
+        r.exit_code == 0
+        and "plan: strategy gradual_unfreeze (auto: source and target have different label sets); target labels: all"
+        in r.output
+    )
 
 
 def _stage_project(project, tmp_path, target_classes=("cat", "dog")):
     """Data stage on tiny folders and a stand-in source model: what the finetune stage needs."""
-    from tasks.checkpoints import save_checkpoint
-    from tasks.data import prepare
+    from tasks.modeling.checkpoints import save_checkpoint
+    from tasks.stages.data import prepare
     from tlcore import models
 
     src, tgt = _folder(tmp_path / "src", ("x", "y")), _folder(tmp_path / "tgt", target_classes)
-    from tasks.project import write_overrides
+    from tasks.project.env import write_overrides
 
-    write_overrides(project / "params.yaml", [f"data.source={src}", f"data.target={tgt}", "finetune.epochs=1",
-                                              "finetune.steps_per_epoch=1", "finetune.batch_size=4",
-                                              "finetune.precision=fp32", "evaluate.latency_iters=2"])
+    write_overrides(
+        project / "params.yaml",
+        [
+            f"data.source={src}",
+            f"data.target={tgt}",
+            "finetune.epochs=1",
+            "finetune.steps_per_epoch=1",
+            "finetune.batch_size=4",
+            "finetune.precision=fp32",
+            "evaluate.latency_iters=2",
+        ],
+    )
     params = load_params(project / "params.yaml")
     prepare(params)
     save_checkpoint(params.path("models", "source.pt"), models.create("smallcnn", 2), ["x", "y"], 1)
@@ -132,7 +150,7 @@ def _stage_project(project, tmp_path, target_classes=("cat", "dog")):
 
 
 def test_finetune_stage_refuses_before_loading_data(project, tmp_path, monkeypatch):
-    from tasks import finetune
+    from tasks.stages import finetune
 
     params = _stage_project(project, tmp_path)
     monkeypatch.setattr(finetune, "target_job", lambda *a, **k: pytest.fail("loaded data for an impossible strategy"))
@@ -161,8 +179,9 @@ def _ids(ds) -> list[int]:
 @pytest.mark.parametrize("k,val", [(2, 1), (0, 2), (None, 1), ("auto", 0)])
 def test_target_splits_labeled_pool_and_validation(k, val):
     """The finetune and compress stages' split of the target's training images for a label budget."""
-    from tasks.config import DEMO_LABELS_PER_CLASS, Params
-    from tasks.training import target_splits
+    from tasks.modeling.train import target_splits
+    from tasks.project.config import Params
+    from tasks.project.measured import DEMO_LABELS_PER_CLASS
 
     train = _train_split()
     params = Params.model_validate({"data": {"labels_per_class": k, "val_per_class": val}, "base": {"seed": 3}})

@@ -1,6 +1,8 @@
-"""`tl predict` (tasks/registry.py, tasks/cli.py): streams one result per image, --top-k, --format tsv|csv|json,
+"""`tl predict` (tasks/modeling/serving.py, tasks/cli/main.py): streams one result per image, --top-k, --format
+tsv|csv|json,
 unreadable files listed at the end, and the same pixels as the training data. A tiny untrained model stands in
 for the registered one (no MLflow)."""
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +15,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tasks import cli, registry
+from tasks.cli import main as cli
+from tasks.modeling import serving
+from tasks.services import registry
 from tlcore import data, models
 
 CLASSES = ["a", "b", "c"]
@@ -42,7 +46,7 @@ def images(tmp_path):
 def test_predict_agrees_with_the_training_pixels(model, images, tmp_path):
     net, meta = model
     files = [images / "1.png", images / "2.png", images / "more" / "3.png"]
-    got = list(registry.classify(net, meta, files, top_k=3))
+    got = list(serving.classify(net, meta, files, top_k=3))
     for f in files:  # the same files as an ImageFolder, decoded as training decodes them
         (tmp_path / "tree" / "a").mkdir(parents=True, exist_ok=True)
         (tmp_path / "tree" / "a" / f.name).write_bytes(f.read_bytes())
@@ -57,8 +61,8 @@ def test_predict_agrees_with_the_training_pixels(model, images, tmp_path):
 
 def test_results_stream_in_order_and_errors_do_not_stop_them(model, images):
     net, meta = model
-    files = registry.image_files([images])
-    gen = registry.classify(net, meta, files, batch_size=2)
+    files = serving.image_files([images])
+    gen = serving.classify(net, meta, files, batch_size=2)
     first = next(gen)
     assert first["path"].endswith("0_broken.png") and "not a readable image" in first["error"]
     assert next(gen)["path"].endswith("1.png")
@@ -68,7 +72,7 @@ def test_results_stream_in_order_and_errors_do_not_stop_them(model, images):
 
 
 def test_tl_predict_formats_top_k_and_exit_status(model, images, monkeypatch):
-    monkeypatch.setattr(registry, "load_alias", lambda name, alias: model)
+    monkeypatch.setattr(serving, "load_alias", lambda name, alias: model)
     run = lambda *a: CliRunner().invoke(cli.app, ["predict", str(images), "--name", "m", *a])  # noqa: E731
 
     r = run()
@@ -84,8 +88,15 @@ def test_tl_predict_formats_top_k_and_exit_status(model, images, monkeypatch):
 
     r = run("--format", "csv", "--top-k", "9")  # more than there are classes: all of them
     table = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert len(table) == 3 and list(table[0]) == ["path", "class", "confidence", "class_2", "confidence_2",
-                                                  "class_3", "confidence_3"]
+    assert len(table) == 3 and list(table[0]) == [
+        "path",
+        "class",
+        "confidence",
+        "class_2",
+        "confidence_2",
+        "class_3",
+        "confidence_3",
+    ]
     r = CliRunner().invoke(cli.app, ["predict", str(images / "*.png"), "--name", "m", "--format", "xml"])
     assert r.exit_code == 2 and "--format 'xml'" in r.stderr
     r = CliRunner().invoke(cli.app, ["predict", str(images / "[12].png"), "--name", "m"])  # a quoted glob
@@ -93,14 +104,14 @@ def test_tl_predict_formats_top_k_and_exit_status(model, images, monkeypatch):
 
 
 def _cached_registry(tmp_path, monkeypatch, nets: dict) -> None:
-    """A sqlite registry as `tl` has cached it (tasks/registry.py): the listing keyed by the database file's
+    """A sqlite registry as `tl` has cached it (tasks/services/registry.py): the listing keyed by the database file's
     signature and each version's model.pt with its checksum, so nothing asks MLflow. ``nets``: version -> model;
     version 1 is the champion."""
     import os
     import time
 
-    from tasks.checkpoints import save_checkpoint
-    from tasks.files import file_sha256, write_json
+    from tasks.modeling.checkpoints import save_checkpoint
+    from tasks.project.files import file_sha256, write_json
 
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"")
@@ -114,9 +125,21 @@ def _cached_registry(tmp_path, monkeypatch, nets: dict) -> None:
         f.parent.mkdir(parents=True)
         save_checkpoint(f, net, CLASSES, 1)
         (f.parent / "model.pt.sha256").write_text(file_sha256(f))
-        versions[str(v)] = {"version": str(v), "source": f"models:/m/{v}", "run_id": f"run{v}", "sha256": file_sha256(f)}
-    write_json(cache / "registry" / "m.json", {"signature": registry._signature(f"sqlite:///{db}"), "rows": [],
-                                               "aliases": {"champion": versions["1"]}, "versions": versions})
+        versions[str(v)] = {
+            "version": str(v),
+            "source": f"models:/m/{v}",
+            "run_id": f"run{v}",
+            "sha256": file_sha256(f),
+        }
+    write_json(
+        cache / "registry" / "m.json",
+        {
+            "signature": registry._signature(f"sqlite:///{db}"),
+            "rows": [],
+            "aliases": {"champion": versions["1"]},
+            "versions": versions,
+        },
+    )
 
 
 def test_tl_predict_model_picks_an_alias_or_a_version(model, images, tmp_path, monkeypatch):
@@ -134,11 +157,20 @@ def test_tl_predict_model_picks_an_alias_or_a_version(model, images, tmp_path, m
     assert classes("--model", "m@champion") == classes("--model", "@champion") == classes("--model", "m/1") == default
     v2 = classes("--model", "m/2")
     assert v2 == classes("--model", "2") != default  # a bare version number: of --name's model
-    want = list(registry.classify(other, {"arch": "smallcnn", "in_channels": 1, "classes": CLASSES},
-                                  [images / "1.png", images / "2.png"], top_k=3))
+    want = list(
+        serving.classify(
+            other,
+            {"arch": "smallcnn", "in_channels": 1, "classes": CLASSES},
+            [images / "1.png", images / "2.png"],
+            top_k=3,
+        )
+    )
     assert [line.split("\t")[1] for line in v2.splitlines()] == [w["class"] for w in want]
-    for bad, says in (("m/7", "m has no version 7"), ("m@nobody", "no version with alias 'nobody'"),
-                      ("m/x", "give NAME@ALIAS")):
+    for bad, says in (
+        ("m/7", "m has no version 7"),
+        ("m@nobody", "no version with alias 'nobody'"),
+        ("m/x", "give NAME@ALIAS"),
+    ):
         r = CliRunner().invoke(cli.app, ["predict", str(images / "1.png"), "--name", "m", "--model", bad])
         assert r.exit_code != 0 and says in (r.stderr + str(r.exception)), (bad, r.output, r.exception)
 

@@ -1,4 +1,5 @@
 """Ray Train through the real stages as separate processes: driver interruption and a two-node cluster."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import env, make_repo, sh
 
-from helpers import env, free_port, make_repo, sh
+from tasks.project.env import free_port
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).parent / "ray"
@@ -18,9 +20,11 @@ RAY = Path(sys.executable).parent / "ray"
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    r = make_repo(tmp_path_factory.mktemp("raycluster") / "repo",
-                  {"data": {"synth_per_class": 100}, "pretrain": {"epochs": 6, "batch_size": 32}})
-    sh(sys.executable, "-m", "tasks.data", cwd=r)
+    r = make_repo(
+        tmp_path_factory.mktemp("raycluster") / "repo",
+        {"data": {"synth_per_class": 100}, "pretrain": {"epochs": 6, "batch_size": 32}},
+    )
+    sh(sys.executable, "-m", "tasks.stages.data", cwd=r)
     return r
 
 
@@ -30,12 +34,13 @@ def _epochs(log_dir: Path, rank: int = 0) -> list[int]:
 
 
 def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
-    """Also the console (tasks/console.py): the first run with TL_VERBOSE=1 shows Ray Train's own lines, the
+    """Also the console (tasks/project/console.py): the first run with TL_VERBOSE=1 shows Ray Train's own lines, the
     rerun by default one line per epoch and none of Ray's chatter."""
     e = {**env(), "TL_WORKER_LOG_DIR": str(tmp_path)}
-    args = [sys.executable, "-m", "tasks.pretrain", "-S", "ray.num_workers=1"]
-    proc = subprocess.Popen(args, cwd=repo, env={**e, "TL_VERBOSE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = [sys.executable, "-m", "tasks.stages.pretrain", "-S", "ray.num_workers=1"]
+    proc = subprocess.Popen(
+        args, cwd=repo, env={**e, "TL_VERBOSE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 240
     while len(_epochs(tmp_path)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -56,13 +61,19 @@ def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
     assert "resumed from checkpoint after epoch" in log
     resumed_at = int(log.split("resumed from checkpoint after epoch")[1].split()[0])
     assert resumed_at >= 2
-    after = _epochs(tmp_path)[len(done_before):]
+    after = _epochs(tmp_path)[len(done_before) :]
     assert after == list(range(resumed_at + 1, 7))  # continued, nothing from before the checkpoint redone
     lines = log.splitlines()
     for epoch in after:  # once each, without Ray's "(RayTrainWorker pid=...)" prefix
         assert sum(ln.startswith(f"[pretrain] epoch {epoch}/6  loss ") for ln in lines) == 1, log
-    for noise in ("PreemptionWatcher", "Failed to query Ray Train Controller", "Token authentication",
-                  "Checkpoint successfully created", "TrainingReport(", "Requesting resources"):
+    for noise in (
+        "PreemptionWatcher",
+        "Failed to query Ray Train Controller",
+        "Token authentication",
+        "Checkpoint successfully created",
+        "TrainingReport(",
+        "Requesting resources",
+    ):
         assert noise not in log, (noise, log)
     assert lines[-1].startswith("pretrain: source test accuracy ") and lines[-1].endswith(" %")
     assert (repo / "models" / "source.pt").exists()
@@ -77,9 +88,18 @@ def two_node_cluster(tmp_path):
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     sh(RAY, "get-auth-token", "--generate", cwd=tmp_path, extra_env=e)  # a fresh machine may have no token yet
     try:
-        sh(RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", "--resources={\"node_a\": 1}",
-           *common, cwd=tmp_path, extra_env=e)
-        sh(RAY, "start", f"--address=127.0.0.1:{port}", "--resources={\"node_b\": 1}", *common, cwd=tmp_path, extra_env=e)
+        sh(
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=false",
+            '--resources={"node_a": 1}',
+            *common,
+            cwd=tmp_path,
+            extra_env=e,
+        )
+        sh(RAY, "start", f"--address=127.0.0.1:{port}", '--resources={"node_b": 1}', *common, cwd=tmp_path, extra_env=e)
         deadline = time.time() + 60
         while time.time() < deadline:
             st = sh(RAY, "status", f"--address=127.0.0.1:{port}", cwd=tmp_path, extra_env=e, check=False)
@@ -93,10 +113,16 @@ def two_node_cluster(tmp_path):
 
 def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster):
     address, e = two_node_cluster
-    sh(sys.executable, "-m", "tasks.pretrain", "-S", "pretrain.epochs=1", cwd=repo)  # local mode source model
+    sh(sys.executable, "-m", "tasks.stages.pretrain", "-S", "pretrain.epochs=1", cwd=repo)  # local mode source model
     e = {**e, "TL_WORKER_LOG_DIR": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "tasks.finetune", "-S", f"ray.address={address}", "-S", "ray.num_workers=2"],
-                       cwd=repo, env={**env(), **e}, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [sys.executable, "-m", "tasks.stages.finetune", "-S", f"ray.address={address}", "-S", "ray.num_workers=2"],
+        cwd=repo,
+        env={**env(), **e},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = [json.loads(x) for rank in (0, 1) for x in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
     nodes = {rec["node"] for rec in recs}

@@ -1,14 +1,15 @@
 """Ray Train adapter on a real local Ray (CPU): 1 and 2 workers, checkpoints, shards, fault tolerance."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from tasks.config import Params
-from tasks.distributed import run_job_ray
-from tasks.probes import Fault
-from tasks.training import TrainJob
+from tasks.modeling.faults import Fault
+from tasks.modeling.ray_train import run_job_ray
+from tasks.modeling.train import TrainJob
+from tasks.project.config import Params
 
 pytestmark = pytest.mark.slow
 MANIFEST = {"source": {"splits": {}}, "target": {"splits": {}}}
@@ -32,9 +33,13 @@ def digits():
 
 
 def _params(tmp_path, workers, epochs=3, **ray_kw):
-    return Params.model_validate({
-        "base": {"seed": 0}, "finetune": {"epochs": epochs, "steps_per_epoch": 4, "batch_size": 32, "lr": 3e-3},
-        "ray": {"num_workers": workers, "storage_path": str(tmp_path / "ray_results"), **ray_kw}})
+    return Params.model_validate(
+        {
+            "base": {"seed": 0},
+            "finetune": {"epochs": epochs, "steps_per_epoch": 4, "batch_size": 32, "lr": 3e-3},
+            "ray": {"num_workers": workers, "storage_path": str(tmp_path / "ray_results"), **ray_kw},
+        }
+    )
 
 
 def _job(params, ds):
@@ -49,7 +54,9 @@ def _records(log_dir, rank):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_workers_train_report_and_checkpoint(ray_local, digits, tmp_path, workers):
     params = _params(tmp_path, workers)
-    model, history, _ = run_job_ray(_job(params, digits), params, f"test{workers}", MANIFEST, worker_log_dir=str(tmp_path))
+    model, history, _ = run_job_ray(
+        _job(params, digits), params, f"test{workers}", MANIFEST, worker_log_dir=str(tmp_path)
+    )
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     run_dirs = list((tmp_path / "ray_results").iterdir())
@@ -67,8 +74,14 @@ def test_workers_train_report_and_checkpoint(ray_local, digits, tmp_path, worker
 def test_worker_crash_resumes_from_last_checkpoint(ray_local, digits, tmp_path):
     marker = tmp_path / "fault-fired"
     params = _params(tmp_path, 2, epochs=4, max_failures=1)
-    _, history, _ = run_job_ray(_job(params, digits), params, "fault", MANIFEST, worker_log_dir=str(tmp_path),
-                                fault=Fault(str(marker), epoch=2, step=2, rank=1))
+    _, history, _ = run_job_ray(
+        _job(params, digits),
+        params,
+        "fault",
+        MANIFEST,
+        worker_log_dir=str(tmp_path),
+        fault=Fault(str(marker), epoch=2, step=2, rank=1),
+    )
     assert marker.exists()  # the worker really died once
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     epochs_done = [r["epoch"] for r in _records(tmp_path, 0)]

@@ -7,6 +7,7 @@ preceded by ``<!-- readme-test: server "TEXT" -->`` must start and print TEXT, t
 checkout (a symlink), as its install is what ``make`` would redo; params are the test tier's tiny
 ones so the whole README runs in a few minutes.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import ROOT, TINY, deep_update
 
 pytestmark = pytest.mark.slow
@@ -83,16 +83,22 @@ def test_readme_blocks_are_parsed():
 
 def _fresh_clone(dst: Path) -> Path:
     """The working tree as a new clone would have it (tracked + new files, nothing ignored), committed."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for f in filter(None, files):
         src = ROOT / f
         if src.is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
     params = yaml.safe_load((dst / "params.yaml").read_text())
-    (dst / "params.yaml").write_text(yaml.safe_dump(deep_update(params, yaml.safe_load(yaml.safe_dump(TINY))),
-                                                    sort_keys=False))
+    (dst / "params.yaml").write_text(
+        yaml.safe_dump(deep_update(params, yaml.safe_load(yaml.safe_dump(TINY))), sort_keys=False)
+    )
     (dst / ".venv").symlink_to(Path(sys.executable).parents[1])
     for f in ("pyproject.toml", "requirements.lock"):  # older than the venv's install marker: make installs nothing
         subprocess.run(["touch", "-d", "2001-01-01", str(dst / f)], check=True)
@@ -113,14 +119,18 @@ def _script(found: list[Block], work: Path) -> tuple[str, list[str]]:
             lines.append(f"echo {shlex.quote('>>> ' + c)}")
             if b.mode == "server":
                 log = shlex.quote(str(work / "server.log"))
-                lines += [f"{bare} > {log} 2>&1 &", "pid=$!",  # no trailing comment to swallow the redirect
-                          f"for i in $(seq 1 240); do grep -q {shlex.quote(b.arg)} {log} && break; "
-                          "kill -0 $pid 2>/dev/null || break; sleep 1; done",
-                          f"cat {log}",
-                          f"grep -q {shlex.quote(b.arg)} {log} || {{ echo '!!! server did not start: {b.doc}:{b.line}'; exit 1; }}",
-                          "kill -INT $pid; sleep 3; kill -9 $pid 2>/dev/null; pkill -9 -P $pid 2>/dev/null; true"]
+                lines += [
+                    f"{bare} > {log} 2>&1 &",
+                    "pid=$!",  # no trailing comment to swallow the redirect
+                    f"for i in $(seq 1 240); do grep -q {shlex.quote(b.arg)} {log} && break; "
+                    "kill -0 $pid 2>/dev/null || break; sleep 1; done",
+                    f"cat {log}",
+                    f"grep -q {shlex.quote(b.arg)} {log} || {{ echo '!!! server did not start: {b.doc}:{b.line}'; "
+                    f"exit 1; }}",
+                    "kill -INT $pid; sleep 3; kill -9 $pid 2>/dev/null; pkill -9 -P $pid 2>/dev/null; true",
+                ]
             else:
-                lines += [c, f"rc=$?; [ $rc -eq 0 ] || {{ echo \"!!! exit $rc: {b.doc}:{b.line}\"; exit 1; }}"]
+                lines += [c, f'rc=$?; [ $rc -eq 0 ] || {{ echo "!!! exit $rc: {b.doc}:{b.line}"; exit 1; }}']
     return "\n".join(lines) + "\necho '>>> all README commands passed'\n", skipped
 
 
@@ -132,18 +142,34 @@ def test_every_readme_command_works_in_a_fresh_shell(tmp_path):
     (home / ".gitconfig").write_text("[user]\n\tname = New User\n\temail = new@example.com\n")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
-    subprocess.run(["git", "commit", "-qm", "clone"], cwd=repo, check=True, env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        ["git", "commit", "-qm", "clone"], cwd=repo, check=True, env={"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    )
     script, skipped = _script(found, tmp_path)
     (tmp_path / "readme.sh").write_text(script)
     for s in skipped:
         print(s)
-    r = subprocess.run(["env", "-i", f"HOME={home}", "USER=newuser", "LANG=C.UTF-8", "TERM=dumb",
-                        "PATH=/usr/local/bin:/usr/bin:/bin", "bash", "-l", str(tmp_path / "readme.sh")],
-                       capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(
+        [
+            "env",
+            "-i",
+            f"HOME={home}",
+            "USER=newuser",
+            "LANG=C.UTF-8",
+            "TERM=dumb",
+            "PATH=/usr/local/bin:/usr/bin:/bin",
+            "bash",
+            "-l",
+            str(tmp_path / "readme.sh"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     out = r.stdout + r.stderr
     print(out[-6000:])
     assert r.returncode == 0 and ">>> all README commands passed" in r.stdout, out[-6000:]
-    assert "Traceback" not in out, out[out.index("Traceback") - 2000: out.index("Traceback") + 3000]
+    assert "Traceback" not in out, out[out.index("Traceback") - 2000 : out.index("Traceback") + 3000]
     ran = [line[4:] for line in r.stdout.splitlines() if line.startswith(">>> ") and "all README" not in line]
     assert any(c.startswith("make run") for c in ran) and any(c.startswith("tl predict") for c in ran)
     assert "Cannot schedule flows" not in out  # `tl serve` runs against a server with a scheduler

@@ -1,4 +1,5 @@
 """A Ray Train run's identity, checkpoint discovery and probes, without Ray (fast)."""
+
 from __future__ import annotations
 
 import os
@@ -7,10 +8,10 @@ import time
 import pytest
 import torch
 
-from tasks.config import Params
-from tasks.probes import Fault, FaultInjector
-from tasks.run_checkpoints import latest_on_disk
-from tasks.run_identity import mark_done, resolve_run
+from tasks.modeling.faults import Fault, FaultInjector
+from tasks.project.config import Params
+from tasks.services.ray_checkpoints import latest_on_disk
+from tasks.services.ray_runs import mark_done, resolve_run
 
 MANIFEST = {"source": {"splits": {"train": "a"}}, "target": {"splits": {"train": "b"}}}
 

@@ -1,6 +1,7 @@
 """The shared stack (`tl stack up|down`: S3 object store, MLflow server, Prefect server + worker, Ray head) as
 real local processes, and the team workflow against it: concurrent `tl submit` jobs, the shared registry,
 the S3 DVC remote, a fresh clone that pulls and loads the champion. One stack for the whole module."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from helpers import ROOT, free_port, make_repo, sh
+from helpers import ROOT, make_repo, sh
 from helpers import env as sh_env
+
+from tasks.project.env import free_port
 
 pytestmark = pytest.mark.slow
 PORTS = ("MLFLOW_PORT", "S3_PORT", "PREFECT_PORT", "RAY_PORT", "RAY_DASHBOARD_PORT")
@@ -25,26 +27,33 @@ MODEL = "digits-transfer"
 
 def tl(*args, cwd, extra_env=None, check=True, **kw):
     """This checkout's CLI (the copy's code, from its cwd), not the installed `tl` entry point."""
-    return sh(sys.executable, "-m", "tasks.cli", *args, cwd=cwd, extra_env=extra_env, check=check, **kw)
+    return sh(sys.executable, "-m", "tasks.cli.main", *args, cwd=cwd, extra_env=extra_env, check=check, **kw)
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A project with the team remote (S3, in the stack) committed in .dvc/config, and the stack started from it
     on free ports. Yields (repo, client env, seconds `tl stack up` took)."""
-    repo = make_repo(tmp_path_factory.mktemp("stack") / "repo", {
-        "data": {"synth_per_class": 20, "synth_test_per_class": 5},
-        "pretrain": {"backbone": "tinycnn", "epochs": 1},
-        "finetune": {"epochs": 1, "steps_per_epoch": 3},
-        "evaluate": {"latency_iters": 1},
-        "compress": {"methods": []},  # compression is covered by tests/test_compress.py
-        "register": {"min_accuracy": 0.0, "require_positive_transfer": False}})
+    repo = make_repo(
+        tmp_path_factory.mktemp("stack") / "repo",
+        {
+            "data": {"synth_per_class": 20, "synth_test_per_class": 5},
+            "pretrain": {"backbone": "tinycnn", "epochs": 1},
+            "finetune": {"epochs": 1, "steps_per_epoch": 3},
+            "evaluate": {"latency_iters": 1},
+            "compress": {"methods": []},  # compression is covered by tests/test_compress.py
+            "register": {"min_accuracy": 0.0, "require_positive_transfer": False},
+        },
+    )
     ports = {k: str(free_port()) for k in PORTS}
     t0 = time.monotonic()
     up = tl("stack", "up", "--env-file", ROOT / "infra" / "stack.env", cwd=repo, extra_env=ports, timeout=300)
     up_s = time.monotonic() - t0
-    env = {ln.removeprefix("export ").split("=", 1)[0]: ln.split("=", 1)[1] for ln in up.stdout.splitlines()
-           if ln.startswith("export ")}
+    env = {
+        ln.removeprefix("export ").split("=", 1)[0]: ln.split("=", 1)[1]
+        for ln in up.stdout.splitlines()
+        if ln.startswith("export ")
+    }
     try:
         sh("dvc", "remote", "add", "-d", "team", "s3://dvc/project", cwd=repo)
         sh("dvc", "remote", "modify", "team", "endpointurl", env["AWS_ENDPOINT_URL"], cwd=repo)
@@ -63,8 +72,13 @@ def _client(env):
 def _s3(env):
     import boto3
 
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
 
 
 def test_stack_up_is_healthy_and_idempotent(stack):
@@ -91,20 +105,51 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
     repo, env, _ = stack
     secret = "tl-sentinel-7f3a9c"
     (repo / ".env").write_text(f"AWS_SESSION_TOKEN={secret}\n")  # not git-ignored: excludes must keep it home
-    submitter = {**env, "AWS_SESSION_TOKEN": secret, "MLFLOW_TRACKING_PASSWORD": secret, "MLFLOW_TRACKING_TOKEN": secret}
+    submitter = {
+        **env,
+        "AWS_SESSION_TOKEN": secret,
+        "MLFLOW_TRACKING_PASSWORD": secret,
+        "MLFLOW_TRACKING_TOKEN": secret,
+    }
     cluster_env = repo / ".tlstack" / "env"  # "on the cluster": the stack's keys; only its path travels
     t0 = time.monotonic()
-    subs = [subprocess.Popen([sys.executable, "-m", "tasks.cli", "submit", "-S", f"finetune.lr={lr}",
-                              "--env-file-on-cluster", str(cluster_env)], cwd=repo, env={**sh_env(), **submitter},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for lr in ("0.003", "0.01")]
+    subs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tasks.cli.main",
+                "submit",
+                "-S",
+                f"finetune.lr={lr}",
+                "--env-file-on-cluster",
+                str(cluster_env),
+            ],
+            cwd=repo,
+            env={**sh_env(), **submitter},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for lr in ("0.003", "0.01")
+    ]
     outs = [p.communicate(timeout=300)[0] for p in subs]
     assert all(p.returncode == 0 for p in subs), outs
     jobs = [o.split("submitted job ")[1].split()[0] for o in outs]
     # one poller process (a CLI start per poll would cost CPU), with the stack's env (RAY_AUTH_MODE=token)
-    sh(sys.executable, "-c", "import sys, time; from ray.job_submission import JobSubmissionClient as C; "
-       "c = C(sys.argv[1]); end = time.time() + 500\n"
-       "while time.time() < end and not all(str(c.get_job_status(j)) in ('SUCCEEDED', 'FAILED', 'STOPPED') "
-       "for j in sys.argv[2:]): time.sleep(3)", env["TL_RAY_ADDRESS"], *jobs, cwd=repo, extra_env=env, timeout=600)
+    sh(
+        sys.executable,
+        "-c",
+        "import sys, time; from ray.job_submission import JobSubmissionClient as C; "
+        "c = C(sys.argv[1]); end = time.time() + 500\n"
+        "while time.time() < end and not all(str(c.get_job_status(j)) in ('SUCCEEDED', 'FAILED', 'STOPPED') "
+        "for j in sys.argv[2:]): time.sleep(3)",
+        env["TL_RAY_ADDRESS"],
+        *jobs,
+        cwd=repo,
+        extra_env=env,
+        timeout=600,
+    )
     statuses = {j: tl("status", j, cwd=repo, extra_env=env).stdout for j in jobs}
     logs = {j: tl("logs", j, cwd=repo, extra_env=env).stdout for j in jobs}
     print(f"two jobs: {time.monotonic() - t0:.1f} s")
@@ -116,9 +161,16 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
         own = logs[j].split("job: working in ")[1].split()[0]  # its own directory, removed once pushed and registered
         assert own.endswith(f"/tl-jobs/{j}") and not Path(own).exists()
     # what anyone who can list the cluster's jobs sees: addresses, never a key
-    seen = sh(sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-              "c = C(sys.argv[1]); print(repr([c.get_job_info(j) for j in sys.argv[2:]])); print(repr(c.list_jobs()))",
-              env["TL_RAY_ADDRESS"], *jobs, cwd=repo, extra_env=env).stdout
+    seen = sh(
+        sys.executable,
+        "-c",
+        "import sys; from ray.job_submission import JobSubmissionClient as C; "
+        "c = C(sys.argv[1]); print(repr([c.get_job_info(j) for j in sys.argv[2:]])); print(repr(c.list_jobs()))",
+        env["TL_RAY_ADDRESS"],
+        *jobs,
+        cwd=repo,
+        extra_env=env,
+    ).stdout
     assert env["MLFLOW_TRACKING_URI"] in seen
     for s in (secret, env["AWS_SECRET_ACCESS_KEY"]):
         assert s not in seen and all(s not in lg for lg in logs.values())
@@ -137,15 +189,22 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
     # both jobs' data and models in the S3 remote: every output of each version's dvc.lock (from its MLflow
     # run, through the server's artifact proxy to the mlflow bucket) is an object under s3://dvc/project
     s3 = _s3(env)
-    keys = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc", Prefix="project/")
-            for o in page.get("Contents", [])}
+    keys = {
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="dvc", Prefix="project/")
+        for o in page.get("Contents", [])
+    }
     locks = {}
     for v in vs:
         d = c.download_artifacts(v.run_id, "lineage", str(tmp_path / f"v{v.version}"))
         locks[v.version] = Path(d) / "dvc.lock"
         lock = yaml.safe_load(locks[v.version].read_text())
-        md5s = {o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-                if o["path"].split("/")[0] in ("data", "models")}  # cached outputs (reports are git-tracked metrics)
+        md5s = {
+            o["md5"]
+            for st in lock["stages"].values()
+            for o in st.get("outs", [])
+            if o["path"].split("/")[0] in ("data", "models")
+        }  # cached outputs (reports are git-tracked metrics)
         assert md5s and all(f"project/files/md5/{m[:2]}/{m[2:]}" in keys for m in md5s), (v.version, md5s)
 
     # a fresh clone, with only the stack's URLs and keys: `dvc pull` the champion's lineage, load the champion
@@ -155,8 +214,11 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
     only_stack = {k: v for k, v in env.items() if k not in PORTS}
     pulled = sh("dvc", "pull", cwd=fresh, extra_env=only_stack)
     assert (fresh / "models" / "finetuned.pt").is_file(), pulled.stdout
-    assert hashlib.sha256((fresh / "models" / "finetuned.pt").read_bytes()).hexdigest().startswith(
-        vs[int(champion) - 1].tags["model_sha256"])
+    assert (
+        hashlib.sha256((fresh / "models" / "finetuned.pt").read_bytes())
+        .hexdigest()
+        .startswith(vs[int(champion) - 1].tags["model_sha256"])
+    )
     image = next((fresh / "data").rglob("*.png"))
     pred = tl("predict", image, cwd=fresh, extra_env=only_stack)
     assert str(image) in pred.stdout and len(pred.stdout.strip().split("\t")) == 3, pred.stdout
@@ -168,9 +230,12 @@ def _api(env, path: str, body: dict | None = None, method: str = "POST"):
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(env["PREFECT_API_URL"] + path, method=method,
-                                 data=None if method == "GET" else json.dumps(body or {}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        method=method,
+        data=None if method == "GET" else json.dumps(body or {}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     for attempt in range(10):
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
@@ -195,8 +260,7 @@ def _wait_finished(env, deployment: str, timeout_s: float, auto_scheduled: bool 
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         runs = [r for r in _runs(env, deployment) if r["auto_scheduled"] == auto_scheduled]
-        done = sorted((r for r in runs if r["state_type"] in FINAL),
-                      key=lambda r: r["end_time"] or "")
+        done = sorted((r for r in runs if r["state_type"] in FINAL), key=lambda r: r["end_time"] or "")
         if len(done) >= count:
             return done[:count]
         time.sleep(2)
@@ -214,7 +278,7 @@ def test_prefect_deployments_run_on_the_stack_worker(stack):
     t0 = time.monotonic()
     sh("prefect", "--no-prompt", "deploy", "--name", "transfer-pipeline", cwd=repo, extra_env=env)
     sh("prefect", "deployment", "run", "transfer-pipeline/transfer-pipeline", cwd=repo, extra_env=env)
-    run, = _wait_finished(env, "transfer-pipeline", 400)
+    (run,) = _wait_finished(env, "transfer-pipeline", 400)
     assert run["state_type"] == "COMPLETED", run
     print(f"transfer-pipeline deployment run: {time.monotonic() - t0:.1f} s")
     c = _client(env)
@@ -232,7 +296,7 @@ def test_prefect_deployments_run_on_the_stack_worker(stack):
     sh("prefect", "--no-prompt", "deploy", "--name", "retrain-nightly", cwd=repo, extra_env=env)
     dep = _api(env, "/deployments/filter", {"deployments": {"name": {"any_": ["retrain-nightly"]}}})[0]["id"]
     try:
-        scheduled, = _wait_finished(env, "retrain-nightly", 240, auto_scheduled=True)
+        (scheduled,) = _wait_finished(env, "retrain-nightly", 240, auto_scheduled=True)
         _api(env, f"/deployments/{dep}/pause_deployment", {})  # no more scheduled runs; manual ones still run
         for _ in range(2):
             _api(env, f"/deployments/{dep}/create_flow_run", {})
@@ -252,7 +316,9 @@ def test_prefect_deployments_run_on_the_stack_worker(stack):
     assert all(r["state_type"] in FINAL for r in _runs(env, "retrain-nightly"))
     for run in (scheduled, *manual):
         assert run["state_type"] == "COMPLETED" and "nothing to do" in (run["state"]["message"] or ""), run
-    states = [[st["name"] for st in _api(env, f"/flow_run_states/?flow_run_id={r['id']}", method="GET")] for r in manual]
+    states = [
+        [st["name"] for st in _api(env, f"/flow_run_states/?flow_run_id={r['id']}", method="GET")] for r in manual
+    ]
     assert any("AwaitingConcurrencySlot" in names for names in states), states  # queued by the limit
     done = sorted((scheduled, *manual), key=lambda r: r["start_time"])
     assert all(b["start_time"] >= a["end_time"] for a, b in zip(done, done[1:])), done  # one after the other

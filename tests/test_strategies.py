@@ -36,8 +36,16 @@ def _run(name, epochs=1, **hp):
 
 
 def test_registry_complete():
-    assert set(strategies.list_strategies()) >= {"scratch", "linear_probe", "finetune", "gradual_unfreeze",
-                                                 "joint", "dann", "mcc", "semi"}
+    assert set(strategies.list_strategies()) >= {
+        "scratch",
+        "linear_probe",
+        "finetune",
+        "gradual_unfreeze",
+        "joint",
+        "dann",
+        "mcc",
+        "semi",
+    }
     with pytest.raises(KeyError, match="finetune"):
         strategies.create_strategy("fine_tune")
 
@@ -114,9 +122,9 @@ def test_unsupervised_strategies_run_without_labeled_target():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_precision_and_channels_last(precision):
-    from tlcore.engine import resolve_precision
+    from tlcore.precision import precision_for_device
 
-    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert precision_for_device("fp32", "cpu") == "fp32" and precision_for_device("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")
     torch.manual_seed(0)
@@ -146,17 +154,23 @@ def test_precision_and_channels_last(precision):
     assert net.model.backbone[0][0].weight.is_contiguous()  # the usual layout once fit() returns
 
 
-@pytest.mark.parametrize("bf16,amx,speedup,want", [
-    (False, False, None, "fp32"), (False, True, 2.0, "fp32"),  # no bf16 kernels: never bf16
-    (True, True, None, "bf16"), (True, False, None, "fp32"),  # unmeasured: bf16 only with AMX
-    (True, False, 1.5, "bf16"), (True, True, 0.9, "fp32"),  # a measurement decides
-])
+@pytest.mark.parametrize(
+    "bf16,amx,speedup,want",
+    [
+        (False, False, None, "fp32"),
+        (False, True, 2.0, "fp32"),  # no bf16 kernels: never bf16
+        (True, True, None, "bf16"),
+        (True, False, None, "fp32"),  # unmeasured: bf16 only with AMX
+        (True, False, 1.5, "bf16"),
+        (True, True, 0.9, "fp32"),  # a measurement decides
+    ],
+)
 def test_auto_precision_on_cpu_follows_the_cpu_features(monkeypatch, bf16, amx, speedup, want):
-    from tlcore import engine
+    from tlcore import precision
 
-    monkeypatch.setattr(engine, "cpu_bf16_kernels", lambda: bf16)
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: amx)
-    assert engine.resolve_precision("auto", "cpu", bf16_speedup=speedup) == want
+    monkeypatch.setattr(precision, "cpu_bf16_kernels", lambda: bf16)
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+    assert precision.precision_for_device("auto", "cpu", bf16_speedup=speedup) == want
 
 
 # --------------------------------------------------------------------------- the stream contract
@@ -187,8 +201,8 @@ def test_streams_check_names_what_is_missing_and_keeps_the_engine_order():
 @pytest.mark.parametrize("name", strategies.list_strategies())
 def test_every_strategy_trains_on_exactly_its_declared_streams(name):
     """The engine, the stages' budget checks and the job builder all follow the one declaration."""
-    from tasks.config import needs_target_labels
-    from tasks.training import job_streams
+    from tasks.modeling.train import job_streams
+    from tasks.project.config import needs_target_labels
 
     cls = strategies.strategy_class(name)
     net = cls().setup(models.create("tinycnn", 10), 10)

@@ -1,4 +1,5 @@
 """Transferability scores on features and source predictions whose right ordering is known."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,17 @@ def _logme_reference(f, y):
             alpha, beta = gamma / alpha_de, (n - gamma) / beta_de
             if abs(alpha / beta - lam) / lam < 0.01:
                 break
-        out.append((d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
-                    - beta / 2 * beta_de - alpha / 2 * alpha_de - n / 2 * np.log(2 * np.pi)) / n)
+        out.append(
+            (
+                d / 2 * np.log(alpha)
+                + n / 2 * np.log(beta)
+                - 0.5 * np.log(alpha + beta * s).sum()
+                - beta / 2 * beta_de
+                - alpha / 2 * alpha_de
+                - n / 2 * np.log(2 * np.pi)
+            )
+            / n
+        )
     return np.mean(out)
 
 

@@ -1,4 +1,5 @@
 """Label-free validators on synthetic predictions whose right ordering is known."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -86,12 +87,14 @@ def test_auto_validators_are_the_ones_the_selection_benchmark_found_best():
     """`tune.validator: auto` means, for `tl tune`'s search (and `tl rank`), and for finetune.strategy auto's choice
     with no target labels, the validator docs/selection_benchmark.json measured best for that use (lowest mean
     regret, bench.selection.best_validator), and the README's generated paragraph says which: a re-run that finds
-    another best fails here until tasks.config follows it."""
+    another best fails here until tasks.project.measured follows it."""
     import json
 
-    from bench.selection import POOL_ONLY, TRUST, best_validator
     from helpers import ROOT
-    from tasks.config import AUTO_STRATEGY_VALIDATOR, AUTO_VALIDATOR, VALIDATORS, Tune, resolve_validator
+
+    from bench.selection import POOL_ONLY, TRUST, best_validator
+    from tasks.project.config import Tune
+    from tasks.project.measured import AUTO_STRATEGY_VALIDATOR, AUTO_VALIDATOR, VALIDATORS, resolve_validator
 
     state = json.loads((ROOT / "docs" / "selection_benchmark.json").read_text())
     assert not state["settings"]["quick"] and len(state["rows"]) >= 2  # the full run, more than one domain pair
@@ -100,5 +103,5 @@ def test_auto_validators_are_the_ones_the_selection_benchmark_found_best():
     assert best_validator(state, "strategy") == AUTO_STRATEGY_VALIDATOR == resolve_validator("auto", "strategy")
     assert resolve_validator("bnm", "strategy") == "bnm" and Tune().validator == "auto"
     readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index(f"<!-- {TRUST}:start -->"):readme.index(f"<!-- {TRUST}:end -->")]
+    block = readme[readme.index(f"<!-- {TRUST}:start -->") : readme.index(f"<!-- {TRUST}:end -->")]
     assert f"`auto` is **{AUTO_VALIDATOR}**" in block and f"`auto` is **{AUTO_STRATEGY_VALIDATOR}**" in block

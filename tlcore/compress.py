@@ -1,9 +1,10 @@
 """Compression: magnitude pruning, int8 post-training quantisation, knowledge distillation."""
+
 from __future__ import annotations
 
 import copy
 import platform
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ def prune_unstructured(model: nn.Module, amount: float, scope: str = "global", p
     """L1 magnitude pruning of conv/linear weights; returns a copy.
 
     ``scope="global"`` ranks all weights together (layers end up with different sparsities);
-    ``"layer"`` prunes ``amount`` of every layer. ``permanent=False`` keeps ``torch.nn.utils.prune``'s masks attached, so
+    ``"layer"`` prunes ``amount`` of every layer. ``permanent=False`` keeps ``torch.nn.utils.prune``'s masks attached,
+    so
     fine-tuning the copy keeps the pruned weights at zero; call :func:`make_permanent` after.
     """
     if scope not in ("layer", "global"):
@@ -61,7 +63,12 @@ def sparsity(model: nn.Module) -> float:
     return zeros / max(1, tot)
 
 
-_INT8_ENGINES = {"x86_64": ("x86", "fbgemm"), "amd64": ("x86", "fbgemm"), "aarch64": ("qnnpack",), "arm64": ("qnnpack",)}
+_INT8_ENGINES = {
+    "x86_64": ("x86", "fbgemm"),
+    "amd64": ("x86", "fbgemm"),
+    "aarch64": ("qnnpack",),
+    "arm64": ("qnnpack",),
+}
 
 
 def int8_engine(machine: str, supported: Sequence[str]) -> str:
@@ -70,13 +77,17 @@ def int8_engine(machine: str, supported: Sequence[str]) -> str:
     builds) on x86-64, ``qnnpack`` on 64-bit Arm (aarch64 / arm64)."""
     wanted = _INT8_ENGINES.get(machine.lower())
     if wanted is None:
-        raise ValueError(f"no int8 quantisation engine is known for CPU architecture {machine!r} "
-                         f"(known: {', '.join(sorted(_INT8_ENGINES))}); pass backend= explicitly")
+        raise ValueError(
+            f"no int8 quantisation engine is known for CPU architecture {machine!r} "
+            f"(known: {', '.join(sorted(_INT8_ENGINES))}); pass backend= explicitly"
+        )
     for name in wanted:
         if name in supported:
             return name
-    raise ValueError(f"this torch build has none of the int8 engines for {machine} ({', '.join(wanted)}); "
-                     f"it offers {', '.join(supported) or 'none'}")
+    raise ValueError(
+        f"this torch build has none of the int8 engines for {machine} ({', '.join(wanted)}); "
+        f"it offers {', '.join(supported) or 'none'}"
+    )
 
 
 def quantize_int8(model: nn.Module, calibration: torch.Tensor, backend: str | None = None) -> nn.Module:

@@ -3,15 +3,15 @@
 Trees look like ``root/{train,test}/<class_name>/*.png``. Images are decoded once into a
 uint8 tensor at the model's input size, so small-image training is not bound by PNG decoding.
 """
+
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .images import IMG_EXTENSIONS, ImageDecodeError, decode_image, is_grey, show_path
 from .models import ModelSpec
+from .shards import ShardImages
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "test")
@@ -63,14 +64,13 @@ def _walk_class(cdir: Path) -> tuple[list[Path], list[Path]]:
     return sorted(images), sorted(others)
 
 
-def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[str] | None = None) -> FolderReport:
-    """Check one split folder; raise :class:`DataValidationError` on the first kind of problem.
+def list_split(split_dir: Path, classes: list[str] | None = None) -> FolderReport:
+    """The images of one split folder, by class, without decoding them; :class:`DataValidationError` when the
+    folder or its classes are not usable.
 
     Images are the files with an image extension (torchvision ``ImageFolder``'s list) anywhere below a
     class folder, nested folders included; hidden files and folders are skipped, and other files
-    (``notes.txt``, ``Thumbs.db``) are ignored and counted (``FolderReport.ignored``). Each image is
-    decoded with :func:`decode_image`: one that does not decode stops the run, or is skipped with
-    ``skip_corrupt``.
+    (``notes.txt``, ``Thumbs.db``) are ignored and counted (``FolderReport.ignored``).
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
@@ -80,8 +80,10 @@ def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[st
         )
     found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
-        raise DataValidationError(f"{show_path(split_dir)} has no class folders; put each class's images in "
-                                  f"{show_path(split_dir)}/<class_name>/.")
+        raise DataValidationError(
+            f"{show_path(split_dir)} has no class folders; put each class's images in "
+            f"{show_path(split_dir)}/<class_name>/."
+        )
     classes = classes or found
     extra = sorted(set(found) - set(classes))
     if extra:
@@ -90,25 +92,31 @@ def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[st
             f"class it never sees; add training images for them under train/<class>/ or remove them from "
             f"{show_path(split_dir)}."
         )
-    files, ignored, corrupt, empty, colour = [], [], [], [], 0
+    files, ignored = [], []
     for y, name in enumerate(classes):
         cdir = split_dir / name
         imgs, others = _walk_class(cdir) if cdir.is_dir() else ([], [])
         ignored += others
-        good = 0
-        for p in imgs:
-            try:
-                colour += not is_grey(decode_image(p))
-            except ImageDecodeError as e:
-                corrupt.append((p, str(e)))
-                continue
-            files.append((p, y))
-            good += 1
-        if good == 0 and split_dir.name == "train":
-            empty.append(cdir)
+        files += [(p, y) for p in imgs]
     if ignored:
-        log.info("ignored %d file(s) without an image extension in %s: %s", len(ignored), show_path(split_dir),
-                    _list(ignored))
+        log.info(
+            "ignored %d file(s) without an image extension in %s: %s",
+            len(ignored),
+            show_path(split_dir),
+            _list(ignored),
+        )
+    return FolderReport(classes, files, [], ignored, 0)
+
+
+def check_decoded(
+    split_dir: Path, report: FolderReport, corrupt: list[tuple[Path, str]], skip_corrupt: bool = False
+) -> FolderReport:
+    """``report`` with the files that did not decode (``corrupt``: ``(path, why)``) left out; raises
+    :class:`DataValidationError` for them unless ``skip_corrupt``, and for a training class left with no image."""
+    split_dir, bad = Path(split_dir), {p for p, _ in corrupt}
+    files = [(p, y) for p, y in report.files if p not in bad]
+    held = {y for _, y in files}
+    empty = [split_dir / c for y, c in enumerate(report.classes) if y not in held] if split_dir.name == "train" else []
     if corrupt and not skip_corrupt:
         raise DataValidationError(
             f"{len(corrupt)} image(s) in {show_path(split_dir)} are corrupt or unreadable: "
@@ -116,47 +124,63 @@ def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[st
             f"to skip them (the count is logged)."
         )
     if corrupt:
-        log.warning("skipped %d corrupt image(s) in %s: %s", len(corrupt), show_path(split_dir),
-                    _list([why for _, why in corrupt], 3))
+        log.warning(
+            "skipped %d corrupt image(s) in %s: %s",
+            len(corrupt),
+            show_path(split_dir),
+            _list([why for _, why in corrupt], 3),
+        )
     if empty:
         raise DataValidationError(
             f"class folder(s) with no readable images: {_list(empty)}. Add images or delete the empty folder(s)."
         )
-    return FolderReport(classes, files, [p for p, _ in corrupt], ignored, colour)
+    return FolderReport(report.classes, files, [p for p, _ in corrupt], report.ignored, report.colour)
+
+
+def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[str] | None = None) -> FolderReport:
+    """Check one split folder (:func:`list_split`) and decode each image with :func:`decode_image`: one that does
+    not decode stops the run, or is skipped with ``skip_corrupt``; a training class with no readable image stops
+    it. Raises :class:`DataValidationError` on the first kind of problem."""
+    rep, corrupt = list_split(split_dir, classes), []
+    for p, _ in rep.files:
+        try:
+            rep.colour += not is_grey(decode_image(p))
+        except ImageDecodeError as e:
+            corrupt.append((p, str(e)))
+    return check_decoded(split_dir, rep, corrupt, skip_corrupt)
 
 
 def validate_imagefolder(root: str | Path, skip_corrupt: bool = False) -> dict[str, FolderReport]:
     """Validate ``root/train`` and ``root/test``; the test classes must be a subset of train's."""
     root = Path(root)
     if not root.is_dir():
-        raise DataValidationError(f"data root {show_path(root)} does not exist; point data.source/data.target at an "
-                                  f"ImageFolder root or an embedded dataset name.")
+        raise DataValidationError(
+            f"data root {show_path(root)} does not exist; point data.source/data.target at an "
+            f"ImageFolder root or an embedded dataset name."
+        )
     train = validate_split(root / "train", skip_corrupt)
     test = validate_split(root / "test", skip_corrupt, classes=train.classes)
     return {"train": train, "test": test}
 
 
-def tree_hash(split_dir: str | Path) -> str:
-    """Content hash of a split: relative paths and bytes of every file, order-independent of the OS."""
-    h = hashlib.sha256()
-    split_dir = Path(split_dir)
-    for p in sorted(split_dir.rglob("*")):
-        if p.is_file():
-            h.update(os.fsencode(p.relative_to(split_dir).as_posix()))  # the name's bytes, UTF-8 or not
-            h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
-
-
 class ImageDataset(Dataset):
-    """In-memory images ``(N, C, H, W)`` uint8 with int labels; ``transform`` maps uint8 -> float.
+    """Images ``(N, C, H, W)`` uint8 with int labels; ``transform`` maps uint8 -> float. The images are a tensor
+    in memory, or a prepared split's :class:`tlcore.shards.ShardImages`, decoded as they are read (the same
+    pixels, memory flat in ``N``): one dataset, loader and sampler for both.
 
     ``defer_transform`` (a batch-capable ``transform`` only): items stay uint8 and whoever consumes the
     batches applies ``transform`` after copying them to its device (:func:`device_transform`). Training
     loaders do this (:func:`make_loader`), so the augmentation runs batched on the training device.
     """
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, classes: list[str], transform=None,
-                 defer_transform: bool = False):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        classes: list[str],
+        transform=None,
+        defer_transform: bool = False,
+    ):
         if defer_transform and not getattr(transform, "batched", False):
             raise ValueError(f"defer_transform needs a batch-capable transform (batched = True), got {transform!r}")
         self.images, self.targets, self.classes, self.transform = images, targets.long(), classes, transform
@@ -182,7 +206,7 @@ class ImageDataset(Dataset):
             x = self.transform(x) if self.transform else x.float() / 255
         return list(zip(x.unbind(0), self.targets[ii].unbind(0)))
 
-    def deferred(self) -> "ImageDataset":
+    def deferred(self) -> ImageDataset:
         """This dataset (sharing its tensors) yielding uint8, its batch-capable transform left to the consumer;
         itself when the transform is missing or works per image only."""
         if self.defer_transform or not getattr(self.transform, "batched", False):
@@ -190,22 +214,41 @@ class ImageDataset(Dataset):
         return ImageDataset(self.images, self.targets, self.classes, self.transform, defer_transform=True)
 
     @classmethod
-    def from_numpy(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None) -> "ImageDataset":
+    def from_numpy(cls, images: np.ndarray, labels: np.ndarray, classes: list[str], transform=None) -> ImageDataset:
         """From ``(N, H, W)`` or ``(N, H, W, C)`` uint8 arrays."""
         x = torch.from_numpy(np.ascontiguousarray(images))
         x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()
         return cls(x, torch.from_numpy(np.asarray(labels)), classes, transform)
 
-    def subset(self, idx, transform="same") -> "ImageDataset":
+    @property
+    def streamed(self) -> bool:
+        """Whether images are decoded as they are read (a prepared split too big to hold), not held in memory."""
+        return isinstance(self.images, ShardImages)
+
+    def subset(self, idx, transform="same") -> ImageDataset:
         idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         same = isinstance(transform, str) and transform == "same"
-        return ImageDataset(self.images[idx], self.targets[idx], self.classes, self.transform if same else transform,
-                            defer_transform=self.defer_transform and same)
+        images = self.images.take(idx.numpy()) if self.streamed else self.images[idx]
+        return ImageDataset(
+            images,
+            self.targets[idx],
+            self.classes,
+            self.transform if same else transform,
+            defer_transform=self.defer_transform and same,
+        )
 
 
-def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bool = False,
-               classes: list[str] | None = None, max_images: int | None = None, seed: int = 0,
-               resize: int | None = None, interpolation: str = "bilinear") -> ImageDataset:
+def load_split(
+    split_dir: str | Path,
+    size: int,
+    channels: int,
+    skip_corrupt: bool = False,
+    classes: list[str] | None = None,
+    max_images: int | None = None,
+    seed: int = 0,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+) -> ImageDataset:
     """Validate and decode one split into an :class:`ImageDataset` at ``size`` x ``size``, ``channels`` 1 (grey)
     or 3 (RGB; a grey image repeats its grey).
 
@@ -224,8 +267,32 @@ def load_split(split_dir: str | Path, size: int, channels: int, skip_corrupt: bo
     return ImageDataset(images, torch.tensor([y for _, y in files], dtype=torch.long), rep.classes)
 
 
-def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float],
-                  shear: float) -> torch.Tensor:
+def open_split(
+    split_dir: str | Path,
+    size: int,
+    channels: int,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+    memory_bytes: int = 256 * 2**20,
+    max_images: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """A prepared split (:mod:`tlcore.shards`) as an :class:`ImageDataset` at ``size`` x ``size``, ``channels``
+    1 (grey) or 3 (RGB), resized as :func:`load_split` does. Decoded into memory once when its pixels take at
+    most ``memory_bytes`` (small data trains fastest from memory), else streamed: each image decoded when read,
+    by whichever process reads it. The pixels are the same either way. ``max_images``: only a seeded random
+    sample of that many (in split order), as :func:`load_split` takes it."""
+    images = ShardImages(split_dir, size, channels, resize, interpolation)
+    if max_images is not None and len(images) > max_images:
+        images = images.take(np.sort(np.random.default_rng(seed).permutation(len(images))[:max_images]))
+    classes, targets = list(images.index.classes), torch.from_numpy(images.labels())
+    held = images[np.arange(len(images))] if len(images) * channels * size * size <= memory_bytes else images
+    return ImageDataset(held, targets, classes)
+
+
+def random_affine(
+    x: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float], shear: float
+) -> torch.Tensor:
     """Apply an independent random affine warp to each image of a float batch ``(N, C, H, W)``.
 
     Same parameter ranges as ``torchvision.transforms.v2.RandomAffine`` (rotation in
@@ -243,7 +310,10 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: tupl
     s = u(*scale)
     cos, sin, tan = torch.cos(ang), torch.sin(ang), torch.tan(sh)
     # forward map in pixel units: rotation @ shear @ zoom, then a shift
-    a = torch.stack([torch.stack([cos, cos * tan - sin], 1), torch.stack([sin, sin * tan + cos], 1)], 1) * s[:, None, None]
+    a = (
+        torch.stack([torch.stack([cos, cos * tan - sin], 1), torch.stack([sin, sin * tan + cos], 1)], 1)
+        * s[:, None, None]
+    )
     t = torch.stack([u(-translate, translate) * w, u(-translate, translate) * h], 1)
     # grid_sample wants the inverse map in normalised coords: D^-1 A^-1 D with D = diag(w/2, h/2)
     d = torch.tensor([w / 2, h / 2], device=dev)
@@ -253,8 +323,15 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: tupl
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def random_photo(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float], flip: float,
-                 brightness: float, contrast: float, saturation: float) -> torch.Tensor:
+def random_photo(
+    x: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip: float,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+) -> torch.Tensor:
     """Photo augmentation of a float batch ``(N, C, H, W)`` in [0, 1], independently per image: a random resized
     crop (area ``scale`` of the image, aspect ratio in ``ratio``, resampled back to ``H`` x ``W``), a horizontal
     flip with probability ``flip``, and colour jitter (brightness, contrast, saturation factors in
@@ -294,18 +371,20 @@ def random_photo(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
-    """Grey level ``(N, 1, H, W)`` of a batch: ITU-R 601 weights for RGB (as torchvision), the channel itself for grey."""
+    """Grey level ``(N, 1, H, W)`` of a batch: ITU-R 601 weights for RGB (as torchvision), the channel itself for
+    grey."""
     if x.shape[1] == 1:
         return x
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 # Train-time augmentation profiles (``data.augment``): a mild affine warp for digits (a flip or a colour change
 # would make another digit or nothing), crops, flips and colour jitter for photos.
 AUGMENT = {
     "digits": {"affine": dict(degrees=12.0, translate=0.1, scale=(0.85, 1.15), shear=8.0)},
-    "photo": {"photo": dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.4, contrast=0.4,
-                            saturation=0.4)},
+    "photo": {
+        "photo": dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.4, contrast=0.4, saturation=0.4)
+    },
     "none": {},
 }
 
@@ -339,8 +418,10 @@ class ImageTransform(torch.nn.Module):
         return x[0] if single else x
 
     def extra_repr(self) -> str:
-        return (f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}, "
-                f"photo={self.photo}")
+        return (
+            f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}, "
+            f"photo={self.photo}"
+        )
 
 
 def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "digits"):
@@ -389,7 +470,7 @@ def label_budget_split(targets, labels_per_class: int | None, seed: int, val_per
                 f"val_per_class={val_per_class}; lower the label budget."
             )
         val.append(idx[:val_per_class])
-        lab.append(idx[val_per_class:val_per_class + k])
+        lab.append(idx[val_per_class : val_per_class + k])
         unl.append(idx[val_per_class:])
     return BudgetSplit(*(np.sort(np.concatenate(a)).astype(np.int64) for a in (lab, unl, val)))
 
@@ -417,8 +498,16 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), start, None)
 
 
-def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_workers: int = 0,
-                replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    ds: Dataset,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A DataLoader; training loaders shuffle with a seeded generator and never return empty epochs.
 
     A training loader shuffles with a :class:`ResumableSampler` (its order a function of ``seed`` and the
@@ -439,8 +528,11 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
     if train and len(ds) < batch_size * replicas:
         # a tiny labeled set (1 label/class) is repeated so every worker's shard fills one batch
         reps = -(-batch_size * replicas // max(1, len(ds)))
-        ds = ds.subset(np.tile(np.arange(len(ds)), reps)) if isinstance(ds, ImageDataset) else \
-            torch.utils.data.ConcatDataset([ds] * reps)
+        ds = (
+            ds.subset(np.tile(np.arange(len(ds)), reps))
+            if isinstance(ds, ImageDataset)
+            else torch.utils.data.ConcatDataset([ds] * reps)
+        )
     sampler = None
     if train:
         ds = ds.deferred() if isinstance(ds, ImageDataset) else ds
@@ -450,8 +542,17 @@ def make_loader(ds: Dataset, batch_size: int, train: bool, seed: int = 0, num_wo
         ds = ds.subset(idx) if isinstance(ds, ImageDataset) else torch.utils.data.Subset(ds, idx.tolist())
     # the generator only seeds loader worker processes; without one each new pass would draw from (and so
     # shift) the global RNG that augmentation uses
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, drop_last=train,
-                      generator=g, num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=pin_memory)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=sampler,
+        drop_last=train,
+        generator=g,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
 
 
 def device_transform(loader) -> Callable[[torch.Tensor], torch.Tensor] | None:

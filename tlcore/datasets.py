@@ -9,6 +9,7 @@ each: a rotation of 25-45 degrees either way, or blur + low contrast + noise. Al
 ImageFolder PNG trees so the pipeline treats them like user data. :data:`PAIRS` are the source ->
 target pairs the transfer benchmark measures.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-EMBEDDED = ("synth_digits", "optdigits", "optdigits_rotated", "optdigits_noisy")
+from tlcore.embedded import EMBEDDED  # noqa: F401 - re-exported: the datasets this module builds
+
 # (source, target, kind of shift); the optdigits copies share one split, so a source's training images are
 # never a shifted target's test images
 PAIRS = (
@@ -104,7 +106,9 @@ def _elastic(x: torch.Tensor, gen: torch.Generator, alpha: float = 2.0, sigma: f
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
-def render_synth_digits(n_per_class: int, seed: int = 0, size: int = 32, lowres_prob: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+def render_synth_digits(
+    n_per_class: int, seed: int = 0, size: int = 32, lowres_prob: float = 0.7
+) -> tuple[np.ndarray, np.ndarray]:
     """Render ``10 * n_per_class`` digits; returns ``(images uint8 (N, size, size), labels (N,))``.
 
     Deterministic for a given ``seed``; classes are exactly balanced.
@@ -115,7 +119,9 @@ def render_synth_digits(n_per_class: int, seed: int = 0, size: int = 32, lowres_
     rng.shuffle(labels)
     imgs = np.empty((len(labels), size, size), dtype=np.uint8)
     for i, d in enumerate(labels):
-        glyph = _render_glyph(fonts[rng.integers(len(fonts))], CLASSES[d], int(rng.integers(40, 60)), int(rng.integers(0, 4)))
+        glyph = _render_glyph(
+            fonts[rng.integers(len(fonts))], CLASSES[d], int(rng.integers(40, 60)), int(rng.integers(0, 4))
+        )
         imgs[i] = _place(glyph, rng, size)
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(imgs).float().unsqueeze(1) / 255
@@ -174,7 +180,7 @@ def gaussian_blur_each(x: torch.Tensor, sigma: torch.Tensor, k: int = 5) -> torc
     """Gaussian blur of each ``(N, H, W)`` image with its own ``sigma`` (separable, reflect padding), in one
     grouped convolution per axis: torchvision's ``gaussian_blur(kernel_size=k)`` per image, batched."""
     r = torch.arange(k, dtype=x.dtype) - k // 2
-    g = torch.exp(-r[None] ** 2 / (2 * sigma[:, None].to(x.dtype) ** 2))
+    g = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
     g = g / g.sum(1, keepdim=True)
     y = F.pad(x[None], (k // 2, k // 2, 0, 0), mode="reflect")
     y = F.conv2d(y, g[:, None, None, :], groups=len(x))
@@ -199,8 +205,15 @@ def export_imagefolder(root: str | Path, split: str, images: np.ndarray, labels:
         Image.fromarray(im).save(Path(root) / split / CLASSES[y] / f"{i:05d}.png", optimize=False)
 
 
-def materialize(name: str, out_dir: str | Path, seed: int = 0, n_per_class: int = 600, test_per_class: int = 100,
-                test_fraction: float = 0.3, size: int = 32) -> Path:
+def materialize(
+    name: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    n_per_class: int = 600,
+    test_per_class: int = 100,
+    test_fraction: float = 0.3,
+    size: int = 32,
+) -> Path:
     """Write an embedded dataset as an ImageFolder tree at ``out_dir`` (atomically: temp dir + rename)."""
     if name not in EMBEDDED:
         raise ValueError(f"unknown embedded dataset {name!r}; choose one of: {', '.join(EMBEDDED)}")
@@ -227,8 +240,15 @@ def materialize(name: str, out_dir: str | Path, seed: int = 0, n_per_class: int 
     return out_dir
 
 
-def domain_task(spec, source: str, target: str, synth_per_class: int, seed: int = 0, test_fraction: float = 0.3,
-                synth_test_per_class: int = 100):
+def domain_task(
+    spec,
+    source: str,
+    target: str,
+    synth_per_class: int,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    synth_test_per_class: int = 100,
+):
     """In-memory embedded task ``source -> target``: ``(source, target_train, target_test)`` ImageDatasets.
 
     Training sets carry the train-time transform, the test set the eval transform. An optdigits-based
@@ -242,7 +262,9 @@ def domain_task(spec, source: str, target: str, synth_per_class: int, seed: int 
 
     def domain(name):
         if name == "synth_digits":
-            return render_synth_digits(synth_per_class, seed=seed), render_synth_digits(synth_test_per_class, seed=seed + 7919)
+            return render_synth_digits(synth_per_class, seed=seed), render_synth_digits(
+                synth_test_per_class, seed=seed + 7919
+            )
         x, y = load_optdigits(variant=name)
         tr, te = stratified_split(y, test_fraction, seed=0)
         return (x[tr], y[tr]), (x[te], y[te])
@@ -252,8 +274,11 @@ def domain_task(spec, source: str, target: str, synth_per_class: int, seed: int 
             raise ValueError(f"unknown embedded dataset {name!r}; choose one of: {', '.join(EMBEDDED)}")
     (xs, ys), _ = domain(source)
     (xt, yt), (xe, ye) = domain(target)
-    return (ImageDataset.from_numpy(xs, ys, CLASSES, train_tf), ImageDataset.from_numpy(xt, yt, CLASSES, train_tf),
-            ImageDataset.from_numpy(xe, ye, CLASSES, eval_tf))
+    return (
+        ImageDataset.from_numpy(xs, ys, CLASSES, train_tf),
+        ImageDataset.from_numpy(xt, yt, CLASSES, train_tf),
+        ImageDataset.from_numpy(xe, ye, CLASSES, eval_tf),
+    )
 
 
 def digits_task(spec, synth_per_class: int, seed: int = 0, test_fraction: float = 0.3):

@@ -3,6 +3,7 @@
 Ray, Prefect and MLflow attach from outside through callbacks (``on_epoch_end(metrics, state)``)
 and the ``wrap`` hook (e.g. Ray's ``prepare_model``); nothing here knows about them.
 """
+
 from __future__ import annotations
 
 import gc
@@ -10,8 +11,9 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import batch_to
+from .precision import precision_for_device
 from .strategies import STREAMS, Batch, Strategy, TransferNet
 
 
@@ -35,7 +38,8 @@ class TrainConfig:
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = 0
     grad_clip: float | None = 5.0
-    # "auto": :func:`resolve_precision` (callers pass a measured speed-up; see :func:`choose_precision`).
+    # "auto": :func:`tlcore.precision.precision_for_device` (this device's rule, no measurement; callers that
+    # measured pass their choice instead, see :func:`tlcore.precision.choose_precision`).
     # "fp16" adds a ``torch.amp.GradScaler`` (gradients unscaled before clipping). Weights, optimiser
     # state and BatchNorm stay fp32 either way.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -64,7 +68,7 @@ class Loaders:
 class Callback(Protocol):
     """``on_epoch_end`` is required; ``on_step_end(state, epoch, step)`` is called when defined."""
 
-    def on_epoch_end(self, metrics: dict, state: "Trainer") -> None: ...
+    def on_epoch_end(self, metrics: dict, state: Trainer) -> None: ...
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -79,99 +83,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Sapphire Rapids and later): bf16 matmuls in hardware."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def cpu_bf16_kernels() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 or AMX); says nothing about speed."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def choose_precision(device_type: str, *, cuda_capability: tuple[int, int] | None = None,
-                     cpu_bf16: bool = False, cpu_amx: bool = False,
-                     bf16_speedup: float | None = None, min_speedup: float = 1.1) -> tuple[str, str]:
-    """The ``auto`` rule, as a pure function: returns ``(precision, why)``.
-
-    - CUDA: bf16 from compute capability 8.0 (Ampere) on, where it runs on tensor cores. 7.x
-      (Volta, Turing: V100, T4) only emulates bf16 (``torch.cuda.is_bf16_supported()`` counts that
-      too) but has fp16 tensor cores: fp16 with loss scaling. Older or unknown: fp32.
-    - CPU: fp32 without bf16 kernels. With them, a measured ``bf16_speedup`` (bf16 steps per fp32
-      step on the real model) decides: bf16 only when it is at least ``min_speedup``. AVX512-BF16
-      without AMX is faster on some CPUs and slower on others, so it is never assumed. Without a
-      measurement, bf16 only with AMX.
-    """
-    if device_type == "cuda":
-        if cuda_capability is not None and cuda_capability >= (8, 0):
-            return "bf16", f"bf16: CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} >= 8.0"
-        if cuda_capability is not None and cuda_capability >= (7, 0):
-            return "fp16", (f"fp16 (loss-scaled): CUDA compute capability {cuda_capability[0]}.{cuda_capability[1]} "
-                            f"has fp16 tensor cores but no native bf16")
-        cap = "unknown" if cuda_capability is None else f"{cuda_capability[0]}.{cuda_capability[1]}"
-        return "fp32", f"fp32: CUDA compute capability {cap} has no fast bf16 or fp16"
-    if device_type != "cpu" or not cpu_bf16:
-        return "fp32", f"fp32: no bf16 kernels on {device_type}"
-    if bf16_speedup is not None:
-        if bf16_speedup >= min_speedup:
-            return "bf16", f"bf16: {bf16_speedup:.2f}x faster than fp32 here (measured)"
-        return "fp32", f"fp32: bf16 is {bf16_speedup:.2f}x fp32 here (measured; needs >= {min_speedup}x)"
-    if cpu_amx:
-        return "bf16", "bf16: CPU has AMX"
-    return "fp32", "fp32: CPU has bf16 kernels but no AMX, and no measurement was given"
-
-
-def resolve_precision(precision: str, device: torch.device | str, bf16_speedup: float | None = None) -> str:
-    """``"auto"`` -> ``"bf16"``, ``"fp16"`` or ``"fp32"`` by :func:`choose_precision`; other values pass through."""
-    if precision != "auto":
-        return precision
-    device = torch.device(device)
-    cap = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
-    return choose_precision(device.type, cuda_capability=cap, cpu_bf16=cpu_bf16_kernels(), cpu_amx=cpu_has_amx(),
-                            bf16_speedup=bf16_speedup)[0]
-
-
-def measure_bf16_speedup(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu",
-                         steps: int = 6, warmup: int = 2) -> float:
-    """Training steps per second in bf16 autocast divided by fp32, on ``model`` (a throwaway copy is
-    fine: it is trained on random data). ``input_shape`` includes the batch dimension."""
-    import copy
-
-    device = torch.device(device)
-    x = torch.randn(*input_shape, device=device).to(memory_format=torch.channels_last)
-    rates = {}
-    for bf16 in (False, True, False, True):  # interleaved: a warming or busy machine skews both alike
-        m = copy.deepcopy(model).to(device).to(memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = m(x)
-                out = out["logits"] if isinstance(out, dict) else out
-            loss = out.float().square().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(warmup):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rates.setdefault(bf16, []).append(steps / (time.perf_counter() - t))
-    return max(rates[True]) / max(rates[False])
 
 
 class _Stream:
@@ -195,8 +106,10 @@ class _Stream:
                 item = next(self._it)
             except StopIteration:
                 if self.taken == 0:
-                    raise ValueError(f"a training data loader yields no batches ({len(self.loader.dataset)} samples, "
-                                     f"batch_size {self.loader.batch_size}, drop_last); lower the batch size.") from None
+                    raise ValueError(
+                        f"a training data loader yields no batches ({len(self.loader.dataset)} samples, "
+                        f"batch_size {self.loader.batch_size}, drop_last); lower the batch size."
+                    ) from None
                 self._it, self.passes, self.taken = None, self.passes + 1, 0
                 continue
             self.taken += 1
@@ -230,7 +143,9 @@ def _to(item, device, loader):
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, C)`` and labels ``(N,)`` of ``model`` over ``loader`` (eval mode, CPU tensors)."""
     device = torch.device(device) if device else next(model.parameters()).device
     was = model.training
@@ -280,14 +195,22 @@ class Trainer:
     ``state_dict`` saves (``torch_rng``, ``cuda_rng``), so a resume replays them exactly.
     """
 
-    def __init__(self, net: TransferNet, strategy: Strategy, cfg: TrainConfig, loaders: Loaders,
-                 device: torch.device | str | None = None, callbacks: list[Callback] | tuple = (),
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, log: Callable[[str], None] | None = print):
+    def __init__(
+        self,
+        net: TransferNet,
+        strategy: Strategy,
+        cfg: TrainConfig,
+        loaders: Loaders,
+        device: torch.device | str | None = None,
+        callbacks: list[Callback] | tuple = (),
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        log: Callable[[str], None] | None = print,
+    ):
         self.cfg, self.strategy, self.loaders = cfg, strategy, loaders
         self.device = torch.device(device) if device else default_device()
         self.rank, self.world = dist_rank_world()
         self.net = net.to(self.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
+        self.precision = precision_for_device(cfg.precision, self.device)
         self.cfg = cfg = replace(cfg, precision=self.precision)  # checkpoints record what was used
         self._amp_device = self.device.type if self.device.type in ("cpu", "cuda") else "cpu"
         self.scaler = torch.amp.GradScaler(self._amp_device, enabled=self.precision == "fp16")
@@ -329,8 +252,9 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in self.groups]
         if self.cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                   weight_decay=self.cfg.weight_decay, nesterov=True)
+            return torch.optim.SGD(
+                groups, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay, nesterov=True
+            )
         return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _lr_lambda(self, total: int):
@@ -396,8 +320,11 @@ class Trainer:
                 progress = (epoch * self.steps_per_epoch + step) / total_steps
                 raw = {s: next(iters[s]) for s in self.streams}
                 on_dev = {s: _to(b, dev, iters[s].loader) for s, b in raw.items()}  # augmented here, in stream order
-                batch = Batch(target=on_dev.get("target"), source=on_dev.get("source"),
-                              unlabeled=on_dev["unlabeled"][0] if "unlabeled" in on_dev else None)
+                batch = Batch(
+                    target=on_dev.get("target"),
+                    source=on_dev.get("source"),
+                    unlabeled=on_dev["unlabeled"][0] if "unlabeled" in on_dev else None,
+                )
                 n_img += sum(len(v[0]) for v in raw.values())
                 with self._amp():
                     loss, logs = self.strategy.loss(self.model, batch, progress)
@@ -424,8 +351,10 @@ class Trainer:
         self._sync()
         dt = torch.tensor(time.perf_counter() - t0, device=dev, dtype=torch.float64)
         keys = list(sums)
-        vec = torch.stack([torch.as_tensor(sums[k], device=dev, dtype=torch.float64) for k in keys]
-                          + [torch.tensor(float(n_img), device=dev, dtype=torch.float64), n_bad.double()])
+        vec = torch.stack(
+            [torch.as_tensor(sums[k], device=dev, dtype=torch.float64) for k in keys]
+            + [torch.tensor(float(n_img), device=dev, dtype=torch.float64), n_bad.double()]
+        )
         _all_reduce(vec, self.world)
         _all_reduce(dt, self.world, "max")
         *vals, total_img, total_bad, bad_step, secs = torch.cat([vec, first_bad.double()[None], dt[None]]).tolist()
@@ -436,8 +365,13 @@ class Trainer:
                 f"the learning rate (now {self.cfg.lr}) or enable gradient clipping (grad_clip)."
             )
         n = self.steps_per_epoch * self.world
-        return {"epoch": epoch + 1, **{f"train_{k}": v / n for k, v in zip(keys, vals)},
-                "lr": self.optimizer.param_groups[-1]["lr"], "epoch_time_s": secs, "train_images_per_s": total_img / secs}
+        return {
+            "epoch": epoch + 1,
+            **{f"train_{k}": v / n for k, v in zip(keys, vals)},
+            "lr": self.optimizer.param_groups[-1]["lr"],
+            "epoch_time_s": secs,
+            "train_images_per_s": total_img / secs,
+        }
 
     @torch.no_grad()
     def _validate(self) -> dict:
@@ -454,17 +388,26 @@ class Trainer:
         for item in self.loaders.val:
             x, y = _to(item, dev, self.loaders.val)
             logits = net(x)["logits"].float()
-            s += torch.stack([nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                              (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
+            s += torch.stack(
+                [
+                    nn.functional.cross_entropy(logits, y, reduction="sum").double(),
+                    (logits.argmax(1) == y).sum().double(),
+                    torch.tensor(float(len(y)), device=dev, dtype=torch.float64),
+                ]
+            )
         net.train(was)
         loss, correct, n = _all_reduce(s, self.world).tolist()
         return {"val_loss": loss / n, "val_accuracy": correct / n} if n else {}
 
     def state_dict(self) -> dict:
         state = {
-            "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "history": self.history,
-            "config": asdict(self.cfg), "torch_rng": torch.get_rng_state(),
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "config": asdict(self.cfg),
+            "torch_rng": torch.get_rng_state(),
             "streams": {s: it.state() for s, it in self._iters.items()} if self._iters else (self._stream_state or {}),
         }
         if self.scaler.is_enabled():

@@ -4,8 +4,10 @@ One decoder for training data (``tlcore.data``) and prediction (``tl predict``),
 pixels whatever the file: EXIF-rotated photos, 16-bit greyscale, transparency, palettes, CMYK, and
 files that are not images, truncated, or decompression bombs (refused with the file named).
 """
+
 from __future__ import annotations
 
+import io
 import os
 import struct
 import warnings
@@ -48,20 +50,28 @@ def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _open(path: Path) -> Image.Image:
-    """Open and fully decode ``path``; every failure (decompression bombs included) as :class:`ImageDecodeError`."""
+def open_image(src: Path | bytes, name: str) -> Image.Image:
+    """Open and fully decode ``src`` (a file, or a file's bytes); every failure (decompression bombs included) as
+    :class:`ImageDecodeError` naming ``name``."""
+    path = name
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not just warned
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src) as im:
                 im.load()
                 return ImageOps.exif_transpose(im)  # a rotated phone photo stands upright, as viewers show it
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(
-                f"{show_path(path)}: refused as a possible decompression bomb ({e}; the limit is PIL's "
-                f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)") from None
+                f"{path}: refused as a possible decompression bomb ({e}; the limit is PIL's "
+                f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)"
+            ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
-            raise ImageDecodeError(f"{show_path(path)}: not a readable image ({type(e).__name__}: {e})") from None
+            why = (
+                "cannot identify the image format"
+                if isinstance(e, UnidentifiedImageError) and not isinstance(src, Path)
+                else e
+            )  # PIL would name an anonymous buffer
+            raise ImageDecodeError(f"{path}: not a readable image ({type(e).__name__}: {why})") from None
 
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -93,8 +103,14 @@ def is_grey(a: np.ndarray) -> bool:
     return a.shape[-1] == 1 or bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
 
 
-def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None, resize: int | None = None,
-                 interpolation: str = "bilinear") -> np.ndarray:
+def decode_image(
+    path: str | Path | bytes,
+    mode: str = "RGB",
+    size: int | None = None,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+    name: str | None = None,
+) -> np.ndarray:
     """Decode one image file as a user has it into ``uint8 (H, W, C)`` pixels, ``C`` = 1 (``mode="L"``) or 3.
 
     The one decoder that training data (:func:`load_split`) and prediction use, so both see the same
@@ -103,9 +119,24 @@ def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None, r
     colour) is composited onto a white background; palette, CMYK, 1-bit and other modes are converted.
     ``size`` resizes to ``size`` x ``size`` (bilinear), stretched, or with ``resize`` by a centre crop (see
     :func:`resize_image`). Raises :class:`ImageDecodeError` naming the file:
-    not an image, truncated, or larger than PIL's decompression-bomb limit.
+    not an image, truncated, or larger than PIL's decompression-bomb limit. ``path`` may also be a file's bytes
+    (as a prepared shard holds them; ``name`` then says which file they came from).
     """
-    im = _open(Path(path))
+    if not isinstance(path, (bytes, bytearray, memoryview)):
+        path = Path(path)
+    name = name or (show_path(path) if isinstance(path, Path) else "image bytes")
+    return to_pixels(open_image(path, name), mode, size, resize, interpolation, name)
+
+
+def to_pixels(
+    im: Image.Image,
+    mode: str = "RGB",
+    size: int | None = None,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+    name: str = "image",
+) -> np.ndarray:
+    """The pixels of an opened image by :func:`decode_image`'s rules (bit depth, alpha, mode, size)."""
     try:
         if im.mode in _HIGH_DEPTH:
             im = Image.fromarray(_to_8bit(np.asarray(im), im.mode), "L")
@@ -118,6 +149,6 @@ def decode_image(path: str | Path, mode: str = "RGB", size: int | None = None, r
         if size is not None:
             im = resize_image(im, size, resize, interpolation)
     except (OSError, ValueError) as e:
-        raise ImageDecodeError(f"{show_path(path)}: cannot be converted to {mode} ({type(e).__name__}: {e})") from None
+        raise ImageDecodeError(f"{name}: cannot be converted to {mode} ({type(e).__name__}: {e})") from None
     a = np.array(im)  # writable: torch.from_numpy takes it as is
     return a.reshape(*a.shape[:2], -1)

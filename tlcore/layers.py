@@ -1,4 +1,5 @@
 """Small layers used by domain-adaptation strategies."""
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,11 @@ class DomainDiscriminator(nn.Sequential):
 
     def __init__(self, in_features: int, hidden: int = 256):
         super().__init__(
-            nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, 1),
         )

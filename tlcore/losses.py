@@ -1,4 +1,5 @@
 """Losses for transfer: supervised, joint, domain-adversarial, class-confusion and distillation."""
+
 from __future__ import annotations
 
 import torch
@@ -50,17 +51,22 @@ def mcc_loss(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
         return (conf.sum() - torch.trace(conf)) / c
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None,
-                      temperature: float = 4.0, alpha: float = 0.9) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+) -> torch.Tensor:
     """Knowledge distillation (Hinton et al., 2015).
 
     ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``; with no
     ``target`` only the soft term is used. Logits are ``(N, C)``.
     """
     t = temperature
-    soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1),
-                    reduction="batchmean") * (t * t)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean"
+    ) * (t * t)
     if target is None:
         return soft
     return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, target)
-

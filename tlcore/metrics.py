@@ -1,4 +1,5 @@
 """Classification metrics (scikit-learn where it has them), calibration, latency and size."""
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,10 @@ def classification_report(logits: torch.Tensor | np.ndarray, labels, classes: li
         "accuracy": float(accuracy_score(y, pred)),
         "macro_f1": float(f1_score(y, pred, labels=k, average="macro", zero_division=0)),
         "ece": expected_calibration_error(probs, y, ece_bins),
-        "per_class": [{"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                      for i, c in enumerate(classes)],
+        "per_class": [
+            {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, c in enumerate(classes)
+        ],
         "confusion_matrix": confusion_matrix(y, pred, labels=k).tolist(),
         "predictions": pred.tolist(),
     }

@@ -5,11 +5,12 @@ Modelled on timm's ``register_model``/``create_model`` and torchvision's ``get_m
     model = create("resnet18", num_classes=10, in_channels=1)
     logits = model(x); feats = model.backbone(x)
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ class ModelSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     default_in_channels: int
-    builder: Callable[..., "TransferModel"]
+    builder: Callable[..., TransferModel]
     resize_size: int | None = None
     interpolation: str = "bilinear"
 
@@ -109,8 +110,12 @@ def create(name: str, num_classes: int, in_channels: int | None = None, weights:
 # --------------------------------------------------------------------------- compact CNN
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
     )
 
@@ -118,8 +123,11 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 def _small_cnn(width: int, num_classes: int, in_channels: int, weights: str | None) -> TransferModel:
     w = width
     backbone = nn.Sequential(
-        _conv_block(in_channels, w), _conv_block(w, 2 * w), _conv_block(2 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        _conv_block(in_channels, w),
+        _conv_block(w, 2 * w),
+        _conv_block(2 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     )
     model = TransferModel(backbone, 4 * w, num_classes, "smallcnn")
     if weights is not None:
@@ -161,7 +169,7 @@ def from_state(arch: str, state: dict, in_channels: int | None = None) -> Transf
     return model
 
 
-def load_transfer_state(model: "TransferModel", state: dict) -> list[str]:
+def load_transfer_state(model: TransferModel, state: dict) -> list[str]:
     """Load ``state`` into ``model``; a head of another shape is skipped (it is task-specific).
 
     Returns the names of skipped keys. The backbone must match exactly.
@@ -193,16 +201,20 @@ def torchvision_weights(arch: str, weights: str):
     if _is_file(weights):
         return None
     if arch not in TORCHVISION_ARCHS:
-        raise ValueError(f"{arch} has no torchvision weights; give pretrain.weights as a file saved from a {arch} "
-                         f"model, or pick a torchvision backbone ({', '.join(sorted(TORCHVISION_ARCHS))}).")
+        raise ValueError(
+            f"{arch} has no torchvision weights; give pretrain.weights as a file saved from a {arch} "
+            f"model, or pick a torchvision backbone ({', '.join(sorted(TORCHVISION_ARCHS))})."
+        )
     enum = get_model_weights(arch)
     key = weights.split(".")[-1].upper()
     if key == "DEFAULT":
         return enum.DEFAULT
     if key in enum.__members__:
         return enum[key]
-    raise ValueError(f"unknown weights {weights!r} for {arch}; choose one of: {', '.join(enum.__members__)}, "
-                     f"or give the path of a weights file")
+    raise ValueError(
+        f"unknown weights {weights!r} for {arch}; choose one of: {', '.join(enum.__members__)}, "
+        f"or give the path of a weights file"
+    )
 
 
 def weights_preprocessing(arch: str, weights: str | None) -> dict | None:
@@ -213,8 +225,13 @@ def weights_preprocessing(arch: str, weights: str | None) -> dict | None:
     if w is None:
         return None
     t = w.transforms()
-    return {"crop_size": int(t.crop_size[0]), "resize_size": int(t.resize_size[0]), "mean": tuple(t.mean),
-            "std": tuple(t.std), "interpolation": t.interpolation.value}
+    return {
+        "crop_size": int(t.crop_size[0]),
+        "resize_size": int(t.resize_size[0]),
+        "mean": tuple(t.mean),
+        "std": tuple(t.std),
+        "interpolation": t.interpolation.value,
+    }
 
 
 def torchvision_cache_path(w) -> Path:
@@ -237,9 +254,12 @@ def _torchvision_state(arch: str, weights: str) -> tuple[dict, Path]:
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle, zip and torch errors alike: the file is not a state_dict
-        raise ValueError(f"weights file {p} for {arch} cannot be read as a torch state_dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}). Replace it with the {arch} weights file"
-                         + (f" from {w.url}" if w is not None else "") + ".") from None
+        raise ValueError(
+            f"weights file {p} for {arch} cannot be read as a torch state_dict ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}). Replace it with the {arch} weights file"
+            + (f" from {w.url}" if w is not None else "")
+            + "."
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"weights file {p} holds a {type(state).__name__}, not a {arch} state_dict.")
     return state, p
@@ -249,8 +269,16 @@ def _adapt_first_conv(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """Return a copy of ``conv`` taking ``in_channels`` inputs; pretrained filters are channel-averaged."""
     if conv.in_channels == in_channels:
         return conv
-    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.groups, conv.bias is not None)
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
     with torch.no_grad():
         mean_w = conv.weight.mean(dim=1, keepdim=True)
         new.weight.copy_(mean_w.repeat(1, in_channels, 1, 1) * (3.0 / in_channels))
@@ -268,17 +296,26 @@ def _tv_build(arch: str, in_channels: int, weights: str | None) -> nn.Module:
         own = net.state_dict()
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
-        shapes = [f"{k} {tuple(state[k].shape)} (a {arch} has {tuple(own[k].shape)})" for k in own
-                  if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+        shapes = [
+            f"{k} {tuple(state[k].shape)} (a {arch} has {tuple(own[k].shape)})"
+            for k in own
+            if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+        ]
         if missing or unexpected or shapes:
-            found = "; ".join(x for x in (
-                f"missing {len(missing)} key(s), e.g. {', '.join(missing[:3])}" if missing else "",
-                f"{len(unexpected)} unknown key(s), e.g. {', '.join(unexpected[:3])}" if unexpected else "",
-                f"other shapes: {', '.join(shapes[:3])}" if shapes else "") if x)
+            found = "; ".join(
+                x
+                for x in (
+                    f"missing {len(missing)} key(s), e.g. {', '.join(missing[:3])}" if missing else "",
+                    f"{len(unexpected)} unknown key(s), e.g. {', '.join(unexpected[:3])}" if unexpected else "",
+                    f"other shapes: {', '.join(shapes[:3])}" if shapes else "",
+                )
+                if x
+            )
             raise ValueError(
                 f"weights file {path} does not fit a torchvision {arch} ({found}): it holds another "
                 f"architecture or a changed one. Put the {arch} weights file there (torchvision's own, e.g. "
-                f"{_weights_url(arch)}), or point pretrain.weights at weights saved from a {arch}.")
+                f"{_weights_url(arch)}), or point pretrain.weights at weights saved from a {arch}."
+            )
         net.load_state_dict(state)
     return net
 

@@ -6,11 +6,13 @@ discriminator, and the outputs they add to ``forward``), declares the data strea
 (:class:`Streams`), and computes the loss of one step from a :class:`Batch`. The engine stays generic:
 a new method is one class (and, when it adds modules, one :class:`TransferNet` subclass) in one file.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -77,8 +79,10 @@ class Streams:
         if missing:
             raise StreamsError(f"{who} needs data streams {sorted(self.required)}; missing: {list(missing)}", missing)
         if not chosen:
-            raise StreamsError(f"{who} needs at least one of the data streams {sorted(self.optional)}; none was given",
-                               tuple(sorted(self.optional)))
+            raise StreamsError(
+                f"{who} needs at least one of the data streams {sorted(self.optional)}; none was given",
+                tuple(sorted(self.optional)),
+            )
         return chosen
 
 
@@ -108,7 +112,7 @@ class TransferNet(nn.Module):
     @staticmethod
     def model_state(net_state: dict) -> dict:
         """The :class:`TransferModel`'s own ``state_dict`` inside a ``TransferNet`` state (extras dropped)."""
-        return {k[len("model."):]: v for k, v in net_state.items() if k.startswith("model.")}
+        return {k[len("model.") :]: v for k, v in net_state.items() if k.startswith("model.")}
 
 
 class SourceHeadNet(TransferNet):
@@ -128,7 +132,7 @@ class DomainAdversarialNet(TransferNet):
         return {"domain": self.extras["discriminator"](grad_reverse(features, domain_coeff))}
 
 
-_STRATEGIES: dict[str, type["Strategy"]] = {}
+_STRATEGIES: dict[str, type[Strategy]] = {}
 
 
 def register_strategy(cls):
@@ -142,14 +146,14 @@ def list_strategies() -> list[str]:
     return sorted(_STRATEGIES)
 
 
-def strategy_class(name: str) -> type["Strategy"]:
+def strategy_class(name: str) -> type[Strategy]:
     """The registered class (its ``streams`` and ``transfers`` say what data and init it needs)."""
     if name not in _STRATEGIES:
         raise KeyError(f"unknown strategy {name!r}; choose one of: {', '.join(list_strategies())}")
     return _STRATEGIES[name]
 
 
-def create_strategy(name: str, **hparams: Any) -> "Strategy":
+def create_strategy(name: str, **hparams: Any) -> Strategy:
     return strategy_class(name)(**hparams)
 
 
@@ -197,7 +201,11 @@ class Strategy:
         """Optimiser parameter groups, each ``{"name", "params", "lr"}``."""
         net = _unwrap(net)
         groups = [
-            {"name": "backbone", "params": list(net.model.backbone.parameters()), "lr": base_lr * self.backbone_lr_mult},
+            {
+                "name": "backbone",
+                "params": list(net.model.backbone.parameters()),
+                "lr": base_lr * self.backbone_lr_mult,
+            },
             {"name": "head", "params": list(net.model.head.parameters()), "lr": base_lr},
         ]
         if len(net.extras):
@@ -212,7 +220,9 @@ class Strategy:
         net.train()
 
     # -- loss --------------------------------------------------------------------------------
-    def loss(self, net: nn.Module, batch: Batch, progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    def loss(
+        self, net: nn.Module, batch: Batch, progress: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         """``(loss, logs)``: the scalar to minimise and named values to average over the epoch, as detached
         0-d tensors (or floats): the engine reads them from the device once per epoch, not per step."""
         x, y = batch.target
@@ -298,8 +308,10 @@ class GradualUnfreeze(Strategy):
     def param_groups(self, net, base_lr):
         model = _unwrap(net).model
         st = self.stages(model)
-        groups = [{"name": f"backbone.{i}", "params": list(m.parameters()), "lr": base_lr * self.lr_decay ** (len(st) - i)}
-                  for i, m in enumerate(st)]
+        groups = [
+            {"name": f"backbone.{i}", "params": list(m.parameters()), "lr": base_lr * self.lr_decay ** (len(st) - i)}
+            for i, m in enumerate(st)
+        ]
         return groups + [{"name": "head", "params": list(model.head.parameters()), "lr": base_lr}]
 
     def on_epoch_start(self, net, epoch):
@@ -400,12 +412,14 @@ class DANN(_SourceSupervised):
         coeff = dann_lambda(progress)
         out, ns, nu = self._forward(net, batch, domain_coeff=coeff)
         ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
-        d_s, d_t = out["domain"][:ns], out["domain"][ns:ns + nu]
+        d_s, d_t = out["domain"][:ns], out["domain"][ns : ns + nu]
         adv = losses.domain_adversarial_loss(d_s, d_t)
         with torch.no_grad():
             dom_acc = ((d_s > 0).float().mean() + (d_t <= 0).float().mean()) / 2
-        loss, logs = ls + self.trade_off * adv, {"loss_source": ls.detach(), "loss_adv": adv.detach(),
-                                                 "domain_acc": dom_acc.detach(), "grl_coeff": coeff}
+        loss, logs = (
+            ls + self.trade_off * adv,
+            {"loss_source": ls.detach(), "loss_adv": adv.detach(), "domain_acc": dom_acc.detach(), "grl_coeff": coeff},
+        )
         return self._add_target(out, batch, ns + nu, loss, logs)
 
 
@@ -427,7 +441,7 @@ class MCC(_SourceSupervised):
     def loss(self, net, batch, progress):
         out, ns, nu = self._forward(net, batch)
         ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
-        lm = losses.mcc_loss(out["logits"][ns:ns + nu], self.temperature)
+        lm = losses.mcc_loss(out["logits"][ns : ns + nu], self.temperature)
         logs = {"loss_source": ls.detach(), "loss_mcc": lm.detach()}
         return self._add_target(out, batch, ns + nu, ls + self.trade_off * lm, logs)
 
@@ -443,15 +457,22 @@ class SemiSupervised(_SourceSupervised):
 
     name = "semi"
 
-    def __init__(self, trade_off: float = 1.0, temperature: float = 2.5, source_weight: float = 1.0,
-                 pseudo_weight: float = 1.0, threshold: float = 0.95, **kw):
+    def __init__(
+        self,
+        trade_off: float = 1.0,
+        temperature: float = 2.5,
+        source_weight: float = 1.0,
+        pseudo_weight: float = 1.0,
+        threshold: float = 0.95,
+        **kw,
+    ):
         super().__init__(**kw)
         self.trade_off, self.temperature = trade_off, temperature
         self.source_weight, self.pseudo_weight, self.threshold = source_weight, pseudo_weight, threshold
 
     def loss(self, net, batch, progress):
         out, ns, nu = self._forward(net, batch)
-        logits_u = out["logits"][ns:ns + nu]
+        logits_u = out["logits"][ns : ns + nu]
         ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
         lm = losses.mcc_loss(logits_u, self.temperature)
         probs = torch.softmax(logits_u.detach(), dim=1)

@@ -8,13 +8,23 @@ All three are higher-is-better, computed from one forward pass of each candidate
 Shapes: ``features`` ``(N, D)``, ``source_probs`` ``(N, Z)`` softmax over source classes, ``labels``
 ``(N,)`` target class indices.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
-def _evidence(s: np.ndarray, vtfy: np.ndarray, y: np.ndarray, f: np.ndarray, v: np.ndarray, n: int, d: int,
-              max_iter: int = 11, tol: float = 1e-2) -> float:
+def _evidence(
+    s: np.ndarray,
+    vtfy: np.ndarray,
+    y: np.ndarray,
+    f: np.ndarray,
+    v: np.ndarray,
+    n: int,
+    d: int,
+    max_iter: int = 11,
+    tol: float = 1e-2,
+) -> float:
     """Maximised log evidence / N of Bayesian linear regression ``y ~ N(f m, 1/beta)``, ``m ~ N(0, 1/alpha)``."""
     alpha, beta = 1.0, 1.0
     lam = alpha / beta
@@ -32,9 +42,18 @@ def _evidence(s: np.ndarray, vtfy: np.ndarray, y: np.ndarray, f: np.ndarray, v: 
         if done:
             break
     # eigenvalues beyond rank(F) are 0: their log(alpha + beta * 0) terms are (d - r) log(alpha)
-    return float((d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
-                  - (d - len(s)) / 2 * np.log(alpha) - beta / 2 * beta_de - alpha / 2 * alpha_de
-                  - n / 2 * np.log(2 * np.pi)) / n)
+    return float(
+        (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - 0.5 * np.log(alpha + beta * s).sum()
+            - (d - len(s)) / 2 * np.log(alpha)
+            - beta / 2 * beta_de
+            - alpha / 2 * alpha_de
+            - n / 2 * np.log(2 * np.pi)
+        )
+        / n
+    )
 
 
 def logme(features, labels, num_classes: int | None = None) -> float:

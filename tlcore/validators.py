@@ -8,6 +8,7 @@ some task (Musgrave et al., "Benchmarking Validation Methods for Unsupervised Do
 
 Shapes: ``logits`` ``(N, C)``, ``features`` ``(N, D)``, ``labels`` ``(N,)`` integer class indices.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -81,8 +82,9 @@ def _domain_data(source_features, target_features):
     return np.concatenate([xs, xt]), np.r_[np.ones(len(xs)), np.zeros(len(xt))]
 
 
-def domain_classifier_c(source_features, target_features, seed: int = 0,
-                        cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)) -> float:
+def domain_classifier_c(
+    source_features, target_features, seed: int = 0, cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+) -> float:
     """The inverse regularisation ``C`` of the logistic-regression domain classifier (source 1, target 0) with
     the best accuracy on a stratified 20 % hold-out of standardised features."""
     from sklearn.linear_model import LogisticRegression
@@ -95,7 +97,9 @@ def domain_classifier_c(source_features, target_features, seed: int = 0,
     return max(cs, key=lambda c: LogisticRegression(C=c, max_iter=500).fit(x[tr], d[tr]).score(x[ho], d[ho]))
 
 
-def density_ratio(source_features, target_features, query_features, c: float | None = None, seed: int = 0) -> np.ndarray:
+def density_ratio(
+    source_features, target_features, query_features, c: float | None = None, seed: int = 0
+) -> np.ndarray:
     """``p_target(x) / p_source(x)`` at ``query_features``, from a logistic-regression domain classifier.
 
     The classifier separates ``source_features`` (label 1) from ``target_features`` (label 0) on
@@ -150,8 +154,13 @@ def scores(target_logits, source: tuple | None = None, target_features=None) -> 
     ``target_features`` the target pool's features; both are needed for ``dev`` (``None`` without them,
     or when the model's classes are not the source's).
     """
-    out = {"entropy": entropy(target_logits), "im": information_maximization(target_logits),
-           "snd": snd(target_logits), "bnm": bnm(target_logits), "dev": None}
+    out = {
+        "entropy": entropy(target_logits),
+        "im": information_maximization(target_logits),
+        "snd": snd(target_logits),
+        "bnm": bnm(target_logits),
+        "dev": None,
+    }
     if source is not None and target_features is not None:
         out["dev"] = dev(source[0], source[1], source[2], target_features)
     return out

@@ -1,0 +1,25 @@
+"""The prepared domains (``<data_dir>/source``, ``<data_dir>/target``: shards, see ``tasks.stages.data``) as
+datasets for a backbone."""
+
+from __future__ import annotations
+
+from tasks.modeling.model_input import augment, input_spec
+from tasks.project.config import Params
+from tasks.project.files import read_json
+
+
+def load_domain(params: Params, role: str, arch: str, manifest: dict | None = None):
+    """(train, test) :class:`ImageDataset` of a materialised domain as ``arch`` is fed in this run
+    (:func:`tasks.modeling.model_input.input_spec`: size, channels, crop, normalisation; the role's augmentation)."""
+    from tlcore import data
+
+    manifest = manifest or read_json(params.path("data", "manifest.json"))
+    spec = input_spec(params, arch, manifest)
+    root = params.path("data", role)
+    kw = dict(resize=spec.resize_size, interpolation=spec.interpolation)
+    c = spec.default_in_channels
+    tr = data.open_split(root / "train", spec.input_size, c, **kw)  # prepared by the data stage: streamed if big
+    te = data.open_split(root / "test", spec.input_size, c, **kw)
+    tr.transform = data.build_transform(spec, train=True, augment=augment(params, role))
+    te.transform = data.build_transform(spec, train=False)
+    return tr, te

@@ -1,0 +1,136 @@
+"""Choosing a strategy with no target labels: ``finetune.strategy: auto`` when ``data.labels_per_class`` is 0.
+
+With no labeled target image there is nothing to validate on, so the rule of :func:`tasks.modeling.plan.choose_strategy`
+(semi) is replaced by a measurement: each candidate of ``tune.strategies`` that can train without target labels
+(and takes ``finetune.strategy_params``) is trained for ``tune.epochs`` epochs from the source model at
+``finetune.lr``, in the stage's process, and scored by the label-free validator ``tune.validator`` (``auto``: the
+one the selection benchmark found best for this use, :data:`tasks.project.measured.AUTO_STRATEGY_VALIDATOR`) on a seeded
+sample of the unlabeled target pool; with labeled validation images (``data.val_per_class > 0``) by their
+accuracy instead. The best candidate then trains as the finetune stage's strategy (Ray Train,
+``finetune.epochs``). A candidate that fails or scores a non-finite number is dropped, and said so.
+
+The measurement is one short single-process run per candidate (``ray.num_workers`` does not split it), on the
+GPU when ``ray.use_gpu`` is set and this process sees one, else on the CPU. ``tl tune`` is the fuller search
+(learning rates, strategy params, ASHA); this is the cheap one the pipeline runs by itself. How far the
+validator can be trusted is measured by ``bench/selection.py`` (README, "Choosing without target labels").
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tasks.project.config import Params, needs_target_labels
+from tasks.project.measured import resolve_validator
+from tasks.project.stage import StageError, say
+
+VALIDATOR_IMAGES = 2000  # target pool images a label-free score reads
+
+
+def pool_sample(indices, seed: int) -> np.ndarray:
+    """Up to :data:`VALIDATOR_IMAGES` of ``indices`` drawn at random with ``seed``, in order: a split is ordered
+    class by class, so its first images would be one class."""
+    return np.sort(np.random.default_rng(seed).permutation(indices)[:VALIDATOR_IMAGES])
+
+
+def pool_loader(params: Params, arch: str, batch_size: int):
+    """A seeded random sample of the target training split (labels unused, :func:`pool_sample`), fed as
+    evaluation feeds the model: what a label-free validator scores."""
+    from tasks.modeling.domains import load_domain
+    from tlcore import data
+
+    train, test = load_domain(params, "target", arch)
+    pick = pool_sample(np.arange(len(train)), params.base.seed)
+    return data.make_loader(train.subset(pick, transform=test.transform), batch_size, train=False)
+
+
+def candidates(params: Params) -> list[str]:
+    """The strategies of ``tune.strategies`` that train without target labels and take ``finetune.strategy_params``."""
+    from tlcore.strategies import create_strategy
+
+    out = []
+    for s in params.tune.strategies:
+        if needs_target_labels(s):
+            continue
+        try:
+            create_strategy(s, **params.finetune.strategy_params)
+        except TypeError:  # finetune.strategy_params names a parameter this strategy has not
+            continue
+        out.append(s)
+    return out
+
+
+def select_strategy(params: Params) -> dict | None:
+    """The candidate to train and why: ``{"strategy", "objective", "higher_is_better", "scores": {strategy: score},
+    "dropped": {strategy: reason}, "epochs", "why"}``; ``None`` when no candidate fits (the rule then applies)."""
+    import torch
+
+    from tasks.modeling.hardware import set_torch_threads
+    from tasks.modeling.train import run_job, target_job
+    from tlcore import validators
+
+    cands = candidates(params)
+    if not cands:
+        say(
+            f"finetune: none of tune.strategies ({', '.join(params.tune.strategies)}) trains without target labels "
+            f"with finetune.strategy_params; strategy auto keeps its rule"
+        )
+        return None
+    labeled_val = params.data.val_per_class > 0
+    validator = resolve_validator(params.tune.validator, "strategy")
+    objective = "val_accuracy" if labeled_val else validator
+    higher = True if labeled_val else validators.HIGHER_IS_BETTER[validator]
+    base = {"objective": objective, "higher_is_better": higher, "epochs": params.tune.epochs, "dropped": {}}
+    if len(cands) == 1:
+        return {
+            **base,
+            "strategy": cands[0],
+            "scores": {},
+            "why": "no target labels; the only one of tune.strategies that trains without them",
+        }
+    set_torch_threads(params)
+    device = torch.device("cuda" if params.ray.use_gpu and torch.cuda.is_available() else "cpu")
+    say(
+        f"finetune: no target labels, so strategy auto measures {', '.join(cands)} ({params.tune.epochs} epoch(s) each "
+        f"at lr {params.finetune.lr:g}, on {device.type}) by {objective} and trains the best"
+    )
+    scores, dropped, pool = {}, {}, None
+    for s in cands:
+        try:
+            job, _ = target_job(params, s, params.finetune.strategy_params)
+            job.optim = job.optim.model_copy(update={"epochs": params.tune.epochs})
+            model, history = run_job(job, device, log=None)
+            if labeled_val:
+                score = float(history[-1]["val_accuracy"])
+            else:
+                if pool is None:
+                    pool = pool_loader(params, job.arch, job.optim.batch_size)
+                _, logits, _ = validators.features_and_logits(model, pool, device)
+                score = float(validators.scores(logits)[validator])
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # before the finetune run's own workers take the GPU
+        except Exception as e:  # noqa: BLE001 - a diverging candidate must not end a run that never asked for it
+            dropped[s] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            say(f"finetune:   {s:<10} dropped ({dropped[s]})")
+            continue
+        if not math.isfinite(score):
+            dropped[s] = f"{objective} is {score}"
+            say(f"finetune:   {s:<10} dropped ({dropped[s]})")
+            continue
+        scores[s] = score
+        say(f"finetune:   {s:<10} {objective} {score:.4f}")
+    if not scores:
+        raise StageError(
+            "finetune: strategy auto with no target labels measured " + ", ".join(cands) + " and every "
+            "one failed: " + "; ".join(f"{s}: {r}" for s, r in dropped.items()) + ". Fix the cause, or "
+            "set finetune.strategy to one strategy to see its own error."
+        )
+    best = (max if higher else min)(scores, key=scores.get)
+    shown = ", ".join(f"{s} {v:.4f}" for s, v in scores.items())
+    why = (
+        f"no target labels; {objective} ({'higher' if higher else 'lower'} is better) after {params.tune.epochs} "
+        f"epoch(s) each: {shown}" + (f"; dropped {', '.join(dropped)}" if dropped else "")
+    )
+    return {**base, "strategy": best, "scores": scores, "dropped": dropped, "why": why}

@@ -1,0 +1,3 @@
+"""The services a run talks to: the MLflow registry and tracking, locks, the Ray cluster and its run
+state, the local team stack.
+"""

@@ -1,0 +1,73 @@
+"""A Ray Train run's identity: its name, the code it hashes, where it is stored and whether it finished.
+
+A run's name is ``<stage>-<hash of params, data and code>``. Starting the same stage again after a crash
+or Ctrl-C reuses the name, and Ray hands the loop the last checkpoint. A finished run is marked done
+(:data:`DONE_MARKER`), so it is never resumed by accident: the next run with that name gets a timestamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from tasks.project.config import Params
+
+DONE_MARKER = "_TL_DONE"
+
+
+def code_hash(stage: str) -> str:
+    """Hash of the stage's code, the same files ``dvc.yaml`` lists as its code deps
+    (:func:`tasks.project.codedeps.stage_code_files`), so a code change never resumes an old run and a change
+    DVC ignores does not start a new one."""
+    from tasks.project.codedeps import ROOT, stage_code_files
+
+    try:
+        files = stage_code_files(stage)
+    except FileNotFoundError:  # a job that is not a stage (a benchmark, a test): all of the project's code
+        files = sorted((ROOT / "tasks").glob("*.py")) + sorted((ROOT / "tlcore").rglob("*.py"))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(ROOT)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def run_name(stage: str, params: Params, manifest: dict, strategy: str = "") -> str:
+    """``strategy``: the one the job trains, which params alone may not fix (``finetune.strategy: auto`` with no
+    target labels measures candidates, tasks/modeling/strategy_choice.py): a resume never continues another strategy's
+    run."""
+    blob = json.dumps(
+        {
+            "params": params.model_dump(exclude={"register", "evaluate", "compress"}),
+            "data": {r: manifest[r]["splits"] for r in ("source", "target")},
+            "code": code_hash(stage),
+            **({"strategy": strategy} if strategy else {}),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def storage_path(params: Params) -> str:
+    sp = params.ray.storage_path
+    return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+
+
+def resolve_run(stage: str, params: Params, manifest: dict, strategy: str = "") -> tuple[str, str, Path | None]:
+    """``(name, storage, local run directory)`` of the run to start or resume; the directory is ``None``
+    for remote storage. A finished run's name gets a timestamp, so it starts fresh."""
+    storage = storage_path(params)
+    name = run_name(stage, params, manifest, strategy)
+    local = Path(storage) / name if "://" not in storage else None
+    if local is not None and (local / DONE_MARKER).exists():
+        name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        local = Path(storage) / name
+    return name, storage, local
+
+
+def mark_done(run_dir: Path | None, epochs: int) -> None:
+    if run_dir is not None and run_dir.is_dir():
+        (run_dir / DONE_MARKER).write_text(json.dumps({"epochs": epochs}))

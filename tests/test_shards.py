@@ -1,0 +1,155 @@
+"""Prepared splits (tlcore/shards.py): written once into tar shards with an index, streamed by every reader with
+the same pixels as the files have, in disjoint parts per data-parallel worker, memory flat in the split's size."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from helpers import image_folder
+from PIL import Image
+
+from tlcore import data, shards
+from tlcore.images import decode_image
+
+
+def _files(root, split="train"):
+    rep = data.list_split(root / split)
+    return [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files], rep.classes
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return image_folder(
+        tmp_path / "imgs",
+        ("a", "b", "c"),
+        n_train=12,
+        n_test=4,
+        pixels=lambda rng, c, i: rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8),
+        suffix=lambda i: "jpg" if i % 2 else "png",
+    )
+
+
+def test_shards_are_webdataset_tars_and_the_index_points_at_each_images_bytes(folder, tmp_path):
+    files, classes = _files(folder)
+    index, bad = shards.write_split(files, classes, tmp_path / "out", max_side=64, shard_bytes=4000)
+    assert bad == [] and len(index) == len(files) == 36 and len(index.shards) > 1
+    assert index.counts == {"a": 12, "b": 12, "c": 12} and index.colour == 36
+    members = {}
+    for name in index.shards:
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            for m in tar:
+                members[m.name] = tar.extractfile(m).read()
+    keys = sorted({k.split(".")[0] for k in members})
+    assert len(keys) == 36 and all(f"{k}.cls" in members for k in keys)  # one image + its label per key
+    for i, (f, y, name) in enumerate(files):
+        assert index.name[i] == name and index.label[i] == y == int(members[f"{i:08d}.cls"])
+        assert index.sha256[i] == hashlib.sha256(f.read_bytes()).hexdigest()
+        stored = shards.ShardImages(tmp_path / "out", 8, 3).raw(i)
+        assert stored == f.read_bytes()  # a plain PNG/JPEG under max_side is kept as it came
+
+
+def test_big_rotated_deep_and_transparent_images_are_stored_as_decode_image_sees_them(tmp_path):
+    root = tmp_path / "imgs" / "train" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(root / "big.png")
+    rotated = Image.fromarray(rng.integers(0, 256, (10, 20, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored sideways: viewers turn it upright
+    rotated.save(root / "rotated.jpg", exif=exif, quality=95)
+    Image.fromarray((rng.integers(0, 65536, (12, 12))).astype(np.uint16)).save(root / "deep.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8), "RGBA").save(root / "alpha.png")
+    files, classes = _files(tmp_path / "imgs")
+    index, bad = shards.write_split(files, classes, tmp_path / "out", max_side=100)
+    assert bad == []
+    stored = shards.ShardImages(tmp_path / "out", 1, 3)
+    by_name = {n.split("/")[1]: i for i, n in enumerate(index.name)}
+    big = Image.open(io.BytesIO(stored.raw(by_name["big.png"])))
+    assert big.size == (100, 150) and big.format == "PNG"  # the shorter side bounded, the aspect ratio kept
+    for name in ("deep.png", "alpha.png"):  # lossless sources: exactly the pixels decode_image gives the file
+        got = decode_image(stored.raw(by_name[name]), "RGB")
+        assert np.array_equal(got, decode_image(root / name, "RGB")), name
+    upright = decode_image(stored.raw(by_name["rotated.jpg"]), "RGB")
+    assert upright.shape == decode_image(root / "rotated.jpg", "RGB").shape == (20, 10, 3)
+
+
+def test_a_corrupt_file_is_reported_once_and_kept_out(folder, tmp_path):
+    (folder / "train" / "a" / "broken.png").write_bytes(b"not an image")
+    files, classes = _files(folder)
+    index, bad = shards.write_split(files, classes, tmp_path / "out", max_side=64)
+    assert [p.name for p, _ in bad] == ["broken.png"] and "not a readable image" in bad[0][1]
+    assert len(index) == len(files) - 1 and "a/broken.png" not in index.name
+    rep = data.list_split(folder / "train")
+    with pytest.raises(data.DataValidationError, match="broken.png.*data.skip_corrupt"):
+        data.check_decoded(folder / "train", rep, [(p, why) for p, why in bad])
+    assert len(data.check_decoded(folder / "train", rep, bad, skip_corrupt=True).files) == len(files) - 1
+
+
+def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path):
+    files, classes = _files(folder)
+    one, _ = shards.write_split(files, classes, tmp_path / "one", max_side=64, shard_bytes=4000)
+    two, _ = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=2)
+    assert one == two
+    for name in one.shards:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def test_streamed_and_in_memory_splits_hold_the_same_pixels_and_labels(folder, tmp_path):
+    files, classes = _files(folder)
+    shards.write_split(files, classes, tmp_path / "out", max_side=64)
+    held = data.open_split(tmp_path / "out", 16, 3)
+    streamed = data.open_split(tmp_path / "out", 16, 3, memory_bytes=0)
+    assert not held.streamed and streamed.streamed and held.classes == streamed.classes == list(classes)
+    assert torch.equal(held.targets, streamed.targets)
+    assert torch.equal(held.images, streamed.images[torch.arange(len(streamed))])
+    sub = streamed.subset([5, 1, 30])
+    assert sub.streamed and torch.equal(sub.images[torch.arange(3)], held.images[[5, 1, 30]])
+    f, y, _ = files[7]
+    want = torch.from_numpy(decode_image(f, "RGB", 16)).permute(2, 0, 1)
+    assert torch.equal(streamed.images[7], want)  # the pixels a user's file gives, as tl predict sees them
+
+
+def test_a_streamed_split_pickles_its_index_only(tmp_path):
+    sizes = {}
+    for n in (20, 200):
+        root = image_folder(
+            tmp_path / f"n{n}",
+            ("a", "b"),
+            n_train=n // 2,
+            n_test=1,
+            pixels=lambda rng, c, i: rng.integers(0, 256, (64, 64), dtype=np.uint8),
+        )
+        files, classes = _files(root)
+        shards.write_split(files, classes, tmp_path / f"out{n}", max_side=64)
+        ds = data.open_split(tmp_path / f"out{n}", 64, 1, memory_bytes=0)
+        sizes[n] = len(pickle.dumps(ds))
+        assert torch.equal(pickle.loads(pickle.dumps(ds))[3][0], ds[3][0])
+    # what a Ray worker is sent grows by index entries (~100 bytes an image), not by pixels (4 KB an image)
+    assert sizes[200] - sizes[20] < 180 * 200
+
+
+def _read_part(rank: int, split_dir: str, out: str) -> None:
+    """One of 2 data-parallel workers: read its part of the split for one epoch with a loader process."""
+    ds = data.open_split(split_dir, 8, 1, memory_bytes=0)
+    ds.targets = torch.arange(len(ds))  # an id per image: which ones this worker read
+    loader = data.make_loader(ds, 4, train=True, seed=3, num_workers=1, replicas=2, rank=rank)
+    ids = [int(i) for _, y in loader for i in y]
+    torch.save(torch.tensor(ids), out)
+
+
+def test_two_workers_read_disjoint_parts_that_cover_the_split(tmp_path):
+    root = image_folder(tmp_path / "imgs", ("a", "b"), n_train=16, n_test=1)
+    files, classes = _files(root)
+    shards.write_split(files, classes, tmp_path / "out", max_side=64, shard_bytes=2000)
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.multiprocessing.start_processes(
+        lambda r: _read_part(r, str(tmp_path / "out"), outs[r]), nprocs=2, start_method="fork"
+    )
+    parts = [set(torch.load(o, weights_only=True).tolist()) for o in outs]
+    assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(range(32))

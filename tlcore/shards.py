@@ -1,0 +1,322 @@
+"""A prepared split: the images of an ImageFolder split written once into WebDataset-style tar shards, with an
+index, so that training and evaluation read (and decode) each image where it lies instead of holding the split.
+
+Layout of a prepared split directory::
+
+    shard-000000.tar   members <key>.png|<key>.jpg (the image) and <key>.cls (its label), key = 8 digits
+    shard-000001.tar   ... about ``shard_bytes`` each (256 MiB by default: sized for object storage)
+    index.json         classes, shard names, and per image: shard, byte offset and length of the image member,
+                       label, the SHA-256 of the original file, and its name (``<class>/<relative path>``)
+
+Each image is decoded once while preparing (so a file that does not decode is found here, once) and stored
+as it came when that loses nothing, else re-encoded at a bounded resolution: the shorter side at most
+``max_side`` pixels, EXIF orientation, bit depth and transparency resolved as :func:`tlcore.images.decode_image`
+resolves them (PNG for lossless sources, JPEG quality 95 for lossy ones). A shard is written by one process,
+the shards of a split by all of them in parallel; the tar headers are fixed (no times, owners), so the same
+inputs give the same bytes, and DVC stores a shard once.
+
+Reading (:class:`ShardImages`) needs only the index in memory: an image is one ``pread`` of its bytes and one
+decode, in whichever process asks (a DataLoader's worker processes decode in parallel). Any tar reader (the
+``webdataset`` package, Ray Data's ``read_webdataset``) reads the shards too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .images import ImageDecodeError, is_grey, open_image, show_path, to_pixels
+
+INDEX = "index.json"
+SHARD_BYTES = 256 * 2**20
+MIN_SHARD = 500  # images: fewer per shard only when the split is small
+KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
+LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
+
+
+@dataclass
+class SplitIndex:
+    """What a prepared split holds (``index.json``); the columns are parallel lists, one entry per image."""
+
+    classes: list[str]
+    shards: list[str]
+    shard: list[int] = field(default_factory=list)
+    offset: list[int] = field(default_factory=list)
+    length: list[int] = field(default_factory=list)
+    label: list[int] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    colour: int = 0  # images with colour (the others are grey, whatever their file mode)
+    max_side: int = 0
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c = dict.fromkeys(self.classes, 0)
+        for y in self.label:
+            c[self.classes[y]] += 1
+        return c
+
+    def content_hash(self) -> str:
+        """SHA-256 of the split's names and original bytes, independent of how it was sharded."""
+        h = hashlib.sha256()
+        for name, sha in sorted(zip(self.name, self.sha256)):
+            h.update(name.encode("utf-8", "backslashreplace") + b"\0" + bytes.fromhex(sha))
+        return h.hexdigest()
+
+    def save(self, split_dir: Path) -> None:
+        tmp = Path(split_dir) / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), separators=(",", ":")))
+        tmp.replace(Path(split_dir) / INDEX)
+
+    @classmethod
+    def load(cls, split_dir: str | Path) -> SplitIndex:
+        f = Path(split_dir) / INDEX
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"{show_path(f)} does not exist: {show_path(split_dir)} is not a prepared split; "
+                f"run the data stage (`dvc repro data` or `tl run`) first."
+            )
+        return cls(**json.loads(f.read_text()))
+
+
+def is_prepared(split_dir: str | Path) -> bool:
+    return (Path(split_dir) / INDEX).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str]:
+    """``(bytes to store, extension, has colour, SHA-256 of the file)`` of one image file;
+    :class:`ImageDecodeError` if it does not decode."""
+    raw = path.read_bytes()
+    im = open_image(raw, name)  # fully decoded (or refused), EXIF orientation applied
+    with Image.open(io.BytesIO(raw)) as probe:  # the file as it is, before any change
+        fmt = probe.format
+        plain = (
+            fmt in KEEP_FORMATS
+            and probe.mode in ("L", "RGB")
+            and "transparency" not in probe.info
+            and probe.getexif().get(0x0112, 1) == 1
+            and min(probe.size) <= max_side
+        )
+    rgb = to_pixels(im, "RGB", name=name)
+    colour, sha = not is_grey(rgb), hashlib.sha256(raw).hexdigest()
+    if plain:
+        return raw, KEEP_FORMATS[fmt], colour, sha
+    out = Image.fromarray(rgb if colour else np.ascontiguousarray(rgb[..., 0]), "RGB" if colour else "L")
+    w, h = out.size
+    if min(w, h) > max_side:
+        s = max_side / min(w, h)
+        out = out.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+    buf = io.BytesIO()
+    if fmt in LOSSY_FORMATS:
+        out.save(buf, "JPEG", quality=95)
+        return buf.getvalue(), "jpg", colour, sha
+    out.save(buf, "PNG")
+    return buf.getvalue(), "png", colour, sha
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(path: str, first_key: int, items: list[tuple[str, int, str]], max_side: int) -> dict:
+    """Write one shard of ``items`` (file, label, name); returns its index rows and the files that did not
+    decode. Runs in a worker process."""
+    rows, bad, colour = [], [], 0
+    tmp = path + ".tmp"
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for k, (f, y, name) in enumerate(items):
+            try:
+                data, ext, c, sha = _encode(Path(f), name, max_side)
+            except ImageDecodeError as e:
+                bad.append((f, str(e)))
+                continue
+            key = f"{first_key + k:08d}"
+            _member(tar, f"{key}.{ext}", data)
+            _member(tar, f"{key}.cls", str(y).encode())
+            colour += c
+            rows.append({"key": f"{key}.{ext}", "label": y, "name": name, "sha256": sha})
+    with tarfile.open(tmp) as tar:  # where each image's bytes start in the shard: read back from the headers
+        where = {m.name: (m.offset_data, m.size) for m in tar}
+    for r in rows:
+        r["offset"], r["length"] = where[r.pop("key")]
+    os.replace(tmp, path)
+    return {"rows": rows, "bad": bad, "colour": colour}
+
+
+def _groups(files: list[tuple[Path, int, str]], shard_bytes: int, processes: int) -> list[list[tuple[Path, int, str]]]:
+    """Consecutive files in groups of about ``shard_bytes`` (by their size on disk), and in at least one group per
+    process when there are enough files (``MIN_SHARD`` each) for every process to have work."""
+    per = -(-len(files) // max(1, min(processes, len(files) // MIN_SHARD)))
+    groups, cur, size = [], [], 0
+    for item in files:
+        n = item[0].stat().st_size
+        if cur and (size + n > shard_bytes or len(cur) >= per):
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(item)
+        size += n
+    return groups + ([cur] if cur else [])
+
+
+def write_split(
+    files: list[tuple[Path, int, str]],
+    classes: list[str],
+    split_dir: str | Path,
+    max_side: int,
+    processes: int = 1,
+    shard_bytes: int = SHARD_BYTES,
+    progress=None,
+) -> tuple[SplitIndex, list]:
+    """Prepare one split into ``split_dir`` (created empty): ``files`` are ``(path, label, name)`` in order.
+    Returns the index and ``[(path, why), ...]`` of the files that did not decode (left out)."""
+    split_dir = Path(split_dir)
+    split_dir.mkdir(parents=True, exist_ok=False)
+    groups = _groups(files, shard_bytes, processes)
+    names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
+    starts = np.cumsum([0] + [len(g) for g in groups])[:-1].tolist()
+    jobs = [
+        (str(split_dir / n), int(s), [(str(p), y, name) for p, y, name in g], max_side)
+        for n, s, g in zip(names, starts, groups)
+    ]
+    if processes > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_write_shard, *j) for j in jobs]
+            results = []
+            for i, fut in enumerate(futures):
+                results.append(fut.result())
+                if progress:
+                    progress(i + 1, len(jobs))
+    else:
+        results = []
+        for i, j in enumerate(jobs):
+            results.append(_write_shard(*j))
+            if progress:
+                progress(i + 1, len(jobs))
+    index, bad = SplitIndex(classes=list(classes), shards=names, max_side=max_side), []
+    for s, res in enumerate(results):
+        bad += [(Path(f), why) for f, why in res["bad"]]
+        index.colour += res["colour"]
+        for r in res["rows"]:
+            index.shard.append(s)
+            for k in ("offset", "length", "label", "sha256", "name"):
+                getattr(index, k).append(r[k])
+    index.save(split_dir)
+    return index, bad
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+class ShardImages:
+    """The images of a prepared split as a read-only array ``(N, C, size, size)`` of uint8 that decodes on
+    access: ``images[i]`` one image, ``images[LongTensor]`` a batch, :meth:`take` a view of some rows (no
+    pixels copied). Holds the index only; pickles without its open files (each process opens its own)."""
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        size: int,
+        channels: int,
+        resize: int | None = None,
+        interpolation: str = "bilinear",
+        index: SplitIndex | None = None,
+        rows: np.ndarray | None = None,
+    ):
+        self.split_dir, self.size, self.channels = Path(split_dir), size, channels
+        self.resize, self.interpolation = resize, interpolation
+        self.index = index or SplitIndex.load(split_dir)
+        self.rows = np.arange(len(self.index), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        self._shard = np.asarray(self.index.shard, dtype=np.int32)
+        self._offset = np.asarray(self.index.offset, dtype=np.int64)
+        self._length = np.asarray(self.index.length, dtype=np.int64)
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.rows), self.channels, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.index.label, dtype=np.int64)[self.rows]
+
+    def take(self, idx) -> ShardImages:
+        return ShardImages(
+            self.split_dir,
+            self.size,
+            self.channels,
+            self.resize,
+            self.interpolation,
+            self.index,
+            self.rows[np.asarray(idx, dtype=np.int64)],
+        )
+
+    def raw(self, i: int) -> bytes:
+        """The stored bytes of image ``i`` (of this view)."""
+        r = int(self.rows[i])
+        if self._pid != os.getpid():  # a forked loader process: its own file descriptors
+            self._fds, self._pid = {}, os.getpid()
+        s = int(self._shard[r])
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = self._fds[s] = os.open(self.split_dir / self.index.shards[s], os.O_RDONLY)
+        return os.pread(fd, int(self._length[r]), int(self._offset[r]))
+
+    def decode(self, i: int) -> np.ndarray:
+        r = int(self.rows[i])
+        return _open_pixels(
+            self.raw(i),
+            "L" if self.channels == 1 else "RGB",
+            self.size,
+            self.resize,
+            self.interpolation,
+            self.index.name[r],
+        )
+
+    def __getitem__(self, i):
+        import torch
+
+        if isinstance(i, (int, np.integer)) or (hasattr(i, "dim") and i.dim() == 0):
+            return torch.from_numpy(self.decode(int(i))).permute(2, 0, 1).contiguous()
+        idx = np.asarray(i, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.size, self.size, self.channels), dtype=np.uint8)
+        for k, j in enumerate(idx):
+            out[k] = self.decode(int(j))
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_pid")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _fds={}, _pid=os.getpid())
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _open_pixels(raw: bytes, mode: str, size: int, resize: int | None, interpolation: str, name: str) -> np.ndarray:
+    return to_pixels(open_image(raw, name), mode, size, resize, interpolation, name)
