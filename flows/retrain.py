@@ -38,7 +38,7 @@ def _retrain(repo: str, force: bool):
     from tasks.project.files import read_json
 
     run_stage(stage="inputs", repo=repo)  # fingerprint user folders / weights first, so dvc.lock records them
-    run_stage(stage="data", repo=repo, force=True)  # refresh: re-materialise embedded data / re-copy user trees
+    run_stage(stage="data", repo=repo, force=True)  # refresh: render embedded data / re-read user folders into shards
     params = load_params(Path(repo) / "params.yaml")
     manifest = read_json(Path(repo) / params.base.data_dir / "manifest.json")
     now = {f"data_target_{s}_sha256": manifest["target"]["splits"][s]["sha256"] for s in ("train", "test")}

@@ -96,3 +96,31 @@ def test_finished_run_is_not_resumed(ray_local, digits, tmp_path):
     _, history, _ = run_job_ray(_job(params, digits), params, "again", MANIFEST)
     assert [h["epoch"] for h in history] == [1]
     assert len(list((tmp_path / "ray_results").iterdir())) == 2  # a fresh run, not the finished one
+
+
+def test_two_workers_stream_a_prepared_split_given_by_a_relative_path(ray_local, tmp_path, monkeypatch):
+    """A split too big for memory reaches the workers as its index only, by a path relative to the stage's
+    folder; Ray Train runs each worker in a folder of its own, and each still reads its own part."""
+    from PIL import Image
+
+    from tlcore import data, datasets, models, shards
+
+    x, y = datasets.render_synth_digits(8, seed=1)
+    files = []
+    for i, (img, label) in enumerate(zip(x, y)):
+        f = tmp_path / "tree" / f"{i:03d}.png"
+        f.parent.mkdir(exist_ok=True)
+        Image.fromarray(img).save(f)
+        files.append((f, int(label), f"{label}/{f.name}"))
+    shards.write_split(files, list(datasets.CLASSES), tmp_path / "prepared" / "train", max_side=64)
+    monkeypatch.chdir(tmp_path)
+    ds = data.open_split("prepared/train", 32, 1, memory_bytes=0)
+    assert ds.streamed
+    ds.transform = data.build_transform(models.get_spec("smallcnn"), True)
+    params = _params(tmp_path, 2, epochs=2)
+    log = tmp_path / "log"
+    log.mkdir()
+    _, history, _ = run_job_ray(_job(params, ds), params, "streamed", MANIFEST, worker_log_dir=str(log))
+    assert [h["epoch"] for h in history] == [1, 2]
+    a, b = _records(log, 0)[0], _records(log, 1)[0]
+    assert set(a["shard"]).isdisjoint(b["shard"]) and a["shard_size"] + b["shard_size"] >= len(ds) * 0.99

@@ -153,3 +153,41 @@ def test_two_workers_read_disjoint_parts_that_cover_the_split(tmp_path):
     )
     parts = [set(torch.load(o, weights_only=True).tolist()) for o in outs]
     assert parts[0].isdisjoint(parts[1]) and parts[0] | parts[1] == set(range(32))
+
+
+def test_shards_are_the_same_on_any_machine_and_an_unreadable_file_counts_as_corrupt(tmp_path):
+    root = tmp_path / "imgs" / "train" / "a"
+    root.mkdir(parents=True)
+    for i in range(2500):
+        (root / f"{i:04d}.png").write_bytes(b"x" * 10)
+    files = [(p, 0, f"a/{p.name}") for p in sorted(root.iterdir())]
+    # groups by size and count only, never by this machine's cores: the same shards, the same DVC hashes
+    assert [len(g) for g in shards._groups(files, shards.SHARD_BYTES)] == [1000, 1000, 500]
+    assert [len(g) for g in shards._groups(files, 8_000)] == [800, 800, 800, 100]  # or at the bytes
+    good = image_folder(tmp_path / "ok", ("a",), n_train=2, n_test=0)
+    (good / "train" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link
+    listed, classes = _files(good)
+    index, bad = shards.write_split(listed, classes, tmp_path / "out", max_side=64)
+    assert len(index) == 2 and [(p.name, "cannot be read" in why) for p, why in bad] == [("gone.png", True)]
+
+
+def test_a_class_name_that_is_not_utf8_is_stored_printable(tmp_path, project):
+    import os
+
+    import yaml
+
+    from tasks.project.config import load_params
+    from tasks.stages.data import prepare
+
+    root = os.fsencode(tmp_path / "mine")
+    for split in (b"train", b"test"):
+        for cls in (b"caf\xe9", b"tea"):
+            os.makedirs(os.path.join(root, split, cls))
+            Image.new("L", (6, 6), 7).save(os.fsdecode(os.path.join(root, split, cls, b"0.png")))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"].update(source=os.fsdecode(root), target=os.fsdecode(root))
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    manifest = prepare(load_params(project / "params.yaml"))
+    assert manifest["target"]["classes"] == ["caf\\xe9", "tea"]
+    json_text = (project / "data" / "target" / "train" / "index.json").read_text(encoding="utf-8")
+    assert "caf\\\\xe9/0.png" in json_text  # printable, UTF-8, as every report and message shows it

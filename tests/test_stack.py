@@ -219,9 +219,10 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
         .hexdigest()
         .startswith(vs[int(champion) - 1].tags["model_sha256"])
     )
-    image = next((fresh / "data").rglob("*.png"))
-    pred = tl("predict", image, cwd=fresh, extra_env=only_stack)
-    assert str(image) in pred.stdout and len(pred.stdout.strip().split("\t")) == 3, pred.stdout
+    test = json.loads((fresh / "data/target/test/index.json").read_text())
+    first = f"data/target/test/{test['name'][0]}"  # the pulled shards, read by tl predict
+    pred = tl("predict", first.rsplit("/", 1)[0], cwd=fresh, extra_env=only_stack).stdout.strip().splitlines()
+    assert pred[0].split("\t")[0].endswith(first) and all(len(p.split("\t")) == 3 for p in pred), pred
 
 
 def _api(env, path: str, body: dict | None = None, method: str = "POST"):

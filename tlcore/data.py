@@ -285,7 +285,7 @@ def open_split(
     images = ShardImages(split_dir, size, channels, resize, interpolation)
     if max_images is not None and len(images) > max_images:
         images = images.take(np.sort(np.random.default_rng(seed).permutation(len(images))[:max_images]))
-    classes, targets = list(images.index.classes), torch.from_numpy(images.labels())
+    classes, targets = images.classes, torch.from_numpy(images.labels())
     held = images[np.arange(len(images))] if len(images) * channels * size * size <= memory_bytes else images
     return ImageDataset(held, targets, classes)
 
@@ -503,7 +503,7 @@ def make_loader(
     batch_size: int,
     train: bool,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     replicas: int = 1,
     rank: int = 0,
     pin_memory: bool = False,
@@ -514,8 +514,9 @@ def make_loader(
     pass number; ``set_epoch`` reshuffles). With ``replicas`` > 1 data-parallel workers, this is worker
     ``rank``'s shard: the training sampler's shard of one shared permutation, an evaluation loader every
     ``replicas``-th item from ``rank`` on, so the shards cover the set exactly once (no padding: sums over
-    them are exact). ``pin_memory`` (for a CUDA device) makes the engine's ``non_blocking`` copies
-    overlap with compute.
+    them are exact). ``num_workers`` loader processes; ``None``: none for images held in memory,
+    :func:`decode_workers` for a streamed split (they decode ahead of the consumer). ``pin_memory`` (for a
+    CUDA device) makes the engine's ``non_blocking`` copies overlap with compute.
 
     A training loader over an :class:`ImageDataset` with a batch-capable transform yields uint8 batches and
     leaves the transform (augmentation, normalisation) to its consumer, on its device
@@ -524,6 +525,8 @@ def make_loader(
     transform that works per image only stays in the loader; with ``num_workers`` > 0 its random draws come
     from the loader processes, which a resume does not restore.)
     """
+    if num_workers is None:  # decode a streamed split in loader processes, ahead of its consumer
+        num_workers = decode_workers() if getattr(ds, "streamed", False) else 0
     g = torch.Generator().manual_seed(seed)
     if train and len(ds) < batch_size * replicas:
         # a tiny labeled set (1 label/class) is repeated so every worker's shard fills one batch
@@ -553,6 +556,12 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
     )
+
+
+def decode_workers() -> int:
+    """Loader processes for a streamed split by default: every CPU of this process's set but one, up to 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus - 1))
 
 
 def device_transform(loader) -> Callable[[torch.Tensor], torch.Tensor] | None:

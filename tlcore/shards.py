@@ -4,7 +4,7 @@ index, so that training and evaluation read (and decode) each image where it lie
 Layout of a prepared split directory::
 
     shard-000000.tar   members <key>.png|<key>.jpg (the image) and <key>.cls (its label), key = 8 digits
-    shard-000001.tar   ... about ``shard_bytes`` each (256 MiB by default: sized for object storage)
+    shard-000001.tar   ... at most ``shard_bytes`` (256 MiB) or 1,000 images each
     index.json         classes, shard names, and per image: shard, byte offset and length of the image member,
                        label, the SHA-256 of the original file, and its name (``<class>/<relative path>``)
 
@@ -15,8 +15,8 @@ resolves them (PNG for lossless sources, JPEG quality 95 for lossy ones). A shar
 the shards of a split by all of them in parallel; the tar headers are fixed (no times, owners), so the same
 inputs give the same bytes, and DVC stores a shard once.
 
-Reading (:class:`ShardImages`) needs only the index in memory: an image is one ``pread`` of its bytes and one
-decode, in whichever process asks (a DataLoader's worker processes decode in parallel). Any tar reader (the
+Reading (:class:`ShardImages`) needs only the index's arrays in memory: an image is one ``pread`` of its bytes and
+one decode, in whichever process asks (a DataLoader's worker processes decode in parallel). Any tar reader (the
 ``webdataset`` package, Ray Data's ``read_webdataset``) reads the shards too.
 """
 
@@ -27,8 +27,10 @@ import io
 import json
 import os
 import tarfile
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from .images import ImageDecodeError, is_grey, open_image, show_path, to_pixels
 
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
-MIN_SHARD = 500  # images: fewer per shard only when the split is small
+SHARD_IMAGES = 1000  # at most, per shard: a split of a few thousand small images still spreads over the cores
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
 
@@ -148,6 +150,9 @@ def _write_shard(path: str, first_key: int, items: list[tuple[str, int, str]], m
             except ImageDecodeError as e:
                 bad.append((f, str(e)))
                 continue
+            except OSError as e:  # gone, unreadable, a dangling link: corrupt as far as the data goes
+                bad.append((f, f"{name}: cannot be read ({e.strerror or e})"))
+                continue
             key = f"{first_key + k:08d}"
             _member(tar, f"{key}.{ext}", data)
             _member(tar, f"{key}.cls", str(y).encode())
@@ -161,14 +166,16 @@ def _write_shard(path: str, first_key: int, items: list[tuple[str, int, str]], m
     return {"rows": rows, "bad": bad, "colour": colour}
 
 
-def _groups(files: list[tuple[Path, int, str]], shard_bytes: int, processes: int) -> list[list[tuple[Path, int, str]]]:
-    """Consecutive files in groups of about ``shard_bytes`` (by their size on disk), and in at least one group per
-    process when there are enough files (``MIN_SHARD`` each) for every process to have work."""
-    per = -(-len(files) // max(1, min(processes, len(files) // MIN_SHARD)))
+def _groups(files: list[tuple[Path, int, str]], shard_bytes: int) -> list[list[tuple[Path, int, str]]]:
+    """Consecutive files in groups of at most ``shard_bytes`` (by their size on disk) and :data:`SHARD_IMAGES`
+    images: the same groups on any machine, and several per split for all cores to write."""
     groups, cur, size = [], [], 0
     for item in files:
-        n = item[0].stat().st_size
-        if cur and (size + n > shard_bytes or len(cur) >= per):
+        try:
+            n = item[0].stat().st_size
+        except OSError:
+            n = 0  # unreadable: reported when its shard is written
+        if cur and (size + n > shard_bytes or len(cur) >= SHARD_IMAGES):
             groups.append(cur)
             cur, size = [], 0
         cur.append(item)
@@ -189,7 +196,7 @@ def write_split(
     Returns the index and ``[(path, why), ...]`` of the files that did not decode (left out)."""
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=False)
-    groups = _groups(files, shard_bytes, processes)
+    groups = _groups(files, shard_bytes)
     names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
     starts = np.cumsum([0] + [len(g) for g in groups])[:-1].tolist()
     jobs = [
@@ -200,10 +207,14 @@ def write_split(
         with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_write_shard, *j) for j in jobs]
             results = []
-            for i, fut in enumerate(futures):
-                results.append(fut.result())
-                if progress:
-                    progress(i + 1, len(jobs))
+            try:
+                for i, fut in enumerate(futures):
+                    results.append(fut.result())
+                    if progress:
+                        progress(i + 1, len(jobs))
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # do not write the other shards of a split that failed
+                raise
     else:
         results = []
         for i, j in enumerate(jobs):
@@ -224,11 +235,56 @@ def write_split(
 
 # ------------------------------------------------------------------------------------------------ reading
 
+_FDS: OrderedDict[str, int] = OrderedDict()  # this process's open shards, least recently used first
+_FDS_PID = [os.getpid()]
+MAX_OPEN = 64
+
+
+def _fd(path: str) -> int:
+    """A read-only descriptor of ``path``, shared by every reader in this process; at most :data:`MAX_OPEN` stay
+    open (the least recently used is closed). A forked process opens its own."""
+    if _FDS_PID[0] != os.getpid():
+        _FDS.clear()  # the parent's: not ours to close
+        _FDS_PID[0] = os.getpid()
+    fd = _FDS.get(path)
+    if fd is not None:
+        _FDS.move_to_end(path)
+        return fd
+    fd = _FDS[path] = os.open(path, os.O_RDONLY)
+    while len(_FDS) > MAX_OPEN:
+        os.close(_FDS.popitem(last=False)[1])
+    return fd
+
+
+@dataclass(frozen=True, eq=False)
+class _Columns:
+    """The index columns a reader needs, as arrays (names and hashes stay on disk)."""
+
+    shards: list[str]
+    classes: list[str]
+    shard: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    label: np.ndarray
+
+    @classmethod
+    def load(cls, split_dir: Path) -> _Columns:
+        ix = SplitIndex.load(split_dir)
+        return cls(
+            ix.shards,
+            ix.classes,
+            np.asarray(ix.shard, dtype=np.int32),
+            np.asarray(ix.offset, dtype=np.int64),
+            np.asarray(ix.length, dtype=np.int64),
+            np.asarray(ix.label, dtype=np.int64),
+        )
+
 
 class ShardImages:
     """The images of a prepared split as a read-only array ``(N, C, size, size)`` of uint8 that decodes on
-    access: ``images[i]`` one image, ``images[LongTensor]`` a batch, :meth:`take` a view of some rows (no
-    pixels copied). Holds the index only; pickles without its open files (each process opens its own)."""
+    access: ``images[i]`` one image, ``images[LongTensor]`` or ``images[a:b]`` a batch, :meth:`take` a view of
+    some rows (no pixels copied). Holds the index's arrays only (~30 bytes an image); files are opened per process,
+    shared by all readers in it."""
 
     def __init__(
         self,
@@ -237,18 +293,19 @@ class ShardImages:
         channels: int,
         resize: int | None = None,
         interpolation: str = "bilinear",
-        index: SplitIndex | None = None,
         rows: np.ndarray | None = None,
+        columns: _Columns | None = None,
     ):
-        self.split_dir, self.size, self.channels = Path(split_dir), size, channels
+        # absolute: a Ray Train worker runs in a folder of its own
+        self.split_dir, self.size, self.channels = Path(split_dir).resolve(), size, channels
         self.resize, self.interpolation = resize, interpolation
-        self.index = index or SplitIndex.load(split_dir)
-        self.rows = np.arange(len(self.index), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-        self._shard = np.asarray(self.index.shard, dtype=np.int32)
-        self._offset = np.asarray(self.index.offset, dtype=np.int64)
-        self._length = np.asarray(self.index.length, dtype=np.int64)
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        self.columns = columns or _Columns.load(self.split_dir)
+        n = len(self.columns.label)
+        self.rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.columns.classes)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -258,7 +315,7 @@ class ShardImages:
         return len(self.rows)
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.index.label, dtype=np.int64)[self.rows]
+        return self.columns.label[self.rows]
 
     def take(self, idx) -> ShardImages:
         return ShardImages(
@@ -267,56 +324,48 @@ class ShardImages:
             self.channels,
             self.resize,
             self.interpolation,
-            self.index,
             self.rows[np.asarray(idx, dtype=np.int64)],
+            self.columns,
         )
 
     def raw(self, i: int) -> bytes:
         """The stored bytes of image ``i`` (of this view)."""
-        r = int(self.rows[i])
-        if self._pid != os.getpid():  # a forked loader process: its own file descriptors
-            self._fds, self._pid = {}, os.getpid()
-        s = int(self._shard[r])
-        fd = self._fds.get(s)
-        if fd is None:
-            fd = self._fds[s] = os.open(self.split_dir / self.index.shards[s], os.O_RDONLY)
-        return os.pread(fd, int(self._length[r]), int(self._offset[r]))
+        c, r = self.columns, int(self.rows[i])
+        path = str(self.split_dir / c.shards[int(c.shard[r])])
+        want = int(c.length[r])
+        got = os.pread(_fd(path), want, int(c.offset[r]))
+        if len(got) != want:
+            raise OSError(
+                f"{path} is shorter than its index says (image {r}: {len(got)} of {want} bytes at "
+                f"{int(c.offset[r])}); the shard is truncated: run the data stage again (or `dvc pull`)."
+            )
+        return got
+
+    def name(self, i: int) -> str:
+        """The original file's name (``<class>/<path>``) of image ``i``: read from the index on disk."""
+        return _names(str(self.split_dir))[int(self.rows[i])]
 
     def decode(self, i: int) -> np.ndarray:
-        r = int(self.rows[i])
-        return _open_pixels(
-            self.raw(i),
-            "L" if self.channels == 1 else "RGB",
-            self.size,
-            self.resize,
-            self.interpolation,
-            self.index.name[r],
-        )
+        raw = self.raw(i)
+        mode = "L" if self.channels == 1 else "RGB"
+        try:
+            return to_pixels(open_image(raw, "image"), mode, self.size, self.resize, self.interpolation)
+        except ImageDecodeError:  # decoded once when prepared: the shard changed since; name the file
+            to_pixels(open_image(raw, self.name(i)), mode, self.size, self.resize, self.interpolation, self.name(i))
+            raise
 
     def __getitem__(self, i):
         import torch
 
         if isinstance(i, (int, np.integer)) or (hasattr(i, "dim") and i.dim() == 0):
             return torch.from_numpy(self.decode(int(i))).permute(2, 0, 1).contiguous()
-        idx = np.asarray(i, dtype=np.int64).reshape(-1)
+        idx = np.arange(len(self))[i] if isinstance(i, slice) else np.asarray(i, dtype=np.int64).reshape(-1)
         out = np.empty((len(idx), self.size, self.size, self.channels), dtype=np.uint8)
         for k, j in enumerate(idx):
             out[k] = self.decode(int(j))
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_pid")}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state, _fds={}, _pid=os.getpid())
-
-    def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def _open_pixels(raw: bytes, mode: str, size: int, resize: int | None, interpolation: str, name: str) -> np.ndarray:
-    return to_pixels(open_image(raw, name), mode, size, resize, interpolation, name)
+@lru_cache(maxsize=8)
+def _names(split_dir: str) -> list[str]:
+    return SplitIndex.load(split_dir).name

@@ -10,7 +10,7 @@ local torch cache; no WEIGHTS is random initialisation, the floor any real candi
 
 With ``data.labels_per_class: 0`` there is nothing labeled to score on: each candidate with a classifier of its
 own is then scored label-free, by :mod:`tlcore.validators` (entropy, IM, SND, BNM) of its source-class predictions
-on the unlabeled target pool (up to :data:`tasks.modeling.strategy_choice.VALIDATOR_IMAGES` images of the training
+on the unlabeled target pool (up to :data:`tasks.modeling.domains.VALIDATOR_IMAGES` images of the training
 split, labels unused), ranked by
 one of them (``validator``; ``auto``, the default, is the one the selection benchmark found best,
 :data:`tasks.project.measured.AUTO_VALIDATOR`). That asks "how confidently and consistently does the source model
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.modeling.checkpoints import load_checkpoint
+from tasks.modeling.domains import VALIDATOR_IMAGES, pool_sample
 from tasks.modeling.hardware import device_for, set_torch_threads
 from tasks.modeling.plan import labels_per_class
-from tasks.modeling.strategy_choice import VALIDATOR_IMAGES, pool_sample
 from tasks.project.config import EMBEDDED, Params
 from tasks.project.measured import VALIDATORS, resolve_validator
 from tasks.project.stage import StageError, say

@@ -30,7 +30,8 @@ import os
 import shutil
 from pathlib import Path
 
-from tasks.modeling.strategy_choice import VALIDATOR_IMAGES, pool_loader
+from tasks.modeling.domains import VALIDATOR_IMAGES
+from tasks.modeling.strategy_choice import pool_loader
 from tasks.project.config import Params, ParamsError
 from tasks.project.files import read_json, write_json
 from tasks.project.measured import resolve_validator

@@ -3,6 +3,8 @@ datasets for a backbone."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from tasks.modeling.model_input import augment, input_spec
 from tasks.project.config import Params
 from tasks.project.files import read_json
@@ -23,3 +25,12 @@ def load_domain(params: Params, role: str, arch: str, manifest: dict | None = No
     tr.transform = data.build_transform(spec, train=True, augment=augment(params, role))
     te.transform = data.build_transform(spec, train=False)
     return tr, te
+
+
+VALIDATOR_IMAGES = 2000  # target pool images a label-free score reads
+
+
+def pool_sample(indices, seed: int) -> np.ndarray:
+    """Up to :data:`VALIDATOR_IMAGES` of ``indices`` drawn at random with ``seed``, in order: a split is ordered
+    class by class, so its first images would be one class."""
+    return np.sort(np.random.default_rng(seed).permutation(indices)[:VALIDATOR_IMAGES])

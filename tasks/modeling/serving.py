@@ -58,10 +58,9 @@ class StoredImage:
 
 def _stored(split_dir: Path, cls: str | None) -> Iterator[StoredImage]:
     """The images of a prepared split (of one class only, when ``cls`` is given), lazily, in split order."""
-    from tlcore.shards import ShardImages
+    from tlcore.shards import ShardImages, SplitIndex
 
-    images = ShardImages(split_dir, 1, 1)
-    index = images.index
+    images, index = ShardImages(split_dir, 1, 1), SplitIndex.load(split_dir)
     for i, name in enumerate(index.name):
         if cls is None or index.classes[index.label[i]] == cls:
             yield StoredImage(f"{split_dir}/{name}", images, i)

@@ -21,17 +21,10 @@ import math
 
 import numpy as np
 
+from tasks.modeling.domains import pool_sample
 from tasks.project.config import Params, needs_target_labels
 from tasks.project.measured import resolve_validator
 from tasks.project.stage import StageError, say
-
-VALIDATOR_IMAGES = 2000  # target pool images a label-free score reads
-
-
-def pool_sample(indices, seed: int) -> np.ndarray:
-    """Up to :data:`VALIDATOR_IMAGES` of ``indices`` drawn at random with ``seed``, in order: a split is ordered
-    class by class, so its first images would be one class."""
-    return np.sort(np.random.default_rng(seed).permutation(indices)[:VALIDATOR_IMAGES])
 
 
 def pool_loader(params: Params, arch: str, batch_size: int):

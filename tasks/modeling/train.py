@@ -40,9 +40,6 @@ class TrainJob:
         return tuple(int(n) for n in ds.images.shape[1:]) if hasattr(ds, "images") else None
 
     loader_workers: int = 0  # data-loader processes per training stream (tasks.modeling.hardware.loader_workers)
-    # at least this many for a streamed stream (a prepared split too big for memory: its images are decoded as
-    # they are read, so a loader process decodes the next batches while this one trains)
-    stream_workers: int = 1
 
 
 def build_trainer(
@@ -94,9 +91,9 @@ def build_trainer(
     def loader(ds, train=True, size=bs):
         if ds is None or len(ds) == 0:
             return None
-        workers = job.loader_workers if train else 0
-        if train and getattr(ds, "streamed", False):
-            workers = max(workers, job.stream_workers)
+        workers = job.loader_workers if train else None
+        if getattr(ds, "streamed", False) and not workers:
+            workers = None  # a streamed split: decoded by loader processes (tlcore.data.decode_workers)
         dl = data.make_loader(
             ds,
             size,

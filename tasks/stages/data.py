@@ -57,7 +57,8 @@ def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
                 for p, y in rep.files
             ]
             t0 = time.perf_counter()
-            index, bad = shards.write_split(files, rep.classes, tmp / split, MAX_SIDE, processes=_processes())
+            classes = [data.show_path(c) for c in rep.classes]  # a name that is not UTF-8: its odd bytes as \xNN
+            index, bad = shards.write_split(files, classes, tmp / split, MAX_SIDE, processes=_processes())
             rep = data.check_decoded(src / split, rep, bad, skip_corrupt)  # raises unless skip_corrupt
             if bad:
                 say(f"data: skipped {len(bad)} corrupt image(s) in {where}")
@@ -78,7 +79,7 @@ def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"splits": splits, "colour": colour, "classes": reports["train"].classes}
+    return {"splits": splits, "colour": colour, "classes": [data.show_path(c) for c in reports["train"].classes]}
 
 
 def prepare(params: Params) -> dict:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
+
 from tasks.modeling.checkpoints import load_checkpoint
-from tasks.modeling.domains import load_domain
+from tasks.modeling.domains import load_domain, pool_sample
 from tasks.modeling.hardware import device_for, set_torch_threads
 from tasks.modeling.model_input import spec_from_meta
 from tasks.modeling.plan import budget_text, labels_per_class
@@ -98,11 +100,13 @@ def evaluate(params: Params) -> dict:
 
 def label_free_scores(params: Params, model, meta: dict, pool, device) -> dict:
     """:func:`tlcore.validators.scores` of ``model`` on the target training split with its labels unused (the
-    unlabeled pool), and DEV on up to :data:`DEV_SOURCE_IMAGES` images of the source test split (held out
+    unlabeled pool; a seeded sample of up to :data:`VALIDATOR_IMAGES`, as every label-free score reads it: SND
+    compares every pair), and DEV on up to :data:`DEV_SOURCE_IMAGES` images of the source test split (held out
     from every training stage) when the model's classes are the source's."""
     from tlcore import data, validators
 
     spec = spec_from_meta(meta)  # as the model was trained: size, crop, channels, normalisation
+    pool = pool.subset(pool_sample(np.arange(len(pool)), params.base.seed))
     pool.transform = data.build_transform(spec, train=False)
     batch = params.evaluate.batch_size
     feats, logits, _ = validators.features_and_logits(model, data.make_loader(pool, batch, train=False), device)
