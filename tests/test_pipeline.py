@@ -128,6 +128,11 @@ def test_reproduce_replays_a_version_bit_for_bit_in_a_fresh_clone(repo, tmp_path
     out = json.loads(r.stdout)
     assert out["ok"] and out["identical_predictions"] == out["test_images"] > 0
     assert out["model_sha256_match"]  # the same weights, bit for bit
+    # the precision is chosen again where the replay trains, and the comparison says so
+    assert out["precision"]["original"] == out["precision"]["replay"] == "fp32"
+    from tasks.cli.reproduce import table
+
+    assert "precision: original fp32, replay fp32, chosen again on the same CPU model" in table(out)
     acc = next(row for row in out["rows"] if row["metric"] == "accuracy")
     assert acc["delta"] == 0
     assert (repo / "dvc.lock").read_bytes() == lock_before  # the user's checkout is untouched

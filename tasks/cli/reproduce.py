@@ -179,6 +179,7 @@ def reproduce(
             "tolerance": tolerance,
             "seconds": round(time.time() - t0, 1),
             "model_sha256_match": file_sha256(work / "models" / "finetuned.pt") == tags.get("model_sha256"),
+            "precision": _precision(tags, work),
         }
         if register:
             out["registered_version"] = _register_replay(c, name, v, work, replay, out)
@@ -186,6 +187,20 @@ def reproduce(
     finally:
         if not keep and not workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _precision(tags: dict, work: Path) -> dict:
+    """The finetune precision of the original and of the replay, and on which CPU each was chosen: with
+    ``precision: auto`` it is measured on (and cached per) the machine that trains, not carried by the lineage."""
+    from tasks.modeling.hardware import cpu_model
+
+    rep = work / "reports" / "finetune.json"
+    return {
+        "original": tags.get("finetune_precision"),
+        "replay": read_json(rep).get("precision") if rep.is_file() else None,
+        "original_cpu": tags.get("env_cpu"),
+        "replay_cpu": cpu_model(),
+    }
 
 
 def _register_replay(c, name: str, v, work: Path, metrics: dict, result: dict) -> int:
@@ -230,6 +245,17 @@ def table(result: dict) -> str:
         f"identical predictions: {'n/a' if same is None else f'{same}/{n}'}; "
         f"model file identical: {'yes' if result['model_sha256_match'] else 'no'}"
     )
+    p = result.get("precision") or {}
+    if p.get("original") or p.get("replay"):
+        where = (
+            "the same CPU model"
+            if p.get("original_cpu") == p.get("replay_cpu")
+            else f"another machine: {p.get('replay_cpu')} (the original: {p.get('original_cpu') or 'not recorded'})"
+        )
+        lines.append(
+            f"precision: original {p.get('original') or 'n/a'}, replay {p.get('replay') or 'n/a'}, chosen again on "
+            f"{where}; precision: auto is measured per machine, so another machine may train in another precision"
+        )
     return "\n".join(lines)
 
 
