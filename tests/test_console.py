@@ -214,7 +214,8 @@ def own_ray(monkeypatch):
 def test_a_ray_train_run_shows_our_lines_once_without_rays_chatter(own_ray, tmp_path, capfd):
     """Two workers, one of which dies in epoch 2: the driver prints rank 0's lines (epochs, "resumed") once each,
     without Ray's prefix, the dying worker's last line after "(worker 1)", and nothing Ray Train logs."""
-    from tasks.modeling.faults import Fault
+    from faults import Fault, inject
+
     from tasks.modeling.ray_train import run_job_ray
     from tasks.modeling.train import TrainJob
     from tasks.project.config import Params
@@ -235,7 +236,7 @@ def test_a_ray_train_run_shows_our_lines_once_without_rays_chatter(own_ray, tmp_
         params,
         "console",
         {"source": {"splits": {}}, "target": {"splits": {}}},
-        fault=Fault(str(tmp_path / "fired"), epoch=2, step=1, rank=1),
+        callbacks=[inject(Fault(str(tmp_path / "fired"), epoch=2, step=1, rank=1))],
     )
     assert [h["epoch"] for h in history] == [1, 2, 3]
     seen = capfd.readouterr()

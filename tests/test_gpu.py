@@ -88,8 +88,8 @@ def test_one_gpu_trains_in_its_precision_and_resumes(tmp_path, precision):
 
 def test_two_gpu_workers_nccl_sync_batchnorm_and_resume(tmp_path):
     import ray
+    from faults import Fault, inject
 
-    from tasks.modeling.faults import Fault
     from tasks.modeling.ray_train import run_job_ray
 
     _need_gpus(2)
@@ -108,7 +108,7 @@ def test_two_gpu_workers_nccl_sync_batchnorm_and_resume(tmp_path):
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         model, history, info = run_job_ray(
-            job, params, "gpu-smoke", MANIFEST, fault=Fault(str(marker), epoch=2, step=1, rank=1)
+            job, params, "gpu-smoke", MANIFEST, callbacks=[inject(Fault(str(marker), epoch=2, step=1, rank=1))]
         )
     finally:
         ray.shutdown()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from faults import Fault, inject
 
-from tasks.modeling.faults import Fault
 from tasks.modeling.ray_train import run_job_ray
 from tasks.modeling.train import TrainJob
 from tasks.project.config import Params
@@ -80,7 +80,7 @@ def test_worker_crash_resumes_from_last_checkpoint(ray_local, digits, tmp_path):
         "fault",
         MANIFEST,
         worker_log_dir=str(tmp_path),
-        fault=Fault(str(marker), epoch=2, step=2, rank=1),
+        callbacks=[inject(Fault(str(marker), epoch=2, step=2, rank=1))],
     )
     assert marker.exists()  # the worker really died once
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]

@@ -7,8 +7,8 @@ import time
 
 import pytest
 import torch
+from faults import Fault, FaultInjector
 
-from tasks.modeling.faults import Fault, FaultInjector
 from tasks.project.config import Params
 from tasks.services.ray_checkpoints import latest_on_disk
 from tasks.services.ray_runs import mark_done, resolve_run

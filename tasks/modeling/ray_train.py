@@ -19,8 +19,8 @@ callback, and resumes from ``ray.train.get_checkpoint()``.
 - Console: without ``--verbose`` Ray streams nothing from the workers (``log_to_driver=False``); what the
   training function prints (rank 0's epoch lines, "resumed from checkpoint", warnings) is forwarded to the driver
   and printed there (:func:`tasks.project.console.forward_output`, :class:`tasks.project.console.WorkerOutput`).
-- Cluster: :mod:`tasks.services.ray_cluster`. Diagnostics and test-only fault injection are callbacks the caller passes
-  in (:mod:`tasks.modeling.faults`).
+- Cluster: :mod:`tasks.services.ray_cluster`. Diagnostics (:mod:`tasks.modeling.worker_log`) and any other engine
+  callbacks (tests inject faults) are passed in by the caller; nothing here exists for tests only.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Sequence
 
-from tasks.modeling.faults import WORKER_LOG_ENV, Fault, FaultInjector, WorkerLog
 from tasks.modeling.hardware import loader_workers, worker_cpus
 from tasks.modeling.train import TrainJob, build_trainer
+from tasks.modeling.worker_log import WorkerLog
 from tasks.project.config import Params, ParamsError
 from tasks.project.console import EpochLine, WorkerOutput, forward_output, ray_env, train_logging_config, verbose
+from tasks.project.settings import settings
 from tasks.project.stage import say
 from tasks.services.ray_checkpoints import RayReport, load_state, resume_state
 from tasks.services.ray_cluster import cluster_cpus, init_ray
@@ -78,7 +80,7 @@ def _train_loop(config: dict) -> None:
         return prepared
 
     callbacks = [WorkerLog(config["worker_log_dir"], rank, shard)] if config.get("worker_log_dir") else []
-    callbacks += [FaultInjector(config["fault"], rank)] if config.get("fault") else []
+    callbacks += [make(rank) for make in config.get("callbacks") or ()]
     stage = config.get("stage", "train")
     callbacks += [EpochLine(stage, job.optim.epochs, say)] if rank == 0 else []  # one line per epoch, from rank 0
     callbacks.append(RayReport(rank, config.get("local_dir")))
@@ -134,16 +136,16 @@ def run_job_ray(
     stage: str,
     manifest: dict,
     *,
-    fault: Fault | None = None,
+    callbacks: Sequence[Callable[[int], object]] = (),
     worker_log_dir: str | None = None,
 ):
     """Train ``job`` with Ray Train as configured in ``params.ray``; returns ``(model, history, info)``,
     ``info`` saying how it ran (workers, threads, precision).
 
-    ``fault`` (tests only) makes one worker exit hard once (:class:`tasks.modeling.faults.Fault`). ``worker_log_dir``:
-    each worker logs its epochs and shard there (:class:`tasks.modeling.faults.WorkerLog`); default
-    ``$TL_WORKER_LOG_DIR``,
-    so a stage process can be asked for it."""
+    ``callbacks``: more engine callbacks for every worker, each made there by calling a factory with the
+    worker's rank (picklable: they travel to the workers; tests inject faults this way). ``worker_log_dir``:
+    each worker logs its epochs and shard there (:class:`tasks.modeling.worker_log.WorkerLog`); default
+    ``$TL_WORKER_LOG_DIR``, so a stage process can be asked for it."""
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -178,8 +180,8 @@ def run_job_ray(
                 "threads": threads,
                 "stage": stage,
                 "use_gpu": rc.use_gpu,
-                "fault": fault,
-                "worker_log_dir": worker_log_dir or os.environ.get(WORKER_LOG_ENV),
+                "callbacks": list(callbacks),
+                "worker_log_dir": worker_log_dir or settings().worker_log_dir,
                 "run_dir": str(local_run_dir) if local_run_dir else None,
                 "local_dir": local_dir,
                 "output": output.queue if output else None,
