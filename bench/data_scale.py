@@ -158,9 +158,9 @@ def stages_at(photos: Path, n: int, work: Path, env: dict) -> list[dict]:
 
 def prep_throughput(photos: Path, work: Path, n: int) -> dict:
     """The data stage's images/s preparing the same ``n`` photos with 1 and with 2 processes."""
-    from tlcore import data, shards
+    from tlcore import folders, shards
 
-    rep = data.list_split(photos / "train")
+    rep = folders.list_split(photos / "train")
     files = [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files][:n]
     out = {}
     for procs in (1, 2):
@@ -177,11 +177,11 @@ def train_rate(ds, arch: str, steps: int, batch: int, workers: int) -> float:
     """Steady-state training images/s of ``arch`` over ``ds`` (the first steps are warm-up)."""
     import torch
 
-    from tlcore import data, models
+    from tlcore import data, models, transforms
 
     torch.manual_seed(0)
     spec = models.get_spec(arch)
-    ds.transform = data.build_transform(
+    ds.transform = transforms.build_transform(
         spec, train=True, channels=ds.images.shape[1], augment="photo" if ds.images.shape[1] == 3 else "digits"
     )
     net = models.create(arch, len(ds.classes), in_channels=ds.images.shape[1])
@@ -207,7 +207,7 @@ def streaming_cost(photos: Path, work: Path, quick: bool) -> list[dict]:
     """Training images/s from a streamed split vs the same split held in memory."""
     import torch
 
-    from tlcore import data, datasets, shards
+    from tlcore import data, datasets, folders, shards
 
     torch.set_num_threads(2)
     rows = []
@@ -217,7 +217,7 @@ def streaming_cost(photos: Path, work: Path, quick: bool) -> list[dict]:
         datasets.materialize("optdigits", digits)
     cases.append(("smallcnn", digits / "train", 32, 1, 20 if quick else 200, 64, None))
     for arch, split, size, channels, steps, batch, limit in cases:
-        rep = data.list_split(split)
+        rep = folders.list_split(split)
         files = [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files][:limit]
         out = work / f"stream-{arch}"
         shutil.rmtree(out, ignore_errors=True)

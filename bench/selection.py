@@ -71,11 +71,11 @@ def _score_checkpoint(model, pool, source_heldout, logme_idx, test_loader, batch
 
 def run(args) -> dict:
     from tasks.modeling.train import TrainJob, job_streams, run_job
-    from tlcore import data, datasets, models
+    from tlcore import data, datasets, models, transforms
     from tlcore.strategies import strategy_class
 
     spec = models.get_spec("smallcnn")
-    eval_tf = data.build_transform(spec, train=False)
+    eval_tf = transforms.build_transform(spec, train=False)
     pairs = [(s, t) for s, t, _ in datasets.PAIRS][: 1 if args.quick else None]
     seeds = list(range(1 if args.quick else args.seeds))
     methods, lrs = (["mcc", "semi"], [1e-3, 3e-3]) if args.quick else (METHODS, LRS)

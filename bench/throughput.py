@@ -27,10 +27,12 @@ from bench.docs import QUICK_DIR, machine, write_section
 
 
 def _data(n: int):
-    from tlcore import data, datasets, models
+    from tlcore import data, datasets, models, transforms
 
     x, y = datasets.render_synth_digits(n // 10, seed=0)
-    return data.ImageDataset.from_numpy(x, y, datasets.CLASSES, data.build_transform(models.get_spec("smallcnn"), True))
+    return data.ImageDataset.from_numpy(
+        x, y, datasets.CLASSES, transforms.build_transform(models.get_spec("smallcnn"), True)
+    )
 
 
 def _params(epochs: int, batch: int, precision: str, workers: int = 0, threads: int | None = None, storage: str = "."):
@@ -138,7 +140,7 @@ def backbone(args) -> None:
     from tasks.modeling.hardware import local_cpus
     from tasks.modeling.model_input import weights_spec
     from tasks.modeling.train import TrainJob, run_job
-    from tlcore import data, metrics, models
+    from tlcore import data, metrics, models, transforms
 
     # the ImageNet weights' resolution, crop and normalisation; random values (speed does not depend on them)
     spec = weights_spec(args.backbone, "DEFAULT", args.size or "auto", 3)
@@ -150,7 +152,7 @@ def backbone(args) -> None:
         x,
         torch.arange(args.images) % 10,
         [str(i) for i in range(10)],
-        data.build_transform(spec, True, augment="photo"),
+        transforms.build_transform(spec, True, augment="photo"),
     )
     rows = []
     for precision in ("fp32", "auto"):
@@ -172,7 +174,7 @@ def backbone(args) -> None:
             )
         )
     model = models.create(args.backbone, 10).eval()
-    example = data.build_transform(spec, False)(x[: args.batch])
+    example = transforms.build_transform(spec, False)(x[: args.batch])
     with torch.inference_mode():
         lat = metrics.latency_ms(model, example, iters=args.iters)
         ips = metrics.throughput(model, example, batch_size=args.batch, iters=3)

@@ -219,10 +219,12 @@ def test_a_ray_train_run_shows_our_lines_once_without_rays_chatter(own_ray, tmp_
     from tasks.modeling.ray_train import run_job_ray
     from tasks.modeling.train import TrainJob
     from tasks.project.config import Params
-    from tlcore import data, datasets, models
+    from tlcore import data, datasets, models, transforms
 
     x, y = datasets.render_synth_digits(16, seed=0)
-    ds = data.ImageDataset.from_numpy(x, y, datasets.CLASSES, data.build_transform(models.get_spec("smallcnn"), True))
+    ds = data.ImageDataset.from_numpy(
+        x, y, datasets.CLASSES, transforms.build_transform(models.get_spec("smallcnn"), True)
+    )
     params = Params.model_validate(
         {
             "base": {"seed": 0},

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tlcore import data, datasets, models
+from tlcore import data, datasets, folders, models, transforms
 
 
 def _tree(root, classes=("a", "b"), n=3, split="train"):
@@ -22,7 +22,7 @@ def good(tmp_path):
 
 
 def test_valid_tree_loads(good):
-    rep = data.validate_imagefolder(good)
+    rep = folders.validate_imagefolder(good)
     assert rep["train"].counts == {"a": 3, "b": 3} and rep["test"].classes == ["a", "b"]
     ds = data.load_split(good / "train", size=16, channels=3)
     assert ds.images.shape == (6, 3, 16, 16) and ds.images.dtype == torch.uint8
@@ -32,39 +32,39 @@ def test_valid_tree_loads(good):
 def test_corrupt_image_named_or_skipped(good, caplog):
     bad = good / "train" / "a" / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(data.DataValidationError, match="broken.png.*skip_corrupt"):
-        data.validate_imagefolder(good)
-    rep = data.validate_imagefolder(good, skip_corrupt=True)
+    with pytest.raises(folders.DataValidationError, match="broken.png.*skip_corrupt"):
+        folders.validate_imagefolder(good)
+    rep = folders.validate_imagefolder(good, skip_corrupt=True)
     assert rep["train"].skipped == [bad] and len(rep["train"].files) == 6
     assert "skipped 1 corrupt" in caplog.text
 
 
 def test_non_image_files_are_ignored_and_counted(good, caplog):
     # torchvision's ImageFolder ignores files by extension; so does the pipeline, and it says how many
-    caplog.set_level("INFO", logger="tlcore.data")
+    caplog.set_level("INFO", logger="tlcore.folders")
     for name in ("notes.txt", "Thumbs.db", ".DS_Store"):
         (good / "train" / "b" / name).write_text("hi")
-    rep = data.validate_imagefolder(good)
+    rep = folders.validate_imagefolder(good)
     assert len(rep["train"].files) == 6 and [p.name for p in rep["train"].ignored] == ["Thumbs.db", "notes.txt"]
     assert "ignored 2 file(s) without an image extension" in caplog.text and "notes.txt" in caplog.text
 
 
 def test_empty_class_named(good):
     (good / "train" / "c").mkdir()
-    with pytest.raises(data.DataValidationError, match=r"no readable images.*train/c"):
-        data.validate_imagefolder(good)
+    with pytest.raises(folders.DataValidationError, match=r"no readable images.*train/c"):
+        folders.validate_imagefolder(good)
 
 
 def test_class_in_test_not_train_named(good):
     _tree(good, classes=("z",), split="test")
-    with pytest.raises(data.DataValidationError, match=r"test.*classes that train/ does not: z"):
-        data.validate_imagefolder(good)
+    with pytest.raises(folders.DataValidationError, match=r"test.*classes that train/ does not: z"):
+        folders.validate_imagefolder(good)
 
 
 def test_missing_split_named(tmp_path):
     _tree(tmp_path)
-    with pytest.raises(data.DataValidationError, match=r"test does not exist"):
-        data.validate_imagefolder(tmp_path)
+    with pytest.raises(folders.DataValidationError, match=r"test does not exist"):
+        folders.validate_imagefolder(tmp_path)
 
 
 def test_label_budget_stratified_deterministic_disjoint():
@@ -83,19 +83,19 @@ def test_label_budget_stratified_deterministic_disjoint():
 
 def test_transform_per_backbone():
     x = torch.full((1, 32, 32), 255, dtype=torch.uint8)
-    t = data.build_transform(models.get_spec("smallcnn"), train=False)
+    t = transforms.build_transform(models.get_spec("smallcnn"), train=False)
     assert torch.allclose(t(x), torch.ones(1, 32, 32))  # (1 - 0.5) / 0.5
-    t3 = data.build_transform(models.get_spec("resnet18"), train=True)
+    t3 = transforms.build_transform(models.get_spec("resnet18"), train=True)
     assert t3(torch.zeros(3, 64, 64, dtype=torch.uint8)).shape == (3, 64, 64)
 
 
 def test_batched_affine_is_per_image_and_matches_single_calls():
     x = torch.zeros(1, 1, 32, 32)
     x[..., 8:24, 14:18] = 1
-    assert torch.allclose(data.random_affine(x, 0.0, 0.0, (1.0, 1.0), 0.0), x, atol=1e-6)  # identity
-    shifted = data.random_affine(x, 0.0, 0.25, (1.0, 1.0), 0.0)
+    assert torch.allclose(transforms.random_affine(x, 0.0, 0.0, (1.0, 1.0), 0.0), x, atol=1e-6)  # identity
+    shifted = transforms.random_affine(x, 0.0, 0.25, (1.0, 1.0), 0.0)
     assert not torch.allclose(shifted, x) and shifted.sum() > 0
-    t = data.build_transform(models.get_spec("smallcnn"), train=True)
+    t = transforms.build_transform(models.get_spec("smallcnn"), train=True)
     batch = torch.zeros(16, 1, 32, 32, dtype=torch.uint8)
     batch[..., 8:24, 14:18] = 255
     out = t(batch)
@@ -107,7 +107,7 @@ def test_batched_affine_is_per_image_and_matches_single_calls():
         batch,
         torch.arange(16) % 10,
         [str(i) for i in range(10)],
-        data.build_transform(models.get_spec("smallcnn"), train=False),
+        transforms.build_transform(models.get_spec("smallcnn"), train=False),
     )
     xb, yb = next(iter(data.make_loader(ds, 8, train=False)))
     assert torch.equal(xb, torch.stack([ds[i][0] for i in range(8)])) and yb.tolist() == list(range(8))
@@ -117,7 +117,7 @@ def test_a_training_loader_leaves_the_transform_to_its_consumer_and_every_consum
     from tlcore import engine, validators
 
     g = torch.Generator().manual_seed(0)
-    tf = data.build_transform(models.get_spec("tinycnn"), train=False)
+    tf = transforms.build_transform(models.get_spec("tinycnn"), train=False)
     ds = data.ImageDataset(
         torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8, generator=g),
         torch.arange(16) % 10,
@@ -174,7 +174,7 @@ def test_optdigits_export_roundtrip(tmp_path):
 def _content_hash(split_dir, out_dir):
     from tlcore import shards
 
-    rep = data.list_split(split_dir)
+    rep = folders.list_split(split_dir)
     files = [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files]
     return shards.write_split(files, rep.classes, out_dir, max_side=64)[0].content_hash()
 
@@ -199,7 +199,7 @@ def test_a_prepared_split_hash_follows_names_and_bytes_not_location_or_sharding(
 def test_image_extensions_match_torchvision():
     from torchvision.datasets.folder import IMG_EXTENSIONS as TV
 
-    from tlcore.data import IMG_EXTENSIONS
+    from tlcore.images import IMG_EXTENSIONS
 
     assert set(IMG_EXTENSIONS) == set(TV)
 
@@ -264,25 +264,31 @@ def test_photo_augmentation_is_batched_per_image_and_exact_at_its_limits():
     torch.manual_seed(0)
     x = torch.rand(16, 3, 24, 20)
     same = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), brightness=0.0, contrast=0.0, saturation=0.0)
-    assert torch.allclose(data.random_photo(x, flip=0.0, **same), x, atol=1e-5)  # the whole image, unchanged
-    assert torch.allclose(data.random_photo(x, flip=1.0, **same), x.flip(-1), atol=1e-5)  # mirrored
-    out = data.random_photo(x, **data.AUGMENT["photo"]["photo"])
+    assert torch.allclose(transforms.random_photo(x, flip=0.0, **same), x, atol=1e-5)  # the whole image, unchanged
+    assert torch.allclose(transforms.random_photo(x, flip=1.0, **same), x.flip(-1), atol=1e-5)  # mirrored
+    out = transforms.random_photo(x, **transforms.AUGMENT["photo"]["photo"])
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert len({tuple(o.flatten().round(decimals=3).tolist()) for o in out}) == 16  # parameters per image
     # brightness alone scales each image by its own factor in [0.6, 1.4]
     flat = torch.full((8, 3, 4, 4), 0.5)
-    b = data.random_photo(flat, flip=0.0, **{**same, "brightness": 0.4})
+    b = transforms.random_photo(flat, flip=0.0, **{**same, "brightness": 0.4})
     f = b[:, :, 0, 0] / 0.5
     assert torch.allclose(b, b[:, :, :1, :1].expand_as(b)) and (f - f[:, :1]).abs().max() < 1e-6
     assert f.min() >= 0.6 - 1e-6 and f.max() <= 1.4 + 1e-6 and f[:, 0].unique().numel() == 8
     # a grey photo stays grey: saturation and contrast do not invent colour
     grey = torch.rand(8, 1, 6, 6).expand(8, 3, 6, 6).contiguous()
-    g = data.random_photo(grey, flip=0.5, **{**same, "contrast": 0.4, "saturation": 0.9})
+    g = transforms.random_photo(grey, flip=0.5, **{**same, "contrast": 0.4, "saturation": 0.9})
     assert torch.allclose(g[:, 0], g[:, 1], atol=1e-6) and torch.allclose(g[:, 1], g[:, 2], atol=1e-6)
     # a profile per transform: photo at train time only; digits keep the affine warp
     spec = models.get_spec("resnet18")
-    train, test = data.build_transform(spec, True, augment="photo"), data.build_transform(spec, False, augment="photo")
+    train, test = (
+        transforms.build_transform(spec, True, augment="photo"),
+        transforms.build_transform(spec, False, augment="photo"),
+    )
     assert train.photo and not train.affine and not test.photo and not test.affine
-    assert data.build_transform(spec, True).affine and not data.build_transform(spec, True, augment="none").affine
+    assert (
+        transforms.build_transform(spec, True).affine
+        and not transforms.build_transform(spec, True, augment="none").affine
+    )
     with pytest.raises(ValueError, match="unknown augmentation 'flips'; choose one of: digits, photo, none"):
-        data.build_transform(spec, True, augment="flips")
+        transforms.build_transform(spec, True, augment="flips")

@@ -17,7 +17,7 @@ WORLD, STEPS, BATCH, N_VAL = 2, 2, 8, 11
 
 
 def _datasets():
-    from tlcore import data, models
+    from tlcore import data, models, transforms
 
     rng = np.random.default_rng(0)
     spec = models.get_spec("tinycnn")
@@ -25,7 +25,7 @@ def _datasets():
     y = np.arange(len(x)) % 10
     ds = data.ImageDataset.from_numpy(x, y, [str(i) for i in range(10)])
     train, val = ds.subset(np.arange(40)), ds.subset(np.arange(40, 40 + N_VAL))
-    train.transform, val.transform = data.build_transform(spec, True), data.build_transform(spec, False)
+    train.transform, val.transform = transforms.build_transform(spec, True), transforms.build_transform(spec, False)
     return train, val
 
 

@@ -149,12 +149,12 @@ class _StopAfter:
 def _resumable_trainer(callbacks=(), loader_workers: int = 0) -> Trainer:
     """The real training data path: uint8 images, the backbone's train-time transform (a random affine per
     image), which the engine applies after the copy, drawing from the training process's generator."""
-    from tlcore import data
+    from tlcore import data, transforms
     from tlcore.engine import seed_everything
 
     seed_everything(0)
     g = torch.Generator().manual_seed(5)
-    tf = data.build_transform(models.get_spec("tinycnn"), train=True)
+    tf = transforms.build_transform(models.get_spec("tinycnn"), train=True)
 
     def ds(n):
         return data.ImageDataset(

@@ -28,10 +28,12 @@ def _need_gpus(n: int) -> None:
 
 
 def _digits():
-    from tlcore import data, datasets, models
+    from tlcore import data, datasets, models, transforms
 
     x, y = datasets.render_synth_digits(16, seed=0)
-    return data.ImageDataset.from_numpy(x, y, datasets.CLASSES, data.build_transform(models.get_spec("smallcnn"), True))
+    return data.ImageDataset.from_numpy(
+        x, y, datasets.CLASSES, transforms.build_transform(models.get_spec("smallcnn"), True)
+    )
 
 
 def _params(tmp_path, workers: int, epochs: int, **optim) -> Params:

@@ -1,5 +1,5 @@
-"""Images as users have them (tlcore/images.py, tlcore/data.py): each case is a generated file; errors name the
-file and the rule. Pure and fast: tiny images in a temporary folder."""
+"""Images as users have them (tlcore/images.py, tlcore/folders.py, tlcore/data.py): each case is a generated
+file; errors name the file and the rule. Pure and fast: tiny images in a temporary folder."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tlcore import data
-from tlcore.images import ImageDecodeError, decode_image
+from tlcore import data, folders
+from tlcore.images import ImageDecodeError, decode_image, show_path
 
 
 def _png(path, arr, mode=None, **save):
@@ -85,10 +85,10 @@ def test_decompression_bomb_is_named_and_skippable(tmp_path, monkeypatch, caplog
     ):
         decode_image(bomb)
     with pytest.raises(
-        data.DataValidationError, match=r"bomb\.png: refused as a possible decompression bomb.*skip_corrupt"
+        folders.DataValidationError, match=r"bomb\.png: refused as a possible decompression bomb.*skip_corrupt"
     ):
-        data.validate_imagefolder(tmp_path)
-    rep = data.validate_imagefolder(tmp_path, skip_corrupt=True)
+        folders.validate_imagefolder(tmp_path)
+    rep = folders.validate_imagefolder(tmp_path, skip_corrupt=True)
     assert rep["train"].skipped == [bomb] and "skipped 1 corrupt" in caplog.text
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # over twice the limit: PIL raises an error, not a warning
     with pytest.raises(ImageDecodeError, match="decompression bomb"):
@@ -108,7 +108,7 @@ def test_nested_folders_in_a_class_are_included(tmp_path):
         _png(tmp_path / split / "b" / "0.png", np.zeros((4, 4), np.uint8))
     _png(tmp_path / "train" / "a" / "2023" / "june" / "1.png", np.zeros((4, 4), np.uint8))
     _png(tmp_path / "train" / "a" / ".thumbs" / "x.png", np.zeros((4, 4), np.uint8))  # hidden: skipped
-    rep = data.validate_imagefolder(tmp_path)
+    rep = folders.validate_imagefolder(tmp_path)
     assert rep["train"].counts == {"a": 2, "b": 1}
     assert len(data.load_split(tmp_path / "train", 8, 1)) == 3
 
@@ -120,14 +120,14 @@ def test_a_file_name_that_is_not_utf8_is_read_hashed_and_named(tmp_path):
         Image.new("L", (4, 4)).save(os.fsdecode(os.path.join(root, split, b"a", b"ok.png")))
     odd = os.fsdecode(os.path.join(root, b"train", b"a", b"caf\xe9.png"))  # Latin-1 name
     Image.new("L", (4, 4), 9).save(odd)
-    rep = data.validate_imagefolder(tmp_path)
+    rep = folders.validate_imagefolder(tmp_path)
     assert rep["train"].counts == {"a": 2}
-    names = [f"a/{data.show_path(p.name)}" for p, _ in rep["train"].files]
+    names = [f"a/{show_path(p.name)}" for p, _ in rep["train"].files]
     assert "a/caf\\xe9.png" in names  # shown with the odd byte written out, as the shards' index names it
     with open(odd, "wb") as f:
         f.write(b"junk")
-    with pytest.raises(data.DataValidationError, match=r"caf\\xe9\.png: not a readable image") as e:
-        data.validate_imagefolder(tmp_path)
+    with pytest.raises(folders.DataValidationError, match=r"caf\\xe9\.png: not a readable image") as e:
+        folders.validate_imagefolder(tmp_path)
     str(e.value).encode("utf-8")  # the message prints on any terminal
 
 
@@ -156,6 +156,6 @@ def test_colour_is_counted_per_split_and_grey_stored_as_rgb_is_grey(tmp_path):
     _png(tmp_path / "train" / "a" / "grey_as_rgb.png", grey)
     _png(tmp_path / "train" / "a" / "colour.png", colour)
     _png(tmp_path / "train" / "b" / "l.png", grey[..., 0])
-    rep = data.validate_split(tmp_path / "train")
+    rep = folders.validate_split(tmp_path / "train")
     assert rep.colour == 1
     assert is_grey(grey) and not is_grey(colour) and is_grey(grey[..., :1])

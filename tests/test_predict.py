@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from tasks.cli import main as cli
 from tasks.modeling import serving
 from tasks.services import registry
-from tlcore import data, models
+from tlcore import data, models, transforms
 
 CLASSES = ["a", "b", "c"]
 
@@ -51,7 +51,7 @@ def test_predict_agrees_with_the_training_pixels(model, images, tmp_path):
         (tmp_path / "tree" / "a").mkdir(parents=True, exist_ok=True)
         (tmp_path / "tree" / "a" / f.name).write_bytes(f.read_bytes())
     ds = data.load_split(tmp_path / "tree", 32, 1)
-    tf = data.build_transform(models.get_spec("smallcnn"), train=False)
+    tf = transforms.build_transform(models.get_spec("smallcnn"), train=False)
     with torch.no_grad():
         want = torch.softmax(net(tf(ds.images)), 1)
     for r, p in zip(got, want):

@@ -26,10 +26,12 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def digits():
-    from tlcore import data, datasets, models
+    from tlcore import data, datasets, models, transforms
 
     x, y = datasets.render_synth_digits(16, seed=0)
-    return data.ImageDataset.from_numpy(x, y, datasets.CLASSES, data.build_transform(models.get_spec("smallcnn"), True))
+    return data.ImageDataset.from_numpy(
+        x, y, datasets.CLASSES, transforms.build_transform(models.get_spec("smallcnn"), True)
+    )
 
 
 def _params(tmp_path, workers, epochs=3, **ray_kw):
@@ -103,7 +105,7 @@ def test_two_workers_stream_a_prepared_split_given_by_a_relative_path(ray_local,
     folder; Ray Train runs each worker in a folder of its own, and each still reads its own part."""
     from PIL import Image
 
-    from tlcore import data, datasets, models, shards
+    from tlcore import data, datasets, models, shards, transforms
 
     x, y = datasets.render_synth_digits(8, seed=1)
     files = []
@@ -116,7 +118,7 @@ def test_two_workers_stream_a_prepared_split_given_by_a_relative_path(ray_local,
     monkeypatch.chdir(tmp_path)
     ds = data.open_split("prepared/train", 32, 1, memory_bytes=0)
     assert ds.streamed
-    ds.transform = data.build_transform(models.get_spec("smallcnn"), True)
+    ds.transform = transforms.build_transform(models.get_spec("smallcnn"), True)
     params = _params(tmp_path, 2, epochs=2)
     log = tmp_path / "log"
     log.mkdir()

@@ -14,12 +14,12 @@ import torch
 from helpers import image_folder
 from PIL import Image
 
-from tlcore import data, shards
+from tlcore import data, folders, shards
 from tlcore.images import decode_image
 
 
 def _files(root, split="train"):
-    rep = data.list_split(root / split)
+    rep = folders.list_split(root / split)
     return [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files], rep.classes
 
 
@@ -85,10 +85,10 @@ def test_a_corrupt_file_is_reported_once_and_kept_out(folder, tmp_path):
     index, bad = shards.write_split(files, classes, tmp_path / "out", max_side=64)
     assert [p.name for p, _ in bad] == ["broken.png"] and "not a readable image" in bad[0][1]
     assert len(index) == len(files) - 1 and "a/broken.png" not in index.name
-    rep = data.list_split(folder / "train")
-    with pytest.raises(data.DataValidationError, match="broken.png.*data.skip_corrupt"):
-        data.check_decoded(folder / "train", rep, [(p, why) for p, why in bad])
-    assert len(data.check_decoded(folder / "train", rep, bad, skip_corrupt=True).files) == len(files) - 1
+    rep = folders.list_split(folder / "train")
+    with pytest.raises(folders.DataValidationError, match="broken.png.*data.skip_corrupt"):
+        folders.check_decoded(folder / "train", rep, [(p, why) for p, why in bad])
+    assert len(folders.check_decoded(folder / "train", rep, bad, skip_corrupt=True).files) == len(files) - 1
 
 
 def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path):

@@ -1,166 +1,26 @@
-"""ImageFolder data: validation with clear errors, in-memory loading, transforms, label budgets.
+"""Datasets and loaders: in-memory or streamed splits, label budgets, resumable training loaders.
 
-Trees look like ``root/{train,test}/<class_name>/*.png``. Images are decoded once into a
-uint8 tensor at the model's input size, so small-image training is not bound by PNG decoding.
+Images are decoded once into a uint8 tensor at the model's input size (:func:`load_split` for an ImageFolder
+split, validated by :mod:`tlcore.folders`; :func:`open_split` for a prepared one, :mod:`tlcore.shards`), so
+small-image training is not bound by PNG decoding. Training loaders leave the transform
+(:mod:`tlcore.transforms`) to their consumer, which applies it batched on its device (:func:`batch_to`).
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .images import IMG_EXTENSIONS, ImageDecodeError, decode_image, is_grey, show_path
-from .models import ModelSpec
+from .folders import validate_split
+from .images import decode_image
 from .shards import ShardImages
-
-log = logging.getLogger(__name__)
-SPLITS = ("train", "test")
-
-
-class DataValidationError(ValueError):
-    """An ImageFolder tree is not usable; the message names the files and the fix."""
-
-
-@dataclass
-class FolderReport:
-    """What :func:`validate_imagefolder` found for one split."""
-
-    classes: list[str]
-    files: list[tuple[Path, int]]
-    skipped: list[Path] = field(default_factory=list)
-    ignored: list[Path] = field(default_factory=list)  # files without an image extension
-    colour: int = 0  # images whose channels differ somewhere (the others are grey, whatever their file mode)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        c = {k: 0 for k in self.classes}
-        for _, y in self.files:
-            c[self.classes[y]] += 1
-        return c
-
-
-def _list(paths: list, n: int = 5) -> str:
-    shown = ", ".join(p if isinstance(p, str) else show_path(p) for p in paths[:n])
-    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
-
-
-def _walk_class(cdir: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) below one class folder, nested folders included, hidden names skipped."""
-    images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(cdir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in filenames:
-            if not f.startswith("."):
-                p = Path(dirpath, f)
-                (images if p.suffix.lower() in IMG_EXTENSIONS else others).append(p)
-    return sorted(images), sorted(others)
-
-
-def list_split(split_dir: Path, classes: list[str] | None = None) -> FolderReport:
-    """The images of one split folder, by class, without decoding them; :class:`DataValidationError` when the
-    folder or its classes are not usable.
-
-    Images are the files with an image extension (torchvision ``ImageFolder``'s list) anywhere below a
-    class folder, nested folders included; hidden files and folders are skipped, and other files
-    (``notes.txt``, ``Thumbs.db``) are ignored and counted (``FolderReport.ignored``).
-    """
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
-        raise DataValidationError(
-            f"{show_path(split_dir)} does not exist. An ImageFolder root needs train/ and test/ folders, each with "
-            f"one sub-folder per class holding its images (e.g. {show_path(split_dir)}/cat/001.png)."
-        )
-    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not found:
-        raise DataValidationError(
-            f"{show_path(split_dir)} has no class folders; put each class's images in "
-            f"{show_path(split_dir)}/<class_name>/."
-        )
-    classes = classes or found
-    extra = sorted(set(found) - set(classes))
-    if extra:
-        raise DataValidationError(
-            f"{show_path(split_dir)} has classes that train/ does not: {_list(extra, 20)}. A model cannot learn a "
-            f"class it never sees; add training images for them under train/<class>/ or remove them from "
-            f"{show_path(split_dir)}."
-        )
-    files, ignored = [], []
-    for y, name in enumerate(classes):
-        cdir = split_dir / name
-        imgs, others = _walk_class(cdir) if cdir.is_dir() else ([], [])
-        ignored += others
-        files += [(p, y) for p in imgs]
-    if ignored:
-        log.info(
-            "ignored %d file(s) without an image extension in %s: %s",
-            len(ignored),
-            show_path(split_dir),
-            _list(ignored),
-        )
-    return FolderReport(classes, files, [], ignored, 0)
-
-
-def check_decoded(
-    split_dir: Path, report: FolderReport, corrupt: list[tuple[Path, str]], skip_corrupt: bool = False
-) -> FolderReport:
-    """``report`` with the files that did not decode (``corrupt``: ``(path, why)``) left out; raises
-    :class:`DataValidationError` for them unless ``skip_corrupt``, and for a training class left with no image."""
-    split_dir, bad = Path(split_dir), {p for p, _ in corrupt}
-    files = [(p, y) for p, y in report.files if p not in bad]
-    held = {y for _, y in files}
-    empty = [split_dir / c for y, c in enumerate(report.classes) if y not in held] if split_dir.name == "train" else []
-    if corrupt and not skip_corrupt:
-        raise DataValidationError(
-            f"{len(corrupt)} image(s) in {show_path(split_dir)} are corrupt or unreadable: "
-            f"{_list([why for _, why in corrupt], 3)}. Delete or re-export them, or set data.skip_corrupt: true "
-            f"to skip them (the count is logged)."
-        )
-    if corrupt:
-        log.warning(
-            "skipped %d corrupt image(s) in %s: %s",
-            len(corrupt),
-            show_path(split_dir),
-            _list([why for _, why in corrupt], 3),
-        )
-    if empty:
-        raise DataValidationError(
-            f"class folder(s) with no readable images: {_list(empty)}. Add images or delete the empty folder(s)."
-        )
-    return FolderReport(report.classes, files, [p for p, _ in corrupt], report.ignored, report.colour)
-
-
-def validate_split(split_dir: Path, skip_corrupt: bool = False, classes: list[str] | None = None) -> FolderReport:
-    """Check one split folder (:func:`list_split`) and decode each image with :func:`decode_image`: one that does
-    not decode stops the run, or is skipped with ``skip_corrupt``; a training class with no readable image stops
-    it. Raises :class:`DataValidationError` on the first kind of problem."""
-    rep, corrupt = list_split(split_dir, classes), []
-    for p, _ in rep.files:
-        try:
-            rep.colour += not is_grey(decode_image(p))
-        except ImageDecodeError as e:
-            corrupt.append((p, str(e)))
-    return check_decoded(split_dir, rep, corrupt, skip_corrupt)
-
-
-def validate_imagefolder(root: str | Path, skip_corrupt: bool = False) -> dict[str, FolderReport]:
-    """Validate ``root/train`` and ``root/test``; the test classes must be a subset of train's."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataValidationError(
-            f"data root {show_path(root)} does not exist; point data.source/data.target at an "
-            f"ImageFolder root or an embedded dataset name."
-        )
-    train = validate_split(root / "train", skip_corrupt)
-    test = validate_split(root / "test", skip_corrupt, classes=train.classes)
-    return {"train": train, "test": test}
 
 
 class ImageDataset(Dataset):
@@ -197,7 +57,7 @@ class ImageDataset(Dataset):
 
     def __getitems__(self, idx: list[int]) -> list:
         """A whole batch at once (the DataLoader calls this): one transform call for a batch-capable
-        transform such as :class:`ImageTransform`, else one per image."""
+        transform such as :class:`tlcore.transforms.ImageTransform`, else one per image."""
         if self.transform is not None and not getattr(self.transform, "batched", False):
             return [self[i] for i in idx]
         ii = torch.as_tensor(idx, dtype=torch.long)
@@ -288,152 +148,6 @@ def open_split(
     classes, targets = images.classes, torch.from_numpy(images.labels())
     held = images[np.arange(len(images))] if len(images) * channels * size * size <= memory_bytes else images
     return ImageDataset(held, targets, classes)
-
-
-def random_affine(
-    x: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float], shear: float
-) -> torch.Tensor:
-    """Apply an independent random affine warp to each image of a float batch ``(N, C, H, W)``.
-
-    Same parameter ranges as ``torchvision.transforms.v2.RandomAffine`` (rotation in
-    ``[-degrees, degrees]``, shift up to ``translate`` of the size, zoom in ``scale``, x-shear in
-    ``[-shear, shear]`` degrees), but one ``grid_sample`` for the whole batch instead of a Python
-    call per image: torchvision draws one set of parameters per call, so a batch would share it.
-    """
-    n, _, h, w = x.shape
-    dev = x.device
-
-    def u(lo, hi):
-        return torch.empty(n, device=dev).uniform_(lo, hi)
-
-    ang, sh = torch.deg2rad(u(-degrees, degrees)), torch.deg2rad(u(-shear, shear))
-    s = u(*scale)
-    cos, sin, tan = torch.cos(ang), torch.sin(ang), torch.tan(sh)
-    # forward map in pixel units: rotation @ shear @ zoom, then a shift
-    a = (
-        torch.stack([torch.stack([cos, cos * tan - sin], 1), torch.stack([sin, sin * tan + cos], 1)], 1)
-        * s[:, None, None]
-    )
-    t = torch.stack([u(-translate, translate) * w, u(-translate, translate) * h], 1)
-    # grid_sample wants the inverse map in normalised coords: D^-1 A^-1 D with D = diag(w/2, h/2)
-    d = torch.tensor([w / 2, h / 2], device=dev)
-    inv = torch.linalg.inv_ex(a).inverse  # never singular (zoom > 0, |shear| < 90 degrees); no device sync
-    theta = torch.cat([inv * (d[None, None, :] / d[None, :, None]), (-inv @ t[:, :, None]) / d[None, :, None]], 2)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def random_photo(
-    x: torch.Tensor,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    flip: float,
-    brightness: float,
-    contrast: float,
-    saturation: float,
-) -> torch.Tensor:
-    """Photo augmentation of a float batch ``(N, C, H, W)`` in [0, 1], independently per image: a random resized
-    crop (area ``scale`` of the image, aspect ratio in ``ratio``, resampled back to ``H`` x ``W``), a horizontal
-    flip with probability ``flip``, and colour jitter (brightness, contrast, saturation factors in
-    ``[1 - j, 1 + j]``, in that order, clamped to [0, 1] after each, as ``torchvision.transforms.v2``'s
-    ``RandomResizedCrop``, ``RandomHorizontalFlip`` and ``ColorJitter`` without hue).
-
-    One ``grid_sample`` for the crop and flip of the whole batch. Unlike torchvision, a crop that does not fit
-    is shrunk to fit rather than redrawn (torchvision retries 10 times, then takes the centre).
-    """
-    n, c, h, w = x.shape
-    dev = x.device
-
-    def u(lo, hi):
-        return torch.empty(n, device=dev).uniform_(lo, hi)
-
-    area = u(*scale)
-    logr = u(float(np.log(ratio[0])), float(np.log(ratio[1])))
-    cw = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)  # crop width, as a fraction of the image width
-    ch = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
-    cx, cy = (1 - cw) * u(-1, 1), (1 - ch) * u(-1, 1)  # the crop's centre, in grid_sample's [-1, 1] coords
-    sign = torch.where(torch.rand(n, device=dev) < flip, -1.0, 1.0)
-    zero = torch.zeros(n, device=dev)
-    theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    def factor(j):
-        return u(max(0.0, 1 - j), 1 + j)[:, None, None, None]
-
-    x = (x * factor(brightness)).clamp(0, 1)
-    grey = _luma(x)
-    x = ((x - grey.mean((1, 2, 3), keepdim=True)) * factor(contrast) + grey.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-    if c == 3:
-        grey = _luma(x)
-        x = ((x - grey) * factor(saturation) + grey).clamp(0, 1)
-    return x
-
-
-def _luma(x: torch.Tensor) -> torch.Tensor:
-    """Grey level ``(N, 1, H, W)`` of a batch: ITU-R 601 weights for RGB (as torchvision), the channel itself for
-    grey."""
-    if x.shape[1] == 1:
-        return x
-    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
-
-# Train-time augmentation profiles (``data.augment``): a mild affine warp for digits (a flip or a colour change
-# would make another digit or nothing), crops, flips and colour jitter for photos.
-AUGMENT = {
-    "digits": {"affine": dict(degrees=12.0, translate=0.1, scale=(0.85, 1.15), shear=8.0)},
-    "photo": {
-        "photo": dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.4, contrast=0.4, saturation=0.4)
-    },
-    "none": {},
-}
-
-
-class ImageTransform(torch.nn.Module):
-    """uint8 ``(C, H, W)`` or a batch ``(N, C, H, W)`` -> normalised float, with an optional per-image
-    random affine (:func:`random_affine`, digits) or photo augmentation (:func:`random_photo`) at train
-    time. Batch-capable (``batched = True``), so :class:`ImageDataset` transforms a whole DataLoader batch
-    in one call, and it runs on whatever device the batch is on (the engine applies a training loader's
-    transform on the training device, see :func:`device_transform`); the random draws come from that
-    device's default generator."""
-
-    batched = True
-
-    def __init__(self, mean, std, affine: dict | None = None, photo: dict | None = None):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.affine = affine
-        self.photo = photo
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        single = x.dim() == 3
-        x = x[None] if single else x
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        if self.affine:
-            x = random_affine(x, **self.affine)
-        if self.photo:
-            x = random_photo(x, **self.photo)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        return x[0] if single else x
-
-    def extra_repr(self) -> str:
-        return (
-            f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}, "
-            f"photo={self.photo}"
-        )
-
-
-def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "digits"):
-    """Per-backbone transform on uint8 tensors: (train-time) augmentation of profile ``augment`` (a key of
-    :data:`AUGMENT`: ``digits``, ``photo`` or ``none``), scale to [0,1], normalise with the spec's mean/std
-    (averaged over colour channels for grey input)."""
-    if augment not in AUGMENT:
-        raise ValueError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENT)}")
-    c = channels or spec.default_in_channels
-    mean = spec.mean if len(spec.mean) == c else (sum(spec.mean) / len(spec.mean),) * c
-    std = spec.std if len(spec.std) == c else (sum(spec.std) / len(spec.std),) * c
-    return ImageTransform(mean, std, **(AUGMENT[augment] if train else {}))
 
 
 @dataclass

@@ -256,7 +256,8 @@ def domain_task(
     ``synth_per_class`` training images per class with ``seed`` (as a target, ``synth_test_per_class``
     test images from a seed of its own, as the data stage does).
     """
-    from .data import ImageDataset, build_transform
+    from .data import ImageDataset
+    from .transforms import build_transform
 
     train_tf, eval_tf = build_transform(spec, True), build_transform(spec, False)
 

@@ -110,7 +110,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
     """Score every candidate; returns ``{"rows": [...] best first, "labeled": N, "labels_per_class": k,
     "score": the column the rows are ordered by}``. With 0 labels per class the rows hold the label-free
     validators on the unlabeled pool, ordered by ``validator`` (see the module docstring)."""
-    from tlcore import data, shards, transferability, validators
+    from tlcore import data, shards, transferability, transforms, validators
 
     set_torch_threads(params)
     device = device_for(params)
@@ -145,7 +145,7 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
                 b = data.label_budget_split(ds.targets.numpy(), k, params.base.seed, params.data.val_per_class)
                 splits[key] = ds.subset(pool_sample(b.unlabeled, params.base.seed) if k == 0 else b.labeled)
             images = splits[key]
-            images.transform = data.build_transform(spec, train=False, channels=channels)
+            images.transform = transforms.build_transform(spec, train=False, channels=channels)
             loader = data.make_loader(images, params.evaluate.batch_size, train=False)
             row = {"candidate": c.name, "arch": model.arch}
             if k == 0:

@@ -13,7 +13,7 @@ from tasks.project.files import read_json
 def load_domain(params: Params, role: str, arch: str, manifest: dict | None = None):
     """(train, test) :class:`ImageDataset` of a materialised domain as ``arch`` is fed in this run
     (:func:`tasks.modeling.model_input.input_spec`: size, channels, crop, normalisation; the role's augmentation)."""
-    from tlcore import data
+    from tlcore import data, transforms
 
     manifest = manifest or read_json(params.path("data", "manifest.json"))
     spec = input_spec(params, arch, manifest)
@@ -22,8 +22,8 @@ def load_domain(params: Params, role: str, arch: str, manifest: dict | None = No
     c = spec.default_in_channels
     tr = data.open_split(root / "train", spec.input_size, c, **kw)  # prepared by the data stage: streamed if big
     te = data.open_split(root / "test", spec.input_size, c, **kw)
-    tr.transform = data.build_transform(spec, train=True, augment=augment(params, role))
-    te.transform = data.build_transform(spec, train=False)
+    tr.transform = transforms.build_transform(spec, train=True, augment=augment(params, role))
+    te.transform = transforms.build_transform(spec, train=False)
     return tr, te
 
 

@@ -114,11 +114,11 @@ def classify(model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_siz
     that does not decode. Pixels come from :func:`tlcore.images.decode_image`, as the training data's do."""
     import torch
 
-    from tlcore import data
+    from tlcore import transforms
     from tlcore.images import ImageDecodeError, decode_image, show_path
 
     spec = spec_from_meta(meta)  # size, crop and normalisation as the model was trained with
-    tf = data.build_transform(spec, train=False, channels=meta["in_channels"])
+    tf = transforms.build_transform(spec, train=False, channels=meta["in_channels"])
     mode, classes = ("L" if meta["in_channels"] == 1 else "RGB"), meta["classes"]
     k = max(1, min(top_k, len(classes)))
     model.eval()

@@ -34,32 +34,33 @@ def _processes() -> int:
 def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
     """Shard ``src/{train,test}`` into ``dst/{train,test}`` (``dst`` replaced only when all went well);
     returns the manifest entry's splits and colour count."""
-    from tlcore import data, shards
+    from tlcore import folders, shards
+    from tlcore.images import show_path
 
-    reports = {"train": data.list_split(src / "train")}
-    reports["test"] = data.list_split(src / "test", reports["train"].classes)
+    reports = {"train": folders.list_split(src / "train")}
+    reports["test"] = folders.list_split(src / "test", reports["train"].classes)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         splits, colour = {}, 0
         for split, rep in reports.items():
-            where = data.show_path(src / split)
+            where = show_path(src / split)
             if rep.ignored:
                 say(
                     f"data: ignored {len(rep.ignored)} file(s) without an image extension in {where} "
-                    f"(e.g. {data.show_path(rep.ignored[0].name)})"
+                    f"(e.g. {show_path(rep.ignored[0].name)})"
                 )
             files = [
                 (
                     p,
                     y,
-                    f"{data.show_path(rep.classes[y])}/{data.show_path(p.relative_to(src / split / rep.classes[y]))}",
+                    f"{show_path(rep.classes[y])}/{show_path(p.relative_to(src / split / rep.classes[y]))}",
                 )
                 for p, y in rep.files
             ]
             t0 = time.perf_counter()
-            classes = [data.show_path(c) for c in rep.classes]  # a name that is not UTF-8: its odd bytes as \xNN
+            classes = [show_path(c) for c in rep.classes]  # a name that is not UTF-8: its odd bytes as \xNN
             index, bad = shards.write_split(files, classes, tmp / split, MAX_SIDE, processes=_processes())
-            rep = data.check_decoded(src / split, rep, bad, skip_corrupt)  # raises unless skip_corrupt
+            rep = folders.check_decoded(src / split, rep, bad, skip_corrupt)  # raises unless skip_corrupt
             if bad:
                 say(f"data: skipped {len(bad)} corrupt image(s) in {where}")
             took = time.perf_counter() - t0
@@ -79,12 +80,13 @@ def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"splits": splits, "colour": colour, "classes": [data.show_path(c) for c in reports["train"].classes]}
+    return {"splits": splits, "colour": colour, "classes": [show_path(c) for c in reports["train"].classes]}
 
 
 def prepare(params: Params) -> dict:
     """Prepare both domains into shards; returns the manifest."""
-    from tlcore import data, datasets
+    from tlcore import datasets
+    from tlcore.images import show_path
 
     manifest = {}
     for role, name in (("source", params.data.source), ("target", params.data.target)):
@@ -103,7 +105,7 @@ def prepare(params: Params) -> dict:
                 )
                 got = _prepare_tree(Path(tree) / "tree", dst, skip_corrupt=False)
         else:
-            say(f"data: preparing ImageFolder {data.show_path(name)} -> {dst}")
+            say(f"data: preparing ImageFolder {show_path(name)} -> {dst}")
             got = _prepare_tree(Path(name).expanduser(), dst, params.data.skip_corrupt)
         colour = got["colour"]
         manifest[role] = {

@@ -103,11 +103,11 @@ def label_free_scores(params: Params, model, meta: dict, pool, device) -> dict:
     unlabeled pool; a seeded sample of up to :data:`VALIDATOR_IMAGES`, as every label-free score reads it: SND
     compares every pair), and DEV on up to :data:`DEV_SOURCE_IMAGES` images of the source test split (held out
     from every training stage) when the model's classes are the source's."""
-    from tlcore import data, validators
+    from tlcore import data, transforms, validators
 
     spec = spec_from_meta(meta)  # as the model was trained: size, crop, channels, normalisation
     pool = pool.subset(pool_sample(np.arange(len(pool)), params.base.seed))
-    pool.transform = data.build_transform(spec, train=False)
+    pool.transform = transforms.build_transform(spec, train=False)
     batch = params.evaluate.batch_size
     feats, logits, _ = validators.features_and_logits(model, data.make_loader(pool, batch, train=False), device)
     src = data.open_split(
@@ -121,7 +121,7 @@ def label_free_scores(params: Params, model, meta: dict, pool, device) -> dict:
     )
     source = None
     if src.classes == meta["classes"] and len(src) >= 4:
-        src.transform = data.build_transform(spec, train=False)
+        src.transform = transforms.build_transform(spec, train=False)
         source = validators.features_and_logits(model, data.make_loader(src, batch, train=False), device)
     return validators.scores(logits, source, feats)
 

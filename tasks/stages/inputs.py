@@ -83,7 +83,7 @@ def folder_fingerprint(root: str | Path, cache: HashCache) -> dict:
     """``{split: {class: {file: sha256}}}`` of an ImageFolder root (files by path below their class folder);
     ``None`` for a missing split.
 
-    The same entries ``tlcore.data.validate_imagefolder`` reads (hidden names skipped): the data stage
+    The same entries ``tlcore.folders.validate_imagefolder`` reads (hidden names skipped): the data stage
     copies or rejects exactly these, so any change here may change its output and nothing else can."""
     root = Path(root).expanduser()
     cache.roots.add(os.path.abspath(root))

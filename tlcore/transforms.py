@@ -1,0 +1,159 @@
+"""Augmentation and normalisation of uint8 or float image batches, batched on whatever device they are on.
+
+:func:`build_transform` makes a backbone's :class:`ImageTransform`: scale to [0, 1], an optional train-time
+augmentation profile (:data:`AUGMENT`: :func:`random_affine` for digits, :func:`random_photo` for photos),
+then the backbone's normalisation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .models import ModelSpec
+
+
+def random_affine(
+    x: torch.Tensor, degrees: float, translate: float, scale: tuple[float, float], shear: float
+) -> torch.Tensor:
+    """Apply an independent random affine warp to each image of a float batch ``(N, C, H, W)``.
+
+    Same parameter ranges as ``torchvision.transforms.v2.RandomAffine`` (rotation in
+    ``[-degrees, degrees]``, shift up to ``translate`` of the size, zoom in ``scale``, x-shear in
+    ``[-shear, shear]`` degrees), but one ``grid_sample`` for the whole batch instead of a Python
+    call per image: torchvision draws one set of parameters per call, so a batch would share it.
+    """
+    n, _, h, w = x.shape
+    dev = x.device
+
+    def u(lo, hi):
+        return torch.empty(n, device=dev).uniform_(lo, hi)
+
+    ang, sh = torch.deg2rad(u(-degrees, degrees)), torch.deg2rad(u(-shear, shear))
+    s = u(*scale)
+    cos, sin, tan = torch.cos(ang), torch.sin(ang), torch.tan(sh)
+    # forward map in pixel units: rotation @ shear @ zoom, then a shift
+    a = (
+        torch.stack([torch.stack([cos, cos * tan - sin], 1), torch.stack([sin, sin * tan + cos], 1)], 1)
+        * s[:, None, None]
+    )
+    t = torch.stack([u(-translate, translate) * w, u(-translate, translate) * h], 1)
+    # grid_sample wants the inverse map in normalised coords: D^-1 A^-1 D with D = diag(w/2, h/2)
+    d = torch.tensor([w / 2, h / 2], device=dev)
+    inv = torch.linalg.inv_ex(a).inverse  # never singular (zoom > 0, |shear| < 90 degrees); no device sync
+    theta = torch.cat([inv * (d[None, None, :] / d[None, :, None]), (-inv @ t[:, :, None]) / d[None, :, None]], 2)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_photo(
+    x: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip: float,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+) -> torch.Tensor:
+    """Photo augmentation of a float batch ``(N, C, H, W)`` in [0, 1], independently per image: a random resized
+    crop (area ``scale`` of the image, aspect ratio in ``ratio``, resampled back to ``H`` x ``W``), a horizontal
+    flip with probability ``flip``, and colour jitter (brightness, contrast, saturation factors in
+    ``[1 - j, 1 + j]``, in that order, clamped to [0, 1] after each, as ``torchvision.transforms.v2``'s
+    ``RandomResizedCrop``, ``RandomHorizontalFlip`` and ``ColorJitter`` without hue).
+
+    One ``grid_sample`` for the crop and flip of the whole batch. Unlike torchvision, a crop that does not fit
+    is shrunk to fit rather than redrawn (torchvision retries 10 times, then takes the centre).
+    """
+    n, c, h, w = x.shape
+    dev = x.device
+
+    def u(lo, hi):
+        return torch.empty(n, device=dev).uniform_(lo, hi)
+
+    area = u(*scale)
+    logr = u(float(np.log(ratio[0])), float(np.log(ratio[1])))
+    cw = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)  # crop width, as a fraction of the image width
+    ch = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
+    cx, cy = (1 - cw) * u(-1, 1), (1 - ch) * u(-1, 1)  # the crop's centre, in grid_sample's [-1, 1] coords
+    sign = torch.where(torch.rand(n, device=dev) < flip, -1.0, 1.0)
+    zero = torch.zeros(n, device=dev)
+    theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def factor(j):
+        return u(max(0.0, 1 - j), 1 + j)[:, None, None, None]
+
+    x = (x * factor(brightness)).clamp(0, 1)
+    grey = _luma(x)
+    x = ((x - grey.mean((1, 2, 3), keepdim=True)) * factor(contrast) + grey.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+    if c == 3:
+        grey = _luma(x)
+        x = ((x - grey) * factor(saturation) + grey).clamp(0, 1)
+    return x
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """Grey level ``(N, 1, H, W)`` of a batch: ITU-R 601 weights for RGB (as torchvision), the channel itself for
+    grey."""
+    if x.shape[1] == 1:
+        return x
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+# Train-time augmentation profiles (``data.augment``): a mild affine warp for digits (a flip or a colour change
+# would make another digit or nothing), crops, flips and colour jitter for photos.
+AUGMENT = {
+    "digits": {"affine": dict(degrees=12.0, translate=0.1, scale=(0.85, 1.15), shear=8.0)},
+    "photo": {
+        "photo": dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.4, contrast=0.4, saturation=0.4)
+    },
+    "none": {},
+}
+
+
+class ImageTransform(torch.nn.Module):
+    """uint8 ``(C, H, W)`` or a batch ``(N, C, H, W)`` -> normalised float, with an optional per-image
+    random affine (:func:`random_affine`, digits) or photo augmentation (:func:`random_photo`) at train
+    time. Batch-capable (``batched = True``), so :class:`tlcore.data.ImageDataset` transforms a whole
+    DataLoader batch in one call, and it runs on whatever device the batch is on (the engine applies a training
+    loader's transform on the training device, see :func:`tlcore.data.device_transform`); the random draws come
+    from that device's default generator."""
+
+    batched = True
+
+    def __init__(self, mean, std, affine: dict | None = None, photo: dict | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.affine = affine
+        self.photo = photo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        single = x.dim() == 3
+        x = x[None] if single else x
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if self.affine:
+            x = random_affine(x, **self.affine)
+        if self.photo:
+            x = random_photo(x, **self.photo)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x[0] if single else x
+
+    def extra_repr(self) -> str:
+        return (
+            f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}, "
+            f"photo={self.photo}"
+        )
+
+
+def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "digits"):
+    """Per-backbone transform on uint8 tensors: (train-time) augmentation of profile ``augment`` (a key of
+    :data:`AUGMENT`: ``digits``, ``photo`` or ``none``), scale to [0,1], normalise with the spec's mean/std
+    (averaged over colour channels for grey input)."""
+    if augment not in AUGMENT:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENT)}")
+    c = channels or spec.default_in_channels
+    mean = spec.mean if len(spec.mean) == c else (sum(spec.mean) / len(spec.mean),) * c
+    std = spec.std if len(spec.std) == c else (sum(spec.std) / len(spec.std),) * c
+    return ImageTransform(mean, std, **(AUGMENT[augment] if train else {}))
