@@ -46,6 +46,7 @@ bench: install
 	$(PY) -m bench.throughput --backbone resnet18
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.selection
+	$(PY) -m bench.data_scale
 
 bench-quick: install
 	$(PY) -m bench.transfer --quick

@@ -5,11 +5,11 @@
     python -m bench.data_scale --quick              # 300 and 1,200 photos: a smoke run, into bench_out/
 
 For each size N, a folder of N synthetic 256 px JPEG photos (3 classes, 90 % train) goes through the real
-stages, each its own process as `dvc repro` runs it: ``data`` (prepare shards on all cores), ``pretrain`` and
-``finetune`` (resnet18 at 224, random init, 2 steps of 16 images each: memory, not accuracy, is measured) under
-Ray Train with one worker, and ``evaluate`` (streams the whole test split). Each stage's peak memory is the sum
-of the resident sets of its whole process tree (Ray's processes included), sampled every 0.2 s.
-Also measured: the data stage's images/s on 1 and 2 processes (the same 4,000 photos), and steady-state
+stages, each its own process as `dvc repro` runs it: ``data`` (prepare shards on all cores); ``pretrain``,
+``finetune`` and ``baselines`` (resnet18 at 224, random init, 2 steps of 16 images each: memory, not accuracy, is
+measured) under Ray Train with one worker; ``evaluate`` (streams the whole test split). Each stage's peak memory
+is the sum of the resident sets of its whole process tree (Ray's processes included), sampled every 0.2 s.
+Also measured: the data stage's images/s on 1 and 2 processes (the same 8,000 photos), and steady-state
 training images/s from a streamed split against the same split held in memory (resnet18 at 224, and the
 default digits model at 32).
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.docs import QUICK_DIR, machine, write_section
+from tlcore.shards import PARALLEL_FROM
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("red", "green", "blue")
@@ -145,7 +146,7 @@ def project_for(photos: Path, where: Path) -> Path:
 def stages_at(photos: Path, n: int, work: Path, env: dict) -> list[dict]:
     project = project_for(photos, work / f"project-{n}")
     rows = []
-    for stage in ("data", "pretrain", "finetune", "evaluate"):
+    for stage in ("data", "pretrain", "finetune", "baselines", "evaluate"):
         print(f"== {n:,} photos: {stage}", flush=True)
         r = run_stage(project, stage, env)
         print(f"   {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB {r['log']}", flush=True)
@@ -238,10 +239,10 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         "",
         f"`python -m bench.data_scale{' --quick' if quick else ''}` on {machine()}. A folder of N synthetic "
         "256 px JPEG photos (3 classes, 90 % train) through the real stages, each its own process: `data` "
-        "prepares tar shards on all cores; `pretrain` and `finetune` train resnet18 at 224 (random init, 2 "
-        "steps of 16: memory is measured, not accuracy) under Ray Train with one worker; `evaluate` streams "
-        "the whole test split. Peak memory: the summed resident sets of the stage's process tree, Ray's "
-        "processes included.",
+        "prepares tar shards on all cores; `pretrain`, `finetune` and `baselines` (scratch) train resnet18 at 224 "
+        "(random init, 2 steps of 16: memory is measured, not accuracy) under Ray Train with one worker; "
+        "`evaluate` streams the whole test split. Peak memory: the summed resident sets of the stage's process "
+        "tree, Ray's processes included (a page shared by several processes counts once for each: an upper bound).",
         "",
         "| photos | stage | wall time | peak memory (process tree) |",
         "|---|---|---|---|",
@@ -306,8 +307,8 @@ def main() -> None:
         photos = make_photos(work / f"photos-{n}", n)
         rows += stages_at(photos, n, work, env)
     first = make_photos(work / f"photos-{min(sizes)}", min(sizes))
-    prep_n = min(4000, int(min(sizes) * 0.9))
-    big = make_photos(work / "photos-prep", max(prep_n * 10 // 9 + 10, 100))
+    prep_n = PARALLEL_FROM if args.quick else 2 * PARALLEL_FROM  # enough for the data stage to use every core
+    big = make_photos(work / f"photos-{prep_n * 10 // 9 + 10}", prep_n * 10 // 9 + 10)
     prep = {"n": prep_n, **prep_throughput(big, work, prep_n)}
     cost = streaming_cost(first, work, args.quick)
     body = render(rows, prep, cost, args.quick)

@@ -121,3 +121,31 @@ def test_importing_the_project_writes_no_environment_variable():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
     changed = json.loads(out.stdout.strip().splitlines()[-1])
     assert changed == [], f"importing the project changed these environment variables: {changed}"
+
+
+def test_the_readme_layout_names_every_module_in_its_folder():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Layout") :]
+    block = block[block.index("```") + 3 :]
+    block = block[: block.index("```")]
+    entries, cur = {}, None
+    for line in block.splitlines():
+        head = re.match(r"^(\S+/)\s", line)
+        if head:
+            cur = head.group(1).rstrip("/")
+        if cur:
+            entries[cur] = entries.get(cur, "") + " " + line
+    missing = []
+    for folder in [
+        "tlcore",
+        *(f"tasks/{p.name}" for p in sorted((ROOT / "tasks").iterdir()) if (p / "__init__.py").exists()),
+    ]:
+        words = set(re.findall(r"[a-z_]+", entries.get(folder, "")))
+        missing += [
+            f"{folder}/{f.name}"
+            for f in sorted((ROOT / folder).glob("*.py"))
+            if f.stem != "__init__" and f.stem not in words
+        ]
+    assert missing == [], f"modules the README's Layout does not name: {missing}"
