@@ -8,7 +8,8 @@ For each size N, a folder of N synthetic 256 px JPEG photos (3 classes, 90 % tra
 stages, each its own process as `dvc repro` runs it: ``data`` (prepare shards on all cores); ``pretrain``,
 ``finetune`` and ``baselines`` (resnet18 at 224, random init, 2 steps of 16 images each: memory, not accuracy, is
 measured) under Ray Train with one worker; ``evaluate`` (streams the whole test split). Each stage's peak memory
-is the sum of the resident sets of its whole process tree (Ray's processes included), sampled every 0.2 s.
+is the sum of the proportional set sizes (PSS) of its whole process tree (Ray's processes included), sampled
+every 0.2 s.
 Also measured: the data stage's images/s on 1 and 2 processes (the same 8,000 photos), and steady-state
 training images/s from a streamed split against the same split held in memory (resnet18 at 224, and the
 default digits model at 32).
@@ -76,7 +77,9 @@ def make_photos(root: Path, n: int) -> Path:
 
 
 class PeakRSS:
-    """The peak of the summed resident set sizes of a process and all its descendants, sampled in a thread."""
+    """The peak of the summed proportional set sizes (PSS: a page shared by k processes counts 1/k in each) of a
+    process and all its descendants, sampled in a thread. Resident sets would count the pages a forked DataLoader
+    process shares with its parent twice."""
 
     def __init__(self, pid: int, every: float = 0.2):
         import psutil
@@ -96,7 +99,7 @@ class PeakRSS:
             total = 0
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    total += p.memory_full_info().pss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
@@ -241,8 +244,8 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         "256 px JPEG photos (3 classes, 90 % train) through the real stages, each its own process: `data` "
         "prepares tar shards on all cores; `pretrain`, `finetune` and `baselines` (scratch) train resnet18 at 224 "
         "(random init, 2 steps of 16: memory is measured, not accuracy) under Ray Train with one worker; "
-        "`evaluate` streams the whole test split. Peak memory: the summed resident sets of the stage's process "
-        "tree, Ray's processes included (a page shared by several processes counts once for each: an upper bound).",
+        "`evaluate` streams the whole test split. Peak memory: the summed proportional set sizes (PSS) of the "
+        "stage's process tree, Ray's processes included, sampled every 0.2 s.",
         "",
         "| photos | stage | wall time | peak memory (process tree) |",
         "|---|---|---|---|",
@@ -254,12 +257,14 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
     ft = {r["n"]: r["peak_gb"] for r in rows if r["stage"] == "finetune"}
     if len(ft) >= 2:
         lo, hi = min(ft), max(ft)
+        worst = max(ft, key=ft.get)
         lines += [
             "",
             f"`finetune`'s peak memory at {hi:,} photos is {ft[hi] / ft[lo]:.2f}x its peak at {lo:,} "
-            f"({ft[lo]:.2f} GB -> {ft[hi]:.2f} GB) for {hi / lo:.0f}x the photos: flat in N. "
-            f"Before, every stage decoded the split into one tensor and Ray shipped a copy to each "
-            f"worker (~0.43 GB more per 1,000 photos at 224).",
+            f"({ft[lo]:.2f} GB -> {ft[hi]:.2f} GB) for {hi / lo:.0f}x the photos. Its highest peak of any size "
+            f"is {ft[worst]:.2f} GB (at {worst:,} photos, {ft[worst] / ft[lo]:.2f}x): one run per size, so a "
+            "peak also carries the run-to-run spread of Ray's own processes. Before, every stage decoded the "
+            "split into one tensor and Ray shipped a copy to each worker (~0.43 GB more per 1,000 photos at 224).",
         ]
     lines += [
         "",
@@ -291,7 +296,15 @@ def main() -> None:
     ap.add_argument("--e2e", type=int, default=None, help="one more size, end to end (default 60,000)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="where photos and projects go (default: a temp dir)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
     args = ap.parse_args()
+    if args.render:
+        where = QUICK_DIR if args.quick else ROOT / "docs"
+        saved = json.loads((where / "data_scale.json").read_text())
+        prep = {k if k == "n" else int(k): v for k, v in saved["prep"].items()}  # JSON made the keys strings
+        body = render(saved["stages"], prep, saved["streaming_cost"], args.quick)
+        print(f"wrote {write_section('data-scale', body, **({'doc': where / 'benchmarks.md'} if args.quick else {}))}")
+        return
     sizes = args.sizes or ([300, 1200] if args.quick else [2000, 20000])
     e2e = args.e2e if args.e2e is not None else (0 if args.quick else 60000)
     work = args.work or Path(tempfile.mkdtemp(prefix="tl-data-scale-"))
