@@ -26,7 +26,7 @@ def code_hash(stage: str) -> str:
     try:
         files = stage_code_files(stage)
     except FileNotFoundError:  # a job that is not a stage (a benchmark, a test): all of the project's code
-        files = sorted((ROOT / "tasks").glob("*.py")) + sorted((ROOT / "tlcore").rglob("*.py"))
+        files = sorted((ROOT / "tasks").rglob("*.py")) + sorted((ROOT / "tlcore").rglob("*.py"))
     h = hashlib.sha256()
     for p in files:
         h.update(str(p.relative_to(ROOT)).encode())
