@@ -22,13 +22,12 @@ def _save(path, epoch, mtime):
     os.utime(path, (mtime, mtime))
 
 
-def test_latest_local_checkpoint_skips_one_cut_short_by_a_crash_and_never_reads_rays_layout(tmp_path):
+def test_latest_checkpoint_on_disk_skips_one_cut_short_by_a_crash(tmp_path):
     now = time.time()
-    _save(tmp_path / "local" / "epoch_0001" / "state.pt", 1, now - 30)
+    _save(tmp_path / "checkpoint_a" / "state.pt", 1, now - 30)
     _save(tmp_path / "local" / "epoch_0002" / "state.pt", 2, now - 20)
-    _save(tmp_path / "checkpoint_000009" / "state.pt", 9, now - 15)  # Ray's own: only Ray hands it back
     assert latest_on_disk(str(tmp_path))["epoch"] == 2
-    cut = tmp_path / "local" / "epoch_0003" / "state.pt"
+    cut = tmp_path / "checkpoint_b" / "state.pt"
     _save(cut, 3, now - 10)
     cut.write_bytes(cut.read_bytes()[:100])  # the crash came mid-write
     os.utime(cut, (now - 10, now - 10))

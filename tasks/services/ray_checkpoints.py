@@ -1,10 +1,4 @@
-"""A Ray Train run's checkpoints: reported every epoch by rank 0, found again when the run resumes.
-
-On a cluster (``ray.num_workers`` >= 1) the run resumes from the checkpoint Ray Train hands back
-(``ray.train.get_checkpoint()``: the latest it registered, restored by run name after a crash or Ctrl-C), so every
-rank resumes from the same one; Ray's storage layout is never read. Local mode keeps no checkpoints of its own, so
-rank 0 writes its last two under ``<run dir>/local/``, and a resumed local run reads the newest readable one.
-"""
+"""A Ray Train run's checkpoints: reported every epoch by rank 0, found again when the run resumes."""
 
 from __future__ import annotations
 
@@ -58,11 +52,11 @@ def load_state(checkpoint_dir: str | Path) -> dict:
 
 
 def latest_on_disk(run_dir: str | None) -> dict | None:
-    """The newest readable ``state.pt`` that local mode wrote under ``<run_dir>/local/`` (its own layout; a file cut
-    short by a crash is skipped)."""
+    """The newest readable ``state.pt`` under a local/shared run directory (Ray's or local mode's): a
+    checkpoint persisted just before a crash may not have reached Ray's controller yet."""
     if not run_dir or not Path(run_dir).is_dir():
         return None
-    files = sorted(Path(run_dir).glob("local/epoch_*/state.pt"))
+    files = sorted(Path(run_dir).glob("checkpoint_*/state.pt")) + sorted(Path(run_dir).glob("local/epoch_*/state.pt"))
     for f in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             return load_state(f.parent)
@@ -72,9 +66,12 @@ def latest_on_disk(run_dir: str | None) -> dict | None:
 
 
 def resume_state(ray_checkpoint, run_dir: str | None) -> dict | None:
-    """The state to resume from: the checkpoint Ray Train handed back (the same on every rank), or in local mode
-    the newest one local mode wrote; ``None`` to start fresh."""
+    """The state to resume from: Ray's checkpoint, or a newer one on disk; ``None`` to start fresh."""
+    state = None
     if ray_checkpoint is not None:
         with ray_checkpoint.as_directory() as d:
-            return load_state(d)
-    return latest_on_disk(run_dir)
+            state = load_state(d)
+    disk = latest_on_disk(run_dir)
+    if disk is not None and (state is None or disk["epoch"] > state["epoch"]):
+        state = disk
+    return state
