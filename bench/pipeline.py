@@ -61,12 +61,13 @@ def _seconds(cmd: list[str], repo: Path, env: dict) -> float:
 
 def _export(split_dir: Path, out: Path, n: int) -> list[Path]:
     """The first ``n`` images of a prepared split written out as files, as a user would pass them to tl predict."""
-    from tlcore.shards import ShardImages, SplitIndex
+    from tlcore.shards import ShardImages
 
-    images, index = ShardImages(split_dir, 1, 1), SplitIndex.load(split_dir)
+    images = ShardImages(split_dir, 1, 1)
     out.mkdir(parents=True)
     files = []
-    for i, name in enumerate(index.name[:n]):
+    for i in range(min(n, len(images))):
+        name = images.name(i)
         f = out / name.replace("/", "_")
         f.write_bytes(images.raw(i))
         files.append(f)

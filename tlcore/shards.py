@@ -191,7 +191,6 @@ def write_split(
     max_side: int,
     processes: int = 1,
     shard_bytes: int = SHARD_BYTES,
-    progress=None,
 ) -> tuple[SplitIndex, list]:
     """Prepare one split into ``split_dir`` (created empty): ``files`` are ``(path, label, name)`` in order.
     Returns the index and ``[(path, why), ...]`` of the files that did not decode (left out)."""
@@ -207,21 +206,13 @@ def write_split(
     if processes > 1 and len(jobs) > 1 and len(files) >= PARALLEL_FROM:
         with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(_write_shard, *j) for j in jobs]
-            results = []
             try:
-                for i, fut in enumerate(futures):
-                    results.append(fut.result())
-                    if progress:
-                        progress(i + 1, len(jobs))
+                results = [fut.result() for fut in futures]
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # do not write the other shards of a split that failed
                 raise
     else:
-        results = []
-        for i, j in enumerate(jobs):
-            results.append(_write_shard(*j))
-            if progress:
-                progress(i + 1, len(jobs))
+        results = [_write_shard(*j) for j in jobs]
     index, bad = SplitIndex(classes=list(classes), shards=names, max_side=max_side), []
     for s, res in enumerate(results):
         bad += [(Path(f), why) for f, why in res["bad"]]
@@ -351,9 +342,8 @@ class ShardImages:
         mode = "L" if self.channels == 1 else "RGB"
         try:
             return to_pixels(open_image(raw, "image"), mode, self.size, self.resize, self.interpolation)
-        except ImageDecodeError:  # decoded once when prepared: the shard changed since; name the file
-            to_pixels(open_image(raw, self.name(i)), mode, self.size, self.resize, self.interpolation, self.name(i))
-            raise
+        except ImageDecodeError as e:  # decoded once when prepared: the shard changed since; name the file
+            raise ImageDecodeError(self.name(i) + str(e).removeprefix("image")) from None
 
     def __getitem__(self, i):
         import torch

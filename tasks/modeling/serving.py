@@ -58,12 +58,13 @@ class StoredImage:
 
 def _stored(split_dir: Path, cls: str | None) -> Iterator[StoredImage]:
     """The images of a prepared split (of one class only, when ``cls`` is given), lazily, in split order."""
-    from tlcore.shards import ShardImages, SplitIndex
+    from tlcore.shards import ShardImages
 
-    images, index = ShardImages(split_dir, 1, 1), SplitIndex.load(split_dir)
-    for i, name in enumerate(index.name):
-        if cls is None or index.classes[index.label[i]] == cls:
-            yield StoredImage(f"{split_dir}/{name}", images, i)
+    images = ShardImages(split_dir, 1, 1)
+    labels = images.labels()
+    for i in range(len(images)):
+        if cls is None or images.classes[labels[i]] == cls:
+            yield StoredImage(f"{split_dir}/{images.name(i)}", images, i)
 
 
 def image_files(paths: list[Path]) -> Iterator[Path | StoredImage]:

@@ -91,9 +91,8 @@ def build_trainer(
     def loader(ds, train=True, size=bs):
         if ds is None or len(ds) == 0:
             return None
-        workers = job.loader_workers if train else None
-        if getattr(ds, "streamed", False) and not workers:
-            workers = None  # a streamed split: decoded by loader processes (tlcore.data.decode_workers)
+        # None: make_loader's default, loader processes for a streamed split (tlcore.data.decode_workers) only
+        workers = (job.loader_workers or None) if train else None
         dl = data.make_loader(
             ds,
             size,

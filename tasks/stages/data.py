@@ -11,12 +11,12 @@ colour, and a per-split content hash (names and original bytes).
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from tasks.modeling.hardware import local_cpus
 from tasks.project.config import Params
 from tasks.project.files import write_json
 from tasks.project.stage import say, stage_main
@@ -25,10 +25,6 @@ from tlcore.embedded import EMBEDDED
 # the shorter side of a stored image, at most: room for a random-resized crop at 448 px, a quarter of the
 # bytes of a 1024 px photo
 MAX_SIDE = 512
-
-
-def _processes() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
@@ -59,8 +55,8 @@ def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
             ]
             t0 = time.perf_counter()
             classes = [show_path(c) for c in rep.classes]  # a name that is not UTF-8: its odd bytes as \xNN
-            index, bad = shards.write_split(files, classes, tmp / split, MAX_SIDE, processes=_processes())
-            rep = folders.check_decoded(src / split, rep, bad, skip_corrupt)  # raises unless skip_corrupt
+            index, bad = shards.write_split(files, classes, tmp / split, MAX_SIDE, processes=local_cpus())
+            folders.check_decoded(src / split, rep, bad, skip_corrupt)  # raises unless skip_corrupt
             if bad:
                 say(f"data: skipped {len(bad)} corrupt image(s) in {where}")
             took = time.perf_counter() - t0
