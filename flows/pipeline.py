@@ -18,6 +18,24 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from tasks.project.env import always_changed_stages, dvc, stage_names
+from tasks.project.settings import settings
+
+
+class ProjectRefused(ValueError):
+    """A flow run asked for a project other than the one its worker was deployed for."""
+
+
+def project_repo(repo: str) -> str:
+    """``repo`` as an absolute path; where a worker was deployed for one project (``TL_PROJECT_DIR``, set by the
+    team stack and compose), only that one: anyone who may create a flow run must not pick which directory's
+    ``dvc.yaml`` the worker runs, with its credentials."""
+    path, allowed = Path(repo).resolve(), settings().project_dir
+    if allowed is not None and path != allowed.resolve():
+        raise ProjectRefused(
+            f"this worker runs only the project {allowed.resolve()} (TL_PROJECT_DIR), not {path}: nothing was run. "
+            f"Leave the flow's `repo` parameter at its default, or deploy a worker for that project."
+        )
+    return str(path)
 
 
 @task(name="stage", task_run_name="{stage}")
@@ -129,7 +147,7 @@ def transfer_pipeline(
     """
     from tasks.services.lock import project_lock
 
-    repo = str(Path(repo).resolve())
+    repo = project_repo(repo)
     with project_lock(repo, "transfer-pipeline flow"):  # re-entrant under `tl run --prefect` and `retrain`
         return _pipeline(
             repo, strategy, labels_per_class, backbone, finetune_epochs, num_workers, overrides, force, push

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.states import Completed
 
-from .pipeline import run_stage, transfer_pipeline
+from .pipeline import project_repo, run_stage, transfer_pipeline
 
 
 @task(name="champion-data-hash", retries=2, retry_delay_seconds=[2, 10])
@@ -28,7 +28,7 @@ def retrain(repo: str = ".", force: bool = False):
     """Re-materialise / re-validate the data; run ``transfer_pipeline`` only when it changed."""
     from tasks.services.lock import project_lock
 
-    repo = str(Path(repo).resolve())
+    repo = project_repo(repo)
     with project_lock(repo, "retrain flow"):  # a scheduled run never overlaps a `tl run` in the same project
         return _retrain(repo, force)
 

@@ -22,7 +22,17 @@ from tasks.project.env import free_port
 
 pytestmark = pytest.mark.slow
 PORTS = ("MLFLOW_PORT", "S3_PORT", "PREFECT_PORT", "RAY_PORT", "RAY_DASHBOARD_PORT")
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 MODEL = "digits-transfer"
+
+
+def _exports(text: str) -> dict[str, str]:
+    import shlex
+
+    return {
+        k: shlex.split(v)[0] if v else ""
+        for k, v in (ln.removeprefix("export ").split("=", 1) for ln in text.splitlines() if ln.startswith("export "))
+    }
 
 
 def tl(*args, cwd, extra_env=None, check=True, **kw):
@@ -49,11 +59,9 @@ def stack(tmp_path_factory):
     t0 = time.monotonic()
     up = tl("stack", "up", "--env-file", ROOT / "infra" / "stack.env", cwd=repo, extra_env=ports, timeout=300)
     up_s = time.monotonic() - t0
-    env = {
-        ln.removeprefix("export ").split("=", 1)[0]: ln.split("=", 1)[1]
-        for ln in up.stdout.splitlines()
-        if ln.startswith("export ")
-    }
+    env = _exports(tl("stack", "env", cwd=repo).stdout)  # a new shell: no port in its environment
+    for k in SECRETS:  # made for this stack, and never printed by `up`
+        assert env[k] and env[k] not in up.stdout + up.stderr and env[k] not in ("minio", "minio-secret"), k
     try:
         sh("dvc", "remote", "add", "-d", "team", "s3://dvc/project", cwd=repo)
         sh("dvc", "remote", "modify", "team", "endpointurl", env["AWS_ENDPOINT_URL"], cwd=repo)
@@ -63,10 +71,23 @@ def stack(tmp_path_factory):
         tl("stack", "down", cwd=repo, check=False)
 
 
-def _client(env):
+def _client(env, monkeypatch):
     from mlflow import MlflowClient
 
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # read by the client at each request
+        monkeypatch.setenv(k, env[k])
     return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+def _status(url: str, headers: dict | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def _s3(env):
@@ -92,13 +113,28 @@ def test_stack_up_is_healthy_and_idempotent(stack):
         with urllib.request.urlopen(url, timeout=5) as r:
             assert r.status == 200, url
     assert {b["Name"] for b in _s3(env).list_buckets()["Buckets"]} >= {"dvc", "mlflow", "ray-checkpoints"}
+    # only the stack's owner gets in: every service refuses a request without this stack's credentials
+    import botocore.exceptions
+
+    with pytest.raises(botocore.exceptions.ClientError):
+        _s3({**env, "AWS_SECRET_ACCESS_KEY": "wrong"}).list_buckets()
+    assert _status(env["MLFLOW_TRACKING_URI"] + "/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    assert _status(env["PREFECT_API_URL"] + "/flows/filter") in (401, 405)
+    assert _status(env["PREFECT_API_URL"] + "/deployments/") == 401
+    assert _status(env["TL_RAY_ADDRESS"] + "/api/jobs/") == 401
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert _status(env["TL_RAY_ADDRESS"] + "/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
+    st = repo / ".tlstack"
+    assert st.stat().st_mode & 0o777 == 0o700
+    for f in ("secrets.env", "env", "ray_token", "mlflow_auth.ini"):
+        assert (st / f).stat().st_mode & 0o777 == 0o600, f
     again = tl("stack", "up", cwd=repo, extra_env=env, timeout=60)  # a second `up` starts nothing
     assert again.stderr.count("already running") == 5, again.stderr
     assert json.loads((repo / ".tlstack" / "state.json").read_text()) == state
-    assert (repo / ".tlstack" / "env").read_text() == again.stdout
+    assert _exports((repo / ".tlstack" / "env").read_text()) == {k: v for k, v in env.items() if k not in PORTS}
 
 
-def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
+def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path, monkeypatch):
     """Two `tl submit` jobs at once with different -S: both succeed; two new versions in the MLflow server, the
     later gated against the earlier; both jobs' data and models in the S3 remote; no submitter secret in what
     Ray shows; a fresh clone with only the stack's URLs and keys pulls them and loads the champion."""
@@ -176,7 +212,7 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
         assert s not in seen and all(s not in lg for lg in logs.values())
 
     # the shared registry: two versions, the later gated against the earlier, aliases agree with the gate
-    c = _client(env)
+    c = _client(env, monkeypatch)
     vs = sorted(c.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
     assert [v.version for v in vs] == ["1", "2"]
     v1, v2 = vs
@@ -208,34 +244,59 @@ def test_two_concurrent_jobs_share_registry_and_remote(stack, tmp_path):
         assert md5s and all(f"project/files/md5/{m[:2]}/{m[2:]}" in keys for m in md5s), (v.version, md5s)
 
     # a fresh clone, with only the stack's URLs and keys: `dvc pull` the champion's lineage, load the champion
-    fresh = tmp_path / "fresh"
-    sh("git", "clone", "-q", repo, fresh, cwd=tmp_path)
-    (fresh / "dvc.lock").write_bytes(locks[champion].read_bytes())
+    _fresh_clone_pulls_and_predicts(repo, env, tmp_path / "fresh", locks[champion], vs[int(champion) - 1])
+
+
+def _fresh_clone_pulls_and_predicts(repo: Path, env: dict, fresh: Path, lock: Path, version) -> None:
+    """A fresh clone with only the stack's addresses and keys (no port variable, no cache) pulls ``version``'s data
+    and model from the S3 remote (its ``dvc.lock``), and ``tl predict --model`` downloads and runs it."""
+    sh("git", "clone", "-q", repo, fresh, cwd=fresh.parent)
+    (fresh / "dvc.lock").write_bytes(lock.read_bytes())
     only_stack = {k: v for k, v in env.items() if k not in PORTS}
     pulled = sh("dvc", "pull", cwd=fresh, extra_env=only_stack)
     assert (fresh / "models" / "finetuned.pt").is_file(), pulled.stdout
     assert (
         hashlib.sha256((fresh / "models" / "finetuned.pt").read_bytes())
         .hexdigest()
-        .startswith(vs[int(champion) - 1].tags["model_sha256"])
+        .startswith(version.tags["model_sha256"])
     )
     test = json.loads((fresh / "data/target/test/index.json").read_text())
     first = f"data/target/test/{test['name'][0]}"  # the pulled shards, read by tl predict
-    pred = tl("predict", first.rsplit("/", 1)[0], cwd=fresh, extra_env=only_stack).stdout.strip().splitlines()
-    assert pred[0].split("\t")[0].endswith(first) and all(len(p.split("\t")) == 3 for p in pred), pred
+    pred = tl(
+        "predict", "--model", f"{MODEL}/{version.version}", first.rsplit("/", 1)[0], cwd=fresh, extra_env=only_stack
+    )
+    lines = pred.stdout.strip().splitlines()
+    assert lines[0].split("\t")[0].endswith(first) and all(len(p.split("\t")) == 3 for p in lines), pred
+
+
+_CSRF: dict[str, dict] = {}
 
 
 def _api(env, path: str, body: dict | None = None, method: str = "POST"):
-    """One call to the stack's Prefect REST API, retried as Prefect's own client retries: the server answers 503
-    (or 429) for errors a client may retry, such as its sqlite database being busy."""
+    """One call to the stack's Prefect REST API, as Prefect's own client makes it: with the stack's auth string and,
+    for a change, a CSRF token; retried as the client retries, since the server answers 503 (or 429) for errors a
+    client may retry, such as its sqlite database being busy."""
+    import base64
     import urllib.error
     import urllib.request
 
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": "Basic " + base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode(),
+    }
+    if method != "GET":
+        url = env["PREFECT_API_URL"]
+        if url not in _CSRF:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"{url}/csrf-token?client=tl-tests", headers=headers), timeout=10
+            ) as r:
+                _CSRF[url] = {"Prefect-Csrf-Token": json.loads(r.read())["token"], "Prefect-Csrf-Client": "tl-tests"}
+        headers.update(_CSRF[url])
     req = urllib.request.Request(
         env["PREFECT_API_URL"] + path,
         method=method,
         data=None if method == "GET" else json.dumps(body or {}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
     )
     for attempt in range(10):
         try:
@@ -268,9 +329,10 @@ def _wait_finished(env, deployment: str, timeout_s: float, auto_scheduled: bool 
     raise AssertionError(f"{count} {deployment} run(s) did not finish within {timeout_s} s: {_runs(env, deployment)}")
 
 
-def test_prefect_deployments_run_on_the_stack_worker(stack):
+def test_prefect_deployments_run_on_the_stack_worker(stack, monkeypatch, tmp_path):
     """prefect.yaml deploys to the stack's Prefect server; its process worker runs a `transfer-pipeline`
-    deployment run (registering into the stack's MLflow, pushing to its S3 remote), then a scheduled `retrain`
+    deployment run (registering into the stack's MLflow, pushing to its S3 remote), and refuses a run asked to work
+    in another directory; then a scheduled `retrain`
     (every 10 s here, then paused) fires and completes: the data did not change, so it has nothing to do. Two runs
     due at once run one after the other (prefect.yaml's concurrency limit queues the second) rather than fail."""
     repo, env, _ = stack
@@ -282,7 +344,20 @@ def test_prefect_deployments_run_on_the_stack_worker(stack):
     (run,) = _wait_finished(env, "transfer-pipeline", 400)
     assert run["state_type"] == "COMPLETED", run
     print(f"transfer-pipeline deployment run: {time.monotonic() - t0:.1f} s")
-    c = _client(env)
+    # whoever may create a flow run cannot point the worker at another directory's dvc.yaml
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "dvc.yaml").write_text(f"stages:\n  own:\n    cmd: touch {other / 'pwned'}\n")
+    dep = _api(env, "/deployments/filter", {"deployments": {"name": {"any_": ["transfer-pipeline"]}}})[0]["id"]
+    rid = _api(env, f"/deployments/{dep}/create_flow_run", {"parameters": {"repo": str(other)}})["id"]
+    deadline = time.time() + 120
+    while (refused := _api(env, f"/flow_runs/{rid}", method="GET"))["state_type"] not in FINAL:
+        assert time.time() < deadline, refused
+        time.sleep(2)
+    assert refused["state_type"] in ("FAILED", "CRASHED"), refused
+    assert "runs only the project" in (refused["state"]["message"] or ""), refused["state"]
+    assert not (other / "pwned").exists()
+    c = _client(env, monkeypatch)
     reg = json.loads((repo / "reports" / "registration.json").read_text())
     assert reg["tracking_uri"] == env["MLFLOW_TRACKING_URI"] and c.get_model_version(MODEL, str(reg["version"]))
     # the nightly schedule, made every 10 s (a cron waits for the next minute): the worker picks it up and the
@@ -350,3 +425,45 @@ def _cmd(p: Path) -> str:
         return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_stack_up_again_keeps_models_data_and_credentials(stack, tmp_path, monkeypatch):
+    """The drill: after `tl stack down` (the test above), `tl stack up` again: the same credentials, the registry
+    lists the champion, its model file downloads through MLflow from the persisted S3 store, and a fresh clone's
+    `dvc pull` gets the champion's data and model."""
+    repo, env, _ = stack
+    t0 = time.monotonic()
+    up = tl("stack", "up", cwd=repo, extra_env={k: env[k] for k in PORTS}, timeout=300)
+    print(f"tl stack up again: {time.monotonic() - t0:.1f} s")
+    assert "already running" not in up.stderr
+    again = _exports(tl("stack", "env", cwd=repo).stdout)
+    assert again == {k: v for k, v in env.items() if k not in PORTS}  # the same keys: the kept data still opens
+    c = _client(env, monkeypatch)
+    champ = c.get_model_version_by_alias(MODEL, "champion")
+    d = c.download_artifacts(champ.run_id, "lineage", str(tmp_path / "lineage"))
+    _fresh_clone_pulls_and_predicts(repo, env, tmp_path / "fresh", Path(d) / "dvc.lock", champ)
+
+
+def test_stack_up_refuses_a_port_answered_by_another_process(tmp_path):
+    """A process squatting on the MLflow port would receive models and credentials: `up` names it and refuses,
+    before it starts anything (the check is repeated while each server starts)."""
+    squatter = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        port = int(squatter.stdout.readline().split(" port ")[1].split()[0])
+        ports = {k: str(free_port()) for k in PORTS} | {"MLFLOW_PORT": str(port)}
+        env_file = ROOT / "infra" / "stack.env"
+        out = tl(
+            "stack", "up", "--env-file", env_file, "--dir", tmp_path / "st", cwd=ROOT, extra_env=ports, check=False
+        )
+        assert out.returncode != 0
+        assert f"127.0.0.1:{port} for mlflow is answered by pid {squatter.pid}" in out.stderr, out.stderr
+        assert squatter.poll() is None
+        assert not (tmp_path / "st" / "state.json").exists()  # nothing started, nothing recorded
+        assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(tmp_path / "st") in _cmd(p)]
+    finally:
+        squatter.kill()

@@ -532,10 +532,10 @@ def logs(
 stack_app = typer.Typer(
     no_args_is_help=True,
     help="The shared stack on this machine: S3 object store, MLflow server, "
-    "Prefect server + worker, Ray head (ports and credentials in infra/stack.env).",
+    "Prefect server + worker, Ray head (ports in infra/stack.env; credentials made per stack in .tlstack/).",
 )
 app.add_typer(stack_app, name="stack")
-_ENV_FILE = typer.Option(None, "--env-file", help="ports and credentials (default: infra/stack.env)")
+_ENV_FILE = typer.Option(None, "--env-file", help="ports and bucket names (default: infra/stack.env)")
 _STATE = typer.Option(None, "--dir", help="state, logs and pids (default: .tlstack/ in the project)")
 
 
@@ -545,21 +545,24 @@ def stack_up(
     state: Path | None = _STATE,
     timeout: float = typer.Option(180, help="seconds to wait for each server"),
 ):
-    """Start the stack (only what is not running yet) and wait until every server answers; print the lines to
-    export (also written to .tlstack/env: `eval "$(tl stack env)"`)."""
-    from tasks.services.stack import StackError, up
+    """Start the stack (only what is not running yet) and wait until every server answers from the process it
+    started; print its addresses (no secret: `eval "$(tl stack env)"` exports them with the credentials)."""
+    from tasks.services.stack import SECRETS_FILE, STATE_DIR, StackError, up
     from tasks.services.tracking import project_root
 
     try:
         env = up(project_root(), env_file, state, timeout, say=lambda m: typer.echo(m, err=True))
     except StackError as e:
         _fail(e)
-    typer.echo("".join(f"export {k}={v}\n" for k, v in env.items()), nl=False)
+    typer.echo("".join(f"{k}={v}\n" for k, v in env.items()), nl=False)
+    where = (state or project_root() / STATE_DIR).resolve()
+    typer.echo(f'credentials: {where / SECRETS_FILE} (0600); to use the stack: eval "$(tl stack env)"', err=True)
 
 
 @stack_app.command("down")
 def stack_down(state: Path | None = _STATE):
-    """Stop what `tl stack up` started (the recorded processes, nothing else). Data kept in .tlstack/ stays."""
+    """Stop what `tl stack up` started (the recorded processes, nothing else). The data, databases and
+    credentials in .tlstack/ stay for the next `tl stack up`."""
     from tasks.services.stack import down
     from tasks.services.tracking import project_root
 
@@ -568,15 +571,22 @@ def stack_down(state: Path | None = _STATE):
 
 @stack_app.command("env")
 def stack_env(env_file: Path | None = _ENV_FILE, state: Path | None = _STATE):
-    """Print the lines to export to use the stack (`eval "$(tl stack env)"`)."""
-    from tasks.services.stack import StackError, default_env_file, export_lines, settings, status
+    """Print the lines to export to use the stack, credentials included (`eval "$(tl stack env)"`)."""
+    from tasks.services.stack import STATE_DIR, StackError, default_env_file, export_lines, settings, status
     from tasks.services.tracking import project_root
 
     root = project_root()
-    if not any(status(root, state).values()):
+    where = (state or root / STATE_DIR).resolve()
+    if not any(status(root, where).values()):
         typer.secho("warning: the stack is not running here (`tl stack up`)", fg="yellow", err=True)
+    if env_file is None and (where / "env").is_file():  # what the running stack was started with (ports too)
+        typer.echo((where / "env").read_text(), nl=False)
+        return
     try:
-        typer.echo(export_lines(settings(env_file or default_env_file(root, state))), nl=False)
+        s = settings(env_file or default_env_file(root, where), where)
+        if "AWS_SECRET_ACCESS_KEY" not in s:
+            raise StackError(f"no stack credentials under {where} yet: `tl stack up` makes them")
+        typer.echo(export_lines(s), nl=False)
     except StackError as e:
         _fail(e)
 
