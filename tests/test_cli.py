@@ -102,10 +102,27 @@ def test_submit_refuses_local_registry_and_remote_before_any_connection(tmp_path
     hidden = _project(tmp_path / "h", "/mnt/x", "['remote \"team\"']\n    url = s3://dvc/p\n")
     with pytest.raises(SubmitRefused, match="config.local is not shipped"):
         check_stores(hidden)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret@mlflow:5000")
-    with pytest.raises(SubmitRefused, match="contains a password") as err:
-        check_stores(team)
-    assert "s3cret" not in str(err.value)
+    for uri, what in (
+        ("http://alice:s3cret@mlflow:5000", "user info"),
+        ("https://s3cret@mlflow:5000", "user info"),  # a token as the user name
+        ("https://mlflow:5000/?access_token=s3cret", "access_token"),
+    ):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(SubmitRefused, match=f"contains a credential \\({what}\\)") as err:
+            check_stores(team)
+        assert "s3cret" not in str(err.value)
+
+
+def test_records_keep_no_credential_of_a_tracking_uri():
+    """What registration.json, tags and messages keep of a tracking URI: the address, never its secrets."""
+    from tasks.services.tracking import public_uri, uri_secrets
+
+    assert public_uri("http://alice:pw@mlflow:5000/x") == "http://mlflow:5000/x"
+    assert public_uri("https://tok@db.example/api?workspace=3&Token=abc&X-Amz-Signature=f") == (
+        "https://db.example/api?workspace=3"
+    )
+    assert public_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert uri_secrets("http://mlflow:5000?run=1") == []
 
 
 def test_only_code_is_shipped(tmp_path):

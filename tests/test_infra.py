@@ -87,54 +87,67 @@ def test_dockerfile_and_compose_consistent():
 
 
 def test_compose_kuberay_and_local_stack_share_env_names_images_and_credentials():
-    """One env file (infra/stack.env) for `tl stack up`, compose and the KubeRay secret: every variable compose
-    interpolates is in it, the services that hold credentials read it, the object store's keys are its AWS keys,
-    the buckets are its buckets; the Ray pods run the same image in compose and KubeRay, and get the addresses
-    under the names `tl stack env` exports and the credentials from the secret made from that file."""
+    """One env file (infra/stack.env) of ports and bucket names for `tl stack up`, compose and the KubeRay
+    manifests, and no credential in it or in any committed file: compose takes every credential from a
+    secrets env file (`${KEY:?...}`: it refuses to start without one), publishes ports only on TL_STACK_HOST,
+    and every service asks for credentials (Prefect's auth string with CSRF, MLflow's basic-auth app, MinIO's
+    keys, Ray's token); the Ray pods run the same image in compose and KubeRay, with token auth, the addresses
+    under the names `tl stack env` exports and the credentials from a secret."""
     from tasks.project.env import read_env_file
-    from tasks.services.stack import client_env, settings
+    from tasks.services.stack import SECRET_KEYS, client_env, public_env, settings
 
     env_file = INFRA / "stack.env"
     keys = set(read_env_file(env_file))
-    local = settings(env_file)
-    assert set(local) == keys and set(client_env(local)) >= {
-        "MLFLOW_TRACKING_URI",
-        "PREFECT_API_URL",
-        "AWS_ENDPOINT_URL",
-        "MLFLOW_S3_ENDPOINT_URL",
-    }
+    assert not keys & {*SECRET_KEYS, "RAY_AUTH_TOKEN", "POSTGRES_PASSWORD"}  # no credential is committed
+    local = settings(env_file) | dict.fromkeys(SECRET_KEYS, "x") | {"RAY_AUTH_TOKEN_PATH": "/t"}
+    assert set(settings(env_file)) == keys
+    secret_names = set(client_env(local)) - set(public_env(local))
+    assert secret_names == set(SECRET_KEYS)
     text = (INFRA / "compose.yaml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
     used = set(re.findall(r"\$\{(\w+)\}", text)) | set(re.findall(r"\$\$(\w+)", text))
-    assert used and used <= keys, used - keys
+    secrets_ = {*SECRET_KEYS, "RAY_AUTH_TOKEN", "POSTGRES_PASSWORD"}
+    assert required == secrets_, required ^ secrets_  # each credential from the secrets file, required
+    assert used and used <= keys | secrets_, used - keys - secrets_
     svc = yaml.safe_load(text)["services"]
+    for name, s in svc.items():
+        for port in s.get("ports", []):
+            assert port.startswith("${TL_STACK_HOST}:"), (name, port)  # never all interfaces by default
+    assert svc["prefect"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    assert svc["prefect"]["environment"]["PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED"] == "true"
+    assert "--app-name basic-auth" in svc["mlflow"]["command"]
+    ini = svc["mlflow"]["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    assert f"./mlflow_auth.ini:{ini}:ro" in svc["mlflow"]["volumes"] and (INFRA / "mlflow_auth.ini").is_file()
     for name in ("minio", "buckets", "mlflow", "ray-head", "worker"):
         assert svc[name]["env_file"] == "stack.env", name
-    assert svc["minio"]["environment"] == {
-        "MINIO_ROOT_USER": "${AWS_ACCESS_KEY_ID}",
-        "MINIO_ROOT_PASSWORD": "${AWS_SECRET_ACCESS_KEY}",
-    }
+    assert svc["minio"]["environment"]["MINIO_ROOT_USER"].startswith("${AWS_ACCESS_KEY_ID:?")
     assert "$$DVC_BUCKET" in svc["buckets"]["entrypoint"] and "$$RAY_BUCKET" in svc["buckets"]["entrypoint"]
-    addresses = set(client_env(local)) - {
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_DEFAULT_REGION",
+    addresses = set(public_env(local)) - {
         "TL_RAY_ADDRESS",
         "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN_PATH",
+        "AWS_DEFAULT_REGION",
     }
-    assert addresses <= set(svc["ray-head"]["environment"]) and addresses <= set(svc["worker"]["environment"])
+    addresses -= {"MLFLOW_TRACKING_USERNAME"}
+    for name in ("ray-head", "worker"):
+        env = svc[name]["environment"]
+        assert addresses <= set(env) and set(SECRET_KEYS) <= set(env), name
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+    assert svc["worker"]["environment"]["TL_PROJECT_DIR"] == "/app"  # its flows run that project only
     images = {svc["ray-head"]["image"], svc["worker"]["image"]}
     for f in ("raycluster.yaml", "rayjob.yaml"):
         raw = (INFRA / "k8s" / f).read_text()
-        assert "--from-env-file=infra/stack.env" in raw, f
+        assert "--from-env-file=infra/stack.env" not in raw, f
         doc = yaml.safe_load(raw)
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["authOptions"] == {"mode": "token"}, f
         pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
         for pod in pods:
             for c in pod["spec"]["containers"]:
                 images.add(c["image"])
                 assert c["envFrom"] == [{"secretRef": {"name": "transfer-pipeline-env"}}], f
                 assert addresses <= {e["name"] for e in c["env"]}, f
-                assert not keys & {e["name"] for e in c["env"]}  # credentials never inline
+                assert not secrets_ & {e["name"] for e in c["env"]}  # credentials never inline
     assert images == {"transfer-pipeline:latest"}
 
 

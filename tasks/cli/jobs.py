@@ -105,13 +105,13 @@ def check_stores(root: Path, allow_local: bool = False) -> dict:
     Raises :class:`SubmitRefused` (one paragraph) when the registry is a local file or the DVC remote a local
     path (or missing) and ``allow_local`` is false; also when a forwarded address embeds a password, since
     it would travel in the job's visible environment."""
-    from tasks.services.tracking import tracking_uri
+    from tasks.services.tracking import tracking_uri, uri_secrets
 
     for k in PASS_ENV:
-        if urlsplit(os.environ.get(k, "")).password:
+        if found := uri_secrets(os.environ.get(k, "")):
             raise SubmitRefused(
-                f"{k} contains a password; it would be shown to anyone who can list the cluster's "
-                f"jobs. Give the cluster its credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or a "
+                f"{k} contains a credential ({', '.join(found)}); it would be shown to anyone who can list the "
+                f"cluster's jobs. Give the cluster its credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or a "
                 f"token in a Kubernetes secret or --env-file-on-cluster) and set {k} without them."
             )
     uri = tracking_uri(root)

@@ -11,7 +11,7 @@ from pathlib import Path
 from tasks.modeling.checkpoints import load_checkpoint
 from tasks.modeling.model_input import spec_from_meta
 from tasks.services.registry import RegistryError, model_file, snapshot
-from tasks.services.tracking import tracking_uri
+from tasks.services.tracking import public_uri, tracking_uri
 
 
 def load_version(name: str, v) -> tuple:
@@ -39,7 +39,7 @@ def load_model(name: str, alias: str | None = "champion", version: int | None = 
         return load_alias(name, alias or "champion")
     entry = snapshot(name)["versions"].get(str(version))
     if entry is None:
-        raise RegistryError(f"{name} has no version {version} in {tracking_uri()}; see `tl models`.")
+        raise RegistryError(f"{name} has no version {version} in {public_uri(tracking_uri())}; see `tl models`.")
     return load_checkpoint(model_file(name, entry))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tasks.project.files import file_sha256, write_json
 from tasks.services.lock import project_lock
-from tasks.services.tracking import client, project_root, sqlite_path, tracking_uri, version_by_alias
+from tasks.services.tracking import client, project_root, public_uri, sqlite_path, tracking_uri, version_by_alias
 
 CACHE_DIR = ".tlcache"
 
@@ -140,7 +140,7 @@ def versions(name: str) -> list[dict]:
     rows = snapshot(name)["rows"]
     if not rows:
         raise RegistryError(
-            f"no registered model named {name!r} in the tracking store {tracking_uri()}; "
+            f"no registered model named {name!r} in the tracking store {public_uri(tracking_uri())}; "
             f"run the pipeline first (tl run)."
         )
     return rows

@@ -36,6 +36,31 @@ def tracking_uri(project: str | Path | None = None) -> str:
     return uri
 
 
+SECRET_QUERY = ("token", "key", "secret", "password", "passwd", "pwd", "sig", "signature", "credential", "auth")
+
+
+def uri_secrets(uri: str) -> list[str]:
+    """What in ``uri`` would be a credential: its user info (``user:password@``, or a token as the user name, as
+    in ``https://TOKEN@host``) and query parameters named like one (``?token=``, ``X-Amz-Signature=`` ...)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(uri)
+    found = ["user info"] if "@" in parts.netloc else []
+    found += [k for k, _ in parse_qsl(parts.query) if any(w in k.lower() for w in SECRET_QUERY)]
+    return found
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` without what :func:`uri_secrets` finds: what a record (registration.json, a tag, a log line) keeps."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if not uri_secrets(uri):
+        return uri
+    parts = urlsplit(uri)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if not any(w in k.lower() for w in SECRET_QUERY)]
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1], query=urlencode(query)))
+
+
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI, else None."""
     prefix = "sqlite:///"

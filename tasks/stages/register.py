@@ -32,7 +32,14 @@ from tasks.project.lineage import git_info, params_hash
 from tasks.project.stage import StageError, say, stage_main
 from tasks.services.lock import project_lock, registry_lock
 from tasks.services.registry import refresh
-from tasks.services.tracking import client, experiment_id, project_root, tracking_uri, version_by_alias
+from tasks.services.tracking import (
+    client,
+    experiment_id,
+    project_root,
+    public_uri,
+    tracking_uri,
+    version_by_alias,
+)
 
 TRAIN_HASHES = "lineage/target_train_sha256.txt"  # run artifact: content hashes of the target training images
 DVC_LOCK = "lineage/dvc.lock"  # run artifact: the dvc.lock this model was made with (what `tl reproduce` restores)
@@ -310,7 +317,7 @@ def register(params: Params) -> dict:
         "run_id": mv.run_id,
         "model_uri": f"models:/{name}/{mv.version}",
         "previous_champion": int(previous) if previous else None,
-        "tracking_uri": tracking_uri(),
+        "tracking_uri": public_uri(tracking_uri()),  # never a password or token in a record
         "registration_key": key,
         **lineage,
     }
