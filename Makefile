@@ -31,7 +31,8 @@ test: install lint
 test-fast: install
 	$(PY) -m pytest -m "not slow and not gpu"
 
-# the shared stack on this machine (S3, MLflow, Prefect + worker, Ray head); ports and credentials in infra/stack.env
+# the shared stack on this machine (S3, MLflow, Prefect + worker, Ray head); ports in infra/stack.env, credentials
+# made per stack in .tlstack/secrets.env
 stack-up: install
 	$(VENV)/bin/tl stack up
 
