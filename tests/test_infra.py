@@ -6,11 +6,13 @@ import importlib
 import inspect
 import re
 from importlib.metadata import version
+from pathlib import Path
 
 import yaml
-from helpers import ROOT
+from helpers import ROOT, TINY, set_params, sh
 
 from tasks.project.config import load_params
+from tasks.project.env import tool
 
 INFRA = ROOT / "infra"
 
@@ -46,15 +48,24 @@ def test_ray_manifests_match_params_and_versions():
     overrides = _overrides(entry)
     params = load_params(ROOT / "params.yaml", overrides)  # every key in the manifest is a real, valid param
     assert params.ray.use_gpu and params.ray.storage_path.startswith("s3://")
-    for spec in (cluster["spec"], job["spec"]["rayClusterSpec"]):
+    for f, spec in (("raycluster.yaml", cluster["spec"]), ("rayjob.yaml", job["spec"]["rayClusterSpec"])):
         workers = spec["workerGroupSpecs"][0]
-        gpus = int(workers["rayStartParams"]["num-gpus"])
-        limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert int(limits["nvidia.com/gpu"]) == gpus >= params.ray.gpus_per_worker
+        # one value per GPU pod: KubeRay derives Ray's num-gpus/num-cpus from the limits, requests are the limits
+        assert not {"num-gpus", "num-cpus"} & set(workers["rayStartParams"]), f
+        resources = workers["template"]["spec"]["containers"][0]["resources"]
+        assert resources["requests"] == resources["limits"], f
+        assert (INFRA / "k8s" / f).read_text().count("nvidia.com/gpu:") == 1, f  # written once (a YAML anchor)
+        limits = resources["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= params.ray.gpus_per_worker
         assert float(limits["cpu"]) >= params.ray.cpus_per_worker
         assert workers["replicas"] >= params.ray.num_workers or workers.get("maxReplicas", 0) >= params.ray.num_workers
     gpu_node = launcher["available_node_types"]["gpu_worker"]["resources"]
     assert gpu_node["GPU"] >= 1 and gpu_node["CPU"] >= params.ray.cpus_per_worker
+    # the cluster launcher: only the GPU workers' containers ask for GPUs (the head has none to give)
+    docker = launcher["docker"]
+    assert not any("--gpus" in o for o in docker.get("run_options", []) + docker.get("head_run_options", []))
+    assert "--gpus all" in docker["worker_run_options"]
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"].get("GPU", 0) == 0
 
 
 def test_documented_submit_commands_are_valid():
@@ -72,12 +83,53 @@ def test_documented_submit_commands_are_valid():
         assert set(re.findall(r"(?<!\S)--?[a-zA-Z][\w-]*", cmd.split("#")[0])) <= options, cmd
 
 
+def _image_copies() -> list[tuple[str, str]]:
+    """(source, destination under WORKDIR) of each ``COPY`` in infra/Dockerfile, as Docker lays them out."""
+    out = []
+    for line in (INFRA / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *srcs, dst = line.split()[1:]
+            for src in srcs:
+                out.append((src, f"{dst.rstrip('/')}/{Path(src).name}" if dst.endswith("/") else dst))
+    return out
+
+
+def test_image_holds_what_its_entry_point_needs(tmp_path):
+    """The RayJob's entry point (git commit of the image's tree, then `tl run`) in a directory laid out as
+    infra/Dockerfile lays out /app: everything `dvc repro` reads is there (a DVC project with its remote, every
+    stage's code and params), and the pipeline's first stages run from it."""
+    import shutil
+
+    copies = _image_copies()
+    needed = {"dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "pyproject.toml", "prefect.yaml"}
+    assert needed <= {dst.removeprefix("./") for _, dst in copies}
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for dep in stage.get("deps", []):  # every dependency of every stage that is code or config
+            if not dep.startswith(("data", "models", "reports", "${")):  # outputs of earlier stages
+                assert any(
+                    dep == d.removeprefix("./") or dep.startswith(d.removeprefix("./") + "/") for _, d in copies
+                ), dep
+    app = tmp_path / "app"
+    for src, dst in copies:
+        (app / dst).parent.mkdir(parents=True, exist_ok=True)
+        if (ROOT / src).is_dir():
+            shutil.copytree(ROOT / src, app / dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / src, app / dst)
+    set_params(app, {"data": TINY["data"]})  # fewer images: the layout is under test, not the data stage
+    entry = yaml.safe_load((INFRA / "k8s" / "rayjob.yaml").read_text())["spec"]["entrypoint"]
+    git_part = entry.split('bash -c "', 1)[1].split("&& tl run", 1)[0]
+    sh("bash", "-c", git_part, cwd=app)
+    # `tl run` drives `dvc repro`; its first stages, from the image's tree (the whole run is tests/test_pipeline.py's)
+    out = sh(tool("dvc"), "repro", "data", cwd=app, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (app / "data" / "manifest.json").is_file()
+
+
 def test_dockerfile_and_compose_consistent():
     docker = (INFRA / "Dockerfile").read_text()
-    for line in docker.splitlines():
-        if line.startswith("COPY "):
-            for src in line.split()[1:-1]:
-                assert (ROOT / src).exists(), src
+    for src, _ in _image_copies():
+        assert (ROOT / src).exists(), src
     assert "requirements.lock" in docker and "tl" in docker
     compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
     svc = compose["services"]
