@@ -137,3 +137,20 @@ def test_a_failed_measurement_falls_back_to_fp32_and_says_why(tmp_path, monkeypa
     prec, why = hardware.resolve_precision("auto", "smallcnn", 10, 64, "cpu", measure=broken)
     assert prec == "fp32" and "oneDNN said no" in why
     assert not (tmp_path / "precision.json").exists()  # nothing cached: the next run measures again
+
+
+def test_a_tune_trial_fits_on_one_node():
+    """The old rule (the cluster's CPUs / concurrent trials) asked 16 CPUs of two 8-CPU nodes: no node could run
+    a trial. A trial is sized to a node, as many as asked fit at once, and with GPUs one per trial."""
+    from tasks.modeling.hardware import trial_resources
+
+    two = [{"CPU": 8, "GPU": 0}, {"CPU": 8, "GPU": 0}]
+    assert trial_resources(two, 1, False) == {"CPU": 8.0}
+    assert trial_resources(two, 2, False) == {"CPU": 8.0}
+    assert trial_resources(two, 4, False) == {"CPU": 4.0}
+    assert trial_resources([{"CPU": 8}, {"CPU": 2}], 2, False) == {"CPU": 4.0}  # 2 on the big node
+    assert trial_resources([{"CPU": 2}], 5, False) == {"CPU": 1.0}  # more trials than CPUs: they queue
+    gpus = [{"CPU": 0, "GPU": 0}, {"CPU": 16, "GPU": 2}, {"CPU": 8, "GPU": 1}]  # a CPU-only head
+    assert trial_resources(gpus, 4, True) == {"CPU": 8.0, "GPU": 1.0}  # 3 GPUs: 3 at once, 8 CPUs each
+    with pytest.raises(ValueError, match="no node of the Ray cluster has a GPU"):
+        trial_resources(two, 2, True)

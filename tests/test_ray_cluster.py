@@ -83,7 +83,7 @@ def test_driver_interrupt_then_rerun_resumes(repo, tmp_path):
 
 @pytest.fixture
 def two_node_cluster(tmp_path):
-    port = free_port()
+    port, dash = free_port(), free_port()
     e = {"RAY_AUTH_MODE": "token"}  # `ray start` nodes authenticate with ~/.ray/auth_token
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     sh(RAY, "get-auth-token", "--generate", cwd=tmp_path, extra_env=e)  # a fresh machine may have no token yet
@@ -93,7 +93,8 @@ def two_node_cluster(tmp_path):
             "start",
             "--head",
             f"--port={port}",
-            "--include-dashboard=false",
+            "--include-dashboard=true",  # the job server's address, which `tl submit` asks about the nodes
+            f"--dashboard-port={dash}",
             '--resources={"node_a": 1}',
             *common,
             cwd=tmp_path,
@@ -106,13 +107,23 @@ def two_node_cluster(tmp_path):
             if st.stdout.count(" node_") >= 2:
                 break
             time.sleep(1)
-        yield f"127.0.0.1:{port}", e
+        yield f"127.0.0.1:{port}", e, f"http://127.0.0.1:{dash}"
     finally:
         sh(RAY, "stop", "--force", cwd=tmp_path, extra_env=e, check=False)
 
 
-def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster):
-    address, e = two_node_cluster
+def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch):
+    """Two nodes: `tl submit` refuses a relative checkpoint folder before sending anything (it would be one node's);
+    finetune proves its storage folder is seen by both nodes before training, then puts one worker on each."""
+    from tasks.cli.jobs import SubmitRefused, check_storage
+
+    address, e, dashboard = two_node_cluster
+    for k, v in e.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SubmitRefused, match=r"relative folder 'ray_results'.*\(2 nodes\)"):
+        check_storage(dashboard, [], repo)
+    check_storage(dashboard, [f"ray.storage_path={tmp_path / 'shared'}"], repo)  # absolute: proven by the job
+    check_storage(dashboard, ["ray.storage_path=s3://ray-checkpoints/x"], repo)
     sh(sys.executable, "-m", "tasks.stages.pretrain", "-S", "pretrain.epochs=1", cwd=repo)  # local mode source model
     e = {**e, "TL_WORKER_LOG_DIR": str(tmp_path)}
     r = subprocess.run(
@@ -127,4 +138,5 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster):
     recs = [json.loads(x) for rank in (0, 1) for x in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines()]
     nodes = {rec["node"] for rec in recs}
     assert len(nodes) == 2, nodes  # one worker on each node
+    assert "checkpoint storage " in r.stdout + r.stderr and " is seen by all 2 nodes" in r.stdout + r.stderr
     assert (repo / "models" / "finetuned.pt").exists()

@@ -168,6 +168,28 @@ def entrypoint(submission_id: str, overrides: list[str], stores: dict, env_file:
     return shlex.join(args)
 
 
+def check_storage(address: str, overrides: list[str], workdir: Path, nodes: int | None = None) -> None:
+    """Before anything is sent: on a cluster of more than one node, ``ray.storage_path`` must be object storage or
+    an absolute path (which the job proves every node sees before training); a relative one would be a folder
+    in the job's own directory on one node. ``nodes``: the cluster's live nodes (asked of ``address`` if None)."""
+    from tasks.project.config import load_params
+
+    sp = load_params(workdir / "params.yaml", overrides).ray.storage_path
+    if "://" in sp or Path(sp).expanduser().is_absolute():
+        return
+    if nodes is None:
+        from ray.util.state import list_nodes
+
+        nodes = sum(1 for n in list_nodes(address=address, filters=[("state", "=", "ALIVE")]))
+    if nodes > 1:
+        raise SubmitRefused(
+            f"refusing to submit: ray.storage_path is the relative folder {sp!r}, which on the cluster at {address} "
+            f"({nodes} nodes) would be a folder in the job's own directory on one node; Ray Train could not resume "
+            f"a worker on another node from it. Nothing was sent. Pass -S ray.storage_path=s3://BUCKET/PREFIX "
+            f"(or gs://..., or a path every node mounts)."
+        )
+
+
 def submit(
     address: str,
     overrides: list[str],
@@ -180,6 +202,7 @@ def submit(
     """Submit the pipeline as a Ray Job (checks first: :func:`check_stores` refuses before any connection)."""
     workdir = workdir.resolve()
     stores = check_stores(workdir, allow_local)
+    check_storage(address, overrides, workdir)
     submission_id = "raysubmit_" + secrets.token_hex(8)
     runtime_env = {"working_dir": str(workdir), "excludes": EXCLUDES, "env_vars": job_env(stores, workdir)}
     if pip:

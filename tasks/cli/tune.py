@@ -175,8 +175,9 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
 
+    from tasks.modeling.hardware import trial_resources
     from tasks.services.ray_cluster import cluster_cpus, init_ray
-    from tasks.services.ray_runs import storage_path
+    from tasks.services.ray_runs import prove_shared_storage, storage_path
 
     metric, mode = objective(params)
     name = experiment_name(params, manifest)
@@ -189,12 +190,13 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     )
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one checkpoint an epoch
     init_ray(params)
-    cpus = sum(n["CPU"] for n in cluster_cpus())
-    per_trial = max(1.0, cpus // params.tune.concurrent_trials)
-    threads = params.base.num_threads or int(per_trial)
+    prove_shared_storage(storage)  # trials resume from checkpoints, maybe on another node
+    per_trial = trial_resources(cluster_cpus(), params.tune.concurrent_trials, params.ray.use_gpu)
+    say(f"tune: each trial gets {per_trial} (on one node)")
+    threads = params.base.num_threads or int(per_trial["CPU"])
     fn = rt.with_resources(
         rt.with_parameters(trial, params=params, root=str(Path.cwd().resolve()), metric=metric, threads=threads),
-        {"CPU": per_trial, **({"GPU": 1} if params.ray.use_gpu else {})},
+        per_trial,
     )
     if fresh and "://" not in path and Path(path).exists():
         shutil.rmtree(path)

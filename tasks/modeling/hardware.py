@@ -95,6 +95,28 @@ def worker_cpus(num_workers: int, requested: float | str, cluster_nodes: list[di
     return float(max(1, per_worker))
 
 
+def trial_resources(nodes: list[dict], concurrent: int, use_gpu: bool) -> dict[str, float]:
+    """What one ``tl tune`` trial asks Ray for, sized to a node: the most whole CPUs per trial with which
+    ``concurrent`` trials fit on the nodes at once (each trial on one node: a trial's CPUs summed over the cluster
+    would fit no node, and its trials would wait forever). With ``use_gpu``, one GPU per trial, and only the GPUs'
+    nodes count, each holding at most one trial per GPU. ``nodes``: ``{"CPU": n, "GPU": g}`` per live node."""
+    if use_gpu:
+        nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
+        if not nodes:
+            raise ValueError(
+                "tune: ray.use_gpu is true but no node of the Ray cluster has a GPU; add GPU nodes or set "
+                "ray.use_gpu=false"
+            )
+        concurrent = min(concurrent, int(sum(n["GPU"] for n in nodes)))
+
+    def fits(c: int) -> int:
+        return sum(min(int(n["CPU"] // c), int(n["GPU"])) if use_gpu else int(n["CPU"] // c) for n in nodes)
+
+    largest = int(max((n["CPU"] for n in nodes), default=1))
+    cpus = max((c for c in range(1, largest + 1) if fits(c) >= concurrent), default=1)
+    return {"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})}
+
+
 def loader_workers(requested: int | str, device_type: str, cpus: float) -> int:
     """Data-loader processes per training stream: ``requested``, or for ``"auto"`` 0 on a CPU and
     ``min(2, cpus - 1)`` on a GPU, ``cpus`` being the CPUs the training worker has.

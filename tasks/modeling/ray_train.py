@@ -39,7 +39,7 @@ from tasks.project.settings import settings
 from tasks.project.stage import say
 from tasks.services.ray_checkpoints import RayReport, load_state, resume_state
 from tasks.services.ray_cluster import cluster_cpus, init_ray
-from tasks.services.ray_runs import mark_done, resolve_run
+from tasks.services.ray_runs import mark_done, prove_shared_storage, resolve_run
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -165,6 +165,8 @@ def run_job_ray(
     # local mode prints here; a cluster's workers reach this console through Ray (--verbose) or a WorkerOutput
     shown = init_ray(params) if rc.num_workers > 0 else True
     name, storage, local_run_dir = resolve_run(stage, params, manifest, job.strategy)
+    if rc.num_workers > 0 and (checked := prove_shared_storage(storage)):
+        say(f"{stage}: checkpoint storage {storage} is seen by all {len(checked)} nodes")
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
     job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus)

@@ -48,10 +48,14 @@ def _connection() -> tuple[str, str]:
 
 
 def cluster_cpus() -> list[dict]:
-    """``{"CPU": n}`` of every live node with CPUs."""
+    """``{"CPU": n, "GPU": g}`` of every live node with CPUs."""
     import ray
 
-    return [{"CPU": n["Resources"]["CPU"]} for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    return [
+        {"CPU": n["Resources"]["CPU"], "GPU": n["Resources"].get("GPU", 0.0)}
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("CPU")
+    ]
 
 
 def node_id() -> str:

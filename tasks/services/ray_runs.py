@@ -56,6 +56,57 @@ def storage_path(params: Params) -> str:
     return sp if "://" in sp else str(Path(sp).expanduser().resolve())
 
 
+class StorageNotShared(RuntimeError):
+    """``ray.storage_path`` is a folder that some node of the cluster does not see."""
+
+
+def prove_shared_storage(storage: str, timeout_s: float = 60) -> list[str]:
+    """On a cluster of more than one node, show that every live node sees ``storage`` before any work: Ray Train
+    persists each checkpoint there and a replacement worker on another node reads it back ("Unable to set up
+    cluster storage" otherwise, after the first epoch). A URI (``s3://``, ``gs://`` ...) is shared by
+    construction; a folder is proven by a marker file this driver writes and a task on each node reads.
+    Returns the node ids checked ([] for a URI or one node); raises :class:`StorageNotShared`."""
+    import os
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if "://" in storage or len(nodes) < 2:
+        return []
+    marker = Path(storage) / f".tl-shared-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by the driver; every node must see it\n")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.exists(path)
+
+    try:
+        refs = {
+            nid: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(str(marker))
+            for nid in nodes
+        }
+        blind = []
+        for nid, ref in refs.items():
+            try:
+                if not ray.get(ref, timeout=timeout_s):
+                    blind.append(nid)
+            except ray.exceptions.GetTimeoutError:
+                blind.append(nid)
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise StorageNotShared(
+            f"ray.storage_path {storage} is a folder that {len(blind)} of the cluster's {len(nodes)} nodes do not "
+            f"see (node {', '.join(n[:8] for n in blind)}): Ray Train could not persist a checkpoint that another "
+            f"node resumes from. Nothing was trained. Set ray.storage_path to object storage "
+            f"(-S ray.storage_path=s3://BUCKET/PREFIX, or gs://...) or to a path every node mounts (NFS)."
+        )
+    return nodes
+
+
 def resolve_run(stage: str, params: Params, manifest: dict, strategy: str = "") -> tuple[str, str, Path | None]:
     """``(name, storage, local run directory)`` of the run to start or resume; the directory is ``None``
     for remote storage. A finished run's name gets a timestamp, so it starts fresh."""
