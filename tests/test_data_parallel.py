@@ -140,3 +140,45 @@ def test_sync_batchnorm_on_cuda_with_several_workers_only():
     assert kinds == {"SyncBatchNorm"}
     params = {id(p) for p in t.net.parameters()}
     assert params == {id(p) for g in t.optimizer.param_groups for p in g["params"]}  # the optimiser trains them
+
+
+def _mcc_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tlcore import losses
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(8, 6)  # the same fixed batch on every rank; rank 0 holds 5 rows, rank 1 the other 3
+        head = torch.nn.Linear(6, 4)
+        mine = x[:5] if rank == 0 else x[5:]
+        model = DDP(head)
+        loss = losses.mcc_loss(losses.global_batch(model(mine)))
+        loss.backward()
+        out = {"loss": float(loss), "grad": head.weight.grad.flatten().tolist()}
+        (Path(out_dir) / f"mcc{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mcc_is_the_same_objective_at_any_worker_count(tmp_path):
+    """MCC's class-confusion matrix is a statistic of the batch: two ranks holding parts of one batch (5 and 3
+    rows) compute the one-process loss on the whole batch, and after DDP the gradient is the one-process gradient."""
+    import torch.multiprocessing as mp
+
+    from tlcore import losses
+
+    mp.start_processes(_mcc_rank, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=WORLD, start_method="fork")
+    ranks = [json.loads((tmp_path / f"mcc{r}.json").read_text()) for r in range(WORLD)]
+    torch.manual_seed(0)
+    x = torch.randn(8, 6)
+    head = torch.nn.Linear(6, 4)
+    one = losses.mcc_loss(head(x))
+    one.backward()
+    local = float(losses.mcc_loss(head(x[:5])))  # what rank 0 computed before: its own slice
+    for r in ranks:
+        assert r["loss"] == pytest.approx(float(one), abs=1e-6) and abs(local - float(one)) > 1e-3
+        assert np.allclose(r["grad"], head.weight.grad.flatten().numpy(), atol=1e-6)

@@ -33,6 +33,30 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs + 1e-6)).sum(dim=1)
 
 
+def global_batch(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every data-parallel rank, concatenated in rank order, with gradients flowing back to each rank's
+    own rows; ``x`` itself outside ``torch.distributed`` or with one rank.
+
+    For a loss of batch statistics (MCC's class-confusion matrix) the batch is the objective: computed on each
+    rank's slice, it would change with the number of workers. Ranks may hold different numbers of rows (the last
+    batch of an epoch): each is padded to the largest for the collective, then trimmed. Every rank computes the
+    same global loss; the collective's backward sums the ranks' gradients and DDP then averages them, so the
+    parameters get exactly the gradient of the one-process loss on the whole batch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = max(sizes) - x.shape[0]
+    padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+    return torch.cat([part[:k] for part, k in zip(all_gather(padded), sizes)])
+
+
 def mcc_loss(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
     """Minimum Class Confusion (Jin et al., ECCV 2020) on unlabeled target logits ``(N, C)``.
 

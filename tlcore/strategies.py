@@ -441,7 +441,7 @@ class MCC(_SourceSupervised):
     def loss(self, net, batch, progress):
         out, ns, nu = self._forward(net, batch)
         ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
-        lm = losses.mcc_loss(out["logits"][ns : ns + nu], self.temperature)
+        lm = losses.mcc_loss(losses.global_batch(out["logits"][ns : ns + nu]), self.temperature)  # every rank's
         logs = {"loss_source": ls.detach(), "loss_mcc": lm.detach()}
         return self._add_target(out, batch, ns + nu, ls + self.trade_off * lm, logs)
 
@@ -474,7 +474,7 @@ class SemiSupervised(_SourceSupervised):
         out, ns, nu = self._forward(net, batch)
         logits_u = out["logits"][ns : ns + nu]
         ls = losses.cross_entropy(out["logits"][:ns], batch.source[1])
-        lm = losses.mcc_loss(logits_u, self.temperature)
+        lm = losses.mcc_loss(losses.global_batch(logits_u), self.temperature)  # on every rank's unlabeled batch
         probs = torch.softmax(logits_u.detach(), dim=1)
         conf, pseudo = probs.max(dim=1)
         mask = (conf >= self.threshold).float()
