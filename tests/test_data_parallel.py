@@ -182,3 +182,49 @@ def test_mcc_is_the_same_objective_at_any_worker_count(tmp_path):
     for r in ranks:
         assert r["loss"] == pytest.approx(float(one), abs=1e-6) and abs(local - float(one)) > 1e-3
         assert np.allclose(r["grad"], head.weight.grad.flatten().numpy(), atol=1e-6)
+
+
+class _SaveAfterFirstEpoch:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_epoch_end(self, metrics: dict, state) -> None:
+        if metrics["epoch"] == 1:
+            torch.save(state.state_dict(), self.path)
+
+
+def _resume_rank(rank: int, init_file: str, out_dir: str, resume: bool) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tasks.modeling.train import build_trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        ckpt = Path(out_dir) / "epoch1.pt"
+        saver = [_SaveAfterFirstEpoch(ckpt)] if rank == 0 and not resume else []
+        trainer = build_trainer(
+            _job(*_datasets()), "cpu", wrap=DDP, replicas=WORLD, rank=rank, log=None, callbacks=saver
+        )
+        if resume:  # a new group of processes, as after a kill: every rank from rank 0's checkpoint
+            trainer.load_state_dict(torch.load(ckpt, weights_only=True))
+        trainer.fit()
+        torch.save(trainer.net.state_dict(), Path(out_dir) / f"{'resumed' if resume else 'straight'}{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_workers_resume_exactly(tmp_path):
+    """2 ranks, each with its own augmentation draws: stopped after epoch 1 and resumed in new processes, they end
+    with the weights of the run that never stopped, bit for bit (the checkpoint holds every rank's generators)."""
+    import torch.multiprocessing as mp
+
+    for resume in (False, True):
+        args = (str(tmp_path / f"pg{resume}"), str(tmp_path), resume)
+        mp.start_processes(_resume_rank, args=args, nprocs=WORLD, start_method="fork")
+    assert len(torch.load(tmp_path / "epoch1.pt", weights_only=True)["rank_rngs"]) == WORLD
+    for rank in range(WORLD):
+        a = torch.load(tmp_path / f"straight{rank}.pt", weights_only=True)
+        b = torch.load(tmp_path / f"resumed{rank}.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), rank

@@ -233,6 +233,7 @@ class Trainer:
         self.epoch = 0  # epochs finished
         self._iters: dict = {}  # the running data streams (fit)
         self._stream_state: dict | None = None  # where each stream was when a loaded checkpoint was taken
+        self._rank_rngs: list[dict] | None = None  # every rank's generators at the last epoch's end (data parallel)
         self.history: list[dict] = []
 
     def _trainable(self) -> tuple[bool, ...]:
@@ -340,6 +341,7 @@ class Trainer:
             if self.loaders.val is not None:
                 metrics.update(self._validate())
             self.epoch = epoch + 1
+            self._rank_rngs = self._gather_rngs()  # before the callbacks: rank 0's checkpoint holds every rank's
             self.history.append(metrics)
             self.log(_format(metrics, self.cfg.epochs))
             for cb in self.callbacks:
@@ -399,6 +401,29 @@ class Trainer:
         loss, correct, n = _all_reduce(s, self.world).tolist()
         return {"val_loss": loss / n, "val_accuracy": correct / n} if n else {}
 
+    @staticmethod
+    def _own_rngs() -> dict:
+        rngs = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rngs["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return rngs
+
+    def _gather_rngs(self) -> list[dict] | None:
+        """Every rank's random-number generators, in rank order (``None`` with one rank): a resume then gives each
+        rank its own stream of augmentation draws back, and a multi-worker run resumes exactly."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, self._own_rngs())
+        return out
+
+    def _set_rngs(self, rngs: dict) -> None:
+        torch.set_rng_state(rngs["torch_rng"])
+        if "cuda_rng" in rngs and torch.cuda.is_available() and len(rngs["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rngs["cuda_rng"])
+
     def state_dict(self) -> dict:
         state = {
             "net": self.net.state_dict(),
@@ -414,6 +439,8 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self._rank_rngs:
+            state["rank_rngs"] = self._rank_rngs
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -424,11 +451,13 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.history = int(state["epoch"]), list(state["history"])
         self._stream_state = state.get("streams") or None
+        ranks = state.get("rank_rngs") or []
+        if len(ranks) == self.world > 1:  # every rank's own generators, as they were at the end of that epoch
+            self._set_rngs(ranks[self.rank])
+            return
         if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if self.rank:  # the checkpoint holds rank 0's streams: every other rank derives its own from them
+            self._set_rngs(state)
+        if self.rank:  # another worker count than the checkpoint's: each rank derives its own from rank 0's
             torch.manual_seed(int(torch.randint(0, 2**62, (1,))) + self.rank)
 
 

@@ -97,12 +97,25 @@ def _train_loop(config: dict) -> None:
     )
     if rank == 0:
         say(f"[{stage}] training on {device}, {world} worker(s) x {torch.get_num_threads()} thread(s), precision {why}")
-    state = resume_state(ray.train.get_checkpoint(), config.get("run_dir"))
+    state = _agreed_resume(config.get("run_dir"), rank, world)
     if state is not None:
         trainer.load_state_dict(state)
         if rank == 0:
             say(f"[{stage}] resumed from checkpoint after epoch {trainer.epoch}")
     trainer.fit()
+
+
+def _agreed_resume(run_dir: str | None, rank: int, world: int) -> dict | None:
+    """The state every rank resumes from: the one rank 0 finds (Ray's checkpoint, or a newer one rank 0 persisted
+    before a crash), sent to the others, so that all ranks agree even where a shared filesystem's cache would
+    show them different "newest" files; ``None`` to start fresh."""
+    import ray.train
+    import torch.distributed as dist
+
+    chosen = [resume_state(ray.train.get_checkpoint(), run_dir) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def use_sync_batchnorm(device_type: str, world: int) -> bool:
