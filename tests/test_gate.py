@@ -85,3 +85,26 @@ def test_recorded_p_values_are_for_the_observed_direction():
     d = decide(Register(), gain.a_acc, champion=gain, champion_version="2", baseline=gain, baseline_name="scratch")
     assert d.p_baseline == gain.p_a_better < 1e-6 and d.p_champion == gain.p_a_better
     assert d.delta_baseline == pytest.approx(55 / 540) and "significantly better" in d.reasons[1]
+
+
+def test_p_values_are_worded_as_what_they_are():
+    """A p-value is the chance of a difference at least this large if there were none, not the chance that the
+    difference is real: "p=7e-32 that it is real" misreads it (issue 25)."""
+    new = _results(540, set(range(5)))
+    gain = paired(new, _results(540, set(range(60))))
+    loss = paired(_results(540, set(range(60))), new)
+    reasons = [
+        *decide(
+            Register(), gain.a_acc, champion=gain, champion_version="2", baseline=gain, baseline_name="scratch"
+        ).reasons[1:],
+        *decide(
+            Register(), loss.a_acc, champion=loss, champion_version="2", baseline=loss, baseline_name="scratch"
+        ).reasons[1:],
+        decide(Register(min_improvement=0.01), gain.a_acc, champion=gain).reasons[1],
+    ]
+    assert len(reasons) == 5
+    for r in reasons:
+        assert "that it is real" not in r and " is better;" not in r, r
+        assert "p=" in r and "the chance of a difference at least this large in " in r, r
+        assert "if the two were equally accurate" in r, r
+    assert "in the new model's favour" in reasons[0] and "in scratch's favour" in reasons[3]

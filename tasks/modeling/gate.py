@@ -67,7 +67,8 @@ def paired(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paired:
 class Decision:
     promoted: bool
     reasons: list[str]
-    # the p-value each reason quotes: for the observed direction of the difference (new model better, or worse)
+    # the p-value each reason quotes: one-sided, in the observed direction (the chance of a difference at least
+    # this large that way round if the two models were equally accurate; not the chance that it is real)
     p_champion: float | None = None
     p_baseline: float | None = None
     delta_champion: float | None = None  # new model's accuracy minus the champion's, on the same images
@@ -76,6 +77,15 @@ class Decision:
 
 def _pt(x: float) -> str:
     return f"{x * 100:.1f} %"
+
+
+def _p(p: float, favour: str) -> str:
+    """A one-sided McNemar p-value in words: how likely a difference this large is when there is none, which is
+    not the probability that the difference is real."""
+    return (
+        f"p={p:.3g}: the chance of a difference at least this large in {favour}'s favour if the two were "
+        f"equally accurate"
+    )
 
 
 def _vs(c: Paired, who: str) -> str:
@@ -118,8 +128,8 @@ def decide(
         ok &= good
         reasons.append(
             f"{'pass' if good else 'FAIL'}: {_vs(champion, cv)}; needs +{rules.min_improvement * 100:.1f} "
-            f"points and significance: {champion.delta * 100:+.1f} points, p={p_champ:.3g} "
-            f"{'<' if p_champ < alpha else '>='} {alpha}"
+            f"points and significance: {champion.delta * 100:+.1f} points, {_p(p_champ, 'the new model')} "
+            f"({'<' if p_champ < alpha else '>='} {alpha})"
         )
     else:
         worse = champion.p_b_better < alpha and champion.delta < rules.min_improvement
@@ -135,8 +145,7 @@ def decide(
         who = "the champion" if champion.delta <= 0 else "the new model"
         reasons.append(
             f"{'FAIL' if worse else 'pass'}: {_vs(champion, cv)}: {verdict} "
-            f"({champion.delta * 100:+.1f} points, p={p_champ:.3g} that {who} is better; "
-            f"significance {alpha})"
+            f"({champion.delta * 100:+.1f} points, {_p(p_champ, who)}; significance {alpha})"
         )
     p_base = None
     if rules.require_positive_transfer:
@@ -151,17 +160,17 @@ def decide(
             if negative:
                 why = (
                     f"negative transfer: {baseline_name} is significantly better ({baseline.delta * 100:+.1f} "
-                    f"points, p={p_base:.3g} < {alpha}); the source model hurts here: try another strategy or "
-                    f"source, or train from scratch"
+                    f"points, {_p(p_base, baseline_name)}, < {alpha}); the source model hurts here: try another "
+                    f"strategy or source, or train from scratch"
                 )
             elif baseline.delta > 0:
-                why = f"transfer gain {baseline.delta * 100:+.1f} points (p={baseline.p_a_better:.3g} that it is real)"
+                why = f"transfer gain {baseline.delta * 100:+.1f} points ({_p(baseline.p_a_better, 'the new model')})"
             elif baseline.delta == 0:
                 why = "the transferred model ties the baseline: no negative transfer"
             else:
                 why = (
                     f"{baseline_name} is {-baseline.delta * 100:.1f} points better but not significantly "
-                    f"(p={p_base:.3g} >= {alpha})"
+                    f"({_p(p_base, baseline_name)}, >= {alpha})"
                 )
             reasons.append(
                 f"{'FAIL' if negative else 'pass'}: vs {baseline_name}: {_vs(baseline, baseline_name)}: {why}"

@@ -103,8 +103,9 @@ def refresh(name: str, c=None) -> dict:
 
 
 def _evidence(tags: dict) -> str:
-    """The gate's evidence, short: ``vs v3 -0.4pt p=0.21, vs scratch +12.0pt p=1.4e-09`` (each p-value is for the
-    observed direction: that the better of the two really is better)."""
+    """The gate's evidence, short: ``vs v3 -0.4pt p=0.21, vs scratch +12.0pt p=1.4e-09``. Each p-value is one-sided,
+    in the direction observed: the chance of a difference at least this large that way round if the two models were
+    equally accurate (not the chance that the difference is real)."""
 
     def pts(key: str) -> str:
         v = tags.get(key)
