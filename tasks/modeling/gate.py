@@ -14,8 +14,10 @@ recommended for classifier comparison by Dietterich 1998):
 * negative transfer (``require_positive_transfer``): rejected only when the baseline (scratch, or
   source-only with no target labels) is significantly better. A tie passes, and says so.
 
-A champion that cannot be compared like with like (other classes, trained on images of this test
-set, or not loadable) is never replaced by the gate; the reason says why and how to decide by hand.
+A champion that cannot be compared like with like (other classes, or trained on images of this test
+set) is never replaced by the gate; the reason says why and how to decide by hand. One that cannot be
+loaded at all is no gate decision: the register stage stops with an error. The champion is re-measured as
+it was trained (its checkpoint's input size and normalisation), on the same test images as the new model.
 No I/O here: :mod:`tasks.stages.register` gathers the inputs.
 """
 

@@ -13,7 +13,7 @@ import csv
 import numpy as np
 
 from tasks.modeling.checkpoints import load_checkpoint
-from tasks.modeling.domains import load_domain, pool_sample
+from tasks.modeling.domains import load_domain, pool_sample, split_as_trained
 from tasks.modeling.hardware import device_for, set_torch_threads
 from tasks.modeling.model_input import spec_from_meta
 from tasks.modeling.plan import budget_text, labels_per_class
@@ -110,18 +110,11 @@ def label_free_scores(params: Params, model, meta: dict, pool, device) -> dict:
     pool.transform = transforms.build_transform(spec, train=False)
     batch = params.evaluate.batch_size
     feats, logits, _ = validators.features_and_logits(model, data.make_loader(pool, batch, train=False), device)
-    src = data.open_split(
-        params.path("data", "source", "test"),
-        spec.input_size,
-        meta["in_channels"],
-        max_images=DEV_SOURCE_IMAGES,
-        seed=params.base.seed,
-        resize=spec.resize_size,
-        interpolation=spec.interpolation,
+    src = split_as_trained(
+        params.path("data", "source", "test"), meta, max_images=DEV_SOURCE_IMAGES, seed=params.base.seed
     )
     source = None
     if src.classes == meta["classes"] and len(src) >= 4:
-        src.transform = transforms.build_transform(spec, train=False)
         source = validators.features_and_logits(model, data.make_loader(src, batch, train=False), device)
     return validators.scores(logits, source, feats)
 

@@ -42,6 +42,10 @@ class RegistrationRaced(StageError):
     """The champion alias moved while the gate was deciding; nothing was changed."""
 
 
+class ChampionUnavailable(StageError):
+    """The champion's model cannot be downloaded or loaded, so the gate cannot re-measure it; nothing was promoted."""
+
+
 def dvc_lineage(lock_path: str | Path = "dvc.lock", manifest: dict | None = None) -> dict[str, str]:
     """DVC content hashes of the data directories (from ``dvc.lock``), plus the manifest's split hashes."""
     tags = {}
@@ -121,16 +125,24 @@ def new_model_correct(params: Params) -> list[bool]:
 def compare_with_champion(
     c, name: str, champ, params: Params, manifest: dict, test_hashes: set[str], new_correct: list[bool]
 ) -> Paired | str:
-    """The champion re-measured on this test split, image by image; or why it cannot be compared fairly."""
+    """The champion re-measured on this run's test split, image by image, as it was trained (the size, crop,
+    channels and normalisation its checkpoint records, not this run's); or why it cannot be compared fairly.
+    Raises :class:`ChampionUnavailable` when its model cannot be downloaded or loaded."""
     import mlflow
 
-    from tasks.modeling.domains import load_domain
+    from tasks.modeling.domains import split_as_trained
     from tlcore import data, metrics
 
     try:
         model, meta = load_version(name, champ)
-    except Exception as e:  # noqa: BLE001 - any failure to load means "not comparable", said in the reason
-        return f"its model could not be loaded ({e})"
+    except Exception as e:  # noqa: BLE001 - a download, checksum or load failure: the champion cannot be measured
+        raise ChampionUnavailable(
+            f"the champion, {name} version {champ.version}, cannot be loaded: {str(e).rstrip('.')}. The gate "
+            f"re-measures the champion on this run's test images and cannot decide without it. Restore its model file "
+            f"(model.pt under {champ.source}) in the artifact store, or make a loadable version the champion "
+            f"(`tl promote {name} VERSION --why ...`, or `tl rollback {name} --why ...` to the one it replaced), "
+            f"then rerun the register stage (`dvc repro register`)."
+        ) from None
     classes = manifest["target"]["classes"]
     if list(meta["classes"]) != list(classes):
         return (
@@ -152,10 +164,19 @@ def compare_with_champion(
             f"changed: another base.seed, or new target data), so its score here would be inflated"
         )
     try:
-        _, test_ds = load_domain(params, "target", meta["arch"])
-        champ_correct = metrics.correct(model, data.make_loader(test_ds, 256, train=False), "cpu")
+        # the same prepared images the new model was scored on (predictions.csv follows this split's order), fed
+        # as the champion's checkpoint says: a model trained at 32 px is not scored at this run's 48
+        test_ds = split_as_trained(params.path("data", "target", "test"), meta)
+        loader = data.make_loader(test_ds, params.evaluate.batch_size, train=False)
+        champ_correct = metrics.correct(model, loader, "cpu")
     except Exception as e:  # noqa: BLE001
         return f"it could not be evaluated on this test split ({e})"
+    if len(champ_correct) != len(new_correct):
+        raise StageError(
+            f"{params.path('reports', 'predictions.csv')} has {len(new_correct)} rows but the test split "
+            f"{params.path('data', 'target', 'test')} holds {len(champ_correct)} images: the evaluate stage's output "
+            f"is from other data. Rerun the pipeline (`dvc repro`)."
+        )
     return paired(new_correct, champ_correct.tolist())
 
 
@@ -270,7 +291,14 @@ def register(params: Params) -> dict:
             )
             previous = mv.tags.get("previous_champion") or None
         else:
-            decision = _decide(c, name, mv, champ, params, metrics, manifest, lineage)
+            try:
+                decision = _decide(c, name, mv, champ, params, metrics, manifest, lineage)
+            except ChampionUnavailable as e:  # never "not comparable, keep it" in silence: a champion nobody can load
+                c.set_model_version_tag(name, mv.version, "gate_reasons", f"ERROR: {e}")
+                raise ChampionUnavailable(
+                    f"{e} Nothing was promoted: version {mv.version} is registered without an alias "
+                    f"(gate_decision pending)."
+                ) from None
             previous = champ.version if decision.promoted and champ is not None else None
             for k, v in {
                 "gate_decision": "promoted" if decision.promoted else "rejected",
