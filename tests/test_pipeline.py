@@ -544,6 +544,62 @@ def test_a_champion_whose_files_are_gone_stops_the_registration(repo, tmp_path):
     assert f"Nothing was promoted: version {new.version} is registered without an alias" in err
 
 
+def test_a_run_registers_scratch_when_it_beats_the_transfer_model_on_validation(repo, tmp_path, monkeypatch):
+    """The run registers the better of its two models on the validation images held out of the training labels, and
+    says which and why in the report, registration.json, the version's tags and `tl models` (issue 25: a user's
+    scratch model at 100 % lost to a 95 % transfer model that the gate's test split could not tell apart). The transfer
+    model here is made to learn nothing (label_smoothing 1.0: its targets are uniform), so scratch is better. The
+    stages run in this process (a torch import per stage process would double the time); DVC runs them above."""
+    from typer.testing import CliRunner
+
+    from tasks.cli import main as cli
+    from tasks.project.config import load_params
+    from tasks.project.files import file_sha256
+    from tasks.stages.baselines import baselines
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.finetune import finetune
+    from tasks.stages.register import register
+
+    drill = _drill(repo, tmp_path)
+    monkeypatch.chdir(drill)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    set_params(
+        drill,
+        {
+            "data": {"labels_per_class": 10, "val_per_class": 5},
+            "finetune": {
+                "strategy": "finetune",
+                "strategy_params": {"reset_head": True, "label_smoothing": 1.0},
+                "epochs": 2,
+                "steps_per_epoch": 12,
+            },
+            "register": {"require_positive_transfer": True},
+        },
+    )
+    params = load_params("params.yaml")
+    ft, base = finetune(params), baselines(params)
+    evaluate(params)
+    reg = register(params)
+    assert ft["val_images"] == base["val_images"] == 50  # 5 per class, carved from the training split
+    assert base["scratch_val_accuracy"] > ft["val_accuracy"], (base["scratch_val_accuracy"], ft["val_accuracy"])
+    why = (
+        f"scratch (val {base['scratch_val_accuracy'] * 100:.1f} % vs finetune {ft['val_accuracy'] * 100:.1f} % "
+        f"on 50 validation images)"
+    )
+    assert reg == json.loads((drill / "reports/registration.json").read_text())
+    assert (reg["candidate"], reg["candidate_why"], reg["accuracy"]) == ("scratch", why, base["scratch_accuracy"])
+    assert reg["model_sha256"] == file_sha256(drill / "models/baselines/scratch.pt")
+    assert reg["model_sha256"] != file_sha256(drill / "models/finetuned.pt")
+    assert any("the candidate is the scratch baseline itself" in r for r in reg["reasons"]), reg["reasons"]
+    assert f"Registration candidate: {why}." in (drill / "reports/report.md").read_text()
+    v = _mlflow(drill).get_model_version(NAME, str(reg["version"]))
+    assert (v.tags["candidate"], v.tags["candidate_why"], v.tags["strategy"]) == ("scratch", why, "scratch")
+    assert float(v.tags["accuracy"]) == base["scratch_accuracy"] and v.tags["transfer_strategy"] == "finetune"
+    listing = CliRunner().invoke(cli.app, ["models"]).stdout
+    row = next(line for line in listing.splitlines() if line.startswith(f"{reg['version']} "))
+    assert why in row and "candidate" in listing.splitlines()[0], listing
+
+
 def test_registry_lock_excludes_waits_and_takes_over(repo):
     """The registry lock (tasks/services/lock.py) lives in the tracking store, so it holds across machines: a second
     taker

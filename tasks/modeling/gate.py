@@ -102,11 +102,12 @@ def decide(
     accuracy: float,
     champion: Paired | str | None = None,
     champion_version: str | None = None,
-    baseline: Paired | None = None,
+    baseline: Paired | str | None = None,
     baseline_name: str | None = None,
 ) -> Decision:
     """The gate. ``champion``: the paired comparison with the current champion, None when there is none,
-    or a string saying why it cannot be compared (then the champion stays)."""
+    or a string saying why it cannot be compared (then the champion stays). ``baseline``: the paired comparison
+    with the baseline, None when none applies, or a string saying why the guard does not apply (it passes)."""
     alpha, reasons, ok = rules.significance, [], True
     good = accuracy >= rules.min_accuracy
     ok &= good
@@ -155,6 +156,8 @@ def decide(
             reasons.append(
                 "pass: no baseline applies (no target labels for scratch, and different label sets for source_only)"
             )
+        elif isinstance(baseline, str):
+            reasons.append(f"pass: {baseline}")
         else:
             p_base = baseline.p_b_better if baseline.delta <= 0 else baseline.p_a_better
             negative = baseline.p_b_better < alpha and baseline.delta < 0
@@ -183,5 +186,5 @@ def decide(
         p_champ,
         p_base,
         champion.delta if isinstance(champion, Paired) else None,
-        baseline.delta if rules.require_positive_transfer and baseline is not None else None,
+        baseline.delta if rules.require_positive_transfer and isinstance(baseline, Paired) else None,
     )

@@ -81,6 +81,7 @@ def refresh(name: str, c=None) -> dict:
                 "transfer_gain": t.get("transfer_gain"),
                 "gain_over": t.get("gain_baseline", "scratch"),
                 "strategy": t.get("strategy"),
+                "candidate": t.get("candidate_why"),  # why this model, not the run's other one, was registered
                 "gate": t.get("gate_decision"),
                 "evidence": _evidence(t),
                 "data": (t.get("data_target_dvc_md5") or "")[:10],

@@ -12,6 +12,7 @@ import csv
 
 import numpy as np
 
+from tasks.modeling.candidate import choose
 from tasks.modeling.checkpoints import load_checkpoint
 from tasks.modeling.domains import load_domain, pool_sample, split_as_trained
 from tasks.modeling.hardware import device_for, set_torch_threads
@@ -49,6 +50,7 @@ def evaluate(params: Params) -> dict:
     ft = read_json(rep_dir / "finetune.json")
     # the gain is over scratch (same labels, no transfer); with no labels, over source_only (no adaptation)
     over = next((b for b in ("scratch", "source_only") if base[f"{b}_accuracy"] is not None), None)
+    cand = choose(ft, base)  # on the validation images, never this test split (tasks/modeling/candidate.py)
     flat = {
         "accuracy": rep["accuracy"],
         "macro_f1": rep["macro_f1"],
@@ -63,6 +65,7 @@ def evaluate(params: Params) -> dict:
         "size_mb": metrics.model_size_mb(cpu_model),
         "test_images": len(test_ds),
         "strategy": ft["strategy"],  # the one that ran (finetune.strategy may be auto)
+        "candidate": cand.strategy,  # what register registers: the transfer model or scratch
         **{f"val_free_{k}": v for k, v in free.items()},
     }
     write_json(rep_dir / "metrics.json", flat)
@@ -89,7 +92,7 @@ def evaluate(params: Params) -> dict:
         fig_dir / "confusion_matrix.png",
         f"{ft['strategy']} on target test (acc {rep['accuracy']:.3f})",
     )
-    _write_report(params, flat, rep, ft, pre)
+    _write_report(params, flat, rep, ft, pre, cand)
     say(
         f"evaluate: accuracy {pct(flat['accuracy'])} (scratch {pct(flat['scratch_accuracy'])}, source-only "
         f"{pct(flat['source_only_accuracy'])}), transfer gain "
@@ -128,6 +131,14 @@ def _gain_line(flat: dict) -> str:
     return line + (f"Negative transfer: this model loses to {label}." if flat["transfer_gain"] <= 0 else "")
 
 
+def _candidate_line(cand) -> str:
+    return (
+        f"**Registration candidate: {cand.why}.** The run registers the better of the transfer model and scratch on "
+        f"validation images held out of the target's training split (never this test split); the register stage's "
+        f"gate then compares it with the champion and the baseline on the test images."
+    )
+
+
 def _write_csv(path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -135,7 +146,7 @@ def _write_csv(path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) -> None:
+def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict, cand) -> None:
     from tlcore.validators import HIGHER_IS_BETTER
 
     so = flat["source_only_accuracy"]
@@ -158,6 +169,8 @@ def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) ->
         ),
         "",
         _gain_line(flat),
+        "",
+        _candidate_line(cand),
         "",
         f"Expected calibration error {flat['ece']:.4f}. Source model accuracy on its own test split: "
         f"{pct(pre.get('source_test_accuracy'))}.",
