@@ -85,3 +85,46 @@ def test_recorded_p_values_are_for_the_observed_direction():
     d = decide(Register(), gain.a_acc, champion=gain, champion_version="2", baseline=gain, baseline_name="scratch")
     assert d.p_baseline == gain.p_a_better < 1e-6 and d.p_champion == gain.p_a_better
     assert d.delta_baseline == pytest.approx(55 / 540) and "significantly better" in d.reasons[1]
+
+
+def test_p_values_are_worded_as_what_they_are():
+    """A p-value is the chance of a difference at least this large if there were none, not the chance that the
+    difference is real: "p=7e-32 that it is real" misreads it (issue 25)."""
+    new = _results(540, set(range(5)))
+    gain = paired(new, _results(540, set(range(60))))
+    loss = paired(_results(540, set(range(60))), new)
+    reasons = [
+        *decide(
+            Register(), gain.a_acc, champion=gain, champion_version="2", baseline=gain, baseline_name="scratch"
+        ).reasons[1:],
+        *decide(
+            Register(), loss.a_acc, champion=loss, champion_version="2", baseline=loss, baseline_name="scratch"
+        ).reasons[1:],
+        decide(Register(min_improvement=0.01), gain.a_acc, champion=gain).reasons[1],
+    ]
+    assert len(reasons) == 5
+    for r in reasons:
+        assert "that it is real" not in r and " is better;" not in r, r
+        assert "p=" in r and "the chance of a difference at least this large in " in r, r
+        assert "if the two were equally accurate" in r, r
+    assert "in the new model's favour" in reasons[0] and "in scratch's favour" in reasons[3]
+
+
+def test_the_registration_candidate_is_the_better_model_on_validation_images():
+    """A run trains the transfer model and scratch; it registers the more accurate on the validation images held out
+    of the training split (ties: the transfer model), and says why. Test accuracies are never read (issue 25: a
+    scratch model at 100 % lost to a 95 % transfer model that McNemar could not tell apart on the test split)."""
+    from tasks.modeling.candidate import choose
+
+    ft = {"strategy": "gradual_unfreeze", "val_images": 40, "val_accuracy": 0.95}
+    base = {"scratch_accuracy": 0.10, "scratch_val_accuracy": 1.0}  # a test score that would mislead: not read
+    c = choose(ft, base)
+    assert (c.stage, c.strategy, c.is_scratch_baseline) == ("baselines", "scratch", True)
+    assert c.why == "scratch (val 100.0 % vs gradual_unfreeze 95.0 % on 40 validation images)"
+    c = choose({**ft, "val_accuracy": 1.0}, base)  # a tie: the transfer model
+    assert (c.stage, c.strategy) == ("finetune", "gradual_unfreeze") and "a tie goes to the transfer model" in c.why
+    c = choose({**ft, "val_images": 0, "val_accuracy": None}, {**base, "scratch_val_accuracy": None})
+    assert c.stage == "finetune" and "no validation images" in c.why  # the demo's 2 labels per class: none spared
+    c = choose(ft, {"scratch_accuracy": None, "scratch_val_accuracy": None})
+    assert c.stage == "finetune" and "no target labels" in c.why
+    assert choose({**ft, "strategy": "scratch"}, base).stage == "finetune"  # finetune's model is scratch already

@@ -176,7 +176,11 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     n_train = OPTDIGITS_TRAIN if kind == "embedded" else N_TRAIN * len(PETS)
     n_classes = 10 if kind == "embedded" else len(PETS)
     assert (ft["strategy"], ft["strategy_requested"]) == (want, "auto")
-    assert ft["labeled"] == {0: 0, 1: n_classes, "all": n_train}[budget]
+    # all labels: data.val_per_class auto holds 20 % of the smallest class out to choose the registered model by
+    # (optdigits: 24 per class); a label budget, or the user folder's 5 images per class, spare none
+    val = ft["val_images"] // n_classes
+    assert val == (24 if (kind, budget) == ("embedded", "all") else 0)
+    assert ft["labeled"] == {0: 0, 1: n_classes, "all": n_train - val * n_classes}[budget]
     base = baselines(params)
     m = evaluate(params)
     out = capsys.readouterr().out
@@ -201,4 +205,8 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     assert all(isinstance(v, float) for v in free.values())
     report = (project / "reports" / "report.md").read_text()
     assert f"strategy `{want}`, target labels: {said} ({ft['labeled']} labeled target images)" in report
+    # the model the run would register: scratch or the transfer model, by accuracy on the validation images
+    cand = "scratch" if val and base["scratch_val_accuracy"] > ft["val_accuracy"] else want
+    assert f"**Registration candidate: {cand} (" in report and m["candidate"] == cand
+    assert (f"on {ft['val_images']} validation images" in report) == (val > 0)
     assert ("Transfer gain over source_only" if budget == 0 else "Transfer gain over scratch") in report

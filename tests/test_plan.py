@@ -195,3 +195,23 @@ def test_target_splits_labeled_pool_and_validation(k, val):
     other = Params.model_validate({"data": {"labels_per_class": 2, "val_per_class": 1}, "base": {"seed": 4}})
     if k == 2:
         assert _ids(target_splits(other, train)[0]) != _ids(labeled)  # drawn from base.seed
+
+
+def test_val_per_class_auto_holds_out_labels_only_when_every_label_is_used(project):
+    """``data.val_per_class: auto`` (the default): validation images to choose the registered model by, carved from
+    the training labels when all of them are used and the smallest class can spare 5 (20 %, at most 100); never
+    beside a label budget, which would spend labels the budget says are not there."""
+    from tasks.modeling.plan import train_counts, val_per_class
+
+    p = load_params(project / "params.yaml")
+    assert p.data.val_per_class == "auto" and val_per_class(p) == 0  # the embedded demo: 2 labels per class, none
+    every = load_params(project / "params.yaml", ["data.labels_per_class=null"])
+    assert val_per_class(every, [125, 140, 121]) == 24  # 20 % of the smallest class
+    assert val_per_class(every, [47, 60, 52]) == 9  # a user's small photo folder
+    assert val_per_class(every, [24, 60]) == 0 and val_per_class(every, [25, 60]) == 5  # too few to spare: none
+    assert val_per_class(every, [5000, 9000]) == 100
+    assert val_per_class(load_params(project / "params.yaml", ["data.labels_per_class=0"]), [100, 100]) == 0
+    assert val_per_class(load_params(project / "params.yaml", ["data.val_per_class=7"]), [100, 100]) == 7
+    assert train_counts({"target": {"splits": {"train": {"per_class": {"a": 30, "b": 40}}}}}) == [30, 40]
+    with pytest.raises(ParamsError, match="data.val_per_class"):
+        load_params(project / "params.yaml", ["data.val_per_class=-1"])

@@ -104,6 +104,8 @@ def _summary(p) -> None:
             f"  model:   {r['model_uri']} ({'champion' if r['promoted'] else 'challenger, not promoted'}) "
             f"in {r['tracking_uri']}"
         )
+        if r.get("candidate_why"):
+            typer.echo(f"  chosen:  {r['candidate_why']}")
 
 
 def _checked(params: Path, set_: list[str]):
@@ -158,7 +160,8 @@ def _model_name(name: str | None) -> str:
 
 @app.command()
 def models(name: str | None = typer.Option(None, help="registered model name (default: register.model_name)")):
-    """Registered versions with aliases, key metrics, strategy, data hash and gate decision."""
+    """Registered versions with aliases, key metrics, strategy, why that model was the run's candidate (the transfer
+    model or scratch, by validation accuracy), data hash and gate decision."""
     from tasks.services.registry import versions
 
     rows = versions(_model_name(name))
@@ -169,6 +172,7 @@ def models(name: str | None = typer.Option(None, help="registered model name (de
         "transfer_gain",
         "gain_over",
         "strategy",
+        "candidate",
         "gate",
         "evidence",
         "data",

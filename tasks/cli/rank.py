@@ -27,7 +27,7 @@ from pathlib import Path
 from tasks.modeling.checkpoints import load_checkpoint
 from tasks.modeling.domains import VALIDATOR_IMAGES, pool_sample
 from tasks.modeling.hardware import device_for, set_torch_threads
-from tasks.modeling.plan import labels_per_class
+from tasks.modeling.plan import labels_per_class, val_per_class
 from tasks.project.config import EMBEDDED, Params
 from tasks.project.measured import VALIDATORS, resolve_validator
 from tasks.project.stage import StageError, say
@@ -142,7 +142,9 @@ def rank(params: Params, candidates: list[str], include_source: bool = True, val
                     if shards.is_prepared(root / "train")
                     else data.load_split(root / "train", spec.input_size, channels, params.data.skip_corrupt, **kw)
                 )
-                b = data.label_budget_split(ds.targets.numpy(), k, params.base.seed, params.data.val_per_class)
+                y = ds.targets.numpy()
+                v = val_per_class(params, [int((y == c).sum()) for c in range(len(ds.classes))])
+                b = data.label_budget_split(y, k, params.base.seed, v)
                 splits[key] = ds.subset(pool_sample(b.unlabeled, params.base.seed) if k == 0 else b.labeled)
             images = splits[key]
             images.transform = transforms.build_transform(spec, train=False, channels=channels)

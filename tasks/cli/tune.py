@@ -6,7 +6,8 @@ every combination of its ``tune.strategy_params``). Each trial is the finetune s
 learning rate and params, for ``tune.epochs`` epochs, run inside the Tune trial's process; every epoch it
 reports the objective and a checkpoint, and ASHA stops the trials that trail.
 
-Objective: ``val_accuracy`` on the held-out labeled validation images when ``data.val_per_class > 0``; with
+Objective: ``val_accuracy`` on the held-out labeled validation images when ``data.val_per_class`` (``auto``
+resolved: :func:`tasks.modeling.plan.val_per_class`) holds some out; with
 none, the label-free validator ``tune.validator`` (:mod:`tlcore.validators`; ``auto``: the one the selection
 benchmark found best, :data:`tasks.project.measured.AUTO_VALIDATOR`) on the target training split
 with its labels unused (the pool ``evaluate`` scores as ``val_free_*``). The target test split is never read.
@@ -50,11 +51,13 @@ def space(params: Params) -> list[dict]:
     return trials
 
 
-def objective(params: Params) -> tuple[str, str]:
-    """``(metric, mode)`` the search maximises or minimises."""
+def objective(params: Params, manifest: dict | None = None) -> tuple[str, str]:
+    """``(metric, mode)`` the search maximises or minimises (``manifest``: the data stage's, for the target's class
+    counts that ``data.val_per_class: auto`` may need)."""
+    from tasks.modeling.plan import train_counts, val_per_class
     from tlcore.validators import HIGHER_IS_BETTER
 
-    if params.data.val_per_class > 0:
+    if val_per_class(params, train_counts(manifest) if manifest else None) > 0:
         return "val_accuracy", "max"
     v = resolve_validator(params.tune.validator)
     return f"val_free_{v}", "max" if HIGHER_IS_BETTER[v] else "min"
@@ -179,7 +182,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     from tasks.services.ray_cluster import cluster_cpus, init_ray
     from tasks.services.ray_runs import prove_shared_storage, storage_path
 
-    metric, mode = objective(params)
+    metric, mode = objective(params, manifest)
     name = experiment_name(params, manifest)
     storage = storage_path(params).rstrip("/") + "/tune"  # a local folder or a URI (s3://...)
     path = f"{storage}/{name}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.modeling.model_input import augment, input_spec
+from tasks.modeling.model_input import augment, input_spec, spec_from_meta
 from tasks.project.config import Params
 from tasks.project.files import read_json
 
@@ -25,6 +25,27 @@ def load_domain(params: Params, role: str, arch: str, manifest: dict | None = No
     tr.transform = transforms.build_transform(spec, train=True, augment=augment(params, role))
     te.transform = transforms.build_transform(spec, train=False)
     return tr, te
+
+
+def split_as_trained(split_dir, meta: dict, max_images: int | None = None, seed: int = 0):
+    """A prepared split (test images, no augmentation) as the checkpoint with ``meta`` was trained to see it:
+    its recorded size, resize, crop, interpolation, channels and normalisation
+    (:func:`tasks.modeling.model_input.spec_from_meta`), whatever this run's params say. How a model made by
+    another run (the champion) is measured as it was trained. ``max_images``: a seeded sample, in split order."""
+    from tlcore import data, transforms
+
+    spec = spec_from_meta(meta)
+    ds = data.open_split(
+        split_dir,
+        spec.input_size,
+        meta["in_channels"],
+        resize=spec.resize_size,
+        interpolation=spec.interpolation,
+        max_images=max_images,
+        seed=seed,
+    )
+    ds.transform = transforms.build_transform(spec, train=False)
+    return ds
 
 
 VALIDATOR_IMAGES = 2000  # target pool images a label-free score reads

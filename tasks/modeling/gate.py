@@ -14,8 +14,10 @@ recommended for classifier comparison by Dietterich 1998):
 * negative transfer (``require_positive_transfer``): rejected only when the baseline (scratch, or
   source-only with no target labels) is significantly better. A tie passes, and says so.
 
-A champion that cannot be compared like with like (other classes, trained on images of this test
-set, or not loadable) is never replaced by the gate; the reason says why and how to decide by hand.
+A champion that cannot be compared like with like (other classes, or trained on images of this test
+set) is never replaced by the gate; the reason says why and how to decide by hand. One that cannot be
+loaded at all is no gate decision: the register stage stops with an error. The champion is re-measured as
+it was trained (its checkpoint's input size and normalisation), on the same test images as the new model.
 No I/O here: :mod:`tasks.stages.register` gathers the inputs.
 """
 
@@ -67,7 +69,8 @@ def paired(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paired:
 class Decision:
     promoted: bool
     reasons: list[str]
-    # the p-value each reason quotes: for the observed direction of the difference (new model better, or worse)
+    # the p-value each reason quotes: one-sided, in the observed direction (the chance of a difference at least
+    # this large that way round if the two models were equally accurate; not the chance that it is real)
     p_champion: float | None = None
     p_baseline: float | None = None
     delta_champion: float | None = None  # new model's accuracy minus the champion's, on the same images
@@ -76,6 +79,15 @@ class Decision:
 
 def _pt(x: float) -> str:
     return f"{x * 100:.1f} %"
+
+
+def _p(p: float, favour: str) -> str:
+    """A one-sided McNemar p-value in words: how likely a difference this large is when there is none, which is
+    not the probability that the difference is real."""
+    return (
+        f"p={p:.3g}: the chance of a difference at least this large in {favour}'s favour if the two were "
+        f"equally accurate"
+    )
 
 
 def _vs(c: Paired, who: str) -> str:
@@ -90,11 +102,12 @@ def decide(
     accuracy: float,
     champion: Paired | str | None = None,
     champion_version: str | None = None,
-    baseline: Paired | None = None,
+    baseline: Paired | str | None = None,
     baseline_name: str | None = None,
 ) -> Decision:
     """The gate. ``champion``: the paired comparison with the current champion, None when there is none,
-    or a string saying why it cannot be compared (then the champion stays)."""
+    or a string saying why it cannot be compared (then the champion stays). ``baseline``: the paired comparison
+    with the baseline, None when none applies, or a string saying why the guard does not apply (it passes)."""
     alpha, reasons, ok = rules.significance, [], True
     good = accuracy >= rules.min_accuracy
     ok &= good
@@ -118,8 +131,8 @@ def decide(
         ok &= good
         reasons.append(
             f"{'pass' if good else 'FAIL'}: {_vs(champion, cv)}; needs +{rules.min_improvement * 100:.1f} "
-            f"points and significance: {champion.delta * 100:+.1f} points, p={p_champ:.3g} "
-            f"{'<' if p_champ < alpha else '>='} {alpha}"
+            f"points and significance: {champion.delta * 100:+.1f} points, {_p(p_champ, 'the new model')} "
+            f"({'<' if p_champ < alpha else '>='} {alpha})"
         )
     else:
         worse = champion.p_b_better < alpha and champion.delta < rules.min_improvement
@@ -135,8 +148,7 @@ def decide(
         who = "the champion" if champion.delta <= 0 else "the new model"
         reasons.append(
             f"{'FAIL' if worse else 'pass'}: {_vs(champion, cv)}: {verdict} "
-            f"({champion.delta * 100:+.1f} points, p={p_champ:.3g} that {who} is better; "
-            f"significance {alpha})"
+            f"({champion.delta * 100:+.1f} points, {_p(p_champ, who)}; significance {alpha})"
         )
     p_base = None
     if rules.require_positive_transfer:
@@ -144,6 +156,8 @@ def decide(
             reasons.append(
                 "pass: no baseline applies (no target labels for scratch, and different label sets for source_only)"
             )
+        elif isinstance(baseline, str):
+            reasons.append(f"pass: {baseline}")
         else:
             p_base = baseline.p_b_better if baseline.delta <= 0 else baseline.p_a_better
             negative = baseline.p_b_better < alpha and baseline.delta < 0
@@ -151,17 +165,17 @@ def decide(
             if negative:
                 why = (
                     f"negative transfer: {baseline_name} is significantly better ({baseline.delta * 100:+.1f} "
-                    f"points, p={p_base:.3g} < {alpha}); the source model hurts here: try another strategy or "
-                    f"source, or train from scratch"
+                    f"points, {_p(p_base, baseline_name)}, < {alpha}); the source model hurts here: try another "
+                    f"strategy or source, or train from scratch"
                 )
             elif baseline.delta > 0:
-                why = f"transfer gain {baseline.delta * 100:+.1f} points (p={baseline.p_a_better:.3g} that it is real)"
+                why = f"transfer gain {baseline.delta * 100:+.1f} points ({_p(baseline.p_a_better, 'the new model')})"
             elif baseline.delta == 0:
                 why = "the transferred model ties the baseline: no negative transfer"
             else:
                 why = (
                     f"{baseline_name} is {-baseline.delta * 100:.1f} points better but not significantly "
-                    f"(p={p_base:.3g} >= {alpha})"
+                    f"({_p(p_base, baseline_name)}, >= {alpha})"
                 )
             reasons.append(
                 f"{'FAIL' if negative else 'pass'}: vs {baseline_name}: {_vs(baseline, baseline_name)}: {why}"
@@ -172,5 +186,5 @@ def decide(
         p_champ,
         p_base,
         champion.delta if isinstance(champion, Paired) else None,
-        baseline.delta if rules.require_positive_transfer and baseline is not None else None,
+        baseline.delta if rules.require_positive_transfer and isinstance(baseline, Paired) else None,
     )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,35 @@ def labels_per_class(params: Params) -> int | None:
     if k != "auto":
         return k
     return DEMO_LABELS_PER_CLASS if params.data.target in EMBEDDED else None
+
+
+VAL_FRACTION = 0.2  # of the smallest class's training images, held out by val_per_class auto
+VAL_MIN_PER_CLASS = 5  # fewer validation images per class than this tell two models apart by chance: none
+VAL_MAX_PER_CLASS = 100  # enough to choose between two models; the rest train
+
+
+def val_per_class(params: Params, per_class: Sequence[int] | None = None) -> int:
+    """``data.val_per_class`` with ``auto`` resolved. ``auto``: when every target label trains (``labels_per_class``
+    all), :data:`VAL_FRACTION` of the smallest class's training images (``per_class``: the count of each class,
+    e.g. the manifest's ``target.splits.train.per_class``), from :data:`VAL_MIN_PER_CLASS` to
+    :data:`VAL_MAX_PER_CLASS`, and none when that class is too small for the minimum; with a label budget (the
+    demo's 2 per class, or 0) none, since holding images out would spend labels beyond the budget."""
+    v = params.data.val_per_class
+    if v != "auto":
+        return v
+    if labels_per_class(params) is not None:
+        return 0
+    if per_class is None:
+        raise ValueError("data.val_per_class auto with all target labels needs the target's class counts")
+    n = min(per_class, default=0)
+    v = min(VAL_MAX_PER_CLASS, int(n * VAL_FRACTION))
+    return v if v >= VAL_MIN_PER_CLASS else 0
+
+
+def train_counts(manifest: dict) -> list[int]:
+    """Training images per target class, as the data stage recorded them in the manifest."""
+    counts = manifest["target"]["splits"]["train"]["per_class"]
+    return list(counts.values()) if isinstance(counts, dict) else list(counts)
 
 
 def budget_text(k: int | None) -> str:

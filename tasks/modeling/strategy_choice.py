@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from tasks.modeling.domains import pool_sample
+from tasks.modeling.plan import val_per_class
 from tasks.project.config import Params, needs_target_labels
 from tasks.project.measured import resolve_validator
 from tasks.project.stage import StageError, say
@@ -70,7 +71,7 @@ def select_strategy(params: Params) -> dict | None:
             f"with finetune.strategy_params; strategy auto keeps its rule"
         )
         return None
-    labeled_val = params.data.val_per_class > 0
+    labeled_val = val_per_class(params) > 0  # no target labels: auto holds none out
     validator = resolve_validator(params.tune.validator, "strategy")
     objective = "val_accuracy" if labeled_val else validator
     higher = True if labeled_val else validators.HIGHER_IS_BETTER[validator]

@@ -205,12 +205,15 @@ def job_streams(strategy_cls, source=None, labeled=None, unlabeled=None) -> dict
 
 def target_splits(params: Params, train_ds):
     """Labeled / unlabeled-pool / validation subsets of the target training split (never test), as
-    :func:`tlcore.data.label_budget_split` defines them; the validation subset is ``None`` when empty."""
-    from tasks.modeling.plan import labels_per_class
+    :func:`tlcore.data.label_budget_split` defines them (``data.val_per_class`` resolved by
+    :func:`tasks.modeling.plan.val_per_class`); the validation subset is ``None`` when empty."""
+    import numpy as np
+
+    from tasks.modeling.plan import labels_per_class, val_per_class
     from tlcore import data
 
-    b = data.label_budget_split(
-        train_ds.targets.numpy(), labels_per_class(params), params.base.seed, params.data.val_per_class
-    )
+    y = train_ds.targets.numpy()
+    counts = np.bincount(y, minlength=len(train_ds.classes)).tolist()
+    b = data.label_budget_split(y, labels_per_class(params), params.base.seed, val_per_class(params, counts))
     val = train_ds.subset(b.val) if len(b.val) else None
     return train_ds.subset(b.labeled), train_ds.subset(b.unlabeled), val

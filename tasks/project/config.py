@@ -147,7 +147,13 @@ class Data(_Section):
         description=f"target labels per class; null = all; auto = {DEMO_LABELS_PER_CLASS} for an embedded "
         f"target (the demo), all for your own folder",
     )
-    val_per_class: int = Field(0, ge=0, description="held out from the target training split for model choice")
+    val_per_class: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="target training images per class held out as labeled validation images (model choice: the "
+        "registered model is the better of the transfer model and scratch on them; tl tune's objective); auto = "
+        "20 % of the smallest class (5 to 100) when every target label is used and that class has >= 25 training "
+        "images, else 0 (a label budget spends no labels beyond it)",
+    )
     skip_corrupt: bool = False
     synth_per_class: int = Field(500, ge=1)
     synth_test_per_class: int = Field(100, ge=1)
@@ -589,6 +595,8 @@ def _check_budget(p: Params) -> None:
     k, v = p.data.labels_per_class, p.data.val_per_class
     if k == "auto":  # as tasks.modeling.plan.labels_per_class resolves it
         k = DEMO_LABELS_PER_CLASS if p.data.target in EMBEDDED else None
+    if v == "auto":  # as tasks.modeling.plan.val_per_class resolves it: 0 beside a label budget
+        v = 0
     if k == 0 and p.finetune.strategy != "auto" and needs_target_labels(p.finetune.strategy):
         raise ParamsError(
             f"finetune.strategy = {p.finetune.strategy!r} trains on labeled target images, but "

@@ -81,6 +81,7 @@ def refresh(name: str, c=None) -> dict:
                 "transfer_gain": t.get("transfer_gain"),
                 "gain_over": t.get("gain_baseline", "scratch"),
                 "strategy": t.get("strategy"),
+                "candidate": t.get("candidate_why"),  # why this model, not the run's other one, was registered
                 "gate": t.get("gate_decision"),
                 "evidence": _evidence(t),
                 "data": (t.get("data_target_dvc_md5") or "")[:10],
@@ -103,8 +104,9 @@ def refresh(name: str, c=None) -> dict:
 
 
 def _evidence(tags: dict) -> str:
-    """The gate's evidence, short: ``vs v3 -0.4pt p=0.21, vs scratch +12.0pt p=1.4e-09`` (each p-value is for the
-    observed direction: that the better of the two really is better)."""
+    """The gate's evidence, short: ``vs v3 -0.4pt p=0.21, vs scratch +12.0pt p=1.4e-09``. Each p-value is one-sided,
+    in the direction observed: the chance of a difference at least this large that way round if the two models were
+    equally accurate (not the chance that the difference is real)."""
 
     def pts(key: str) -> str:
         v = tags.get(key)

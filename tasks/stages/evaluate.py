@@ -12,8 +12,9 @@ import csv
 
 import numpy as np
 
+from tasks.modeling.candidate import choose
 from tasks.modeling.checkpoints import load_checkpoint
-from tasks.modeling.domains import load_domain, pool_sample
+from tasks.modeling.domains import load_domain, pool_sample, split_as_trained
 from tasks.modeling.hardware import device_for, set_torch_threads
 from tasks.modeling.model_input import spec_from_meta
 from tasks.modeling.plan import budget_text, labels_per_class
@@ -49,6 +50,7 @@ def evaluate(params: Params) -> dict:
     ft = read_json(rep_dir / "finetune.json")
     # the gain is over scratch (same labels, no transfer); with no labels, over source_only (no adaptation)
     over = next((b for b in ("scratch", "source_only") if base[f"{b}_accuracy"] is not None), None)
+    cand = choose(ft, base)  # on the validation images, never this test split (tasks/modeling/candidate.py)
     flat = {
         "accuracy": rep["accuracy"],
         "macro_f1": rep["macro_f1"],
@@ -63,6 +65,7 @@ def evaluate(params: Params) -> dict:
         "size_mb": metrics.model_size_mb(cpu_model),
         "test_images": len(test_ds),
         "strategy": ft["strategy"],  # the one that ran (finetune.strategy may be auto)
+        "candidate": cand.strategy,  # what register registers: the transfer model or scratch
         **{f"val_free_{k}": v for k, v in free.items()},
     }
     write_json(rep_dir / "metrics.json", flat)
@@ -89,7 +92,7 @@ def evaluate(params: Params) -> dict:
         fig_dir / "confusion_matrix.png",
         f"{ft['strategy']} on target test (acc {rep['accuracy']:.3f})",
     )
-    _write_report(params, flat, rep, ft, pre)
+    _write_report(params, flat, rep, ft, pre, cand)
     say(
         f"evaluate: accuracy {pct(flat['accuracy'])} (scratch {pct(flat['scratch_accuracy'])}, source-only "
         f"{pct(flat['source_only_accuracy'])}), transfer gain "
@@ -110,18 +113,11 @@ def label_free_scores(params: Params, model, meta: dict, pool, device) -> dict:
     pool.transform = transforms.build_transform(spec, train=False)
     batch = params.evaluate.batch_size
     feats, logits, _ = validators.features_and_logits(model, data.make_loader(pool, batch, train=False), device)
-    src = data.open_split(
-        params.path("data", "source", "test"),
-        spec.input_size,
-        meta["in_channels"],
-        max_images=DEV_SOURCE_IMAGES,
-        seed=params.base.seed,
-        resize=spec.resize_size,
-        interpolation=spec.interpolation,
+    src = split_as_trained(
+        params.path("data", "source", "test"), meta, max_images=DEV_SOURCE_IMAGES, seed=params.base.seed
     )
     source = None
     if src.classes == meta["classes"] and len(src) >= 4:
-        src.transform = transforms.build_transform(spec, train=False)
         source = validators.features_and_logits(model, data.make_loader(src, batch, train=False), device)
     return validators.scores(logits, source, feats)
 
@@ -135,6 +131,14 @@ def _gain_line(flat: dict) -> str:
     return line + (f"Negative transfer: this model loses to {label}." if flat["transfer_gain"] <= 0 else "")
 
 
+def _candidate_line(cand) -> str:
+    return (
+        f"**Registration candidate: {cand.why}.** The run registers the better of the transfer model and scratch on "
+        f"validation images held out of the target's training split (never this test split); the register stage's "
+        f"gate then compares it with the champion and the baseline on the test images."
+    )
+
+
 def _write_csv(path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -142,7 +146,7 @@ def _write_csv(path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) -> None:
+def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict, cand) -> None:
     from tlcore.validators import HIGHER_IS_BETTER
 
     so = flat["source_only_accuracy"]
@@ -165,6 +169,8 @@ def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict) ->
         ),
         "",
         _gain_line(flat),
+        "",
+        _candidate_line(cand),
         "",
         f"Expected calibration error {flat['ece']:.4f}. Source model accuracy on its own test split: "
         f"{pct(pre.get('source_test_accuracy'))}.",

@@ -35,6 +35,7 @@ def finetune(params: Params) -> dict:
     say(
         f"finetune: strategy {choice.describe()} on {n_labeled} labeled target images ({budget_text(k)}), "
         f"{params.finetune.epochs} epochs"
+        + (f"; {len(job.val)} more held out as validation images" if job.val is not None else "")
     )
     t0 = time.perf_counter()
     model, history, info = run_job_ray(job, params, "finetune", manifest)
@@ -60,6 +61,10 @@ def finetune(params: Params) -> dict:
         "selection": selection,
         "labels_per_class": k,
         "labeled": n_labeled,
+        # the trained model on the held-out labeled validation images (the engine's last-epoch validation): what
+        # the registration candidate is chosen by (tasks/modeling/candidate.py)
+        "val_images": len(job.val) if job.val is not None else 0,
+        "val_accuracy": val,
         **info,
         "history": history,
     }

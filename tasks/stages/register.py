@@ -1,5 +1,8 @@
 """Stage ``register``: log the run to MLflow, register the model, and gate promotion to ``champion``.
 
+The model is the run's candidate (:mod:`tasks.modeling.candidate`): the transfer model, or the ``scratch`` baseline
+when it is more accurate on the validation images; which one and why are printed, tagged and written.
+
 The new version gets alias ``challenger``; it becomes ``champion`` only if it passes the gate
 (:mod:`tasks.modeling.gate`: a paired test against the champion and the baseline on the same test images).
 The decision, its reasons and p-values are printed and stored as tags. The model is stored as a
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.modeling.candidate import Candidate, choose, model_path
 from tasks.modeling.gate import Decision, Paired, decide, paired
 from tasks.modeling.serving import load_version
 from tasks.project.config import Params
@@ -47,6 +51,10 @@ DVC_LOCK = "lineage/dvc.lock"  # run artifact: the dvc.lock this model was made 
 
 class RegistrationRaced(StageError):
     """The champion alias moved while the gate was deciding; nothing was changed."""
+
+
+class ChampionUnavailable(StageError):
+    """The champion's model cannot be downloaded or loaded, so the gate cannot re-measure it; nothing was promoted."""
 
 
 def dvc_lineage(lock_path: str | Path = "dvc.lock", manifest: dict | None = None) -> dict[str, str]:
@@ -125,19 +133,35 @@ def new_model_correct(params: Params) -> list[bool]:
         return [r["actual"] == r["predicted"] for r in csv.DictReader(f)]
 
 
+def candidate_results(params: Params, cand: Candidate, metrics: dict, base: dict) -> tuple[float, list[bool]]:
+    """The registration candidate's test accuracy and per-image correctness (test split order): the evaluate stage's
+    for the transfer model, the baselines stage's for scratch."""
+    if cand.is_scratch_baseline:
+        return float(base["scratch_accuracy"]), [bool(x) for x in base["scratch_correct"]]
+    return float(metrics["accuracy"]), new_model_correct(params)
+
+
 def compare_with_champion(
     c, name: str, champ, params: Params, manifest: dict, test_hashes: set[str], new_correct: list[bool]
 ) -> Paired | str:
-    """The champion re-measured on this test split, image by image; or why it cannot be compared fairly."""
+    """The champion re-measured on this run's test split, image by image, as it was trained (the size, crop,
+    channels and normalisation its checkpoint records, not this run's); or why it cannot be compared fairly.
+    Raises :class:`ChampionUnavailable` when its model cannot be downloaded or loaded."""
     import mlflow
 
-    from tasks.modeling.domains import load_domain
+    from tasks.modeling.domains import split_as_trained
     from tlcore import data, metrics
 
     try:
         model, meta = load_version(name, champ)
-    except Exception as e:  # noqa: BLE001 - any failure to load means "not comparable", said in the reason
-        return f"its model could not be loaded ({e})"
+    except Exception as e:  # noqa: BLE001 - a download, checksum or load failure: the champion cannot be measured
+        raise ChampionUnavailable(
+            f"the champion, {name} version {champ.version}, cannot be loaded: {str(e).rstrip('.')}. The gate "
+            f"re-measures the champion on this run's test images and cannot decide without it. Restore its model file "
+            f"(model.pt under {champ.source}) in the artifact store, or make a loadable version the champion "
+            f"(`tl promote {name} VERSION --why ...`, or `tl rollback {name} --why ...` to the one it replaced), "
+            f"then rerun the register stage (`dvc repro register`)."
+        ) from None
     classes = manifest["target"]["classes"]
     if list(meta["classes"]) != list(classes):
         return (
@@ -159,10 +183,19 @@ def compare_with_champion(
             f"changed: another base.seed, or new target data), so its score here would be inflated"
         )
     try:
-        _, test_ds = load_domain(params, "target", meta["arch"])
-        champ_correct = metrics.correct(model, data.make_loader(test_ds, 256, train=False), "cpu")
+        # the same prepared images the new model was scored on (predictions.csv follows this split's order), fed
+        # as the champion's checkpoint says: a model trained at 32 px is not scored at this run's 48
+        test_ds = split_as_trained(params.path("data", "target", "test"), meta)
+        loader = data.make_loader(test_ds, params.evaluate.batch_size, train=False)
+        champ_correct = metrics.correct(model, loader, "cpu")
     except Exception as e:  # noqa: BLE001
         return f"it could not be evaluated on this test split ({e})"
+    if len(champ_correct) != len(new_correct):
+        raise StageError(
+            f"{params.path('reports', 'predictions.csv')} has {len(new_correct)} rows but the test split "
+            f"{params.path('data', 'target', 'test')} holds {len(champ_correct)} images: the evaluate stage's output "
+            f"is from other data. Rerun the pipeline (`dvc repro`)."
+        )
     return paired(new_correct, champ_correct.tolist())
 
 
@@ -171,8 +204,11 @@ def _find_version(c, name: str, key: str):
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def _log_run(c, params: Params, exp_id: str, key: str, lineage: dict, metrics: dict, compress: dict) -> tuple[str, str]:
-    """The MLflow run of this registration (a finished one with the same key is reused); ``(run_id, model uri)``."""
+def _log_run(
+    c, params: Params, exp_id: str, key: str, lineage: dict, metrics: dict, compress: dict, model: Path
+) -> tuple[str, str]:
+    """The MLflow run of this registration (a finished one with the same key is reused), with ``model`` (the
+    candidate's file) as its model; ``(run_id, model uri)``."""
     import mlflow
 
     for r in c.search_runs([exp_id], f"tags.registration_key = '{key}'"):
@@ -181,7 +217,7 @@ def _log_run(c, params: Params, exp_id: str, key: str, lineage: dict, metrics: d
         c.set_terminated(r.info.run_id, "FAILED")  # a run cut short by a crash: closed, not reused
     staged = Path(tempfile.mkdtemp(prefix="tl-model-"))
     try:
-        shutil.copy2(params.path("models", "finetuned.pt"), staged / "model.pt")
+        shutil.copy2(model, staged / "model.pt")
         (staged / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         hashes = Path(tempfile.mkdtemp(prefix="tl-lineage-", dir=staged.parent))
         (hashes / Path(TRAIN_HASHES).name).write_text("\n".join(image_hashes(params.path("data", "target", "train"))))
@@ -207,17 +243,22 @@ def _log_run(c, params: Params, exp_id: str, key: str, lineage: dict, metrics: d
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def _decide(c, name: str, mv, champ, params: Params, metrics: dict, manifest: dict, lineage: dict) -> Decision:
+def _decide(
+    c, name: str, champ, params: Params, cand: Candidate, metrics: dict, base: dict, manifest: dict, lineage: dict
+) -> Decision:
     if champ is not None and champ.tags.get("model_sha256") == lineage["model_sha256"]:
         return Decision(False, [f"unchanged: the same model file as champion v{champ.version}; it stays champion"])
-    new_correct = new_model_correct(params)
+    accuracy, new_correct = candidate_results(params, cand, metrics, base)
     vs_champ = None
     if champ is not None:
         test_hashes = set(image_hashes(params.path("data", "target", "test")))
         vs_champ = compare_with_champion(c, name, champ, params, manifest, test_hashes, new_correct)
-    base, over = read_json(params.path("reports", "baselines.json")), metrics.get("gain_baseline")
-    vs_base = paired(new_correct, base[f"{over}_correct"]) if over and base.get(f"{over}_correct") else None
-    return decide(params.register, metrics["accuracy"], vs_champ, champ.version if champ else None, vs_base, over)
+    over = metrics.get("gain_baseline")
+    if cand.is_scratch_baseline:  # nothing was transferred: there is no negative transfer to guard against
+        vs_base = f"the candidate is the {over} baseline itself, so there is no transfer to guard against"
+    else:
+        vs_base = paired(new_correct, base[f"{over}_correct"]) if over and base.get(f"{over}_correct") else None
+    return decide(params.register, accuracy, vs_champ, champ.version if champ else None, vs_base, over)
 
 
 def register(params: Params) -> dict:
@@ -231,11 +272,15 @@ def register(params: Params) -> dict:
         read_json(params.path("reports", "compress.json")) if params.path("reports", "compress.json").is_file() else {}
     )
     manifest = read_json(params.path("data", "manifest.json"))
+    base = read_json(params.path("reports", "baselines.json"))
+    cand = choose(read_json(params.path("reports", "finetune.json")), base)  # the transfer model, or scratch
+    model = model_path(params, cand)
+    accuracy = candidate_results(params, cand, metrics, base)[0]
     lineage = {
         **git_info(),
         **dvc_lineage("dvc.lock", manifest),
         "params_hash": params_hash(params),
-        "model_sha256": file_sha256(params.path("models", "finetuned.pt")),
+        "model_sha256": file_sha256(model),
         **environment(params),
     }
     key = registration_key(lineage)
@@ -245,7 +290,7 @@ def register(params: Params) -> dict:
         mv = _find_version(c, name, key)
         if mv is None:
             run_id, source_uri = _log_run(
-                c, params, experiment_id(c, params.register.experiment), key, lineage, metrics, compress
+                c, params, experiment_id(c, params.register.experiment), key, lineage, metrics, compress, model
             )
             if not c.search_registered_models(filter_string=f"name = '{name}'"):
                 c.create_registered_model(
@@ -259,10 +304,15 @@ def register(params: Params) -> dict:
                     **lineage,
                     "registration_key": key,
                     "gate_decision": "pending",
-                    "accuracy": str(metrics["accuracy"]),
-                    "transfer_gain": str(metrics["transfer_gain"]),
+                    "accuracy": str(accuracy),  # the registered model's, on the test split
+                    "transfer_gain": str(metrics["transfer_gain"]),  # the transfer model's (it may not be the one)
                     "gain_baseline": str(metrics.get("gain_baseline")),
-                    "strategy": metrics["strategy"],
+                    "strategy": cand.strategy,  # what trained the registered model
+                    "candidate": cand.strategy,
+                    "candidate_why": cand.why,
+                    "model_file": model.as_posix(),  # the pipeline output registered (what a replay compares)
+                    "transfer_strategy": metrics["strategy"],
+                    "transfer_accuracy": str(metrics["accuracy"]),
                     "backbone": params.pretrain.backbone,
                 },
             )
@@ -277,7 +327,14 @@ def register(params: Params) -> dict:
             )
             previous = mv.tags.get("previous_champion") or None
         else:
-            decision = _decide(c, name, mv, champ, params, metrics, manifest, lineage)
+            try:
+                decision = _decide(c, name, champ, params, cand, metrics, base, manifest, lineage)
+            except ChampionUnavailable as e:  # never "not comparable, keep it" in silence: a champion nobody can load
+                c.set_model_version_tag(name, mv.version, "gate_reasons", f"ERROR: {e}")
+                raise ChampionUnavailable(
+                    f"{e} Nothing was promoted: version {mv.version} is registered without an alias "
+                    f"(gate_decision pending)."
+                ) from None
             previous = champ.version if decision.promoted and champ is not None else None
             for k, v in {
                 "gate_decision": "promoted" if decision.promoted else "rejected",
@@ -304,6 +361,7 @@ def register(params: Params) -> dict:
                 c.set_registered_model_alias(name, "champion", mv.version)
             c.set_model_version_tag(name, mv.version, "registration", "complete")
     promoted = decision.promoted
+    say(f"register: candidate {cand.why}")
     say(f"register: {name} version {mv.version} -> {'champion' if promoted else 'challenger only (not promoted)'}")
     for r in decision.reasons:
         say(f"register:   {r}")
@@ -311,6 +369,10 @@ def register(params: Params) -> dict:
         "model_name": name,
         "version": int(mv.version),
         "promoted": promoted,
+        "candidate": cand.strategy,
+        "candidate_why": cand.why,
+        "model_file": model.as_posix(),
+        "accuracy": accuracy,
         "reasons": decision.reasons,
         "p_champion": decision.p_champion,
         "p_baseline": decision.p_baseline,
