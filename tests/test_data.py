@@ -236,6 +236,12 @@ def test_shifted_optdigits_keep_labels_and_change_pixels_deterministically():
     corners = (slice(None), slice(0, 3), slice(0, 3))
     assert x[corners].mean() < 2 and noisy[corners].mean() > 10  # a grey, noisy veil over the background
     assert np.corrcoef(noisy.reshape(60, -1).mean(0), x.reshape(60, -1).mean(0))[0, 1] > 0.8  # the digits remain
+    colour = datasets.colour_digits(x)  # MNIST-M's blend over photo patches: RGB, both polarities, digits kept
+    assert colour.shape == (*x.shape, 3) and np.array_equal(colour, datasets.colour_digits(x))
+    ink, ground = x > 128, x < 16
+    brighter = np.array([colour[i][ink[i]].mean() > colour[i][ground[i]].mean() for i in range(60)])
+    assert 0.1 < brighter.mean() < 0.9  # ink lighter than the ground on some images, darker on others
+    assert np.abs(colour[..., 0].astype(int) - colour[..., 2]).mean() > 10  # in colour
 
 
 def test_domain_task_builds_the_reverse_pair():
@@ -290,5 +296,39 @@ def test_photo_augmentation_is_batched_per_image_and_exact_at_its_limits():
         transforms.build_transform(spec, True).affine
         and not transforms.build_transform(spec, True, augment="none").affine
     )
-    with pytest.raises(ValueError, match="unknown augmentation 'flips'; choose one of: digits, photo, none"):
+    with pytest.raises(ValueError, match="unknown augmentation 'flips'; choose one of: digits, photo, digits_colour, none"):
         transforms.build_transform(spec, True, augment="flips")
+
+
+def test_colour_randomisation_for_a_grey_source_of_a_colour_target():
+    """`digits_colour`: an RGB batch's grey level blended over random colour textures (both polarities appear),
+    grey input untouched; `auto` picks it only for a grey source whose target has colour images."""
+    from tlcore.transforms import augment_profile, random_colour
+
+    torch.manual_seed(0)
+    ink = torch.zeros(64, 1, 16, 16)
+    ink[:, :, 4:12, 7:9] = 1.0  # a bright stroke on black, as the grey digits are
+    rgb = ink.repeat(1, 3, 1, 1)
+    out = random_colour(rgb, p=1.0, grid=4)
+    assert torch.equal(random_colour(ink, p=1.0, grid=4), ink)  # one channel: nothing to colour
+    assert torch.equal(random_colour(rgb, p=0.0, grid=4), rgb)
+    stroke, ground = out[:, :, 4:12, 7:9].mean((1, 2, 3)), out[:, :, :2, :2].mean((1, 2, 3))
+    assert (stroke > ground).any() and (stroke < ground).any()  # bright ink on dark, and dark ink on bright
+    assert (out[:, 0] - out[:, 1]).abs().mean() > 0.05  # colour, not grey
+    assert augment_profile("source", source_grey=True, target_colour=True) == "digits_colour"
+    for args in (("target", True, True), ("source", True, False), ("source", False, True)):
+        assert augment_profile(*args) == "digits", args
+    assert augment_profile("source", True, True, kind="photo") == "photo"
+
+
+def test_auto_augmentation_follows_the_prepared_data():
+    from helpers import ROOT
+
+    from tasks.modeling.model_input import augment
+    from tasks.project.config import load_params
+
+    params = load_params(ROOT / "params.yaml", ["data.source=optdigits", "data.target=optdigits_colour"])
+    manifest = {"source": {"colour_images": 0}, "target": {"colour_images": 1797}}
+    assert augment(params, "source", manifest) == "digits_colour" and augment(params, "target", manifest) == "digits"
+    grey = {"source": {"colour_images": 0}, "target": {"colour_images": 0}}
+    assert augment(params, "source", grey) == "digits"

@@ -32,8 +32,10 @@ PAIRS = (
     ("optdigits", "synth_digits", "real -> synthetic (the reverse: 1,257 handwritten digits to many fonts)"),
     ("optdigits", "optdigits_rotated", "rotation only (25-45 degrees either way)"),
     ("optdigits", "optdigits_noisy", "corruption only (blur, low contrast, noise)"),
+    ("optdigits", "optdigits_colour", "colour and polarity (grey digits to digits blended over colour photo patches)"),
 )
 CLASSES = [str(d) for d in range(10)]
+COLOUR = ("optdigits_colour",)  # the embedded domains in colour (RGB); the others are grey
 _SKIP = ("Display", "STIXNonUni", "STIXSiz", "cmex", "cmsy", "LastResort")
 
 
@@ -151,8 +153,35 @@ def load_optdigits(size: int = 32, variant: str = "optdigits") -> tuple[np.ndarr
     d = load_digits()
     small = np.round(d.images * 255 / 16).astype(np.uint8)
     x = np.stack([upsample_lowres(im, size) for im in small])
-    shift = {"optdigits": None, "optdigits_rotated": rotate_digits, "optdigits_noisy": corrupt_digits}[variant]
+    shift = {
+        "optdigits": None,
+        "optdigits_rotated": rotate_digits,
+        "optdigits_noisy": corrupt_digits,
+        "optdigits_colour": colour_digits,
+    }[variant]
     return (x if shift is None else shift(x)), d.target.astype(np.int64)
+
+
+def colour_digits(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Blend each ``(N, H, W)`` uint8 digit over a colour photo patch, as MNIST-M (Ganin et al. 2016) does:
+    ``|patch - digit|`` per channel, so the ink is the patch's colours inverted, bright on a dark patch and dark on
+    a bright one (polarity varies per image). Patches are random crops, at a random scale, of the two photos
+    scikit-learn ships (``load_sample_images``), with their channels in a random order (more hues than two
+    photos have). Returns ``(N, H, W, 3)`` uint8; the same pixels for a given ``seed``."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photos = load_sample_images().images
+    n, h, w = x.shape
+    out = np.empty((n, h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        photo = photos[rng.integers(len(photos))]
+        side = int(rng.integers(h, 4 * h + 1))  # a crop of h..4h pixels, resized to h: textures of many scales
+        top, left = rng.integers(0, photo.shape[0] - side + 1), rng.integers(0, photo.shape[1] - side + 1)
+        patch = Image.fromarray(photo[top : top + side, left : left + side]).resize((w, h), Image.BILINEAR)
+        patch = np.asarray(patch)[:, :, rng.permutation(3)].astype(np.int16)
+        out[i] = np.abs(patch - x[i].astype(np.int16)[:, :, None]).astype(np.uint8)
+    return out
 
 
 def rotate_digits(x: np.ndarray, lo: float = 25, hi: float = 45, seed: int = 0) -> np.ndarray:
@@ -257,9 +286,12 @@ def domain_task(
     test images from a seed of its own, as the data stage does).
     """
     from .data import ImageDataset
-    from .transforms import build_transform
+    from .transforms import augment_profile, build_transform
 
-    train_tf, eval_tf = build_transform(spec, True), build_transform(spec, False)
+    channels = 3 if target in COLOUR or source in COLOUR else None  # None: as before, the spec's
+    aug = {r: augment_profile(r, source not in COLOUR, target in COLOUR) for r in ("source", "target")}
+    tf = {r: build_transform(spec, True, channels, aug[r]) for r in aug}
+    eval_tf = build_transform(spec, False, channels)
 
     def domain(name):
         if name == "synth_digits":
@@ -275,10 +307,14 @@ def domain_task(
             raise ValueError(f"unknown embedded dataset {name!r}; choose one of: {', '.join(EMBEDDED)}")
     (xs, ys), _ = domain(source)
     (xt, yt), (xe, ye) = domain(target)
+
+    def rgb(x):  # a grey domain beside a colour one is fed in the same three channels
+        return np.repeat(x[..., None], 3, axis=-1) if channels == 3 and x.ndim == 3 else x
+
     return (
-        ImageDataset.from_numpy(xs, ys, CLASSES, train_tf),
-        ImageDataset.from_numpy(xt, yt, CLASSES, train_tf),
-        ImageDataset.from_numpy(xe, ye, CLASSES, eval_tf),
+        ImageDataset.from_numpy(rgb(xs), ys, CLASSES, tf["source"]),
+        ImageDataset.from_numpy(rgb(xt), yt, CLASSES, tf["target"]),
+        ImageDataset.from_numpy(rgb(xe), ye, CLASSES, eval_tf),
     )
 
 

@@ -93,6 +93,22 @@ def random_photo(
     return x
 
 
+def random_colour(x: torch.Tensor, p: float, grid: int) -> torch.Tensor:
+    """Domain randomisation of colour and polarity for an RGB batch ``(N, 3, H, W)`` in [0, 1]: with probability
+    ``p`` an image becomes ``|texture - grey|``, its grey level blended over a random smooth colour texture (a
+    ``grid`` x ``grid`` field of random colours, upsampled), the MNIST-M blend: the ink takes the texture's
+    colours inverted, bright on dark patches and dark on bright ones. A grey-source model then has seen the
+    colours and both polarities a colour target may have (grey input, one channel, is returned as it is)."""
+    n, c, h, w = x.shape
+    if c != 3:
+        return x
+    tex = torch.rand(n, 3, grid, grid, device=x.device)
+    tex = torch.nn.functional.interpolate(tex, size=(h, w), mode="bilinear", align_corners=False)
+    mixed = (tex - _luma(x)).abs()
+    pick = (torch.rand(n, 1, 1, 1, device=x.device) < p).to(x.dtype)
+    return pick * mixed + (1 - pick) * x
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """Grey level ``(N, 1, H, W)`` of a batch: ITU-R 601 weights for RGB (as torchvision), the channel itself for
     grey."""
@@ -108,6 +124,11 @@ AUGMENT = {
     "photo": {
         "photo": dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip=0.5, brightness=0.4, contrast=0.4, saturation=0.4)
     },
+    # digits whose target is in colour (a grey source): the warp, then colour and polarity randomisation
+    "digits_colour": {
+        "affine": dict(degrees=12.0, translate=0.1, scale=(0.85, 1.15), shear=8.0),
+        "colour": dict(p=0.8, grid=4),
+    },
     "none": {},
 }
 
@@ -122,12 +143,13 @@ class ImageTransform(torch.nn.Module):
 
     batched = True
 
-    def __init__(self, mean, std, affine: dict | None = None, photo: dict | None = None):
+    def __init__(self, mean, std, affine: dict | None = None, photo: dict | None = None, colour: dict | None = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.affine = affine
         self.photo = photo
+        self.colour = colour
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         single = x.dim() == 3
@@ -137,14 +159,25 @@ class ImageTransform(torch.nn.Module):
             x = random_affine(x, **self.affine)
         if self.photo:
             x = random_photo(x, **self.photo)
+        if self.colour:
+            x = random_colour(x, **self.colour)
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x[0] if single else x
 
     def extra_repr(self) -> str:
         return (
             f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}, "
-            f"photo={self.photo}"
+            f"photo={self.photo}, colour={self.colour}"
         )
+
+
+def augment_profile(role: str, source_grey: bool, target_colour: bool, kind: str = "digits") -> str:
+    """The ``auto`` augmentation of domain ``role`` for ``kind`` (``digits`` or ``photo``), decided from the data:
+    a grey source for a colour target gets colour and polarity randomisation (``digits_colour``), so that the
+    source model meets the target's colours; every other case keeps ``kind``."""
+    if kind == "digits" and role == "source" and source_grey and target_colour:
+        return "digits_colour"
+    return kind
 
 
 def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "digits"):

@@ -22,7 +22,7 @@ def load_domain(params: Params, role: str, arch: str, manifest: dict | None = No
     c = spec.default_in_channels
     tr = data.open_split(root / "train", spec.input_size, c, **kw)  # prepared by the data stage: streamed if big
     te = data.open_split(root / "test", spec.input_size, c, **kw)
-    tr.transform = transforms.build_transform(spec, train=True, augment=augment(params, role))
+    tr.transform = transforms.build_transform(spec, train=True, augment=augment(params, role, manifest))
     te.transform = transforms.build_transform(spec, train=False)
     return tr, te
 

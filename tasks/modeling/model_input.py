@@ -9,7 +9,8 @@ normalisation and train-time augmentation (``data.image_size``, ``data.channels`
   backbone registers;
 - channels: ``data.channels``, or (``auto``) the target's (1 when every target image is grey, else 3, as the
   ``data`` stage records in the manifest); the source is decoded in the same channels;
-- augmentation: ``data.augment``, or (``auto``) ``digits`` (a mild affine warp) for an embedded dataset and
+- augmentation: ``data.augment``, or (``auto``) ``digits`` (a mild affine warp; ``digits_colour``, with colour and
+  polarity randomisation, for a grey source whose target is in colour) for an embedded dataset and
   ``photo`` (crops, flips, colour jitter) for a user folder, per domain.
 """
 
@@ -55,12 +56,20 @@ def weights_spec(arch: str, weights: str | None, image_size: int | str = "auto",
     )
 
 
-def augment(params: Params, role: str) -> str:
-    """The train-time augmentation profile of domain ``role`` (``source`` / ``target``)."""
+def augment(params: Params, role: str, manifest: dict | None = None) -> str:
+    """The train-time augmentation profile of domain ``role`` (``source`` / ``target``); for ``auto``, from the data
+    (:func:`tlcore.transforms.augment_profile`): ``digits`` for an embedded dataset, ``photo`` for a folder, and
+    ``digits_colour`` for a grey embedded source whose target has colour images (the data stage counts them)."""
+    from tlcore.transforms import augment_profile
+
     if params.data.augment != "auto":
         return params.data.augment
     name = params.data.source if role == "source" else params.data.target
-    return "digits" if name in EMBEDDED else "photo"
+    kind = "digits" if name in EMBEDDED else "photo"
+    if manifest is None:
+        return kind
+    colour = {r: manifest[r].get("colour_images", 0) for r in ("source", "target")}
+    return augment_profile(role, colour["source"] == 0, colour["target"] > 0, kind)
 
 
 def input_meta(spec) -> dict:

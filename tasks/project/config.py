@@ -167,10 +167,11 @@ class Data(_Section):
         "auto",
         description="1 (grey) or 3 (RGB) for both domains; auto = the target's: 1 when all its images are grey, else 3",
     )
-    augment: Literal["auto", "digits", "photo", "none"] = Field(
+    augment: Literal["auto", "digits", "digits_colour", "photo", "none"] = Field(
         "auto",
-        description="train-time augmentation: digits (affine warp), photo (crop, flip, colour jitter), "
-        "none; auto = digits for an embedded dataset, photo for your own folder",
+        description="train-time augmentation: digits (affine warp), digits_colour (the warp, then colour and "
+        "polarity randomisation), photo (crop, flip, colour jitter), none; auto = digits for an embedded dataset "
+        "(digits_colour for a grey source when the target has colour images), photo for your own folder",
     )
 
     @field_validator("channels", mode="before")
