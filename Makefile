@@ -6,7 +6,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install run lint test test-fast bench bench-quick lock clean stack-up stack-down
+.PHONY: install run lint test test-fast gpu-check bench bench-quick lock clean stack-up stack-down
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: install lint
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not gpu"
+
+# on a machine with a CUDA GPU (about 5 min): the gpu-marked tests, then a short `tl run` of resnet18 at 224 on the
+# GPU in a copy of the project; prints images/s, the GPU memory peak and the precision; exits 2 without a GPU
+gpu-check: install
+	$(PY) -m bench.gpu_check
 
 # the shared stack on this machine (S3, MLflow, Prefect + worker, Ray head); ports in infra/stack.env, credentials
 # made per stack in .tlstack/secrets.env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 
 import pytest
@@ -55,6 +56,78 @@ def test_losses_are_read_once_per_epoch_not_per_step(monkeypatch, strategy):
         counts.append(len(seen))
         assert "train_loss_source" in hist[0] and torch.isfinite(torch.tensor(hist[0]["train_loss"]))
     assert counts[0] == counts[1] <= 2, counts  # the same few reads at 2 and at 5 steps
+
+
+def _host_device_traffic(monkeypatch) -> collections.Counter:
+    """Counts, by call site in tlcore (``"Tensor.to in data.py:batch_to"``), of what waits for a GPU or feeds it
+    from the host: reads of a tensor into Python (``.item()``, ``.tolist()``, ``float``...), copies off the device
+    (``.cpu()``, ``.numpy()``) and tensors made or moved there (``torch.tensor``, ``torch.as_tensor``, ``.to``)."""
+    seen: collections.Counter = collections.Counter()
+    targets = [(torch.Tensor, n) for n in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy", "to")]
+    for owner, name in [*targets, (torch, "tensor"), (torch, "as_tensor")]:
+        orig = getattr(owner, name)
+        label = f"{'Tensor' if owner is torch.Tensor else 'torch'}.{name}"
+
+        def wrapped(*a, _orig=orig, _label=label, **kw):
+            code = sys._getframe(1).f_code
+            if "/tlcore/" in code.co_filename:
+                seen[f"{_label} in {code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}"] += 1
+            return _orig(*a, **kw)
+
+        monkeypatch.setattr(owner, name, wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("augment", ["digits", "photo"])
+def test_a_training_step_moves_only_its_batches_between_host_and_device(monkeypatch, augment):
+    """The real data path (uint8 batches, the train-time augmentation and normalisation on the training device,
+    a validation loader): 6 steps and 3 validation batches do no more host-device traffic than 2 steps and 1
+    validation batch, except copying the batches themselves. On a GPU any other call here would be a blocking
+    copy or a sync per step (e.g. the normalisation constants copied to the device for every batch)."""
+    from tlcore import data, transforms
+    from tlcore.engine import seed_everything
+
+    def run(steps: int, val_batches: int) -> collections.Counter:
+        seed_everything(0)
+        g = torch.Generator().manual_seed(5)
+        tf = transforms.build_transform(models.get_spec("tinycnn"), train=True, augment=augment)
+
+        def ds(n, transform=tf):
+            x = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=g)
+            return data.ImageDataset(x, torch.arange(n) % 10, [str(i) for i in range(10)], transform)
+
+        val = data.make_loader(
+            ds(8 * val_batches, transforms.build_transform(models.get_spec("tinycnn"), False)), 8, False
+        )
+        loaders = Loaders(*(data.make_loader(ds(64), 8, True, seed=s) for s in (1, 2, 3)), val=val)
+        strat = strategies.create_strategy("semi")
+        cfg = TrainConfig(epochs=1, steps_per_epoch=steps, precision="fp32")
+        trainer = Trainer(strat.setup(models.create("tinycnn", 10), 10), strat, cfg, loaders, device="cpu", log=None)
+        seen = _host_device_traffic(monkeypatch)
+        trainer.fit()
+        monkeypatch.undo()
+        assert trainer.history[0]["val_accuracy"] >= 0
+        return seen
+
+    few, many = run(2, 1), run(6, 3)
+    grows = {site: (few[site], many[site]) for site in few.keys() | many.keys() if many[site] > few[site]}
+    batches = 12 + 2  # 4 more steps x 3 training streams, 2 more validation batches
+    assert grows == {
+        "Tensor.to in data.py:batch_to": (
+            few["Tensor.to in data.py:batch_to"],
+            few["Tensor.to in data.py:batch_to"] + batches,
+        ),
+        "Tensor.to in engine.py:_to": (few["Tensor.to in engine.py:_to"], few["Tensor.to in engine.py:_to"] + batches),
+        # the batch's indices, on the host, in the loader (a loader process on a GPU machine)
+        "torch.as_tensor in data.py:__getitems__": (
+            few["torch.as_tensor in data.py:__getitems__"],
+            few["torch.as_tensor in data.py:__getitems__"] + batches,
+        ),
+    }, grows
+    reads = [
+        k for k in few.keys() | many.keys() if k.split(" ")[0] not in ("Tensor.to", "torch.tensor", "torch.as_tensor")
+    ]
+    assert {k: few[k] for k in reads} == {k: many[k] for k in reads} and sum(few[k] for k in reads) <= 3, few
 
 
 def test_non_finite_loss_still_stops_training_with_the_step():

@@ -154,3 +154,54 @@ def test_a_tune_trial_fits_on_one_node():
     assert trial_resources(gpus, 4, True) == {"CPU": 8.0, "GPU": 1.0}  # 3 GPUs: 3 at once, 8 CPUs each
     with pytest.raises(ValueError, match="no node of the Ray cluster has a GPU"):
         trial_resources(two, 2, True)
+
+
+OLD_DRIVER = (
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+    "GCC version:  gcc version 11.4.0 (Ubuntu 11.4.0-1ubuntu1~22.04)\n"
+)
+NEW_OPEN_DRIVER = (
+    "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
+    "(dvs-builder@U16-I3-B03-4-3)  Sun Jul 27 07:09:45 UTC 2025\nGCC version:  gcc version 12.2.0 (GCC)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text,cuda,want",
+    [
+        (OLD_DRIVER, "13.0", "NVIDIA driver 535.104.05 < 580, which the CUDA 13 build of torch 2.14.1 needs"),
+        (OLD_DRIVER, "12.8", None),  # 535 runs CUDA 12
+        (NEW_OPEN_DRIVER, "13.0", None),
+        (NEW_OPEN_DRIVER.replace("580.65.06", "570.86.10"), "13.0", "NVIDIA driver 570.86.10 < 580"),
+        (OLD_DRIVER, None, None),  # a CPU build of torch needs no driver
+        (None, "13.0", None),  # no NVIDIA driver: nothing to say about it
+        ("something else", "13.0", None),
+    ],
+)
+def test_a_driver_too_old_for_the_cuda_build_is_named(text, cuda, want):
+    from tasks.modeling.hardware import driver_too_old
+
+    got = driver_too_old(text, "2.14.1+cu130", cuda)
+    assert (got is None) if want is None else (want in got and "upgrade the driver (nvidia-smi shows it)" in got)
+
+
+def test_no_cuda_device_names_an_old_driver_instead(tmp_path):
+    """With the pinned torch (a CUDA 13.0 build, requirements.lock)."""
+    from tasks.modeling.hardware import no_cuda_message
+
+    version = tmp_path / "version"
+    version.write_text(OLD_DRIVER)
+    args = (
+        "ray.use_gpu = true, but worker 0",
+        " (CUDA_VISIBLE_DEVICES=None); run on GPU nodes.",
+        "or set ray.use_gpu: false",
+    )
+    msg = no_cuda_message(*args, driver_file=version)
+    assert msg.startswith("ray.use_gpu = true, but worker 0 cannot use the GPU: NVIDIA driver 535.104.05 < 580, ")
+    assert msg.endswith("to 580 or newer, or set ray.use_gpu: false.") and "sees no CUDA device" not in msg
+    missing = no_cuda_message(*args, driver_file=tmp_path / "absent")  # no NVIDIA driver: the message as it was
+    assert (
+        missing == "ray.use_gpu = true, but worker 0 sees no CUDA device (CUDA_VISIBLE_DEVICES=None); run on GPU nodes."
+    )
+    version.write_text(NEW_OPEN_DRIVER)
+    assert no_cuda_message(*args, driver_file=version) == missing

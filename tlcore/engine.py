@@ -386,18 +386,15 @@ class Trainer:
                 dist.broadcast(b, 0)
         was = net.training
         net.eval()
-        s = torch.zeros(3, device=dev, dtype=torch.float64)
+        s, count = torch.zeros(2, device=dev, dtype=torch.float64), 0  # summed on the device, read once
         for item in self.loaders.val:
             x, y = _to(item, dev, self.loaders.val)
             logits = net(x)["logits"].float()
-            s += torch.stack(
-                [
-                    nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                    (logits.argmax(1) == y).sum().double(),
-                    torch.tensor(float(len(y)), device=dev, dtype=torch.float64),
-                ]
-            )
+            loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+            s += torch.stack([loss.double(), (logits.argmax(1) == y).sum().double()])
+            count += len(y)
         net.train(was)
+        s = torch.cat([s, torch.tensor([float(count)], device=dev, dtype=torch.float64)])
         loss, correct, n = _all_reduce(s, self.world).tolist()
         return {"val_loss": loss / n, "val_accuracy": correct / n} if n else {}
 

@@ -7,6 +7,8 @@ then the backbone's normalisation.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -39,11 +41,19 @@ def random_affine(
     )
     t = torch.stack([u(-translate, translate) * w, u(-translate, translate) * h], 1)
     # grid_sample wants the inverse map in normalised coords: D^-1 A^-1 D with D = diag(w/2, h/2)
-    d = torch.tensor([w / 2, h / 2], device=dev)
+    ratio, half = _half_size(dev, h, w)
     inv = torch.linalg.inv_ex(a).inverse  # never singular (zoom > 0, |shear| < 90 degrees); no device sync
-    theta = torch.cat([inv * (d[None, None, :] / d[None, :, None]), (-inv @ t[:, :, None]) / d[None, :, None]], 2)
+    theta = torch.cat([inv * ratio, (-inv @ t[:, :, None]) / half], 2)
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _half_size(device: torch.device, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D_j / D_i, D_i)`` as ``(1, 2, 2)`` and ``(1, 2, 1)`` tensors on ``device``, with ``D = (w/2, h/2)``: made once
+    per device and size, since a tensor built from host numbers on a GPU waits for the queued work there."""
+    d = torch.tensor([w / 2, h / 2], device=device)
+    return d[None, None, :] / d[None, :, None], d[None, :, None]
 
 
 def random_photo(
@@ -150,6 +160,21 @@ class ImageTransform(torch.nn.Module):
         self.affine = affine
         self.photo = photo
         self.colour = colour
+        self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_on_device": {}}  # a copy (a loader process, a Ray worker) makes its own
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({"_on_device": {}, **state})
+
+    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalisation constants on ``device``, copied there once per device (a blocking copy per batch
+        would make the host wait for the GPU at every step), again only if ``.to()`` replaced the buffers."""
+        hit = self._on_device.get(device)
+        if hit is None or hit[0] is not self.mean or hit[1] is not self.std:
+            hit = self._on_device[device] = (self.mean, self.std, self.mean.to(device), self.std.to(device))
+        return hit[2], hit[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         single = x.dim() == 3
@@ -161,7 +186,8 @@ class ImageTransform(torch.nn.Module):
             x = random_photo(x, **self.photo)
         if self.colour:
             x = random_colour(x, **self.colour)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        mean, std = self._mean_std(x.device)
+        x = (x - mean) / std
         return x[0] if single else x
 
     def extra_repr(self) -> str:

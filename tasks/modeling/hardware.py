@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,13 +42,54 @@ def device_for(params: Params, cuda_available: bool | None = None):
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if params.base.device == "cuda" and not cuda:
         raise ParamsError(
-            "base.device = 'cuda' but this process sees no CUDA device (on a Ray cluster: the node "
-            "the stage runs on, often a GPU-less head node). Set base.device: auto; with "
-            "ray.use_gpu: true training still runs on the GPU workers."
+            no_cuda_message(
+                "base.device = 'cuda' but this process",
+                " (on a Ray cluster: the node the stage runs on, often a GPU-less head node). Set base.device: auto; "
+                "with ray.use_gpu: true training still runs on the GPU workers.",
+                "or set base.device: auto and ray.use_gpu: false to run on the CPU",
+            )
         )
     if params.base.device == "auto":
         return torch.device("cuda" if cuda else "cpu")
     return torch.device(params.base.device)
+
+
+#: what the NVIDIA kernel module says about itself, on a machine with an NVIDIA driver (Linux)
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+#: the oldest Linux driver (major version) each CUDA major release runs on (NVIDIA's CUDA release notes)
+CUDA_MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+
+
+def driver_too_old(version_text: str | None, torch_version: str, cuda_version: str | None) -> str | None:
+    """Why a torch built for CUDA ``cuda_version`` (``torch.version.cuda``, e.g. ``"13.0"``; ``None`` for a CPU
+    build) cannot use this machine's GPU, judged from ``version_text`` (the contents of :data:`NVIDIA_DRIVER_FILE`,
+    ``None`` when there is none): a sentence naming the driver and the version needed, or ``None`` when the driver is
+    recent enough, absent or unreadable (then nothing is known to be wrong with it)."""
+    found = re.search(r"NVRM version:.*?\s(\d+)\.(\d+(?:\.\d+)?)(?=\s|$)", version_text or "")
+    cuda_major = int(cuda_version.split(".")[0]) if cuda_version and cuda_version.split(".")[0].isdigit() else None
+    needed = CUDA_MIN_DRIVER.get(cuda_major)
+    if not found or needed is None or int(found.group(1)) >= needed:
+        return None
+    return (
+        f"NVIDIA driver {found.group(1)}.{found.group(2)} < {needed}, which the CUDA {cuda_major} build of torch "
+        f"{torch_version.split('+')[0]} needs: upgrade the driver (nvidia-smi shows it) to {needed} or newer"
+    )
+
+
+def no_cuda_message(who: str, otherwise: str, cpu_fix: str, driver_file: Path = NVIDIA_DRIVER_FILE) -> str:
+    """The error when ``who`` (``"ray.use_gpu = true, but worker 0"``) finds no CUDA device: ``who`` + ``" sees no
+    CUDA device"`` + ``otherwise``; or, on a machine whose NVIDIA driver is too old for this torch build (where torch
+    sees no device either), that driver, the version needed and ``cpu_fix`` (``"or set ray.use_gpu: false"``)."""
+    import torch
+
+    try:
+        text = driver_file.read_text()
+    except OSError:  # no NVIDIA driver loaded (or not Linux)
+        text = None
+    problem = driver_too_old(text, torch.__version__, torch.version.cuda)
+    if problem:
+        return f"{who} cannot use the GPU: {problem}, {cpu_fix}."
+    return f"{who} sees no CUDA device{otherwise}"
 
 
 def cache_dir() -> Path:

@@ -30,7 +30,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
-from tasks.modeling.hardware import loader_workers, worker_cpus
+from tasks.modeling.hardware import loader_workers, no_cuda_message, worker_cpus
 from tasks.modeling.train import TrainJob, build_trainer
 from tasks.modeling.worker_log import WorkerLog
 from tasks.project.config import Params, ParamsError
@@ -66,8 +66,12 @@ def _train_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     if config.get("use_gpu") and device.type != "cuda":
         raise RuntimeError(
-            f"ray.use_gpu = true, but worker {rank} sees no CUDA device (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run on GPU nodes or set ray.use_gpu: false."
+            no_cuda_message(
+                f"ray.use_gpu = true, but worker {rank}",
+                f" (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run on GPU nodes or set "
+                "ray.use_gpu: false.",
+                "or set ray.use_gpu: false",
+            )
         )
     precision, why = _agreed_precision(job, device, rank, world)
     job.optim = job.optim.model_copy(update={"precision": precision})
@@ -170,9 +174,12 @@ def run_job_ray(
     rc = params.ray
     if rc.use_gpu and rc.num_workers == 0 and not torch.cuda.is_available():
         raise ParamsError(
-            "ray.use_gpu = true with ray.num_workers = 0 trains in this process, which sees no CUDA "
-            "device; run it on a GPU machine, set ray.num_workers >= 1 to train on a GPU cluster's "
-            "workers, or set ray.use_gpu: false."
+            no_cuda_message(
+                "ray.use_gpu = true with ray.num_workers = 0 trains in this process, which",
+                "; run it on a GPU machine, set ray.num_workers >= 1 to train on a GPU cluster's workers, or set "
+                "ray.use_gpu: false.",
+                "or set ray.use_gpu: false",
+            )
         )
     ray_env()
     # local mode prints here; a cluster's workers reach this console through Ray (--verbose) or a WorkerOutput
