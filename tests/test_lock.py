@@ -63,7 +63,8 @@ def test_killing_tl_run_keeps_the_project_locked_until_its_stage_ends(tmp_path):
         assert r.returncode == 2 and "holds the project lock" in r.stderr, r.stdout + r.stderr
         msg = " ".join(r.stderr.split())
         assert f"pid {first.pid} has exited" in msg and "Traceback" not in msg
-        assert re.search(r"still holds the lock .*: pid \d+ \(`[^`]*dvc repro", msg), msg  # names the survivor
+        # names the survivor, and only it (not the refused taker, which has the file open too)
+        assert re.search(r"still holds the lock \(.*\): pid \d+ \(`[^`]*dvc repro`\)\. The lock", msg), msg
         assert (proj / "params.yaml").read_bytes() == params  # nothing written under the running stage
         (proj / "go").write_text("")
         _wait_for(lambda: not _alive(stage), 30, "the stage to end")

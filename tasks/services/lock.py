@@ -67,7 +67,8 @@ def _survivors(path: Path, info: dict) -> str:
     if not pid or info.get("host") != socket.gethostname() or pid_alive(int(pid)):
         return ""
     held = {}
-    for p in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+    procs = os.listdir("/proc") if os.path.isdir("/proc") else []
+    for p in (p for p in procs if p.isdigit() and int(p) != os.getpid()):  # not this taker: it opened the file too
         try:
             if any(os.readlink(f"/proc/{p}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{p}/fd")):
                 held[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
