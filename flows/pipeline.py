@@ -3,8 +3,9 @@
 Each Prefect task runs one stage through ``dvc repro --single-item <stage>``: the same
 ``python -m tasks.stages.<stage>`` that ``dvc.yaml`` declares, with DVC's lock and cache deciding
 whether it runs or is skipped, so the flow and ``dvc repro`` always agree and ``dvc status`` is
-clean afterwards (but for the ``inputs`` fingerprint stage, which DVC runs every time). Runs on Prefect's
-ephemeral local API unless ``PREFECT_API_URL`` is set.
+clean afterwards (but for the two stages DVC runs every time: the ``inputs`` fingerprints and ``register``,
+which reports on the registry the run points at). Runs on Prefect's ephemeral local API unless
+``PREFECT_API_URL`` is set.
 
 Importing this module writes no environment variable. The entry points set the process environment before
 Prefect is imported (:func:`tasks.project.env.configure_environment`: telemetry off, a start-up timeout for a
@@ -173,7 +174,9 @@ def _pipeline(repo, strategy, labels_per_class, backbone, finetune_epochs, num_w
         dvc_push(repo)
     out = publish(repo)
     always = always_changed_stages(repo)  # read dvc.yaml once, not once per stage
-    ran = [r["stage"] for r in results if r["ran"] and r["stage"] not in always]
+    # a stage DVC runs every time is news only when it made something new: `register` a new version
+    new = {"register": bool(out["registration"].get("new_version"))}
+    ran = [r["stage"] for r in results if r["ran"] and (r["stage"] not in always or new.get(r["stage"]))]
     print(f"stages run: {', '.join(ran) or 'none (everything up to date)'}")
     return {**out, "stages_run": ran}
 

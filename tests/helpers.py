@@ -55,9 +55,13 @@ def dvc(*args, cwd, check=True):
 
 
 def up_to_date(status_stdout: str) -> bool:
-    """`dvc status` says nothing is left to run: only the `inputs` fingerprint stage, which always runs, is listed."""
+    """`dvc status` says nothing is left to run: it lists only the stages DVC runs every time (`always changed`:
+    the `inputs` fingerprints and `register`)."""
     lines = [ln.strip() for ln in status_stdout.strip().splitlines() if ln.strip()]
-    return lines[-1:] == ["Data and pipelines are up to date."] or lines == ["inputs:", "always changed"]
+    if lines[-1:] == ["Data and pipelines are up to date."]:
+        return True
+    listed = dict(zip(lines[::2], lines[1::2]))
+    return len(lines) % 2 == 0 and set(listed.items()) <= {(f"{s}:", "always changed") for s in ("inputs", "register")}
 
 
 def set_params(repo: Path, updates: dict) -> None:

@@ -193,3 +193,22 @@ def test_job_helpers(tmp_path):
     f.write_text("# creds\nexport AWS_ACCESS_KEY_ID=abc\nAWS_SECRET_ACCESS_KEY='x y'\nURL=http://h:1 # c\n\nbad\n")
     assert read_env_file(f) == {"AWS_ACCESS_KEY_ID": "abc", "AWS_SECRET_ACCESS_KEY": "x y", "URL": "http://h:1"}
     assert job_dir("raysubmit_ab/../c").parent.name == "tl-jobs" and "/" not in job_dir("a/b").name
+
+
+def test_a_clone_elsewhere_sees_the_remotes_the_checkout_pushed_to(tmp_path):
+    """`tl reproduce` clones into a temporary folder: a remote that `.dvc/config` (as shipped, `../.dvc-remote`) or
+    `config.local` names by a relative path must still name the checkout's remote there, and `config.local`'s
+    choice of default and its options must come along (what `dvc` itself then reads in the clone)."""
+    from tasks.project.env import pin_remotes
+
+    local = "[core]\n    remote = backup\n['remote \"backup\"']\n    url = ../../backup\n    timeout = 7\n"
+    src, dst = _project(tmp_path / "src", local_conf=local), _project(tmp_path / "tmp" / "clone")
+    pin_remotes(src, dst)
+    dvc = [str(Path(sys.executable).parent / "dvc"), "remote", "list"]
+    listed = subprocess.run(dvc, cwd=dst, capture_output=True, text=True, env=sh_env(), check=True).stdout.split()
+    assert dict(zip(listed[::2], listed[1::2])) == {
+        "team": str(src.resolve() / ".dvc-remote"),
+        "backup": str(tmp_path.resolve() / "backup"),
+    }
+    conf = subprocess.run([dvc[0], "config", "--local", "--list"], cwd=dst, capture_output=True, text=True).stdout
+    assert {"core.remote=backup", "remote.backup.timeout=7"} <= set(conf.split())

@@ -106,3 +106,35 @@ def test_git_dirty_counts_a_new_untracked_module(tmp_path, monkeypatch):
     assert git_info(tmp_path)["git_dirty"] == "false"
     (tmp_path / "tasks" / "new_helper.py").write_text("y = 2\n")  # code the run may import, in no commit
     assert git_info(tmp_path)["git_dirty"] == "true"
+
+
+def test_git_dirty_paths_name_every_changed_file_whole(tmp_path, monkeypatch):
+    """`tl run -S` rewrites params.yaml (the first line of `git status`): its name must survive intact, so that
+    `tl reproduce` sees a restorable params change, not uncommitted code."""
+    import subprocess
+
+    from tasks.cli.reproduce import uncommitted_code
+    from tasks.project.lineage import git_info
+
+    monkeypatch.delenv("TL_GIT_COMMIT", raising=False)
+    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("GIT_COMMITTER_EMAIL", "t@t")
+    (tmp_path / "tasks").mkdir()
+    for f in ("params.yaml", "dvc.lock", "tasks/stage.py", "tasks/old name.py"):
+        (tmp_path / f).write_text("x: 1\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "commit", "-qm", "c"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("x: 2\n")  # what `tl run -S x=2` does
+    (tmp_path / "dvc.lock").write_text("x: 2\n")
+    info = git_info(tmp_path)
+    assert info["git_dirty"] == "true" and info["git_dirty_paths"] == "dvc.lock,params.yaml"
+    assert uncommitted_code(info) == []  # both are restored by the replay: not dirty code
+    (tmp_path / "tasks" / "stage.py").write_text("x: 3\n")
+    subprocess.run(["git", "mv", "tasks/old name.py", "tasks/new name.py"], cwd=tmp_path, check=True)
+    info = git_info(tmp_path)
+    assert info["git_dirty_paths"] == "dvc.lock,params.yaml,tasks/new name.py,tasks/old name.py,tasks/stage.py"
+    assert uncommitted_code(info) == ["tasks/new name.py", "tasks/old name.py", "tasks/stage.py"]
+    assert uncommitted_code({"git_dirty": "true"}) is None  # dirty, but which files was not recorded
+    assert uncommitted_code({"git_dirty": "false", "git_dirty_paths": ""}) == []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,11 +79,31 @@ def test_repro_end_to_end_then_noop(repo):
     reg = json.loads((repo / "reports/registration.json").read_text())
     assert reg["version"] == 1 and reg["promoted"] is True  # relaxed gate, no champion yet
     out2 = dvc("repro", cwd=repo).stdout
-    assert ran(out2) == set() and "Stage 'data' didn't change" in out2
+    # nothing trains; `register` runs every time and finds this model already registered
+    assert ran(out2) == {"register"} and "Stage 'data' didn't change" in out2
+    assert "digits-transfer version 1 -> champion, as registered" in out2  # the registry's cache: no MLflow started
+    reg2 = json.loads((repo / "reports/registration.json").read_text())
+    assert (reg2["version"], reg["new_version"], reg2["new_version"]) == (1, True, False)
     assert up_to_date(dvc("status", cwd=repo).stdout)
     # the pipeline's data and models reach the local DVC remote
     dvc("push", cwd=repo)
     assert any((repo / ".dvc-remote").rglob("*"))
+
+
+def test_register_reports_on_the_registry_the_run_points_at(repo, tmp_path):
+    """Registration changes state outside the project: DVC never skips it or restores registration.json from its
+    run-cache. Pointed at another (empty) registry with nothing else changed, a run registers the model there."""
+    fresh = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = sh(Path(sys.executable).parent / "dvc", "repro", cwd=repo, extra_env={"MLFLOW_TRACKING_URI": fresh}).stdout
+    assert ran(out) == {"register"}, out
+    reg = json.loads((repo / "reports/registration.json").read_text())
+    assert reg["tracking_uri"] == fresh and reg["version"] == 1 and reg["new_version"] and reg["promoted"]
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri=fresh, registry_uri=fresh)
+    v = c.get_model_version_by_alias("digits-transfer", "champion")
+    assert str(v.version) == "1" and v.tags["model_sha256"] == reg["model_sha256"]
+    assert v.tags["registration"] == "complete"
 
 
 def test_lineage_tags_match_dvc_lock(repo):
@@ -106,15 +128,18 @@ def test_lineage_tags_match_dvc_lock(repo):
 
 def test_reproduce_replays_a_version_bit_for_bit_in_a_fresh_clone(repo, tmp_path):
     """`tl reproduce` from the registry and the DVC remote only: same predictions on every test image (fp32)."""
-    import sys
-    from pathlib import Path
-
     import mlflow
+    from helpers import ROOT
 
+    # the project's own DVC config, as a clone has it: its remote is the relative `../.dvc-remote`
+    assert (repo / ".dvc/config").read_text() == (ROOT / ".dvc/config").read_text()
+    assert not (repo / ".dvc/config.local").exists()
     lock_before = (repo / "dvc.lock").read_bytes()
     work = tmp_path / "replay"
-    r = sh(
-        Path(sys.executable).parent / "tl",
+    r = sh(  # `tl reproduce`, from the copy's code (the `tl` script imports the checkout it was installed from)
+        sys.executable,
+        "-m",
+        "tasks.cli.main",
         "reproduce",
         "digits-transfer/1",
         "--workdir",
@@ -236,6 +261,40 @@ def test_registry_cli_models_promote_rollback_predict(repo):
     )
     assert [line.split("\t")[0] for line in v1] == [p[0] for p in preds]
     assert list((repo / ".tlcache/models/digits-transfer").glob("v1-*/model.pt"))
+
+
+def test_promote_and_rollback_refuse_while_the_registry_lock_is_held(repo):
+    """A registration elsewhere (another checkout or machine sharing the registry) holds the registry lock the gate
+    takes: `tl promote` and `tl rollback` stop at once, name the holder and change nothing."""
+    import subprocess
+
+    from helpers import env
+
+    c = _mlflow(repo)
+    champ = c.get_model_version_by_alias(NAME, "champion")
+    other = next(str(v.version) for v in c.search_model_versions(f"name = '{NAME}'") if v.version != champ.version)
+    hold = (
+        "import sys\nfrom tasks.services.lock import registry_lock\nfrom tasks.services.tracking import client\n"
+        "with registry_lock(client(), 'digits-transfer', 'a registration on another machine'):\n"
+        "    print('held', flush=True)\n    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold], cwd=repo, env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for cmd in (["promote", NAME, other], ["rollback", NAME]):
+            r = _py("-m", "tasks.cli.main", *cmd, "--why", "drill", cwd=repo, check=False)
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+            msg = " ".join(r.stderr.split())
+            assert f"held by pid {holder.pid} on " in msg and "a registration on another machine" in msg, msg
+            assert "Nothing was changed" in msg
+    finally:
+        holder.stdin.close()  # the holder releases the lock and exits
+        holder.wait(timeout=60)
+    now = c.get_model_version_by_alias(NAME, "champion")
+    assert now.version == champ.version and now.tags == champ.tags
+    assert "drill" not in c.get_model_version(NAME, other).tags.values()
 
 
 def test_tl_run_fails_loudly_when_the_push_fails(repo, tmp_path):

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tasks.project.env import dvc
+from tasks.project.env import dvc, pin_remotes
 from tasks.project.files import file_sha256, read_json
 from tasks.project.stage import StageError, say  # progress to stderr: stdout is the comparison (--json parses)
 from tasks.services.tracking import client, experiment_id, project_root, tracking_uri, version_by_alias
@@ -41,6 +41,16 @@ def parse_spec(spec: str) -> tuple[str, str | None, str | None]:
             f"{spec!r} is not NAME/VERSION or NAME@alias (e.g. digits-transfer/3, digits-transfer@champion)."
         )
     return m.group(1), m.group(2), m.group(3)
+
+
+def uncommitted_code(tags: dict) -> list[str] | None:
+    """The changed paths recorded on a version (``git_dirty_paths``) that the replay cannot put back: all but
+    :data:`RESTORED`; ``[]`` for a clean tree, ``None`` when the tree was dirty but the paths were not recorded."""
+    if tags.get("git_dirty") != "true":
+        return []
+    if "git_dirty_paths" not in tags:
+        return None
+    return [p for p in tags["git_dirty_paths"].split(",") if p and p not in RESTORED]
 
 
 def _version(c, spec: str):
@@ -88,9 +98,7 @@ def _checkout(root: Path, commit: str, work: Path) -> None:
     r = _git("checkout", "-q", commit, cwd=work)
     if r.returncode != 0:
         raise ReproduceError(f"commit {commit} is not in {root} ({r.stderr.strip()}); fetch or pull it first.")
-    local = root / ".dvc" / "config.local"  # remote credentials/paths kept out of git
-    if local.is_file():
-        shutil.copy2(local, work / ".dvc" / "config.local")
+    pin_remotes(root, work)  # the remotes the user pushed to, as their checkout sees them (a relative path too)
 
 
 def _pull_data(work: Path) -> None:
@@ -126,12 +134,12 @@ def reproduce(
     commit = tags.get("git_commit", "unknown")
     if commit in ("", "unknown"):
         raise ReproduceError(f"{name} version {v.version} records no git commit; it cannot be replayed.")
-    dirty = [p for p in tags.get("git_dirty_paths", "").split(",") if p and p not in RESTORED]
-    if tags.get("git_dirty") == "true" and (dirty or "git_dirty_paths" not in tags) and not allow_dirty:
+    dirty = uncommitted_code(tags)
+    if dirty != [] and not allow_dirty:
         raise ReproduceError(
             f"{name} version {v.version} was made from a work tree with uncommitted changes "
-            f"({', '.join(dirty[:8]) or 'which files is not recorded'}) on top of {commit[:10]}: the commit alone "
-            f"does not hold its code. Pass --allow-dirty to replay the commit anyway (expect differences)."
+            f"({', '.join(dirty[:8]) if dirty else 'which files is not recorded'}) on top of {commit[:10]}: the "
+            f"commit alone does not hold its code. Pass --allow-dirty to replay the commit anyway (expect differences)."
         )
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"tl-reproduce-{name}-v{v.version}-"))
     if workdir and work.exists() and any(work.iterdir()):

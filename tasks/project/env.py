@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,11 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_API_REQUEST_TIMEOUT": "120",
+    "DVC_NO_ANALYTICS": "1",  # also: no detached DVC daemon that would inherit the run's lock (see dvc())
 }
+#: file descriptors every `dvc` this process starts keeps open: the project lock while it is held
+#: (tasks/services/lock.py), so that the lock lives as long as any process of the run does
+_HANDED_DOWN: set[int] = set()
 
 
 def configure_environment() -> None:
@@ -46,10 +51,35 @@ def tool(name: str) -> str:
     return str(exe) if exe.exists() else name
 
 
+@contextmanager
+def handed_down(fd: int):
+    """While the block runs, every `dvc` this process starts (:func:`dvc`) inherits ``fd``."""
+    _HANDED_DOWN.add(fd)
+    try:
+        yield
+    finally:
+        _HANDED_DOWN.discard(fd)
+
+
 def dvc(args: list[str], repo: str | Path = ".", capture: bool = False) -> subprocess.CompletedProcess:
-    """Run ``dvc ARGS`` in ``repo`` with this environment (see :func:`configure_environment`)."""
+    """Run ``dvc ARGS`` in ``repo`` with this environment (see :func:`configure_environment`), handing it the
+    descriptors of :func:`handed_down`.
+
+    An interrupt (Ctrl-C reaches ``dvc`` and its stage too) is not answered by killing ``dvc``, as
+    ``subprocess.run`` would: it lets its stage stop and then ends by itself, holding what it inherited until then."""
     configure_environment()
-    return subprocess.run([tool("dvc"), *args], cwd=repo, env=dict(os.environ), capture_output=capture, text=True)
+    pipe = subprocess.PIPE if capture else None
+    with subprocess.Popen(
+        [tool("dvc"), *args],
+        cwd=repo,
+        env=dict(os.environ),
+        stdout=pipe,
+        stderr=pipe,
+        text=True,
+        pass_fds=tuple(sorted(_HANDED_DOWN)),
+    ) as p:
+        out, err = p.communicate()
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def _stages(repo: str | Path) -> dict:
@@ -65,7 +95,8 @@ def stage_names(repo: str | Path = ".") -> list[str]:
 
 
 def always_changed_stages(repo: str | Path = ".") -> set[str]:
-    """Stages DVC runs every time (``always_changed: true``: the input fingerprints); not news when they run."""
+    """Stages DVC runs every time (``always_changed: true``: the input fingerprints, the registration); not news
+    when they run."""
     return {k for k, v in _stages(repo).items() if v.get("always_changed")}
 
 
@@ -112,7 +143,8 @@ def deep_update(d: dict, u: dict) -> dict:
 
 def copy_project(dst: Path, params: dict | None = None, env: dict | None = None) -> Path:
     """A fresh copy of this project at ``dst``: :data:`PROJECT_FILES`, with ``params`` merged into its
-    params.yaml, as a git repo with DVC initialised, a local DVC remote (``dst/.dvc-remote``) and one commit."""
+    params.yaml, as a git repo with DVC initialised with the shipped ``.dvc/config`` (its default remote is the
+    relative ``../.dvc-remote``: ``dst/.dvc-remote``, as in a clone of the project) and one commit."""
     import yaml
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -127,20 +159,61 @@ def copy_project(dst: Path, params: dict | None = None, env: dict | None = None)
         (dst / "params.yaml").write_text(yaml.safe_dump(deep_update(doc, params), sort_keys=False))
     env = env or copy_env()
     identity = ["-c", "user.name=tl", "-c", "user.email=tl@localhost"]  # a machine without a git identity
-    for cmd in (
-        ["git", "init", "-q"],
-        [tool("dvc"), "init", "-q"],
-        [tool("dvc"), "config", "core.analytics", "false"],
-        [tool("dvc"), "remote", "add", "-d", "local", str(dst / ".dvc-remote")],
-        ["git", "add", "-A"],
-        ["git", *identity, "commit", "-qm", "init"],
-    ):
+
+    def run(*cmd: str) -> None:
         r = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(
                 f"{' '.join(cmd)} failed in {dst} ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
             )
+
+    run("git", "init", "-q")
+    run(tool("dvc"), "init", "-q")
+    shutil.copy2(ROOT / ".dvc" / "config", dst / ".dvc" / "config")  # as a clone has it (and no config.local)
+    run("git", "add", "-A")
+    run("git", *identity, "commit", "-qm", "init")
     return dst
+
+
+def dvc_remotes(root: str | Path) -> tuple[str | None, dict[str, dict[str, str]]]:
+    """The DVC remotes of the project at ``root`` as DVC sees them there: ``.dvc/config`` with the git-ignored
+    ``.dvc/config.local`` over it, a local path's ``url`` made absolute (DVC reads a relative one against
+    ``.dvc/``, so in another folder it would name another place). Returns ``(default remote, {name: options})``."""
+    import re
+    from urllib.parse import urlsplit
+
+    from configobj import ConfigObj
+
+    dvc_dir = Path(root).resolve() / ".dvc"
+    default, remotes = None, {}
+    for name in ("config", "config.local"):
+        if not (dvc_dir / name).is_file():
+            continue
+        conf = ConfigObj(str(dvc_dir / name))
+        default = (conf.get("core") or {}).get("remote", default)
+        for section, opts in conf.items():
+            if m := re.fullmatch(r'remote\s+"(.+)"', section):
+                remotes.setdefault(m.group(1), {}).update(opts)
+    for opts in remotes.values():
+        url = opts.get("url", "")
+        if url and len(urlsplit(url).scheme) <= 1:  # no scheme (or a drive letter): a local path
+            opts["url"] = str((dvc_dir / Path(url).expanduser()).resolve())
+    return default, remotes
+
+
+def pin_remotes(src: str | Path, dst: str | Path) -> None:
+    """Give the project at ``dst`` (a clone of ``src`` elsewhere) the remotes ``src`` sees, by absolute path
+    (:func:`dvc_remotes`), in ``dst/.dvc/config.local``: what ``src`` pushed, ``dst`` pulls."""
+    from configobj import ConfigObj
+
+    default, remotes = dvc_remotes(src)
+    conf = ConfigObj()
+    conf.filename = str(Path(dst) / ".dvc" / "config.local")
+    if default:
+        conf["core"] = {"remote": default}
+    for name, opts in remotes.items():
+        conf[f'remote "{name}"'] = opts
+    conf.write()
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:

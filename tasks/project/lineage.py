@@ -22,16 +22,30 @@ def git_info(cwd: str | Path = ".") -> dict[str, str]:
 
     def run(*a):
         r = subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
+        return r.stdout if r.returncode == 0 else ""
 
     env = settings()
     if env.git_commit:  # set by `tl submit`: the job runs on an uploaded copy
         return {"git_commit": env.git_commit, "git_dirty": env.git_dirty}
-    rev = run("rev-parse", "HEAD") or "unknown"
+    rev = run("rev-parse", "HEAD").strip() or "unknown"
     # a change to any tracked file, or a new (untracked, not ignored) file where the code lives
-    changed = (
-        run("status", "--porcelain", "--untracked-files=no").splitlines()
-        + run("status", "--porcelain", "--untracked-files=all", "--", *CODE_DIRS).splitlines()
+    paths = sorted(
+        set(
+            _porcelain_paths(run("status", "--porcelain", "-z", "--untracked-files=no"))
+            + _porcelain_paths(run("status", "--porcelain", "-z", "--untracked-files=all", "--", *CODE_DIRS))
+        )
     )
-    paths = sorted({line[3:].strip() for line in changed if line.strip()})
     return {"git_commit": rev, "git_dirty": str(bool(paths)).lower(), "git_dirty_paths": ",".join(paths)[:1000]}
+
+
+def _porcelain_paths(out: str) -> list[str]:
+    """The paths of ``git status --porcelain -z``: entries ``XY PATH`` separated by NUL, a rename or copy
+    followed by its original path as one more entry (both are changes). Names are verbatim, never quoted."""
+    paths, entries = [], iter(out.split("\0"))
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        paths.append(entry[3:])
+        if entry[0] in "RC" or entry[1] in "RC":
+            paths.append(next(entries, ""))
+    return [p for p in paths if p]

@@ -7,7 +7,11 @@ the Prefect flows (so ``tl serve``'s scheduled runs too), the ``register`` stage
 The lock is ``fcntl.flock`` on the file, so the kernel frees it when the holder dies, however it
 dies (a killed run never leaves the project locked); the file's text says who held it last, for
 the error message and for "took over a lock left by ...". Processes started by the holder (``dvc``
-and its stages, Prefect tasks) inherit a token in :data:`TOKEN_ENV` and pass through.
+and its stages, Prefect tasks) inherit a token in :data:`TOKEN_ENV` and pass through. Every ``dvc``
+the holder starts also inherits the locked file itself (:func:`tasks.project.env.handed_down`): a flock
+belongs to the open file, not to a process, so the lock is freed only when the last process of the
+run that has it ends. Killing ``tl run`` leaves its ``dvc repro`` and the stage under it running, and
+the project locked, until they finish too.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from tasks.project.env import handed_down
 from tasks.project.settings import settings
 from tasks.project.stage import StageError
 
@@ -55,6 +60,28 @@ def holder(root: str | Path) -> dict:
     return _read(Path(root) / LOCK_FILE)
 
 
+def _survivors(path: Path, info: dict) -> str:
+    """When the recorded holder is gone but the lock is held: which processes of its run still hold it (they
+    are found on Linux, in ``/proc``), for the error message."""
+    pid = info.get("pid")
+    if not pid or info.get("host") != socket.gethostname() or pid_alive(int(pid)):
+        return ""
+    held = {}
+    procs = os.listdir("/proc") if os.path.isdir("/proc") else []
+    for p in (p for p in procs if p.isdigit() and int(p) != os.getpid()):  # not this taker: it opened the file too
+        try:
+            if any(os.readlink(f"/proc/{p}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{p}/fd")):
+                held[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    who = ", ".join(f"pid {p} (`{cmd.strip()[:80]}`)" for p, cmd in held.items())
+    return (
+        f"; pid {pid} has exited, but a process it started still holds the lock (its `dvc`, which waits for the "
+        f"stage running under it){': ' + who if who else ''}. The lock is free when that ends; to stop the run "
+        f"now, stop it and its stage (`kill {' '.join(held) or 'PID'}`, then the stage)"
+    )
+
+
 @contextmanager
 def project_lock(root: str | Path, what: str | None = None):
     """Hold the project's lock for the ``with`` block; raise :class:`ProjectLocked` if another run has it.
@@ -80,9 +107,9 @@ def project_lock(root: str | Path, what: str | None = None):
                 return
             raise ProjectLocked(
                 f"another run (pid {info.get('pid', '?')}, `{info.get('command', '?')}`, since "
-                f"{info.get('since', '?')}) holds the project lock {path}. Nothing was changed. Wait for it to "
-                f"finish (or stop it) and run again; one run at a time keeps params.yaml, dvc.lock and the "
-                f"registry in step."
+                f"{info.get('since', '?')}) holds the project lock {path}{_survivors(path, info)}. Nothing was "
+                f"changed. Wait for it to finish (or stop it) and run again; one run at a time keeps params.yaml, "
+                f"dvc.lock and the registry in step."
             )
         before = _read(path)
         if (
@@ -109,7 +136,8 @@ def project_lock(root: str | Path, what: str | None = None):
         old = os.environ.get(TOKEN_ENV)
         os.environ[TOKEN_ENV] = info["token"]
         try:
-            yield info
+            with handed_down(fd):
+                yield info
         finally:
             if old is None:
                 os.environ.pop(TOKEN_ENV, None)
@@ -181,9 +209,10 @@ def registry_lock(c, name: str, what: str, wait_s: float = 900, stale_s: float =
             continue
         if time.monotonic() > deadline:
             raise RegistryLocked(
-                f"the registry lock of {name} ({lock} in {c.tracking_uri}) is held by "
-                f"{held.get('holder')} ({held.get('what')}) and was not released within {wait_s:.0f} s. "
-                f"If that registration died, delete the lock model (`{lock}`) in the MLflow UI, "
+                f"the registry lock of {name} ({lock} in {c.tracking_uri}) is held by pid {pid.split(':')[0]} on "
+                f"{host} ({held.get('what')}) and was not released within {wait_s:.0f} s: another registration, "
+                f"promotion or rollback of {name} is moving its aliases. Nothing was changed; run again when it "
+                f"has finished. If that holder died, delete the lock model (`{lock}`) in the MLflow UI, "
                 f"or wait: it is taken over after {stale_s:.0f} s."
             )
         if not waited:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from tasks.project.files import file_sha256, write_json
-from tasks.services.lock import project_lock
+from tasks.services.lock import project_lock, registry_lock
 from tasks.services.tracking import client, project_root, public_uri, sqlite_path, tracking_uri, version_by_alias
 
 CACHE_DIR = ".tlcache"
@@ -124,18 +124,23 @@ def _evidence(tags: dict) -> str:
     return ", ".join(parts)
 
 
-def snapshot(name: str) -> dict:
+def cached(name: str) -> dict | None:
+    """``name``'s versions and aliases as :func:`refresh` last read them, if the (sqlite) store has not been
+    written since; else None: a tracking server, or a store changed since (ask MLflow). Needs no MLflow."""
     uri = tracking_uri()
     root, sig = _cache_root(uri), _signature(uri)
-    if root is not None and sig is not None:
-        f = root / "registry" / f"{name}.json"
-        try:
-            cached = json.loads(f.read_text())
-            if cached.get("signature") == sig and "versions" in cached:  # a listing cached before versions were kept
-                return cached
-        except (OSError, ValueError):
-            pass
-    return refresh(name)
+    if root is None or sig is None:
+        return None
+    try:
+        snap = json.loads((root / "registry" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    # "versions": a listing cached before versions were kept is not enough
+    return snap if snap.get("signature") == sig and "versions" in snap else None
+
+
+def snapshot(name: str) -> dict:
+    return cached(name) or refresh(name)
 
 
 def versions(name: str) -> list[dict]:
@@ -152,8 +157,12 @@ def promote(name: str, version: int, why: str, who: str | None = None) -> dict:
     """Move ``champion`` to ``version`` explicitly (bypassing the gate), recording who and why."""
     from mlflow.exceptions import MlflowException
 
-    with project_lock(project_root(), f"tl promote {name} {version}"):
-        c = client()
+    c = client()
+    # the locks the gate holds while it decides: this checkout's runs, and every registration of `name` anywhere
+    with (
+        project_lock(project_root(), f"tl promote {name} {version}"),
+        registry_lock(c, name, f"tl promote {name} {version} in {project_root()}", wait_s=0),
+    ):
         try:
             c.get_model_version(name, str(version))
         except MlflowException:
@@ -171,14 +180,17 @@ def promote(name: str, version: int, why: str, who: str | None = None) -> dict:
             "previous_champion": old.version if old else "",
         }.items():
             c.set_model_version_tag(name, str(version), k, str(v))
-        refresh(name, c)
+    refresh(name, c)  # after the lock is gone: its release writes to the store too
     return {"champion": version, "previous": int(old.version) if old else None}
 
 
 def rollback(name: str, why: str, who: str | None = None) -> dict:
     """Move ``champion`` back to the version it replaced (recorded when it was promoted)."""
-    with project_lock(project_root(), f"tl rollback {name}"):
-        c = client()
+    c = client()
+    with (
+        project_lock(project_root(), f"tl rollback {name}"),
+        registry_lock(c, name, f"tl rollback {name} in {project_root()}", wait_s=0),
+    ):
         cur = version_by_alias(c, name, "champion")
         prev = cur.tags.get("previous_champion") if cur else None
         if not prev or prev == str(cur.version):
@@ -190,7 +202,7 @@ def rollback(name: str, why: str, who: str | None = None) -> dict:
         c.set_model_version_tag(name, cur.version, "rolled_back_by", who)
         c.set_model_version_tag(name, cur.version, "rolled_back_why", why)
         c.set_model_version_tag(name, prev, "restored_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
-        refresh(name, c)
+    refresh(name, c)
     return {"champion": int(prev), "replaced": int(cur.version)}
 
 

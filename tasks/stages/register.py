@@ -35,7 +35,7 @@ from tasks.project.files import file_sha256, read_json, write_json
 from tasks.project.lineage import git_info, params_hash
 from tasks.project.stage import StageError, say, stage_main
 from tasks.services.lock import project_lock, registry_lock
-from tasks.services.registry import refresh
+from tasks.services.registry import cached, refresh
 from tasks.services.tracking import (
     client,
     experiment_id,
@@ -261,11 +261,23 @@ def _decide(
     return decide(params.register, accuracy, vs_champ, champ.version if champ else None, vs_base, over)
 
 
-def register(params: Params) -> dict:
-    import mlflow
+def _still_true(params: Params, key: str) -> dict | None:
+    """The last ``registration.json``, if it still holds: the same registry, model, params and data, and a registry
+    not written since this stage last read it (the listing cache of :mod:`tasks.services.registry`, sqlite only),
+    which shows the version and the champion alias it says. Then a rerun needs no MLflow at all."""
+    f = params.path("reports", "registration.json")
+    last = read_json(f) if f.is_file() else {}
+    if not last or last.get("tracking_uri") != tracking_uri() or last.get("registration_key") != key:
+        return None
+    snap = cached(params.register.model_name)
+    version = str(last.get("version"))
+    if snap is None or version not in snap["versions"]:
+        return None
+    champion = (snap["aliases"].get("champion") or {}).get("version")
+    return {**last, "new_version": False} if (champion == version) == last.get("promoted") else None
 
-    c = client()
-    mlflow.set_tracking_uri(tracking_uri())  # the fluent run API below; this stage is its own process
+
+def register(params: Params) -> dict:
     name = params.register.model_name
     metrics = read_json(params.path("reports", "metrics.json"))
     compress = (
@@ -276,18 +288,30 @@ def register(params: Params) -> dict:
     cand = choose(read_json(params.path("reports", "finetune.json")), base)  # the transfer model, or scratch
     model = model_path(params, cand)
     accuracy = candidate_results(params, cand, metrics, base)[0]
-    lineage = {
-        **git_info(),
+    ident = {
         **dvc_lineage("dvc.lock", manifest),
         "params_hash": params_hash(params),
         "model_sha256": file_sha256(model),
-        **environment(params),
     }
-    key = registration_key(lineage)
+    key = registration_key(ident)
+    if (same := _still_true(params, key)) is not None:
+        say(
+            f"register: {name} version {same['version']} -> "
+            f"{'champion' if same['promoted'] else 'challenger only (not promoted)'}, as registered (this model, "
+            f"params and data; {same['tracking_uri']} unchanged since)"
+        )
+        write_json(params.path("reports", "registration.json"), same)
+        return same
+    lineage = {**git_info(), **ident, **environment(params)}
+    import mlflow
+
+    c = client()
+    mlflow.set_tracking_uri(tracking_uri())  # the fluent run API below; this stage is its own process
     # the project lock keeps one checkout's runs apart; the registry lock, held in the shared registry, keeps
     # registrations from other checkouts and machines (concurrent `tl submit` jobs) out of the gate's window
     with project_lock(project_root(), "register stage"), registry_lock(c, name, f"register stage in {project_root()}"):
         mv = _find_version(c, name, key)
+        new_version = mv is None
         if mv is None:
             run_id, source_uri = _log_run(
                 c, params, experiment_id(c, params.register.experiment), key, lineage, metrics, compress, model
@@ -381,6 +405,7 @@ def register(params: Params) -> dict:
         "previous_champion": int(previous) if previous else None,
         "tracking_uri": public_uri(tracking_uri()),  # never a password or token in a record
         "registration_key": key,
+        "new_version": new_version,  # False: this model, params and data were registered before (reused)
         **lineage,
     }
     write_json(params.path("reports", "registration.json"), out)
