@@ -296,7 +296,9 @@ def test_photo_augmentation_is_batched_per_image_and_exact_at_its_limits():
         transforms.build_transform(spec, True).affine
         and not transforms.build_transform(spec, True, augment="none").affine
     )
-    with pytest.raises(ValueError, match="unknown augmentation 'flips'; choose one of: digits, photo, digits_colour, none"):
+    with pytest.raises(
+        ValueError, match="unknown augmentation 'flips'; choose one of: digits, photo, digits_colour, none"
+    ):
         transforms.build_transform(spec, True, augment="flips")
 
 

@@ -128,3 +128,20 @@ def test_the_registration_candidate_is_the_better_model_on_validation_images():
     c = choose(ft, {"scratch_accuracy": None, "scratch_val_accuracy": None})
     assert c.stage == "finetune" and "no target labels" in c.why
     assert choose({**ft, "strategy": "scratch"}, base).stage == "finetune"  # finetune's model is scratch already
+
+
+def test_a_failed_adaptation_check_keeps_the_model_challenger():
+    """With no target labels nothing else in the gate can tell a failed adaptation (confident, diverse, wrong) from a
+    good one: the agreement check's "probably failed" keeps the model out of the champion's place, and says why."""
+    from tasks.modeling.gate import decide
+    from tasks.project.config import Register
+
+    rules = Register(min_accuracy=0.0, require_positive_transfer=False)
+    failed = {"failed": True, "why": "semi and a dann witness predict the same class on 16 % of 400 images"}
+    d = decide(rules, 0.3, None, adaptation=failed)
+    assert not d.promoted and any(
+        r.startswith("FAIL: adaptation check (no target labels): semi and") for r in d.reasons
+    )
+    ok = decide(rules, 0.9, None, adaptation={"failed": False, "why": "they agree on 89 %"})
+    assert ok.promoted and "pass: adaptation check (no target labels): they agree on 89 %" in ok.reasons
+    assert decide(rules, 0.9, None).promoted  # labels, or no check: the gate as before

@@ -170,6 +170,10 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
         assert sel["objective"] == auto and set(sel["scores"]) == set(params.tune.strategies) and not sel["dropped"]
         pick = (max if HIGHER_IS_BETTER[auto] else min)(sel["scores"], key=sel["scores"].get)
         assert sel["strategy"] == pick and ft["strategy_why"] == sel["why"]
+        # the adaptation check: the pick against a dann witness on the pool, flagged below half agreement
+        check = sel["check"]
+        assert check["witness"] == "dann" and 0 <= check["agreement"] <= 1
+        assert check["failed"] == (check["agreement"] < 0.5) and f"{check['agreement'] * 100:.0f} %" in check["why"]
         want = pick
     else:
         assert sel is None
@@ -189,6 +193,9 @@ def test_every_label_budget_and_label_set(projects, decoded_once, kind, labels, 
     assert f"{ft['labeled']} labeled target images ({said})" in out
     assert m["strategy"] == want == json.loads((project / "reports" / "metrics.json").read_text())["strategy"]
     if budget == 0:  # nothing to train scratch on: skipped, and the gain is measured over source_only
+        assert "finetune: adaptation check: " in out
+        report = (project / "reports" / "report.md").read_text()
+        assert ("Adaptation probably failed." if check["failed"] else "Adaptation check passed.") in report
         assert base["scratch_accuracy"] is None and "scratch skipped" in out
         assert m["gain_baseline"] == "source_only"
         assert m["transfer_gain"] == pytest.approx(m["accuracy"] - m["source_only_accuracy"])

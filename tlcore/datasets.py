@@ -277,8 +277,12 @@ def domain_task(
     seed: int = 0,
     test_fraction: float = 0.3,
     synth_test_per_class: int = 100,
+    augment: str | None = None,
 ):
     """In-memory embedded task ``source -> target``: ``(source, target_train, target_test)`` ImageDatasets.
+
+    ``augment``: the training augmentation of both domains; ``None`` decides per domain as the pipeline's ``auto``
+    does (:func:`tlcore.transforms.augment_profile`).
 
     Training sets carry the train-time transform, the test set the eval transform. An optdigits-based
     domain is its fixed split (seed 0; a source uses its training part); ``synth_digits`` renders
@@ -289,7 +293,7 @@ def domain_task(
     from .transforms import augment_profile, build_transform
 
     channels = 3 if target in COLOUR or source in COLOUR else None  # None: as before, the spec's
-    aug = {r: augment_profile(r, source not in COLOUR, target in COLOUR) for r in ("source", "target")}
+    aug = {r: augment or augment_profile(r, source not in COLOUR, target in COLOUR) for r in ("source", "target")}
     tf = {r: build_transform(spec, True, channels, aug[r]) for r in aug}
     eval_tf = build_transform(spec, False, channels)
 

@@ -22,6 +22,28 @@ from .data import batch_to
 HIGHER_IS_BETTER = {"entropy": False, "im": True, "snd": True, "bnm": True, "dev": False}
 
 
+# The 0-label adaptation check (:func:`agreement`): the adapted model and a witness adapted by another family of
+# method (DANN, a domain discriminator, beside MCC/semi's batch statistics) from the same source model. Below
+# this they disagree on most of the target pool: "probably failed". Fixed in advance ("most" = half), not fitted;
+# bench/failure_signal.py measures how it separates runs that worked from runs that did not.
+WITNESS = "dann"
+AGREEMENT_FAILED_BELOW = 0.5
+
+
+def agreement(logits_a, logits_b) -> float:
+    """The fraction of images on which two models predict the same class (``(N, C)`` logits of the same images).
+
+    Two adaptations of different kinds that both worked agree on most target images (both are mostly right);
+    when adaptation failed, each finds its own confident, class-balanced but wrong grouping of the pool, and they
+    agree little (accuracy and agreement between models under a shift go together: Baek et al., "Agreement-on-the-
+    line", NeurIPS 2022). A label-free score such as IM cannot see that: it rates a confident, diverse, wrong
+    model well."""
+    a, b = torch.as_tensor(logits_a).argmax(1), torch.as_tensor(logits_b).argmax(1)
+    if a.shape != b.shape or not len(a):
+        raise ValueError(f"agreement needs logits of the same images; got {tuple(a.shape)} and {tuple(b.shape)}")
+    return float((a == b).double().mean())
+
+
 def _probs(logits) -> torch.Tensor:
     return torch.as_tensor(logits).double().softmax(1)
 

@@ -173,6 +173,7 @@ def models(name: str | None = typer.Option(None, help="registered model name (de
         "gain_over",
         "strategy",
         "candidate",
+        "adaptation",
         "gate",
         "evidence",
         "data",

@@ -104,10 +104,15 @@ def decide(
     champion_version: str | None = None,
     baseline: Paired | str | None = None,
     baseline_name: str | None = None,
+    adaptation: dict | None = None,
 ) -> Decision:
     """The gate. ``champion``: the paired comparison with the current champion, None when there is none,
     or a string saying why it cannot be compared (then the champion stays). ``baseline``: the paired comparison
-    with the baseline, None when none applies, or a string saying why the guard does not apply (it passes)."""
+    with the baseline, None when none applies, or a string saying why the guard does not apply (it passes).
+    ``adaptation``: the 0-label adaptation check (:func:`tasks.modeling.strategy_choice.adaptation_check`) of a
+    model trained with no target labels; one that says "probably failed" stays challenger, whatever else holds:
+    with no labels nothing else here can tell a failed adaptation from a good one (the test split measures it,
+    but a model chosen with no labels should not become champion on that alone)."""
     alpha, reasons, ok = rules.significance, [], True
     good = accuracy >= rules.min_accuracy
     ok &= good
@@ -115,6 +120,11 @@ def decide(
         f"{'pass' if good else 'FAIL'}: accuracy {_pt(accuracy)} {'>=' if good else '<'} "
         f"min_accuracy {_pt(rules.min_accuracy)}"
     )
+    if adaptation is not None:
+        ok &= not adaptation["failed"]
+        reasons.append(
+            f"{'FAIL' if adaptation['failed'] else 'pass'}: adaptation check (no target labels): {adaptation['why']}"
+        )
     p_champ = None
     cv = f"champion v{champion_version}" if champion_version else "champion"
     if champion is None:

@@ -89,7 +89,7 @@ def select_strategy(params: Params) -> dict | None:
         f"finetune: no target labels, so strategy auto measures {', '.join(cands)} ({params.tune.epochs} epoch(s) each "
         f"at lr {params.finetune.lr:g}, on {device.type}) by {objective} and trains the best"
     )
-    scores, dropped, pool = {}, {}, None
+    scores, dropped, pool, pool_logits = {}, {}, None, {}
     for s in cands:
         try:
             job, _ = target_job(params, s, params.finetune.strategy_params)
@@ -101,6 +101,7 @@ def select_strategy(params: Params) -> dict | None:
                 if pool is None:
                     pool = pool_loader(params, job.arch, job.optim.batch_size)
                 _, logits, _ = validators.features_and_logits(model, pool, device)
+                pool_logits[s] = logits
                 score = float(validators.scores(logits)[validator])
             del model
             if device.type == "cuda":
@@ -127,4 +128,44 @@ def select_strategy(params: Params) -> dict | None:
         f"no target labels; {objective} ({'higher' if higher else 'lower'} is better) after {params.tune.epochs} "
         f"epoch(s) each: {shown}" + (f"; dropped {', '.join(dropped)}" if dropped else "")
     )
-    return {**base, "strategy": best, "scores": scores, "dropped": dropped, "why": why}
+    check = None if labeled_val else adaptation_check(params, best, pool_logits, pool, device)
+    return {**base, "strategy": best, "scores": scores, "dropped": dropped, "why": why, "check": check}
+
+
+def adaptation_check(params: Params, best: str, pool_logits: dict, pool, device) -> dict | None:
+    """Did the 0-label adaptation probably fail? A witness adapted by another family of method
+    (:data:`tlcore.validators.WITNESS`, DANN) trains as the candidates did, and the check is how often it and
+    ``best`` predict the same class on the pool sample (:func:`tlcore.validators.agreement`): below
+    :data:`tlcore.validators.AGREEMENT_FAILED_BELOW` the two disagree on most target images, which is what a
+    failed adaptation looks like while the validator still rates it well (bench/failure_signal.py measures it).
+    ``{"witness", "agreement", "failed", "why"}``; ``None`` when the witness cannot train (said so)."""
+    from tasks.modeling.train import run_job, target_job
+    from tlcore import validators
+
+    witness = validators.WITNESS
+    try:
+        if witness in pool_logits:
+            logits = pool_logits[witness]
+        else:
+            job, _ = target_job(params, witness, {})
+            job.optim = job.optim.model_copy(update={"epochs": params.tune.epochs})
+            model, _ = run_job(job, device, log=None)
+            _, logits, _ = validators.features_and_logits(model, pool, device)
+        agree = validators.agreement(pool_logits[best], logits)
+    except Exception as e:  # noqa: BLE001 - a check that cannot run must not end the run; it says so
+        say(f"finetune: adaptation check skipped: the {witness} witness failed ({type(e).__name__}: {e})")
+        return None
+    failed = agree < validators.AGREEMENT_FAILED_BELOW
+    n = len(pool_logits[best])
+    why = (
+        f"{best} and a {witness} witness (from the same source model, {params.tune.epochs} epoch(s)) predict the "
+        f"same class on {agree * 100:.0f} % of {n} target pool images"
+        + (
+            f" (< {validators.AGREEMENT_FAILED_BELOW * 100:.0f} %): adaptation probably failed; a model with no "
+            f"target labels and this check failed is registered as challenger only"
+            if failed
+            else f" (>= {validators.AGREEMENT_FAILED_BELOW * 100:.0f} %)"
+        )
+    )
+    say(f"finetune: adaptation check: {why}")
+    return {"witness": witness, "agreement": agree, "failed": failed, "why": why}

@@ -82,6 +82,7 @@ def refresh(name: str, c=None) -> dict:
                 "gain_over": t.get("gain_baseline", "scratch"),
                 "strategy": t.get("strategy"),
                 "candidate": t.get("candidate_why"),  # why this model, not the run's other one, was registered
+                "adaptation": t.get("adaptation_check"),  # with no target labels: did the adaptation probably fail?
                 "gate": t.get("gate_decision"),
                 "evidence": _evidence(t),
                 "data": (t.get("data_target_dvc_md5") or "")[:10],

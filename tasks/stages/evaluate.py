@@ -139,6 +139,15 @@ def _candidate_line(cand) -> str:
     )
 
 
+def _check_lines(ft: dict) -> list[str]:
+    """The 0-label adaptation check (tasks/modeling/strategy_choice.py), when the run had one."""
+    check = (ft.get("selection") or {}).get("check")
+    if not check:
+        return []
+    head = "**Adaptation probably failed.**" if check["failed"] else "**Adaptation check passed.**"
+    return [f"{head} With no target labels: {check['why']}.", ""]
+
+
 def _write_csv(path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -172,6 +181,7 @@ def _write_report(params: Params, flat: dict, rep: dict, ft: dict, pre: dict, ca
         "",
         _candidate_line(cand),
         "",
+        *_check_lines(ft),
         f"Expected calibration error {flat['ece']:.4f}. Source model accuracy on its own test split: "
         f"{pct(pre.get('source_test_accuracy'))}.",
         "",

@@ -258,7 +258,24 @@ def _decide(
         vs_base = f"the candidate is the {over} baseline itself, so there is no transfer to guard against"
     else:
         vs_base = paired(new_correct, base[f"{over}_correct"]) if over and base.get(f"{over}_correct") else None
-    return decide(params.register, accuracy, vs_champ, champ.version if champ else None, vs_base, over)
+    check = _adaptation(params, cand)  # a transfer model chosen with no target labels: did the adaptation work?
+    return decide(params.register, accuracy, vs_champ, champ.version if champ else None, vs_base, over, check)
+
+
+def _adaptation(params: Params, cand: Candidate) -> dict | None:
+    """The 0-label adaptation check of a transfer model trained with no target labels (finetune.json's
+    ``selection.check``, tasks/modeling/strategy_choice.py); None for scratch or a run that had none."""
+    if cand.is_scratch_baseline:
+        return None
+    return (read_json(params.path("reports", "finetune.json")).get("selection") or {}).get("check")
+
+
+def _check_tag(params: Params, cand: Candidate) -> dict[str, str]:
+    """``adaptation_check``: "failed (agreement 0.16)" / "passed (agreement 0.89)", when there was one."""
+    check = _adaptation(params, cand)
+    if not check:
+        return {}
+    return {"adaptation_check": f"{'failed' if check['failed'] else 'passed'} (agreement {check['agreement']:.2f})"}
 
 
 def _still_true(params: Params, key: str) -> dict | None:
@@ -338,6 +355,7 @@ def register(params: Params) -> dict:
                     "transfer_strategy": metrics["strategy"],
                     "transfer_accuracy": str(metrics["accuracy"]),
                     "backbone": params.pretrain.backbone,
+                    **_check_tag(params, cand),
                 },
             )
         else:
