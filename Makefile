@@ -52,6 +52,7 @@ bench: install
 	$(PY) -m bench.throughput --backbone resnet18
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.selection
+	$(PY) -m bench.failure_signal --seeds 3
 	$(PY) -m bench.data_scale
 
 bench-quick: install
