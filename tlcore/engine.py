@@ -398,11 +398,10 @@ class Trainer:
         loss, correct, n = _all_reduce(s, self.world).tolist()
         return {"val_loss": loss / n, "val_accuracy": correct / n} if n else {}
 
-    @staticmethod
-    def _own_rngs() -> dict:
+    def _own_rngs(self) -> dict:
         rngs = {"torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rngs["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # this rank's own GPU: another rank may resume on another local index
+            rngs["device_rng"] = torch.cuda.get_rng_state(self.device)
         return rngs
 
     def _gather_rngs(self) -> list[dict] | None:
@@ -418,6 +417,8 @@ class Trainer:
 
     def _set_rngs(self, rngs: dict) -> None:
         torch.set_rng_state(rngs["torch_rng"])
+        if "device_rng" in rngs and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rngs["device_rng"], self.device)
         if "cuda_rng" in rngs and torch.cuda.is_available() and len(rngs["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rngs["cuda_rng"])
 

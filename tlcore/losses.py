@@ -49,9 +49,9 @@ def global_batch(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    sizes = torch.zeros(dist.get_world_size(), dtype=n.dtype, device=x.device)
+    dist.all_gather_into_tensor(sizes, n)
+    sizes = sizes.tolist()  # one read back to the host per step, whatever the number of ranks
     pad = max(sizes) - x.shape[0]
     padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
     return torch.cat([part[:k] for part, k in zip(all_gather(padded), sizes)])

@@ -141,14 +141,13 @@ def trial_resources(nodes: list[dict], concurrent: int, use_gpu: bool) -> dict[s
     """What one ``tl tune`` trial asks Ray for, sized to a node: the most whole CPUs per trial with which
     ``concurrent`` trials fit on the nodes at once (each trial on one node: a trial's CPUs summed over the cluster
     would fit no node, and its trials would wait forever). With ``use_gpu``, one GPU per trial, and only the GPUs'
-    nodes count, each holding at most one trial per GPU. ``nodes``: ``{"CPU": n, "GPU": g}`` per live node."""
+    nodes count, each holding at most one trial per GPU; with no GPU node alive yet (an autoscaling cluster at zero
+    GPU workers), one GPU and one CPU, which the autoscaler can start a node for. ``nodes``: ``{"CPU": n, "GPU": g}``
+    per live node."""
     if use_gpu:
         nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
-        if not nodes:
-            raise ValueError(
-                "tune: ray.use_gpu is true but no node of the Ray cluster has a GPU; add GPU nodes or set "
-                "ray.use_gpu=false"
-            )
+        if not nodes:  # none alive yet: an autoscaling cluster (min_workers 0) starts one for the first trial
+            return {"CPU": 1.0, "GPU": 1.0}
         concurrent = min(concurrent, int(sum(n["GPU"] for n in nodes)))
 
     def fits(c: int) -> int:
