@@ -88,12 +88,13 @@ def prove_shared_storage(storage: str, timeout_s: float = 60) -> list[str]:
             nid: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(str(marker))
             for nid in nodes
         }
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)  # one wait for all
         blind = []
         for nid, ref in refs.items():
             try:
-                if not ray.get(ref, timeout=timeout_s):
+                if ref not in ready or not ray.get(ref):
                     blind.append(nid)
-            except ray.exceptions.GetTimeoutError:
+            except ray.exceptions.RayError:  # the node died or could not run the task: not proven either
                 blind.append(nid)
     finally:
         marker.unlink(missing_ok=True)
