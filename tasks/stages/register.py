@@ -244,7 +244,16 @@ def _log_run(
 
 
 def _decide(
-    c, name: str, champ, params: Params, cand: Candidate, metrics: dict, base: dict, manifest: dict, lineage: dict
+    c,
+    name: str,
+    champ,
+    params: Params,
+    cand: Candidate,
+    metrics: dict,
+    base: dict,
+    manifest: dict,
+    lineage: dict,
+    check: dict | None,
 ) -> Decision:
     if champ is not None and champ.tags.get("model_sha256") == lineage["model_sha256"]:
         return Decision(False, [f"unchanged: the same model file as champion v{champ.version}; it stays champion"])
@@ -258,21 +267,17 @@ def _decide(
         vs_base = f"the candidate is the {over} baseline itself, so there is no transfer to guard against"
     else:
         vs_base = paired(new_correct, base[f"{over}_correct"]) if over and base.get(f"{over}_correct") else None
-    check = _adaptation(params, cand)  # a transfer model chosen with no target labels: did the adaptation work?
     return decide(params.register, accuracy, vs_champ, champ.version if champ else None, vs_base, over, check)
 
 
-def _adaptation(params: Params, cand: Candidate) -> dict | None:
+def _adaptation(ft: dict, cand: Candidate) -> dict | None:
     """The 0-label adaptation check of a transfer model trained with no target labels (finetune.json's
     ``selection.check``, tasks/modeling/strategy_choice.py); None for scratch or a run that had none."""
-    if cand.is_scratch_baseline:
-        return None
-    return (read_json(params.path("reports", "finetune.json")).get("selection") or {}).get("check")
+    return None if cand.is_scratch_baseline else (ft.get("selection") or {}).get("check")
 
 
-def _check_tag(params: Params, cand: Candidate) -> dict[str, str]:
+def _check_tag(check: dict | None) -> dict[str, str]:
     """``adaptation_check``: "failed (agreement 0.16)" / "passed (agreement 0.89)", when there was one."""
-    check = _adaptation(params, cand)
     if not check:
         return {}
     return {"adaptation_check": f"{'failed' if check['failed'] else 'passed'} (agreement {check['agreement']:.2f})"}
@@ -302,7 +307,9 @@ def register(params: Params) -> dict:
     )
     manifest = read_json(params.path("data", "manifest.json"))
     base = read_json(params.path("reports", "baselines.json"))
-    cand = choose(read_json(params.path("reports", "finetune.json")), base)  # the transfer model, or scratch
+    ft = read_json(params.path("reports", "finetune.json"))
+    cand = choose(ft, base)  # the transfer model, or scratch
+    check = _adaptation(ft, cand)  # a transfer model chosen with no target labels: did the adaptation work?
     model = model_path(params, cand)
     accuracy = candidate_results(params, cand, metrics, base)[0]
     ident = {
@@ -355,7 +362,7 @@ def register(params: Params) -> dict:
                     "transfer_strategy": metrics["strategy"],
                     "transfer_accuracy": str(metrics["accuracy"]),
                     "backbone": params.pretrain.backbone,
-                    **_check_tag(params, cand),
+                    **_check_tag(check),
                 },
             )
         else:
@@ -370,7 +377,7 @@ def register(params: Params) -> dict:
             previous = mv.tags.get("previous_champion") or None
         else:
             try:
-                decision = _decide(c, name, champ, params, cand, metrics, base, manifest, lineage)
+                decision = _decide(c, name, champ, params, cand, metrics, base, manifest, lineage, check)
             except ChampionUnavailable as e:  # never "not comparable, keep it" in silence: a champion nobody can load
                 c.set_model_version_tag(name, mv.version, "gate_reasons", f"ERROR: {e}")
                 raise ChampionUnavailable(
