@@ -88,6 +88,13 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved results")
     ap.add_argument("--resume", action="store_true", help="keep the cells already saved (same settings)")
+    ap.add_argument(
+        "--columns",
+        default=None,
+        metavar="0,all",
+        help="run only these label-budget columns now (comma-separated; the others keep what --resume kept and "
+        "show n= where they have fewer seeds)",
+    )
     args = ap.parse_args(argv)
     pairs = _pairs(args.pair)
     if args.out and len(pairs) > 1:
@@ -194,7 +201,12 @@ def _run_pair(args, source: str, target: str, out: Path, dest: Path) -> None:
         if not done("source_only", "0", seed):
             record("source_only", "0", seed, accuracy(src, test_loader), time.time() - t)
         tasks_[seed] = (src_ds, tgt_ds, test_loader, {k: v.clone() for k, v in src.state_dict().items()})
+    wanted = set(args.columns.split(",")) if args.columns else set(cols)
+    if wanted - set(cols):
+        raise SystemExit(f"--columns {args.columns}: choose from {','.join(cols)}")
     for budget, col in zip(budgets, cols):
+        if col not in wanted:
+            continue
         methods = (["scratch"] + TRANSFER) if budget != 0 else sorted(UDA)
         for seed in seeds:
             src_ds, tgt_ds, test_loader, src_state = tasks_[seed]

@@ -70,12 +70,14 @@ TYPES = {n: c for n, c in vars(config).items() if isinstance(c, type) and issubc
 # Params that say where and how robustly to run, not what is computed: changing them must not rerun a stage.
 # (ray.num_workers, use_gpu and cpus_per_worker do change it: the batch split, the device, the threads.)
 # data.loader_workers: the batches do not depend on it (tests/test_engine.py trains alike with 0 and 1).
+# data.hold_in_memory_mib: held or streamed, the pixels are the same.
 EXECUTION_ONLY = {
     ("ray", "address"),
     ("ray", "storage_path"),
     ("ray", "max_failures"),
     ("ray", "gpus_per_worker"),
     ("data", "loader_workers"),
+    ("data", "hold_in_memory_mib"),  # the same pixels held or streamed (tests/test_shards.py)
 }
 # Read through params.path(...): dvc.yaml names them as ${base.*_dir} in deps and outs, so DVC sees them.
 DIRS = {("base", "data_dir"), ("base", "models_dir"), ("base", "reports_dir")}

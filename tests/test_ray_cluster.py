@@ -114,7 +114,9 @@ def two_node_cluster(tmp_path):
 
 def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch):
     """Two nodes: `tl submit` refuses a relative checkpoint folder before sending anything (it would be one node's);
-    finetune proves its storage folder is seen by both nodes before training, then puts one worker on each."""
+    finetune proves its storage folder is seen by both nodes before training, stages the streamed target split there
+    for nodes that do not see this one's data/ (tests/test_shard_staging.py fetches it), then puts one worker on
+    each."""
     from tasks.cli.jobs import SubmitRefused, check_storage
 
     address, e, dashboard = two_node_cluster
@@ -127,7 +129,8 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch
     sh(sys.executable, "-m", "tasks.stages.pretrain", "-S", "pretrain.epochs=1", cwd=repo)  # local mode source model
     e = {**e, "TL_WORKER_LOG_DIR": str(tmp_path)}
     r = subprocess.run(
-        [sys.executable, "-m", "tasks.stages.finetune", "-S", f"ray.address={address}", "-S", "ray.num_workers=2"],
+        [sys.executable, "-m", "tasks.stages.finetune", "-S", f"ray.address={address}", "-S", "ray.num_workers=2"]
+        + ["-S", "data.hold_in_memory_mib=0"],  # streamed from the shards
         cwd=repo,
         env={**env(), **e},
         capture_output=True,
@@ -140,3 +143,6 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch
     assert len(nodes) == 2, nodes  # one worker on each node
     assert "checkpoint storage " in r.stdout + r.stderr and " is seen by all 2 nodes" in r.stdout + r.stderr
     assert (repo / "models" / "finetuned.pt").exists()
+    staged = list((repo / "ray_results" / "shards").glob("*/index.json"))
+    out = r.stdout + r.stderr
+    assert staged and "staging " in out and "fetched the prepared split" not in out, out[-2000:]  # it sees data/

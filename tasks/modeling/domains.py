@@ -18,7 +18,9 @@ def load_domain(params: Params, role: str, arch: str, manifest: dict | None = No
     manifest = manifest or read_json(params.path("data", "manifest.json"))
     spec = input_spec(params, arch, manifest)
     root = params.path("data", role)
-    kw = dict(resize=spec.resize_size, interpolation=spec.interpolation)
+    kw = dict(
+        resize=spec.resize_size, interpolation=spec.interpolation, memory_bytes=params.data.hold_in_memory_mib * 2**20
+    )
     c = spec.default_in_channels
     tr = data.open_split(root / "train", spec.input_size, c, **kw)  # prepared by the data stage: streamed if big
     te = data.open_split(root / "test", spec.input_size, c, **kw)

@@ -30,6 +30,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 
+from tasks.modeling import shard_staging
 from tasks.modeling.hardware import loader_workers, no_cuda_message, worker_cpus
 from tasks.modeling.train import TrainJob, build_trainer
 from tasks.modeling.worker_log import WorkerLog
@@ -39,7 +40,7 @@ from tasks.project.settings import settings
 from tasks.project.stage import say
 from tasks.services.ray_checkpoints import RayReport, load_state, resume_state
 from tasks.services.ray_cluster import cluster_cpus, init_ray
-from tasks.services.ray_runs import mark_done, prove_shared_storage, resolve_run
+from tasks.services.ray_runs import live_nodes, mark_done, prove_shared_storage, resolve_run, storage_filesystem
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -75,6 +76,10 @@ def _train_loop(config: dict) -> None:
         )
     precision, why = _agreed_precision(job, device, rank, world)
     job.optim = job.optim.model_copy(update={"precision": precision})
+    stage = config.get("stage", "train")
+    if config.get("staged"):  # a node that does not see the driver's data/ reads the staged copy
+        for split in shard_staging.localize(job, config["staged"], config["storage"]):
+            say(f"[{stage}] worker {rank}: fetched the prepared split to this node ({split})")
     shard: list[int] = []
 
     def hook(loader):
@@ -85,7 +90,6 @@ def _train_loop(config: dict) -> None:
 
     callbacks = [WorkerLog(config["worker_log_dir"], rank, shard)] if config.get("worker_log_dir") else []
     callbacks += [make(rank) for make in config.get("callbacks") or ()]
-    stage = config.get("stage", "train")
     callbacks += [EpochLine(stage, job.optim.epochs, say)] if rank == 0 else []  # one line per epoch, from rank 0
     callbacks.append(RayReport(rank, config.get("local_dir")))
     trainer = build_trainer(
@@ -187,6 +191,8 @@ def run_job_ray(
     name, storage, local_run_dir = resolve_run(stage, params, manifest, job.strategy)
     if rc.num_workers > 0 and (checked := prove_shared_storage(storage)):
         say(f"{stage}: checkpoint storage {storage} is seen by all {len(checked)} nodes")
+    # several nodes: the streamed splits go to the shared storage, for workers that do not see this node's data/
+    staged = shard_staging.stage(job, storage, log=say) if rc.num_workers > 0 and len(live_nodes()) > 1 else {}
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
     job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus)
@@ -194,6 +200,7 @@ def run_job_ray(
     if verbose():
         say(f"{stage}: Ray Train run {name!r} ({rc.num_workers or 'local mode, 0'} worker(s), storage {storage})")
     local_dir = str(local_run_dir / "local") if rc.num_workers == 0 and local_run_dir else None
+    fs, fs_path = storage_filesystem(storage)
     with contextlib.nullcontext() if shown else WorkerOutput() as output:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -207,13 +214,16 @@ def run_job_ray(
                 "run_dir": str(local_run_dir) if local_run_dir else None,
                 "local_dir": local_dir,
                 "output": output.queue if output else None,
+                "staged": staged,
+                "storage": storage,
             },
             scaling_config=ScalingConfig(
                 num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources
             ),
             run_config=RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=fs_path,
+                storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=rc.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 logging_config=train_logging_config(),

@@ -188,6 +188,13 @@ class Data(_Section):
         "results, do not depend on it",
     )
 
+    hold_in_memory_mib: Annotated[int, Field(ge=0)] = Field(
+        256,
+        description="a prepared split whose decoded pixels take at most this many MiB is decoded into memory once "
+        "(small data trains fastest so); bigger ones are streamed from the shards, memory flat in their size. "
+        "0 streams every split. The pixels, and so the results, are the same either way",
+    )
+
     @field_validator("source", "target")
     @classmethod
     def _name_or_path(cls, v: str) -> str:

@@ -56,6 +56,31 @@ def storage_path(params: Params) -> str:
     return sp if "://" in sp else str(Path(sp).expanduser().resolve())
 
 
+def storage_filesystem(storage: str):
+    """``(pyarrow filesystem, path in it)`` of a storage location: a folder, or a URI. ``s3://`` goes through
+    s3fs, which talks to AWS and to S3-compatible servers alike (``AWS_ENDPOINT_URL``: MinIO, the local stack's
+    rclone); pyarrow's own S3 client streams uploads without a length, which rclone refuses (HTTP 411). Checksums
+    are checked where the server gives them for the bytes sent (a ranged read of a whole-object checksum is not)."""
+    import pyarrow.fs as pafs
+
+    if storage.startswith("s3://"):
+        import s3fs
+
+        checks = {"response_checksum_validation": "when_required", "request_checksum_calculation": "when_required"}
+        fs = s3fs.S3FileSystem(config_kwargs=checks)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), storage.removeprefix("s3://").rstrip("/")
+    if "://" in storage:
+        return pafs.FileSystem.from_uri(storage)
+    return pafs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
+
+
+def live_nodes() -> list[str]:
+    """The ids of the connected Ray cluster's live nodes."""
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+
+
 class StorageNotShared(RuntimeError):
     """``ray.storage_path`` is a folder that some node of the cluster does not see."""
 
@@ -72,7 +97,7 @@ def prove_shared_storage(storage: str, timeout_s: float = 60) -> list[str]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    nodes = live_nodes()
     if "://" in storage or len(nodes) < 2:
         return []
     marker = Path(storage) / f".tl-shared-{uuid.uuid4().hex}"

@@ -1,0 +1,128 @@
+"""Prepared splits on a cluster of several nodes: the data stage's shards live in this project's ``data/`` on the
+driver's node, where a worker on another node cannot read them. Before training, the driver copies each split a job
+streams to the run's shared storage (``ray.storage_path``, the storage that
+:func:`tasks.services.ray_runs.prove_shared_storage` proved every node sees) under ``shards/<key>/``, ``key`` the
+hash of the split's index (which holds every image's SHA-256 and place), so a split is uploaded once per data
+version, whatever the run. A worker that does not see the driver's split (or sees another version of it) fetches
+the staged copy into a cache on its node's disk, once per node and version (a file lock keeps the node's other
+workers waiting, not copying), and reads from there: memory stays flat, the disk holds one copy per node.
+
+Where the driver's ``data/`` is seen by every worker (one node, or a shared mount holding the same bytes) nothing
+is copied.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+from pathlib import Path
+
+from tlcore.shards import INDEX, ShardImages
+
+STAGED = "shards"
+
+
+def split_key(split_dir: Path) -> str:
+    """The version of a prepared split: the hash of its index (each image's SHA-256, shard, offset and length)."""
+    return hashlib.sha256((Path(split_dir) / INDEX).read_bytes()).hexdigest()[:24]
+
+
+def streamed_images(job) -> list[ShardImages]:
+    """Every streamed view of a prepared split the job's datasets read (several views may share a split)."""
+    out = []
+    for ds in (job.source, job.labeled, job.unlabeled, job.val):
+        images = getattr(ds, "images", None)
+        if isinstance(images, ShardImages):
+            out.append(images)
+    return out
+
+
+def stage(job, storage: str, log=print) -> dict[str, str]:
+    """Copy the splits ``job`` streams to ``<storage>/shards/<key>/`` where they are not yet (the index last, so
+    a copy cut short is never taken for a whole one). Returns ``{driver's split folder: key}`` for the workers."""
+    import pyarrow.fs as pafs
+
+    from tasks.services.ray_runs import storage_filesystem
+
+    fs, root = storage_filesystem(storage)
+    local = pafs.LocalFileSystem()
+    keys: dict[str, str] = {}
+    for images in streamed_images(job):
+        src = images.split_dir
+        if str(src) in keys:
+            continue
+        key = keys[str(src)] = split_key(src)
+        dest = f"{root}/{STAGED}/{key}"
+        if fs.get_file_info(f"{dest}/{INDEX}").type != pafs.FileType.NotFound:
+            continue
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.name != INDEX and not p.name.endswith(".tmp"))
+        size = sum(p.stat().st_size for p in files)
+        log(f"staging {src} ({len(files)} shards, {size / 2**20:.0f} MiB) to {storage}/{STAGED}/{key} for the nodes")
+        fs.create_dir(dest, recursive=True)
+        for p in files + [src / INDEX]:
+            pafs.copy_files(str(p), f"{dest}/{p.name}", source_filesystem=local, destination_filesystem=fs)
+    return keys
+
+
+def cache_root() -> Path:
+    """This node's cache of staged splits (``<cache dir>/shards``, see :func:`tasks.modeling.hardware.cache_dir`)."""
+    from tasks.modeling.hardware import cache_dir
+
+    return cache_dir() / STAGED
+
+
+def localize(job, keys: dict[str, str], storage: str) -> list[Path]:
+    """In a worker: point every streamed view of ``job`` at a copy of its split this node can read, the driver's
+    folder where it is here with the same index, else this node's cached copy of the staged one (fetched now if
+    missing). Returns the splits fetched by this call."""
+    import pyarrow.fs as pafs
+
+    from tasks.services.ray_runs import storage_filesystem
+
+    fetched: list[Path] = []
+    fs = root = None
+    for images in streamed_images(job):
+        key = keys.get(str(images.split_dir))
+        if key is None or _holds(images.split_dir, key):
+            continue
+        cache = cache_root() / key
+        if not _holds(cache, key):
+            if fs is None:
+                fs, root = storage_filesystem(storage)
+            if _fetch(fs, f"{root}/{STAGED}/{key}", cache, key, pafs):
+                fetched.append(cache)
+        images.split_dir = cache
+    return fetched
+
+
+def _holds(split_dir: Path, key: str) -> bool:
+    try:
+        return split_key(split_dir) == key
+    except OSError:
+        return False
+
+
+def _fetch(fs, src: str, cache: Path, key: str, pafs) -> bool:
+    """Copy the staged split ``src`` into ``cache`` unless another process of this node did meanwhile."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other workers wait here, then find the copy made
+        if _holds(cache, key):
+            return False
+        if fs.get_file_info(f"{src}/{INDEX}").type == pafs.FileType.NotFound:
+            raise FileNotFoundError(
+                f"the prepared split {key} is not in the run's storage ({src}): the driver stages it there before "
+                f"training; run the stage again from the driver (`tl run` or `dvc repro`)."
+            )
+        tmp = cache.with_name(cache.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        infos, local = fs.get_file_info(pafs.FileSelector(src)), pafs.LocalFileSystem()
+        for info in sorted(infos, key=lambda i: i.base_name == INDEX):  # the index last
+            pafs.copy_files(info.path, str(tmp / info.base_name), source_filesystem=fs, destination_filesystem=local)
+        if split_key(tmp) != key:
+            raise OSError(f"the staged split {src} changed while it was copied; run the stage again")
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+        return True
