@@ -73,24 +73,16 @@ def _is_local_uri(uri: str) -> bool:
 
 def dvc_default_remote(root: Path) -> tuple[str | None, str | None, str]:
     """(name, url, note) of the default DVC remote the job will see: the one in ``.dvc/config`` (the
-    git-ignored ``.dvc/config.local`` is not shipped). A relative local path is made absolute (DVC reads
-    it relative to ``.dvc/``). ``note`` says when ``config.local`` changes it for you but not for the job."""
-    from configobj import ConfigObj
+    git-ignored ``.dvc/config.local`` is not shipped), a local path made absolute
+    (:func:`tasks.project.env.dvc_remotes`). ``note`` says when ``config.local`` changes it for you but not for
+    the job."""
+    from tasks.project.env import dvc_remotes
 
-    def read(name):
-        f = root / ".dvc" / name
-        return ConfigObj(str(f)) if f.is_file() else {}
-
-    shipped, local = read("config"), read("config.local")
-    name = (shipped.get("core") or {}).get("remote")
-    url = (shipped.get(f'remote "{name}"') or {}).get("url") if name else None
-    if url and _is_local_uri(url):
-        path = Path(urlsplit(url).path if url.startswith("file:") else url).expanduser()
-        url = str((root / ".dvc" / path).resolve())
-    lname = (local.get("core") or {}).get("remote") or name
-    lurl = (local.get(f'remote "{lname}"') or {}).get("url") if lname else None
+    name, shipped = dvc_remotes(root, local=False)
+    url = shipped.get(name, {}).get("url") if name else None
+    lname, seen = dvc_remotes(root)
     note = ""
-    if lname != name or lurl:
+    if lname != name or (lname and seen.get(lname, {}).get("url") != url):
         note = (
             f" (.dvc/config.local sets {'remote ' + repr(lname) if lname != name else 'its url'} for you, but "
             f"config.local is not shipped: put the remote in .dvc/config with `dvc remote add -d`, and its "

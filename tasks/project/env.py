@@ -175,10 +175,11 @@ def copy_project(dst: Path, params: dict | None = None, env: dict | None = None)
     return dst
 
 
-def dvc_remotes(root: str | Path) -> tuple[str | None, dict[str, dict[str, str]]]:
+def dvc_remotes(root: str | Path, local: bool = True) -> tuple[str | None, dict[str, dict[str, str]]]:
     """The DVC remotes of the project at ``root`` as DVC sees them there: ``.dvc/config`` with the git-ignored
-    ``.dvc/config.local`` over it, a local path's ``url`` made absolute (DVC reads a relative one against
-    ``.dvc/``, so in another folder it would name another place). Returns ``(default remote, {name: options})``."""
+    ``.dvc/config.local`` over it (``local=False``: ``.dvc/config`` only, what a copy of the commit sees), a local
+    path's ``url`` made absolute (DVC reads a relative one against ``.dvc/``, so in another folder it would name
+    another place). Returns ``(default remote, {name: options})``."""
     import re
     from urllib.parse import urlsplit
 
@@ -186,7 +187,7 @@ def dvc_remotes(root: str | Path) -> tuple[str | None, dict[str, dict[str, str]]
 
     dvc_dir = Path(root).resolve() / ".dvc"
     default, remotes = None, {}
-    for name in ("config", "config.local"):
+    for name in ("config", "config.local") if local else ("config",):
         if not (dvc_dir / name).is_file():
             continue
         conf = ConfigObj(str(dvc_dir / name))
@@ -196,8 +197,9 @@ def dvc_remotes(root: str | Path) -> tuple[str | None, dict[str, dict[str, str]]
                 remotes.setdefault(m.group(1), {}).update(opts)
     for opts in remotes.values():
         url = opts.get("url", "")
-        if url and len(urlsplit(url).scheme) <= 1:  # no scheme (or a drive letter): a local path
-            opts["url"] = str((dvc_dir / Path(url).expanduser()).resolve())
+        if url and (len(urlsplit(url).scheme) <= 1 or url.startswith("file:")):  # a local path (or file: URL)
+            path = urlsplit(url).path if url.startswith("file:") else url
+            opts["url"] = str((dvc_dir / Path(path).expanduser()).resolve())
     return default, remotes
 
 

@@ -32,11 +32,26 @@ class RegistryError(RuntimeError):
 
 
 def _signature(uri: str) -> list | None:
+    """A key that changes whenever the (sqlite) store is written; ``None`` where none can be trusted now. In
+    SQLite's default rollback-journal mode (MLflow's) the header's file change counter goes up at every commit:
+    a write is seen at once. Otherwise (WAL mode, or not a database yet) the files' sizes and times, trusted only
+    when older than the clock's resolution."""
     db = sqlite_path(uri)
     if db is None:
         return None
+    journal, wal = db.with_name(db.name + "-journal"), db.with_name(db.name + "-wal")
+    if journal.exists():  # a transaction in progress (or a hot journal): nothing settled to key on
+        return None
+    try:
+        with open(db, "rb") as f:
+            head = f.read(100)
+        st = db.stat()
+    except FileNotFoundError:
+        return [db.name, None]
+    if head.startswith(b"SQLite format 3\0") and len(head) == 100 and not (wal.exists() and wal.stat().st_size):
+        return [db.name, "counter", int.from_bytes(head[24:28], "big"), st.st_size, st.st_ino]
     sig = []
-    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-journal")):
+    for f in (db, wal):
         try:
             st = f.stat()
             if time.time() - st.st_mtime < 2:  # written within the clock's resolution: do not trust a key
