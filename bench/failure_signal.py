@@ -15,6 +15,8 @@ whether the check flagged it. The test split only scores; nothing is chosen on i
 
     python -m bench.failure_signal            # 1 seed, writes the docs section
     python -m bench.failure_signal --seeds 3
+    python -m bench.failure_signal --seeds 3 --resume --case colour   # only the cases naming "colour", keeping
+                                                                       # the runs already saved
 """
 
 from __future__ import annotations
@@ -88,14 +90,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--render", action="store_true", help="only rewrite the docs from the saved results")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already saved; run only the missing ones")
+    ap.add_argument("--case", default="", help="run only the cases whose name contains this text")
     args = ap.parse_args(argv)
     saved = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": {}, "wall_s": 0.0}
-    t0 = time.time()
+    t0, wall0 = time.time(), saved["wall_s"] if args.resume else 0.0
     if not args.render:
-        saved = {"runs": {}, "wall_s": 0.0}
+        saved = saved if args.resume else {"runs": {}, "wall_s": 0.0}
         for source, target, augment in cases():
+            key = f"{source}->{target}" + (f" (augment {augment})" if augment else "")
+            if args.case not in key:
+                continue
             for seed in range(args.seeds):
-                key = f"{source}->{target}" + (f" (augment {augment})" if augment else "")
+                if str(seed) in saved["runs"].get(key, {}):
+                    continue
                 t = time.time()
                 r = run_case(source, target, augment, seed)
                 saved["runs"].setdefault(key, {})[str(seed)] = r
@@ -104,10 +112,10 @@ def main(argv=None) -> None:
                     f"dann {r['agreement']:.3f}{' FLAGGED' if r['flagged'] else ''} ({time.time() - t:.0f} s)",
                     flush=True,
                 )
-                saved["wall_s"] = time.time() - t0
+                saved["wall_s"] = wall0 + time.time() - t0
                 with atomic_path(RESULTS) as tmp:
                     tmp.write_text(json.dumps(saved, indent=1))
-    write_section("failure-signal", render(saved, args.seeds))
+    write_section("failure-signal", render(saved, max(len(v) for v in saved["runs"].values())))
     print(f"wrote {DOC}")
 
 
@@ -125,7 +133,8 @@ def render(saved: dict, seeds: int) -> str:
         [
             "## Did 0-label adaptation fail? The agreement check",
             "",
-            f"`python -m bench.failure_signal --seeds {seeds}`: per embedded pair (as the pipeline runs it) and one "
+            f"`python -m bench.failure_signal --seeds {seeds}` (a case listed with fewer seeds was not run with "
+            "more: `--resume --case`): per embedded pair (as the pipeline runs it) and one "
             "deliberately failing case (optdigits -> optdigits_colour with the source model denied colour "
             "randomisation, `augment digits`), no target labels: the source model, then semi and mcc, the pick "
             f"by IM (as `finetune.strategy: auto` picks), and a {WITNESS} witness from the same source model "

@@ -113,6 +113,10 @@ def run(args) -> dict:
         key = f"{source}->{target}"
         for seed in seeds:
             cell = rows.setdefault(key, {}).setdefault(str(seed), {"checkpoints": []})
+            if "source_only" in cell and {(c["method"], c["lr"]) for c in cell["checkpoints"]} >= {
+                (m, lr) for m in methods for lr in lrs
+            }:
+                continue  # kept by --resume: nothing left to train for this pair and seed
             src_all, pool, test = datasets.domain_task(spec, source, target, args.synth_per_class, seed=seed)
             perm = np.random.default_rng(seed).permutation(len(src_all))
             cut = len(src_all) // 10  # a tenth of the source held out of every run, for DEV
