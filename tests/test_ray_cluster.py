@@ -145,4 +145,18 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch
     assert (repo / "models" / "finetuned.pt").exists()
     staged = list((repo / "ray_results" / "shards").glob("*/index.json"))
     out = r.stdout + r.stderr
+    # what `tl tune` and the storage proof ask of each node: a task pinned there looks for the path
+    import ray
+
+    from tasks.services.ray_runs import blind_nodes, live_nodes
+
+    ray.init(address=address, logging_level="WARNING")
+    try:
+        nodes = live_nodes()
+        assert len(nodes) == 2 and blind_nodes(repo / "params.yaml", nodes) == []
+        assert blind_nodes(repo / "no-such-file", nodes) == nodes
+        gone = "ab" * (len(nodes[0]) // 2)  # a node that is not there cannot say it sees anything
+        assert blind_nodes(repo / "params.yaml", [*nodes, gone], timeout_s=10) == [gone]
+    finally:
+        ray.shutdown()
     assert staged and "staging " in out and "fetched the prepared split" not in out, out[-2000:]  # it sees data/

@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 from pathlib import Path
 
 from tasks.modeling.domains import VALIDATOR_IMAGES
@@ -136,6 +135,24 @@ def trial(config: dict, params: Params, root: str, metric: str, threads: int) ->
     trainer.fit()
 
 
+def _check_project_seen(params: Params) -> None:
+    """A trial reads the project's prepared data and source model where the driver has them (it runs in this
+    project's folder on whichever node Tune puts it): on a cluster of several nodes, every node must see them, or
+    the search stops here, before any trial, naming the nodes that do not."""
+    from tasks.services.ray_runs import blind_nodes, live_nodes
+
+    nodes = live_nodes()
+    if len(nodes) < 2:
+        return
+    need = params.path("data", "manifest.json").resolve()
+    if blind := blind_nodes(need, nodes):
+        raise StageError(
+            f"tl tune: {len(blind)} of the cluster's {len(nodes)} nodes (node {', '.join(n[:8] for n in blind)}) do "
+            f"not see {need}: a trial placed there could not read the prepared data. Nothing was tuned. Run tl tune "
+            f"where every node mounts this project (NFS), or on one node (`ray.address` unset)."
+        )
+
+
 def experiment_name(params: Params, manifest: dict) -> str:
     """``tune-<hash>`` of the params a trial reads, the data and the code: a changed space starts a new one. The
     finetune values a trial replaces (strategy, lr, strategy_params) are left out, so ``--apply`` writing the
@@ -180,7 +197,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
 
     from tasks.modeling.hardware import trial_resources
     from tasks.services.ray_cluster import cluster_cpus, init_ray
-    from tasks.services.ray_runs import prove_shared_storage, storage_path
+    from tasks.services.ray_runs import prove_shared_storage, storage_filesystem, storage_path
 
     metric, mode = objective(params, manifest)
     name = experiment_name(params, manifest)
@@ -194,6 +211,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one checkpoint an epoch
     init_ray(params)
     prove_shared_storage(storage)  # trials resume from checkpoints, maybe on another node
+    _check_project_seen(params)
     per_trial = trial_resources(cluster_cpus(), params.tune.concurrent_trials, params.ray.use_gpu)
     say(f"tune: each trial gets {per_trial} (on one node)")
     threads = params.base.num_threads or int(per_trial["CPU"])
@@ -201,12 +219,16 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
         rt.with_parameters(trial, params=params, root=str(Path.cwd().resolve()), metric=metric, threads=threads),
         per_trial,
     )
-    if fresh and "://" not in path and Path(path).exists():
-        shutil.rmtree(path)
-    restored = rt.Tuner.can_restore(path)
+    import pyarrow.fs as pafs
+
+    fs, fs_storage = storage_filesystem(storage)  # s3:// through s3fs, as Ray Train's runs
+    experiment = f"{fs_storage}/{name}"
+    if fresh and fs.get_file_info(experiment).type != pafs.FileType.NotFound:
+        fs.delete_dir(experiment)
+    restored = rt.Tuner.can_restore(experiment, storage_filesystem=fs)
     if restored:
         say(f"tune: resuming {name}: finished trials are kept, unfinished ones go on from their last checkpoint")
-        tuner = rt.Tuner.restore(path, trainable=fn, resume_errored=True)
+        tuner = rt.Tuner.restore(experiment, trainable=fn, resume_errored=True, storage_filesystem=fs)
     else:
         asha = ASHAScheduler(
             time_attr="training_iteration",
@@ -226,7 +248,8 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
             ),
             run_config=rt.RunConfig(
                 name=name,
-                storage_path=storage,
+                storage_path=fs_storage,
+                storage_filesystem=fs,
                 verbose=verbose,
                 checkpoint_config=rt.CheckpointConfig(num_to_keep=1),
                 failure_config=rt.FailureConfig(max_failures=params.ray.max_failures),

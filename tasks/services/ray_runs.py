@@ -85,17 +85,40 @@ class StorageNotShared(RuntimeError):
     """``ray.storage_path`` is a folder that some node of the cluster does not see."""
 
 
+def blind_nodes(path: str | Path, nodes: list[str], timeout_s: float = 60) -> list[str]:
+    """The ids of ``nodes`` on which ``path`` does not exist (or that could not say so in ``timeout_s``): a task
+    pinned to each node looks, all at once."""
+    import os
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(p: str) -> bool:
+        return os.path.exists(p)
+
+    refs = {
+        nid: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(str(path))
+        for nid in nodes
+    }
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)  # one wait for all
+    blind = []
+    for nid, ref in refs.items():
+        try:
+            if ref not in ready or not ray.get(ref):
+                blind.append(nid)
+        except ray.exceptions.RayError:  # the node died or could not run the task: not proven either
+            blind.append(nid)
+    return blind
+
+
 def prove_shared_storage(storage: str, timeout_s: float = 60) -> list[str]:
     """On a cluster of more than one node, show that every live node sees ``storage`` before any work: Ray Train
     persists each checkpoint there and a replacement worker on another node reads it back ("Unable to set up
     cluster storage" otherwise, after the first epoch). A URI (``s3://``, ``gs://`` ...) is shared by
     construction; a folder is proven by a marker file this driver writes and a task on each node reads.
     Returns the node ids checked ([] for a URI or one node); raises :class:`StorageNotShared`."""
-    import os
     import uuid
-
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = live_nodes()
     if "://" in storage or len(nodes) < 2:
@@ -103,24 +126,8 @@ def prove_shared_storage(storage: str, timeout_s: float = 60) -> list[str]:
     marker = Path(storage) / f".tl-shared-{uuid.uuid4().hex}"
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("written by the driver; every node must see it\n")
-
-    @ray.remote(num_cpus=0)
-    def sees(path: str) -> bool:
-        return os.path.exists(path)
-
     try:
-        refs = {
-            nid: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(str(marker))
-            for nid in nodes
-        }
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)  # one wait for all
-        blind = []
-        for nid, ref in refs.items():
-            try:
-                if ref not in ready or not ray.get(ref):
-                    blind.append(nid)
-            except ray.exceptions.RayError:  # the node died or could not run the task: not proven either
-                blind.append(nid)
+        blind = blind_nodes(marker, nodes, timeout_s)
     finally:
         marker.unlink(missing_ok=True)
     if blind:
