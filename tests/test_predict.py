@@ -71,6 +71,22 @@ def test_results_stream_in_order_and_errors_do_not_stop_them(model, images):
     assert [r["path"].rsplit("/", 1)[1] for r in rest] == ["2.png", "3.png"] and "error" in rest[1]
 
 
+def test_many_files_are_decoded_by_processes_in_order(model, images, tmp_path):
+    """Past ``PARALLEL_FROM`` files, decoding processes read ahead: the same results, in order, an unreadable
+    file in the middle reported in its place."""
+    net, meta = model
+    many = tmp_path / "many"
+    many.mkdir()
+    srcs = [images / "1.png", images / "2.png", images / "more" / "3.png"]
+    for i in range(serving.PARALLEL_FROM + 6):
+        (many / f"{i:03d}.png").write_bytes(srcs[i % 3].read_bytes() if i != 40 else b"not a png")
+    files = sorted(many.iterdir())
+    here = list(serving.classify(net, meta, files, top_k=2, workers=1))
+    there = list(serving.classify(net, meta, iter(files), top_k=2, workers=2))
+    assert len(here) == len(files) and [r["path"].rsplit("/", 1)[1] for r in here] == [f.name for f in files]
+    assert there == here and "error" in there[40] and all("error" not in r for i, r in enumerate(there) if i != 40)
+
+
 def test_tl_predict_formats_top_k_and_exit_status(model, images, monkeypatch):
     monkeypatch.setattr(serving, "load_alias", lambda name, alias: model)
     run = lambda *a: CliRunner().invoke(cli.app, ["predict", str(images), "--name", "m", *a])  # noqa: E731

@@ -109,14 +109,56 @@ def image_files(paths: list[Path]) -> Iterator[Path | StoredImage]:
                 yield f
 
 
-def classify(model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_size: int = 16) -> Iterator[dict]:
+PARALLEL_FROM = 64  # images: fewer are decoded here, faster than starting decoding processes
+
+
+def _decode(src, mode: str, size: int, resize: int | None, interpolation: str, name: str):
+    """``("ok", pixels)`` or ``("error", why)`` of one image: runs in a decoding process."""
+    from tlcore.images import ImageDecodeError, decode_image
+
+    try:
+        return "ok", decode_image(src, mode, size, resize, interpolation, name=name)
+    except ImageDecodeError as e:
+        return "error", str(e)
+
+
+def _decoded(items: Iterator, decode, workers: int) -> Iterator[tuple]:
+    """``(item, result of decode(item))`` in order. With more than :data:`PARALLEL_FROM` items and ``workers`` > 1,
+    decoded by ``workers`` processes, at most ``4 x workers`` images ahead (memory flat in the number of files)."""
+    import collections
+    import itertools
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    head = list(itertools.islice(items, PARALLEL_FROM))
+    if len(head) < PARALLEL_FROM or workers < 2:
+        for f in itertools.chain(head, items):
+            yield f, decode(f)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        ahead: collections.deque = collections.deque()
+        for f in itertools.chain(head, items):
+            ahead.append((f, pool.submit(*decode.job(f))))
+            if len(ahead) >= 4 * workers:
+                g, fut = ahead.popleft()
+                yield g, fut.result()
+        while ahead:
+            g, fut = ahead.popleft()
+            yield g, fut.result()
+
+
+def classify(
+    model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_size: int = 16, workers: int | None = None
+) -> Iterator[dict]:
     """Classify ``files`` as they come, ``batch_size`` at a time, in order; yields per file ``{"path", "class",
     "confidence", "top": [(class, probability), ...]}`` (``top_k`` long), or ``{"path", "error"}`` for a file
-    that does not decode. Pixels come from :func:`tlcore.images.decode_image`, as the training data's do."""
+    that does not decode. Pixels come from :func:`tlcore.images.decode_image`, as the training data's do, decoded
+    by ``workers`` processes (default :func:`tlcore.data.decode_workers`) beside the model when there are many."""
     import torch
 
     from tlcore import transforms
-    from tlcore.images import ImageDecodeError, decode_image, show_path
+    from tlcore.data import decode_workers
+    from tlcore.images import show_path
 
     spec = spec_from_meta(meta)  # size, crop and normalisation as the model was trained with
     tf = transforms.build_transform(spec, train=False, channels=meta["in_channels"])
@@ -141,17 +183,25 @@ def classify(model, meta: dict, files: Iterable[Path], top_k: int = 1, batch_siz
     def shown(f) -> str:
         return f.path if isinstance(f, StoredImage) else show_path(f)
 
+    class Decode:
+        """One image's decoding, here (a call) or in a decoding process (:meth:`job`)."""
+
+        def job(self, f) -> tuple:
+            src = f.read() if isinstance(f, StoredImage) else f  # a stored image's bytes travel, not its reader
+            return _decode, src, mode, spec.input_size, spec.resize_size, spec.interpolation, shown(f)
+
+        def __call__(self, f):
+            fn, *args = self.job(f)
+            return fn(*args)
+
     batch: list = []
-    for f in files:
-        src = f.read() if isinstance(f, StoredImage) else f
-        try:
-            px = decode_image(src, mode, spec.input_size, spec.resize_size, spec.interpolation, name=shown(f))
-            batch.append((f, torch.from_numpy(px).permute(2, 0, 1)))
-        except ImageDecodeError as e:
+    for f, (status, px) in _decoded(iter(files), Decode(), decode_workers() if workers is None else workers):
+        if status == "error":
             yield from run(batch)  # keep the order: what came before, then this file's error
             batch = []
-            yield {"path": shown(f), "error": str(e)}
+            yield {"path": shown(f), "error": px}
             continue
+        batch.append((f, torch.from_numpy(px).permute(2, 0, 1)))
         if len(batch) == batch_size:
             yield from run(batch)
             batch = []
