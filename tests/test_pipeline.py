@@ -184,6 +184,33 @@ def test_reproduce_refuses_clear_errors(repo, tmp_path):
     assert r.returncode != 0 and "NAME/VERSION" in r.stderr
 
 
+def test_validation_images_are_not_augmented(repo, monkeypatch):
+    """The validation images held out of the target's training split are fed as evaluation feeds images (no
+    warp): a validation accuracy measures the images as they are, the same at every epoch. Before, they carried
+    the training split's augmentation, so the scratch-vs-transfer choice and tl tune's objective read randomly
+    warped images."""
+    import torch
+
+    from tasks.modeling.train import target_job
+    from tasks.project.config import load_params
+    from tlcore import data
+
+    monkeypatch.chdir(repo)  # the module's run: its prepared data and source model
+    params = load_params(repo / "params.yaml", ["data.labels_per_class=null", "data.val_per_class=2"])
+    job, _ = target_job(params, "finetune")
+    assert job.val is not None and len(job.val) == 2 * len(job.val.classes)
+    assert not (job.val.transform.affine or job.val.transform.photo or job.val.transform.colour)
+    assert job.labeled.transform.affine or job.labeled.transform.photo  # training images still are
+
+    def batches():
+        return [x for x, _ in data.make_loader(job.val, 64, train=False)]
+
+    torch.manual_seed(0)
+    first = batches()
+    torch.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, batches()))
+
+
 def test_gate_rejects_worse_and_promotes_better(repo):
     c = _mlflow(repo)
     set_params(repo, {"register": {"min_accuracy": 0.3, "require_positive_transfer": True}})

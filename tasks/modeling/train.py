@@ -173,8 +173,8 @@ def target_job(params: Params, strategy: str, strategy_params: dict | None = Non
             + "). Rerun pretrain (dvc repro) so the source model "
             f"is trained on the same channels, or set data.channels: {meta['in_channels']}."
         )
-    train_ds, _ = load_domain(params, "target", meta["arch"], manifest)
-    labeled, unlabeled, val = target_splits(params, train_ds)
+    train_ds, test_ds = load_domain(params, "target", meta["arch"], manifest)
+    labeled, unlabeled, val = target_splits(params, train_ds, val_transform=test_ds.transform)
     cls = strategies.strategy_class(strategy)
     source = load_domain(params, "source", meta["arch"], manifest)[0] if "source" in cls.streams.used else None
     job = TrainJob(
@@ -203,10 +203,12 @@ def job_streams(strategy_cls, source=None, labeled=None, unlabeled=None) -> dict
     }
 
 
-def target_splits(params: Params, train_ds):
+def target_splits(params: Params, train_ds, val_transform="same"):
     """Labeled / unlabeled-pool / validation subsets of the target training split (never test), as
     :func:`tlcore.data.label_budget_split` defines them (``data.val_per_class`` resolved by
-    :func:`tasks.modeling.plan.val_per_class`); the validation subset is ``None`` when empty."""
+    :func:`tasks.modeling.plan.val_per_class`); the validation subset is ``None`` when empty. ``val_transform``:
+    the validation images' (the evaluation transform: no augmentation, so a validation accuracy is measured on
+    the images as they are, the same at every epoch); ``"same"`` keeps the training split's."""
     import numpy as np
 
     from tasks.modeling.plan import labels_per_class, val_per_class
@@ -215,5 +217,5 @@ def target_splits(params: Params, train_ds):
     y = train_ds.targets.numpy()
     counts = np.bincount(y, minlength=len(train_ds.classes)).tolist()
     b = data.label_budget_split(y, labels_per_class(params), params.base.seed, val_per_class(params, counts))
-    val = train_ds.subset(b.val) if len(b.val) else None
+    val = train_ds.subset(b.val, transform=val_transform) if len(b.val) else None
     return train_ds.subset(b.labeled), train_ds.subset(b.unlabeled), val
