@@ -302,6 +302,41 @@ def test_photo_augmentation_is_batched_per_image_and_exact_at_its_limits():
         transforms.build_transform(spec, True, augment="flips")
 
 
+def test_photo_crops_sample_the_stored_image_beyond_the_evaluation_crop(tmp_path):
+    """With torchvision's weights (shorter side to 256, centre 224) a photo's training crops are cut from a bigger
+    canvas of the stored image (379 px: the smallest crop still holds 224 real pixels a side), so they reach the
+    rim the evaluation view cuts off; the evaluation transform of that canvas gives the view a direct decode
+    gives. Before, the split was decoded at 224 first and every crop came from inside it."""
+    import dataclasses
+
+    from tlcore import shards
+
+    spec = dataclasses.replace(models.get_spec("resnet18"), input_size=224, resize_size=256)  # ImageNet weights'
+    img = np.zeros((600, 600, 3), np.uint8)
+    img[..., 1] = 200  # green, with a red rim 4 % of a side wide: outside the centre 224/256 of the image
+    rim = 24
+    img[:rim], img[-rim:], img[:, :rim], img[:, -rim:] = (220, 0, 0), (220, 0, 0), (220, 0, 0), (220, 0, 0)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(img).save(tmp_path / "a" / "0.png")
+    shards.write_split([(tmp_path / "a" / "0.png", 0, "a/0.png")], ["a"], tmp_path / "split", max_side=512)
+    canvas = transforms.train_canvas(spec, "photo")
+    assert canvas == 379 and transforms.train_canvas(spec, "digits") is None
+    big = data.open_split(tmp_path / "split", canvas, 3, resize=canvas)
+    direct = data.open_split(tmp_path / "split", 224, 3, resize=256)
+    train = transforms.build_transform(spec, True, augment="photo")
+    test = transforms.build_transform(spec, False)
+    torch.manual_seed(0)
+    crops = train(big.images.expand(64, -1, -1, -1).contiguous())
+    assert crops.shape == (64, 3, 224, 224)
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    red = ((crops * std + mean)[:, 0] > 0.5) & ((crops * std + mean)[:, 1] < 0.3)
+    assert red.flatten(1).any(1).sum() >= 8  # many crops reach the rim
+    view = test(big.images)
+    assert view.shape == (1, 3, 224, 224) and not (((view * std + mean)[:, 0] > 0.5).any())
+    assert (view - test(direct.images)).abs().mean() < 0.05  # the evaluation view, up to resampling
+    assert not ((test(direct.images) * std + mean)[:, 0] > 0.5).any()  # the old path never saw the rim
+
+
 def test_colour_randomisation_for_a_grey_source_of_a_colour_target():
     """`digits_colour`: an RGB batch's grey level blended over random colour textures (both polarities appear),
     grey input untouched; `auto` picks it only for a grey source whose target has colour images."""

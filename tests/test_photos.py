@@ -150,7 +150,8 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     ft = finetune(params)
     assert ft["strategy"] == "gradual_unfreeze" and ft["labeled"] == 12  # other classes; all of a folder's labels
     job = jobs[0]
-    assert job.labeled.images.shape[1:] == (3, 32, 32) and job.labeled.transform.photo  # colour, photo augmentation
+    assert job.labeled.transform.photo and job.image_shape() == (3, 32, 32)  # colour, photo augmentation
+    assert job.labeled.images.shape[1:] == (3, 55, 55)  # decoded on a canvas its random crops cut 32 px from
     assert job.labeled.images.float().std(1).mean() > 10  # the channels differ: not grey repeated three times
     baselines(params)
     m = evaluate(params)

@@ -64,9 +64,11 @@ def random_photo(
     brightness: float,
     contrast: float,
     saturation: float,
+    out_size: int | None = None,
 ) -> torch.Tensor:
     """Photo augmentation of a float batch ``(N, C, H, W)`` in [0, 1], independently per image: a random resized
-    crop (area ``scale`` of the image, aspect ratio in ``ratio``, resampled back to ``H`` x ``W``), a horizontal
+    crop (area ``scale`` of the image, aspect ratio in ``ratio``, resampled to ``out_size`` x ``out_size``, or back
+    to ``H`` x ``W``; from a canvas bigger than the output a small crop still samples real pixels), a horizontal
     flip with probability ``flip``, and colour jitter (brightness, contrast, saturation factors in
     ``[1 - j, 1 + j]``, in that order, clamped to [0, 1] after each, as ``torchvision.transforms.v2``'s
     ``RandomResizedCrop``, ``RandomHorizontalFlip`` and ``ColorJitter`` without hue).
@@ -88,7 +90,8 @@ def random_photo(
     sign = torch.where(torch.rand(n, device=dev) < flip, -1.0, 1.0)
     zero = torch.zeros(n, device=dev)
     theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
-    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = [n, c, out_size or h, out_size or w]
+    grid = torch.nn.functional.affine_grid(theta, out, align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def factor(j):
@@ -153,8 +156,20 @@ class ImageTransform(torch.nn.Module):
 
     batched = True
 
-    def __init__(self, mean, std, affine: dict | None = None, photo: dict | None = None, colour: dict | None = None):
+    def __init__(
+        self,
+        mean,
+        std,
+        affine: dict | None = None,
+        photo: dict | None = None,
+        colour: dict | None = None,
+        size: int | None = None,
+        crop: float = 1.0,
+    ):
         super().__init__()
+        # the model's input size: a bigger image (a training canvas, :func:`train_canvas`) is cropped to it at
+        # random by the photo augmentation, or else (evaluation) to its centre ``crop`` of a side, then resized
+        self.size, self.crop = size, crop
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
         self.affine = affine
@@ -180,10 +195,12 @@ class ImageTransform(torch.nn.Module):
         single = x.dim() == 3
         x = x[None] if single else x
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        if self.photo:
+            x = random_photo(x, **self.photo, out_size=self.size)
+        elif self.size is not None and x.shape[-1] != self.size:
+            x = centre_view(x, self.size, self.crop)
         if self.affine:
             x = random_affine(x, **self.affine)
-        if self.photo:
-            x = random_photo(x, **self.photo)
         if self.colour:
             x = random_colour(x, **self.colour)
         mean, std = self._mean_std(x.device)
@@ -193,8 +210,30 @@ class ImageTransform(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, affine={self.affine}, "
-            f"photo={self.photo}, colour={self.colour}"
+            f"photo={self.photo}, colour={self.colour}, size={self.size}, crop={self.crop}"
         )
+
+
+def centre_view(x: torch.Tensor, size: int, crop: float = 1.0) -> torch.Tensor:
+    """The evaluation view of a float batch decoded on a bigger square canvas: its centre ``crop`` of a side,
+    resized (bilinear, antialiased) to ``size`` x ``size``; the pixels a direct decode at ``size`` gives, up to
+    resampling."""
+    h = x.shape[-1]
+    k = max(1, round(h * crop))
+    o = (h - k) // 2
+    x = x[..., o : o + k, o : o + k]
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def train_canvas(spec: ModelSpec, augment: str) -> int | None:
+    """The side of the square a training split is decoded on when ``augment``'s random resized crop samples it:
+    big enough that the smallest crop (``scale[0]`` of the area) still holds ``input_size`` real pixels a side
+    (224 and scale 0.35: 379), so crops are cut from the stored image, not upsampled from the model's centre
+    crop. ``None`` for a profile without such a crop (the split is decoded at the input size)."""
+    photo = AUGMENT[augment].get("photo")
+    if not photo:
+        return None
+    return int(np.ceil(spec.input_size / np.sqrt(photo["scale"][0])))
 
 
 def augment_profile(role: str, source_grey: bool, target_colour: bool, kind: str = "digits") -> str:
@@ -209,10 +248,13 @@ def augment_profile(role: str, source_grey: bool, target_colour: bool, kind: str
 def build_transform(spec: ModelSpec, train: bool, channels: int | None = None, augment: str = "digits"):
     """Per-backbone transform on uint8 tensors: (train-time) augmentation of profile ``augment`` (a key of
     :data:`AUGMENT`: ``digits``, ``photo`` or ``none``), scale to [0,1], normalise with the spec's mean/std
-    (averaged over colour channels for grey input)."""
+    (averaged over colour channels for grey input). Its output is ``spec.input_size`` square: a bigger input (a
+    :func:`train_canvas`) is cropped at random (training) or to the view evaluation decodes (``resize_size``'s
+    centre crop)."""
     if augment not in AUGMENT:
         raise ValueError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENT)}")
     c = channels or spec.default_in_channels
     mean = spec.mean if len(spec.mean) == c else (sum(spec.mean) / len(spec.mean),) * c
     std = spec.std if len(spec.std) == c else (sum(spec.std) / len(spec.std),) * c
-    return ImageTransform(mean, std, **(AUGMENT[augment] if train else {}))
+    crop = spec.input_size / spec.resize_size if spec.resize_size else 1.0
+    return ImageTransform(mean, std, **(AUGMENT[augment] if train else {}), size=spec.input_size, crop=crop)

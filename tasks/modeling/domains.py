@@ -12,7 +12,10 @@ from tasks.project.files import read_json
 
 def load_domain(params: Params, role: str, arch: str, manifest: dict | None = None):
     """(train, test) :class:`ImageDataset` of a materialised domain as ``arch`` is fed in this run
-    (:func:`tasks.modeling.model_input.input_spec`: size, channels, crop, normalisation; the role's augmentation)."""
+    (:func:`tasks.modeling.model_input.input_spec`: size, channels, crop, normalisation; the role's augmentation).
+    With a photo augmentation the training split is decoded on a bigger canvas (:func:`tlcore.transforms.
+    train_canvas`) that its transforms crop to the input size; evaluate a subset of it with the test split's
+    transform, which takes the centre view."""
     from tlcore import data, transforms
 
     manifest = manifest or read_json(params.path("data", "manifest.json"))
@@ -22,10 +25,15 @@ def load_domain(params: Params, role: str, arch: str, manifest: dict | None = No
         resize=spec.resize_size, interpolation=spec.interpolation, memory_bytes=params.data.hold_in_memory_mib * 2**20
     )
     c = spec.default_in_channels
-    tr = data.open_split(root / "train", spec.input_size, c, **kw)  # prepared by the data stage: streamed if big
+    aug = augment(params, role, manifest)
+    # a random resized crop cuts from a bigger canvas of the stored image (transforms.train_canvas); every other
+    # profile, and the test split, decode at the model's input size
+    canvas = transforms.train_canvas(spec, aug)
+    tr_kw = {**kw, "resize": canvas if spec.resize_size else None} if canvas else kw
+    tr = data.open_split(root / "train", canvas or spec.input_size, c, **tr_kw)  # streamed if big
     te = data.open_split(root / "test", spec.input_size, c, **kw)
-    tr.transform = transforms.build_transform(spec, train=True, augment=augment(params, role, manifest))
-    te.transform = transforms.build_transform(spec, train=False)
+    tr.transform = transforms.build_transform(spec, train=True, augment=aug)
+    te.transform = transforms.build_transform(spec, train=False)  # also what a subset of tr is evaluated with
     return tr, te
 
 

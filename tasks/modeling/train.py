@@ -37,7 +37,11 @@ class TrainJob:
     def image_shape(self) -> tuple[int, int, int] | None:
         """``(C, H, W)`` of the images the job trains on (``None`` for datasets that do not say)."""
         ds = next((d for d in (self.labeled, self.source, self.unlabeled, self.val) if d is not None), None)
-        return tuple(int(n) for n in ds.images.shape[1:]) if hasattr(ds, "images") else None
+        if not hasattr(ds, "images"):
+            return None
+        c, h, w = (int(n) for n in ds.images.shape[1:])
+        size = getattr(ds.transform, "size", None)  # what the model sees: a training canvas is cropped to it
+        return (c, size, size) if size else (c, h, w)
 
     loader_workers: int = 0  # data-loader processes per training stream (tasks.modeling.hardware.loader_workers)
 
