@@ -112,7 +112,8 @@ def test_a_node_without_the_data_reads_the_staged_copy(s3, tmp_path, monkeypatch
 
 def test_ray_train_checkpoints_in_s3_compatible_storage(s3, tmp_path):
     """A Ray Train run (one worker, a streamed split) with ``ray.storage_path=s3://...`` on rclone: trains and
-    keeps its checkpoints there."""
+    keeps its checkpoints there. Local mode (``ray.num_workers: 0``) with that storage keeps its own checkpoints on
+    this machine (before, its last checkpoint was a temporary folder, gone when the run returned it)."""
     client, root = s3
     split = _split(tmp_path, n=4)
     script = f"""
@@ -130,6 +131,9 @@ job = TrainJob("smallcnn", 10, "scratch", p.finetune, 0, labeled=ds)
 m = {{"source": {{"splits": {{}}}}, "target": {{"splits": {{}}}}}}
 _, history, info = run_job_ray(job, p, "s3test", m)
 print("EPOCHS", [h["epoch"] for h in history], info["ray_run"])
+p = p.model_copy(update={{"ray": p.ray.model_copy(update={{"num_workers": 0}})}})  # local mode, the same storage
+_, history, info = run_job_ray(TrainJob("smallcnn", 10, "scratch", p.finetune, 0, labeled=ds), p, "s3local", m)
+print("LOCAL", [h["epoch"] for h in history])
 """
     r = subprocess.run(
         [sys.executable, "-c", script],
@@ -140,7 +144,7 @@ print("EPOCHS", [h["epoch"] for h in history], info["ray_run"])
         timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "EPOCHS [1, 2]" in r.stdout, r.stdout[-2000:]
+    assert "EPOCHS [1, 2]" in r.stdout and "LOCAL [1, 2]" in r.stdout, r.stdout[-2000:]
     run = r.stdout.split("EPOCHS [1, 2] ")[1].split()[0]
     ckpts = [c for c in (root / "runs" / "ckpt" / run).glob("checkpoint_*") if c.is_dir()]
     assert ckpts and all((c / "state.pt").is_file() for c in ckpts), list((root / "runs" / "ckpt").rglob("*"))[:20]

@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from tasks.modeling import shard_staging
-from tasks.modeling.hardware import loader_workers, no_cuda_message, worker_cpus
+from tasks.modeling.hardware import cache_dir, loader_workers, no_cuda_message, worker_cpus
 from tasks.modeling.train import TrainJob, build_trainer
 from tasks.modeling.worker_log import WorkerLog
 from tasks.project.config import Params, ParamsError
@@ -199,7 +199,11 @@ def run_job_ray(
     resources = {"CPU": cpus, **({"GPU": int(rc.gpus_per_worker)} if rc.use_gpu else {})}
     if verbose():
         say(f"{stage}: Ray Train run {name!r} ({rc.num_workers or 'local mode, 0'} worker(s), storage {storage})")
-    local_dir = str(local_run_dir / "local") if rc.num_workers == 0 and local_run_dir else None
+    if rc.num_workers == 0 and local_run_dir is None:
+        # local mode keeps its checkpoints itself, in this process: on this machine's disk even when the storage is
+        # a URI (the checkpoint of a temporary folder would be gone when the run ends)
+        local_run_dir = cache_dir() / "ray-local" / name
+    local_dir = str(local_run_dir / "local") if rc.num_workers == 0 else None
     fs, fs_path = storage_filesystem(storage)
     with contextlib.nullcontext() if shown else WorkerOutput() as output:
         trainer = TorchTrainer(
