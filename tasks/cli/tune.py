@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 
 from tasks.modeling.domains import VALIDATOR_IMAGES
-from tasks.modeling.strategy_choice import pool_loader
+from tasks.modeling.strategy_choice import pool_dataset
 from tasks.project.config import Params, ParamsError
 from tasks.project.files import read_json, write_json
 from tasks.project.measured import resolve_validator
@@ -108,49 +108,45 @@ class TuneReport:
             )
 
 
-def trial(config: dict, params: Params, root: str, metric: str, threads: int) -> None:
-    """One Tune trial: the finetune job with this trial's strategy, learning rate and params."""
+def trial_key(trial: dict) -> str:
+    """Which of the driver's jobs a trial trains: its strategy and strategy params (the learning rate varies)."""
+    return json.dumps([trial["strategy"], trial["strategy_params"]], sort_keys=True)
+
+
+def trial(
+    config: dict, params: Params, jobs: dict, pool, metric: str, threads: int, staged: dict, storage: str
+) -> None:
+    """One Tune trial: the finetune job with this trial's strategy, learning rate and params. The job and the
+    validator's pool come from the driver (its data streamed where they lie, or staged for this node when it
+    does not see them: :mod:`tasks.modeling.shard_staging`), so a trial needs no copy of the project."""
+    import copy
+
     import torch
     from ray import tune
 
+    from tasks.modeling import shard_staging
     from tasks.modeling.hardware import resolve_precision
-    from tasks.modeling.train import build_trainer, target_job
+    from tasks.modeling.train import build_trainer
     from tasks.services.ray_checkpoints import load_state
+    from tlcore import data
 
-    os.chdir(root)  # Tune starts a trial in its own folder; the project's paths are relative to its root
     torch.set_num_threads(threads)
     c = config["trial"]
-    job, _ = target_job(params, c["strategy"], c["strategy_params"])
+    job = copy.copy(jobs[trial_key(c)])  # an actor reused for the next trial starts from the driver's job again
+    if staged:
+        shard_staging.localize([*shard_staging.job_datasets(job), pool], staged, storage)
     device = torch.device("cuda" if params.ray.use_gpu else "cpu")
     precision, _ = resolve_precision(
         job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device, image_shape=job.image_shape()
     )
     job.optim = job.optim.model_copy(update={"lr": c["lr"], "epochs": params.tune.epochs, "precision": precision})
-    pool = pool_loader(params, job.arch, params.evaluate.batch_size) if metric.startswith("val_free_") else None
-    trainer = build_trainer(job, device, callbacks=[TuneReport(metric, pool, device)], log=None)
+    loader = data.make_loader(pool, params.evaluate.batch_size, train=False) if pool is not None else None
+    trainer = build_trainer(job, device, callbacks=[TuneReport(metric, loader, device)], log=None)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # a restored experiment: go on from the trial's last epoch
         with ckpt.as_directory() as d:
             trainer.load_state_dict(load_state(d))
     trainer.fit()
-
-
-def _check_project_seen(params: Params) -> None:
-    """A trial reads the project's prepared data and source model where the driver has them (it runs in this
-    project's folder on whichever node Tune puts it): on a cluster of several nodes, every node must see them, or
-    the search stops here, before any trial, naming the nodes that do not."""
-    from tasks.services.ray_runs import blind_nodes, live_nodes
-
-    nodes = live_nodes()
-    if len(nodes) < 2:
-        return
-    need = params.path("data", "manifest.json").resolve()
-    if blind := blind_nodes(need, nodes):
-        raise StageError(
-            f"tl tune: {len(blind)} of the cluster's {len(nodes)} nodes (node {', '.join(n[:8] for n in blind)}) do "
-            f"not see {need}: a trial placed there could not read the prepared data. Nothing was tuned. Run tl tune "
-            f"where every node mounts this project (NFS), or on one node (`ray.address` unset)."
-        )
 
 
 def experiment_name(params: Params, manifest: dict) -> str:
@@ -195,9 +191,11 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
 
+    from tasks.modeling import shard_staging
     from tasks.modeling.hardware import trial_resources
+    from tasks.modeling.train import target_job
     from tasks.services.ray_cluster import cluster_cpus, init_ray
-    from tasks.services.ray_runs import prove_shared_storage, storage_filesystem, storage_path
+    from tasks.services.ray_runs import live_nodes, prove_shared_storage, storage_filesystem, storage_path
 
     metric, mode = objective(params, manifest)
     name = experiment_name(params, manifest)
@@ -211,12 +209,23 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # one checkpoint an epoch
     init_ray(params)
     prove_shared_storage(storage)  # trials resume from checkpoints, maybe on another node
-    _check_project_seen(params)
     per_trial = trial_resources(cluster_cpus(), params.tune.concurrent_trials, params.ray.use_gpu)
     say(f"tune: each trial gets {per_trial} (on one node)")
     threads = params.base.num_threads or int(per_trial["CPU"])
+    # every trial's job and the validator's pool, built here once: the trials read the data from the shards (index
+    # only in the object store), staged to the storage for nodes that do not see this one's data/
+    distinct = {trial_key(t): t for t in grid}  # the learning rates share a job
+    jobs = {k: target_job(params, t["strategy"], t["strategy_params"])[0] for k, t in distinct.items()}
+    arch = next(iter(jobs.values())).arch
+    pool = pool_dataset(params, arch) if metric.startswith("val_free_") else None
+    staged = {}
+    if len(live_nodes()) > 1:
+        datasets = [d for j in jobs.values() for d in shard_staging.job_datasets(j)] + [pool]
+        staged = shard_staging.stage(datasets, storage, log=say)
     fn = rt.with_resources(
-        rt.with_parameters(trial, params=params, root=str(Path.cwd().resolve()), metric=metric, threads=threads),
+        rt.with_parameters(
+            trial, params=params, jobs=jobs, pool=pool, metric=metric, threads=threads, staged=staged, storage=storage
+        ),
         per_trial,
     )
     import pyarrow.fs as pafs

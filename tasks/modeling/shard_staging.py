@@ -28,19 +28,26 @@ def split_key(split_dir: Path) -> str:
     return hashlib.sha256((Path(split_dir) / INDEX).read_bytes()).hexdigest()[:24]
 
 
-def streamed_images(job) -> list[ShardImages]:
-    """Every streamed view of a prepared split the job's datasets read (several views may share a split)."""
+def job_datasets(job) -> list:
+    """The datasets a :class:`tasks.modeling.train.TrainJob` reads."""
+    return [job.source, job.labeled, job.unlabeled, job.val]
+
+
+def streamed_images(datasets) -> list[ShardImages]:
+    """Every streamed view of a prepared split that ``datasets`` (a job: its datasets) read; several views may
+    share a split."""
     out = []
-    for ds in (job.source, job.labeled, job.unlabeled, job.val):
+    for ds in job_datasets(datasets) if hasattr(datasets, "labeled") else datasets:
         images = getattr(ds, "images", None)
         if isinstance(images, ShardImages):
             out.append(images)
     return out
 
 
-def stage(job, storage: str, log=print) -> dict[str, str]:
-    """Copy the splits ``job`` streams to ``<storage>/shards/<key>/`` where they are not yet (the index last, so
-    a copy cut short is never taken for a whole one). Returns ``{driver's split folder: key}`` for the workers."""
+def stage(datasets, storage: str, log=print) -> dict[str, str]:
+    """Copy the splits ``datasets`` (a job: its datasets) stream to ``<storage>/shards/<key>/`` where they are not
+    yet (the index last, so a copy cut short is never taken for a whole one). Returns ``{driver's split folder:
+    key}`` for the workers."""
     import pyarrow.fs as pafs
 
     from tasks.services.ray_runs import storage_filesystem
@@ -48,7 +55,7 @@ def stage(job, storage: str, log=print) -> dict[str, str]:
     fs, root = storage_filesystem(storage)
     local = pafs.LocalFileSystem()
     keys: dict[str, str] = {}
-    for images in streamed_images(job):
+    for images in streamed_images(datasets):
         src = images.split_dir
         if str(src) in keys:
             continue
@@ -72,17 +79,17 @@ def cache_root() -> Path:
     return cache_dir() / STAGED
 
 
-def localize(job, keys: dict[str, str], storage: str) -> list[Path]:
-    """In a worker: point every streamed view of ``job`` at a copy of its split this node can read, the driver's
-    folder where it is here with the same index, else this node's cached copy of the staged one (fetched now if
-    missing). Returns the splits fetched by this call."""
+def localize(datasets, keys: dict[str, str], storage: str) -> list[Path]:
+    """In a worker: point every streamed view of ``datasets`` (a job: its datasets) at a copy of its split this
+    node can read, the driver's folder where it is here with the same index, else this node's cached copy of the
+    staged one (fetched now if missing). Returns the splits fetched by this call."""
     import pyarrow.fs as pafs
 
     from tasks.services.ray_runs import storage_filesystem
 
     fetched: list[Path] = []
     fs = root = None
-    for images in streamed_images(job):
+    for images in streamed_images(datasets):
         key = keys.get(str(images.split_dir))
         if key is None or _holds(images.split_dir, key):
             continue

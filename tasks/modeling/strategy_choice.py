@@ -28,15 +28,21 @@ from tasks.project.measured import resolve_validator
 from tasks.project.stage import StageError, say
 
 
-def pool_loader(params: Params, arch: str, batch_size: int):
+def pool_dataset(params: Params, arch: str):
     """A seeded random sample of the target training split (labels unused, :func:`pool_sample`), fed as
     evaluation feeds the model: what a label-free validator scores."""
     from tasks.modeling.domains import load_domain
-    from tlcore import data
 
     train, test = load_domain(params, "target", arch)
     pick = pool_sample(np.arange(len(train)), params.base.seed)
-    return data.make_loader(train.subset(pick, transform=test.transform), batch_size, train=False)
+    return train.subset(pick, transform=test.transform)
+
+
+def pool_loader(params: Params, arch: str, batch_size: int):
+    """:func:`pool_dataset`'s loader."""
+    from tlcore import data
+
+    return data.make_loader(pool_dataset(params, arch), batch_size, train=False)
 
 
 def candidates(params: Params) -> list[str]:
