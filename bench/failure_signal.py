@@ -10,8 +10,9 @@ Cases: every embedded pair of ``tlcore.datasets.PAIRS`` as the pipeline runs it,
 case: optdigits -> optdigits_colour with the source model denied the colour randomisation (``augment digits``),
 the shift the issue that asked for the check found adaptation fails on. Per case and seed: pretrain the source
 model, train semi, mcc and dann with no target labels (the transfer benchmark's schedule), pick semi or mcc by
-IM (as ``auto`` does), and report the agreement of the pick with the witness, the pick's test accuracy and
-whether the check flagged it. The test split only scores; nothing is chosen on it.
+the validator ``auto`` uses for this choice (:func:`tasks.project.measured.resolve_validator`), and report the
+agreement of the pick with the witness, the pick's test accuracy and whether the check flagged it. The test
+split only scores; nothing is chosen on it.
 
     python -m bench.failure_signal            # 1 seed, writes the docs section
     python -m bench.failure_signal --seeds 3
@@ -58,7 +59,10 @@ def run_case(source: str, target: str, augment: str | None, seed: int) -> dict:
     pool = tgt_ds.subset(split.unlabeled)
     scored = data.make_loader(tgt_ds.subset(split.unlabeled, transform=test.transform), 512, train=False)
     test_loader = data.make_loader(test, 512, train=False)
-    logits, acc, im = {}, {}, {}
+    from tasks.project.measured import resolve_validator
+
+    chooser = resolve_validator("auto", "strategy")
+    logits, acc, score = {}, {}, {}
     for m in ("semi", "mcc", validators.WITNESS):
         job = TrainJob(
             "smallcnn",
@@ -71,13 +75,15 @@ def run_case(source: str, target: str, augment: str | None, seed: int) -> dict:
         )
         model = run_job(job, "cpu", log=None)[0]
         _, logits[m], _ = validators.features_and_logits(model, scored, "cpu")
-        im[m] = float(validators.scores(logits[m])["im"])
+        score[m] = {k: float(v) for k, v in validators.scores(logits[m]).items() if v is not None}
         acc[m] = accuracy(model, test_loader)
-    pick = max(("semi", "mcc"), key=im.get)
+    better = validators.HIGHER_IS_BETTER[chooser]
+    pick = (max if better else min)(("semi", "mcc"), key=lambda m: score[m][chooser])
     agree = validators.agreement(logits[pick], logits[validators.WITNESS])
     return {
         "pick": pick,
-        "im": im[pick],
+        "chooser": chooser,
+        "scores": score,  # every validator of each candidate: the pick of another validator needs no retraining
         "test_accuracy": acc[pick],
         "witness_accuracy": acc[validators.WITNESS],
         "agreement": agree,
@@ -119,6 +125,11 @@ def main(argv=None) -> None:
     print(f"wrote {DOC}")
 
 
+def _chooser(saved: dict) -> str:
+    used = {r.get("chooser", "im") for by_seed in saved["runs"].values() for r in by_seed.values()}
+    return ", ".join(sorted(used))
+
+
 def render(saved: dict, seeds: int) -> str:
     from tlcore.validators import AGREEMENT_FAILED_BELOW, WITNESS
 
@@ -137,7 +148,8 @@ def render(saved: dict, seeds: int) -> str:
             "more: `--resume --case`): per embedded pair (as the pipeline runs it) and one "
             "deliberately failing case (optdigits -> optdigits_colour with the source model denied colour "
             "randomisation, `augment digits`), no target labels: the source model, then semi and mcc, the pick "
-            f"by IM (as `finetune.strategy: auto` picks), and a {WITNESS} witness from the same source model "
+            f"by the validator `finetune.strategy: auto` uses for this choice (`{_chooser(saved)}`), and a "
+            f"{WITNESS} witness from the same source model "
             "(8 epochs x 25 steps each, fp32). *Agreement*: the fraction of the target pool on which pick and "
             f"witness predict the same class; the check flags a run below {AGREEMENT_FAILED_BELOW} (fixed in "
             "advance: they disagree on most images). Test accuracy only scores; nothing is chosen on it. "

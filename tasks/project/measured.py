@@ -15,7 +15,7 @@ VALIDATORS = ("entropy", "im", "snd", "bnm")  # label-free objectives of `tl tun
 # What `auto` means for tune.validator and `tl rank --validator`, per use, each the validator of VALIDATORS with the
 # lowest mean regret for that use in the selection benchmark (`python -m bench.selection`, docs/benchmarks.md).
 AUTO_VALIDATOR = "entropy"  # a search over methods and learning rates (`tl tune`; `tl rank` borrows it)
-AUTO_STRATEGY_VALIDATOR = "im"  # choosing among tune.strategies at finetune.lr (finetune.strategy auto, 0 labels)
+AUTO_STRATEGY_VALIDATOR = "bnm"  # choosing among tune.strategies at finetune.lr (finetune.strategy auto, 0 labels)
 
 
 def resolve_validator(name: str, use: Literal["search", "strategy"] = "search") -> str:
