@@ -114,8 +114,8 @@ def two_node_cluster(tmp_path):
 
 def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch):
     """Two nodes: `tl submit` refuses a relative checkpoint folder before sending anything (it would be one node's);
-    finetune proves its storage folder is seen by both nodes before training, stages the streamed target split there
-    for nodes that do not see this one's data/ (tests/test_shard_staging.py fetches it), then puts one worker on
+    finetune proves its storage folder is seen by both nodes before training, finds that both see the streamed target
+    split as it does (so stages nothing; tests/test_shard_staging.py stages and fetches), then puts one worker on
     each."""
     from tasks.cli.jobs import SubmitRefused, check_storage
 
@@ -143,9 +143,10 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch
     assert len(nodes) == 2, nodes  # one worker on each node
     assert "checkpoint storage " in r.stdout + r.stderr and " is seen by all 2 nodes" in r.stdout + r.stderr
     assert (repo / "models" / "finetuned.pt").exists()
-    staged = list((repo / "ray_results" / "shards").glob("*/index.json"))
     out = r.stdout + r.stderr
-    # what `tl tune` and the storage proof ask of each node: a task pinned there looks for the path
+    # what the staging and the storage proof ask of each node: a task pinned there looks for the path (and its bytes)
+    import hashlib
+
     import ray
 
     from tasks.services.ray_runs import blind_nodes, live_nodes
@@ -153,10 +154,14 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch
     ray.init(address=address, logging_level="WARNING")
     try:
         nodes = live_nodes()
+        digest = hashlib.sha256((repo / "params.yaml").read_bytes()).hexdigest()
         assert len(nodes) == 2 and blind_nodes(repo / "params.yaml", nodes) == []
+        assert blind_nodes(repo / "params.yaml", nodes, digest=digest) == []
+        assert blind_nodes(repo / "params.yaml", nodes, digest="0" * 64) == nodes  # another version there
         assert blind_nodes(repo / "no-such-file", nodes) == nodes
         gone = "ab" * (len(nodes[0]) // 2)  # a node that is not there cannot say it sees anything
         assert blind_nodes(repo / "params.yaml", [*nodes, gone], timeout_s=10) == [gone]
     finally:
         ray.shutdown()
-    assert staged and "staging " in out and "fetched the prepared split" not in out, out[-2000:]  # it sees data/
+    assert "staging " not in out and "fetched the prepared split" not in out, out[-2000:]  # every node sees data/
+    assert not (repo / "ray_results" / "shards").exists()

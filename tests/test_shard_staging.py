@@ -69,6 +69,8 @@ def _split(tmp_path: Path, n: int = 8) -> Path:
 
 
 def test_a_node_without_the_data_reads_the_staged_copy(s3, tmp_path, monkeypatch):
+    from s3fs import S3FileSystem
+
     from tasks.modeling import shard_staging
     from tasks.modeling.train import TrainJob
     from tasks.project.config import Optim
@@ -91,12 +93,23 @@ def test_a_node_without_the_data_reads_the_staged_copy(s3, tmp_path, monkeypatch
     staged = root / "runs" / "ray" / "shards" / key
     assert sorted(p.name for p in staged.iterdir()) == sorted(p.name for p in split.iterdir())
     assert shard_staging.stage(job, "s3://runs/ray", log=said.append) == keys and len(said) == 1  # already there
+    s3fs = S3FileSystem()  # through the server: it keeps its own view of the files it serves
+    remote = f"runs/ray/shards/{key}"
+    s3fs.pipe(f"{remote}/index.json", (split / "index.json").read_bytes()[:50])  # a copy cut short: made again
+    assert shard_staging.stage(job, "s3://runs/ray", log=said.append) == keys and len(said) == 2
+    assert (staged / "index.json").read_bytes() == (split / "index.json").read_bytes()
 
     # another node: the job as a worker receives it, the driver's folder not there
     sent = pickle.dumps(job)
     monkeypatch.setenv("TL_CACHE_DIR", str(tmp_path / "node-cache"))
     shutil.move(split, tmp_path / "elsewhere")
     worker_job = pickle.loads(sent)
+    shard = f"{remote}/{sorted(staged.glob('shard-*.tar'))[0].name}"
+    whole = s3fs.cat(shard)
+    s3fs.pipe(shard, whole[: len(whole) // 2])  # a shard cut short in the storage: not taken
+    with pytest.raises(OSError, match="is not whole"):
+        shard_staging.localize(pickle.loads(sent), keys, "s3://runs/ray")
+    s3fs.pipe(shard, whole)
     fetched = shard_staging.localize(worker_job, keys, "s3://runs/ray")
     assert fetched == [tmp_path / "node-cache" / "shards" / key]
     assert worker_job.labeled.images.split_dir == fetched[0] == worker_job.val.images.split_dir

@@ -193,7 +193,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
 
     from tasks.modeling import shard_staging
     from tasks.modeling.hardware import trial_resources
-    from tasks.modeling.train import target_job
+    from tasks.modeling.train import target_jobs
     from tasks.services.ray_cluster import cluster_cpus, init_ray
     from tasks.services.ray_runs import live_nodes, prove_shared_storage, storage_filesystem, storage_path
 
@@ -214,14 +214,14 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     threads = params.base.num_threads or int(per_trial["CPU"])
     # every trial's job and the validator's pool, built here once: the trials read the data from the shards (index
     # only in the object store), staged to the storage for nodes that do not see this one's data/
-    distinct = {trial_key(t): t for t in grid}  # the learning rates share a job
-    jobs = {k: target_job(params, t["strategy"], t["strategy_params"])[0] for k, t in distinct.items()}
+    distinct = {trial_key(t): (t["strategy"], t["strategy_params"]) for t in grid}  # the learning rates share one
+    jobs = dict(zip(distinct, target_jobs(params, list(distinct.values()))[0]))  # the data and weights shared
     arch = next(iter(jobs.values())).arch
     pool = pool_dataset(params, arch) if metric.startswith("val_free_") else None
     staged = {}
-    if len(live_nodes()) > 1:
+    if len(nodes := live_nodes()) > 1:
         datasets = [d for j in jobs.values() for d in shard_staging.job_datasets(j)] + [pool]
-        staged = shard_staging.stage(datasets, storage, log=say)
+        staged = shard_staging.stage(datasets, storage, nodes=nodes, log=say)
     fn = rt.with_resources(
         rt.with_parameters(
             trial, params=params, jobs=jobs, pool=pool, metric=metric, threads=threads, staged=staged, storage=storage

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable, Sequence
 
 from tasks.modeling import shard_staging
@@ -192,16 +193,19 @@ def run_job_ray(
     if rc.num_workers > 0 and (checked := prove_shared_storage(storage)):
         say(f"{stage}: checkpoint storage {storage} is seen by all {len(checked)} nodes")
     # several nodes: the streamed splits go to the shared storage, for workers that do not see this node's data/
-    staged = shard_staging.stage(job, storage, log=say) if rc.num_workers > 0 and len(live_nodes()) > 1 else {}
+    nodes = live_nodes() if rc.num_workers > 0 else []
+    staged = shard_staging.stage(job, storage, nodes=nodes, log=say) if len(nodes) > 1 else {}
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
     job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus)
     resources = {"CPU": cpus, **({"GPU": int(rc.gpus_per_worker)} if rc.use_gpu else {})}
     if verbose():
         say(f"{stage}: Ray Train run {name!r} ({rc.num_workers or 'local mode, 0'} worker(s), storage {storage})")
-    if rc.num_workers == 0 and local_run_dir is None:
+    scratch_dir = rc.num_workers == 0 and local_run_dir is None
+    if scratch_dir:
         # local mode keeps its checkpoints itself, in this process: on this machine's disk even when the storage is
-        # a URI (the checkpoint of a temporary folder would be gone when the run ends)
+        # a URI (the checkpoint of a temporary folder would be gone when the run ends); for resuming a crashed run
+        # only, removed when the run has finished
         local_run_dir = cache_dir() / "ray-local" / name
     local_dir = str(local_run_dir / "local") if rc.num_workers == 0 else None
     fs, fs_path = storage_filesystem(storage)
@@ -239,7 +243,10 @@ def run_job_ray(
     with result.checkpoint.as_directory() as d:
         state = load_state(d)
     model = models.from_state(job.arch, TransferNet.model_state(state["net"]), in_channels=job.channels())
-    mark_done(local_run_dir, state["epoch"])
+    if scratch_dir:
+        shutil.rmtree(local_run_dir, ignore_errors=True)  # finished: the next run of this name starts afresh
+    else:
+        mark_done(local_run_dir, state["epoch"])
     info = {
         "workers": max(1, rc.num_workers),
         "threads_per_worker": threads,

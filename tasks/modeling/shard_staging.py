@@ -44,32 +44,53 @@ def streamed_images(datasets) -> list[ShardImages]:
     return out
 
 
-def stage(datasets, storage: str, log=print) -> dict[str, str]:
+def stage(datasets, storage: str, nodes: list[str] | None = None, log=print) -> dict[str, str]:
     """Copy the splits ``datasets`` (a job: its datasets) stream to ``<storage>/shards/<key>/`` where they are not
-    yet (the index last, so a copy cut short is never taken for a whole one). Returns ``{driver's split folder:
-    key}`` for the workers."""
+    yet, or not whole (the index last, under a temporary name, then moved: a copy cut short is never taken for a
+    whole one, and is made again). With ``nodes``, only the splits that some of those nodes do not see as this
+    node does (the same index at the same path) are staged. Returns ``{driver's split folder: key}`` of the staged
+    splits, for the workers."""
+    import hashlib
+
     import pyarrow.fs as pafs
 
-    from tasks.services.ray_runs import storage_filesystem
+    from tasks.services.ray_runs import blind_nodes, storage_filesystem
 
     fs, root = storage_filesystem(storage)
     local = pafs.LocalFileSystem()
     keys: dict[str, str] = {}
+    seen: set[str] = set()
     for images in streamed_images(datasets):
         src = images.split_dir
-        if str(src) in keys:
+        if str(src) in seen:
             continue
-        key = keys[str(src)] = split_key(src)
+        seen.add(str(src))
+        key = split_key(src)
+        if nodes is not None and not blind_nodes(src / INDEX, nodes, digest=_index_digest(src)):
+            continue  # every node reads this very split where it lies (one machine, or a shared mount)
+        keys[str(src)] = key
         dest = f"{root}/{STAGED}/{key}"
-        if fs.get_file_info(f"{dest}/{INDEX}").type != pafs.FileType.NotFound:
-            continue
+        try:
+            with fs.open_input_stream(f"{dest}/{INDEX}") as f:
+                if hashlib.sha256(f.read()).hexdigest()[:24] == key:
+                    continue  # staged whole before, by this or another run
+        except (FileNotFoundError, OSError):
+            pass
         files = sorted(p for p in src.iterdir() if p.is_file() and p.name != INDEX and not p.name.endswith(".tmp"))
         size = sum(p.stat().st_size for p in files)
         log(f"staging {src} ({len(files)} shards, {size / 2**20:.0f} MiB) to {storage}/{STAGED}/{key} for the nodes")
         fs.create_dir(dest, recursive=True)
-        for p in files + [src / INDEX]:
+        for p in files:
             pafs.copy_files(str(p), f"{dest}/{p.name}", source_filesystem=local, destination_filesystem=fs)
+        pafs.copy_files(str(src / INDEX), f"{dest}/{INDEX}.part", source_filesystem=local, destination_filesystem=fs)
+        fs.move(f"{dest}/{INDEX}.part", f"{dest}/{INDEX}")
     return keys
+
+
+def _index_digest(split_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((Path(split_dir) / INDEX).read_bytes()).hexdigest()
 
 
 def cache_root() -> Path:
@@ -110,6 +131,22 @@ def _holds(split_dir: Path, key: str) -> bool:
         return False
 
 
+def _whole(split_dir: Path) -> bool:
+    """Every shard of the split holds the bytes its index places in it."""
+    import numpy as np
+
+    from tlcore.shards import SplitIndex
+
+    ix = SplitIndex.load(split_dir)
+    end = np.zeros(len(ix.shards), dtype=np.int64)
+    np.maximum.at(end, np.asarray(ix.shard, dtype=np.int64), np.asarray(ix.offset) + np.asarray(ix.length))
+    for name, need in zip(ix.shards, end.tolist()):
+        f = split_dir / name
+        if not f.is_file() or f.stat().st_size < need:
+            return False
+    return True
+
+
 def _fetch(fs, src: str, cache: Path, key: str, pafs) -> bool:
     """Copy the staged split ``src`` into ``cache`` unless another process of this node did meanwhile."""
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -127,9 +164,13 @@ def _fetch(fs, src: str, cache: Path, key: str, pafs) -> bool:
         tmp.mkdir()
         infos, local = fs.get_file_info(pafs.FileSelector(src)), pafs.LocalFileSystem()
         for info in sorted(infos, key=lambda i: i.base_name == INDEX):  # the index last
+            if info.base_name.endswith(".part"):
+                continue
             pafs.copy_files(info.path, str(tmp / info.base_name), source_filesystem=fs, destination_filesystem=local)
-        if split_key(tmp) != key:
-            raise OSError(f"the staged split {src} changed while it was copied; run the stage again")
+        if split_key(tmp) != key or not _whole(tmp):
+            raise OSError(
+                f"the staged split {src} is not whole (another driver may be staging it now); run the stage again"
+            )
         shutil.rmtree(cache, ignore_errors=True)
         tmp.rename(cache)
         return True

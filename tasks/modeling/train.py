@@ -155,6 +155,13 @@ def run_job(job: TrainJob, device, callbacks=(), log=print):
 
 def target_job(params: Params, strategy: str, strategy_params: dict | None = None) -> tuple[TrainJob, dict]:
     """The target-side training job for ``strategy`` on the configured label budget, and the data manifest."""
+    jobs, manifest = target_jobs(params, [(strategy, strategy_params or {})])
+    return jobs[0], manifest
+
+
+def target_jobs(params: Params, trials: list[tuple[str, dict]]) -> tuple[list[TrainJob], dict]:
+    """:func:`target_job` for each ``(strategy, strategy_params)``, the data and the source model loaded once and
+    shared by the jobs (``tl tune`` sends them all to its trials at once)."""
     from tasks.modeling.checkpoints import load_checkpoint
     from tasks.modeling.domains import load_domain
     from tasks.modeling.model_input import input_spec
@@ -179,22 +186,27 @@ def target_job(params: Params, strategy: str, strategy_params: dict | None = Non
         )
     train_ds, test_ds = load_domain(params, "target", meta["arch"], manifest)
     labeled, unlabeled, val = target_splits(params, train_ds, val_transform=test_ds.transform)
-    cls = strategies.strategy_class(strategy)
-    source = load_domain(params, "source", meta["arch"], manifest)[0] if "source" in cls.streams.used else None
-    job = TrainJob(
-        arch=meta["arch"],
-        num_classes=len(classes),
-        strategy=strategy,
-        optim=params.finetune,
-        seed=params.base.seed,
-        init_state=source_model.state_dict() if cls.transfers else None,
-        strategy_params=strategy_params or {},
-        same_label_space=manifest["same_label_space"],
-        **job_streams(cls, source=source, labeled=labeled, unlabeled=unlabeled),
-        val=val,
-        in_channels=channels,
-    )
-    return job, manifest
+    weights, source, jobs = source_model.state_dict(), None, []
+    for strategy, strategy_params in trials:
+        cls = strategies.strategy_class(strategy)
+        if "source" in cls.streams.used and source is None:
+            source = load_domain(params, "source", meta["arch"], manifest)[0]
+        jobs.append(
+            TrainJob(
+                arch=meta["arch"],
+                num_classes=len(classes),
+                strategy=strategy,
+                optim=params.finetune,
+                seed=params.base.seed,
+                init_state=weights if cls.transfers else None,
+                strategy_params=strategy_params or {},
+                same_label_space=manifest["same_label_space"],
+                **job_streams(cls, source=source, labeled=labeled, unlabeled=unlabeled),
+                val=val,
+                in_channels=channels,
+            )
+        )
+    return jobs, manifest
 
 
 def job_streams(strategy_cls, source=None, labeled=None, unlabeled=None) -> dict:

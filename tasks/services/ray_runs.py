@@ -63,11 +63,12 @@ def storage_filesystem(storage: str):
     are checked where the server gives them for the bytes sent (a ranged read of a whole-object checksum is not)."""
     import pyarrow.fs as pafs
 
-    if storage.startswith("s3://"):
+    if storage.startswith("s3://") and "?" not in storage:  # options in the URI (endpoint_override=...): pyarrow's
         import s3fs
 
         checks = {"response_checksum_validation": "when_required", "request_checksum_calculation": "when_required"}
-        fs = s3fs.S3FileSystem(config_kwargs=checks)
+        # no listing cache: an object another process rewrote is seen as it is now (a staged split made again)
+        fs = s3fs.S3FileSystem(config_kwargs=checks, use_listings_cache=False, skip_instance_cache=True)
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), storage.removeprefix("s3://").rstrip("/")
     if "://" in storage:
         return pafs.FileSystem.from_uri(storage)
@@ -85,20 +86,27 @@ class StorageNotShared(RuntimeError):
     """``ray.storage_path`` is a folder that some node of the cluster does not see."""
 
 
-def blind_nodes(path: str | Path, nodes: list[str], timeout_s: float = 60) -> list[str]:
-    """The ids of ``nodes`` on which ``path`` does not exist (or that could not say so in ``timeout_s``): a task
-    pinned to each node looks, all at once."""
+def blind_nodes(path: str | Path, nodes: list[str], timeout_s: float = 60, digest: str | None = None) -> list[str]:
+    """The ids of ``nodes`` on which ``path`` does not exist (or whose file there has not the SHA-256 ``digest``,
+    when given; or that could not say in ``timeout_s``): a task pinned to each node looks, all at once."""
+    import hashlib
     import os
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
-    def sees(p: str) -> bool:
-        return os.path.exists(p)
+    def sees(p: str, want: str | None) -> bool:
+        if want is None:
+            return os.path.exists(p)
+        try:
+            with open(p, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest() == want
+        except OSError:
+            return False
 
     refs = {
-        nid: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(str(path))
+        nid: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(str(path), digest)
         for nid in nodes
     }
     ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)  # one wait for all

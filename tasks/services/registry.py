@@ -35,20 +35,26 @@ def _signature(uri: str) -> list | None:
     """A key that changes whenever the (sqlite) store is written; ``None`` where none can be trusted now. In
     SQLite's default rollback-journal mode (MLflow's) the header's file change counter goes up at every commit:
     a write is seen at once. Otherwise (WAL mode, or not a database yet) the files' sizes and times, trusted only
-    when older than the clock's resolution."""
+    when older than the clock's resolution (:func:`refresh` then waits that long before it caches)."""
     db = sqlite_path(uri)
     if db is None:
         return None
     journal, wal = db.with_name(db.name + "-journal"), db.with_name(db.name + "-wal")
-    if journal.exists():  # a transaction in progress (or a hot journal): nothing settled to key on
-        return None
+    try:
+        if journal.stat().st_size > 0:  # a transaction in progress (or a hot journal): nothing settled to key on
+            return None
+    except FileNotFoundError:
+        pass
     try:
         with open(db, "rb") as f:
             head = f.read(100)
         st = db.stat()
     except FileNotFoundError:
         return [db.name, None]
-    if head.startswith(b"SQLite format 3\0") and len(head) == 100 and not (wal.exists() and wal.stat().st_size):
+    # bytes 18-19: 1, 1 in rollback-journal mode (2, 2 in WAL mode, where the counter is not kept). Reading the
+    # header opens and closes the file, which would drop POSIX locks this process held on it: none is held here,
+    # between MLflow's statements
+    if head.startswith(b"SQLite format 3\0") and len(head) == 100 and head[18:20] == b"\x01\x01":
         return [db.name, "counter", int.from_bytes(head[24:28], "big"), st.st_size, st.st_ino]
     sig = []
     for f in (db, wal):
