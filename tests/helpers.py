@@ -95,3 +95,21 @@ def image_folder(
             for i in range(n):
                 Image.fromarray(pixels(rng, c, i)).save(root / split / c / f"{i}.{suffix(i)}")
     return root
+
+
+def prepared_digits(tmp_path: Path, split_dir: Path, n: int, seed: int, **write_kw) -> Path:
+    """``n`` rendered digits per class written as PNG files under ``tmp_path/tree`` and prepared into shards at
+    ``split_dir`` (:func:`tlcore.shards.write_split`, ``max_side`` 64); returns ``split_dir``."""
+    from PIL import Image
+
+    from tlcore import datasets, shards
+
+    x, y = datasets.render_synth_digits(n, seed=seed)
+    files = []
+    for i, (img, label) in enumerate(zip(x, y)):
+        f = tmp_path / "tree" / f"{i:03d}.png"
+        f.parent.mkdir(exist_ok=True)
+        Image.fromarray(img).save(f)
+        files.append((f, int(label), f"{label}/{f.name}"))
+    shards.write_split(files, list(datasets.CLASSES), split_dir, max_side=64, **write_kw)
+    return split_dir

@@ -103,18 +103,11 @@ def test_finished_run_is_not_resumed(ray_local, digits, tmp_path):
 def test_two_workers_stream_a_prepared_split_given_by_a_relative_path(ray_local, tmp_path, monkeypatch):
     """A split too big for memory reaches the workers as its index only, by a path relative to the stage's
     folder; Ray Train runs each worker in a folder of its own, and each still reads its own part."""
-    from PIL import Image
+    from helpers import prepared_digits
 
-    from tlcore import data, datasets, models, shards, transforms
+    from tlcore import data, models, transforms
 
-    x, y = datasets.render_synth_digits(8, seed=1)
-    files = []
-    for i, (img, label) in enumerate(zip(x, y)):
-        f = tmp_path / "tree" / f"{i:03d}.png"
-        f.parent.mkdir(exist_ok=True)
-        Image.fromarray(img).save(f)
-        files.append((f, int(label), f"{label}/{f.name}"))
-    shards.write_split(files, list(datasets.CLASSES), tmp_path / "prepared" / "train", max_side=64)
+    prepared_digits(tmp_path, tmp_path / "prepared" / "train", 8, seed=1)
     monkeypatch.chdir(tmp_path)
     ds = data.open_split("prepared/train", 32, 1, memory_bytes=0)
     assert ds.streamed

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import env
+from helpers import env, prepared_digits
 
 from tasks.project.env import free_port
 
@@ -52,20 +52,7 @@ def s3(tmp_path_factory):
 
 
 def _split(tmp_path: Path, n: int = 8) -> Path:
-    from PIL import Image
-
-    from tlcore import datasets, shards
-
-    x, y = datasets.render_synth_digits(n, seed=2)
-    files = []
-    for i, (img, label) in enumerate(zip(x, y)):
-        f = tmp_path / "tree" / f"{i:03d}.png"
-        f.parent.mkdir(exist_ok=True)
-        Image.fromarray(img).save(f)
-        files.append((f, int(label), f"{label}/{f.name}"))
-    split = tmp_path / "data" / "target" / "train"
-    shards.write_split(files, list(datasets.CLASSES), split, max_side=64, shard_bytes=20_000)
-    return split
+    return prepared_digits(tmp_path, tmp_path / "data" / "target" / "train", n, seed=2, shard_bytes=20_000)
 
 
 def test_a_node_without_the_data_reads_the_staged_copy(s3, tmp_path, monkeypatch):

@@ -25,7 +25,12 @@ STAGED = "shards"
 
 def split_key(split_dir: Path) -> str:
     """The version of a prepared split: the hash of its index (each image's SHA-256, shard, offset and length)."""
-    return hashlib.sha256((Path(split_dir) / INDEX).read_bytes()).hexdigest()[:24]
+    return index_key((Path(split_dir) / INDEX).read_bytes())
+
+
+def index_key(index: bytes, digits: int = 24) -> str:
+    """The key of a split from its ``index.json`` bytes (``digits=64``: the whole SHA-256)."""
+    return hashlib.sha256(index).hexdigest()[:digits]
 
 
 def job_datasets(job) -> list:
@@ -50,7 +55,6 @@ def stage(datasets, storage: str, nodes: list[str] | None = None, log=print) -> 
     whole one, and is made again). With ``nodes``, only the splits that some of those nodes do not see as this
     node does (the same index at the same path) are staged. Returns ``{driver's split folder: key}`` of the staged
     splits, for the workers."""
-    import hashlib
 
     import pyarrow.fs as pafs
 
@@ -66,13 +70,13 @@ def stage(datasets, storage: str, nodes: list[str] | None = None, log=print) -> 
             continue
         seen.add(str(src))
         key = split_key(src)
-        if nodes is not None and not blind_nodes(src / INDEX, nodes, digest=_index_digest(src)):
+        if nodes is not None and not blind_nodes(src / INDEX, nodes, digest=index_key((src / INDEX).read_bytes(), 64)):
             continue  # every node reads this very split where it lies (one machine, or a shared mount)
         keys[str(src)] = key
         dest = f"{root}/{STAGED}/{key}"
         try:
             with fs.open_input_stream(f"{dest}/{INDEX}") as f:
-                if hashlib.sha256(f.read()).hexdigest()[:24] == key:
+                if index_key(f.read()) == key:
                     continue  # staged whole before, by this or another run
         except (FileNotFoundError, OSError):
             pass
@@ -85,12 +89,6 @@ def stage(datasets, storage: str, nodes: list[str] | None = None, log=print) -> 
         pafs.copy_files(str(src / INDEX), f"{dest}/{INDEX}.part", source_filesystem=local, destination_filesystem=fs)
         fs.move(f"{dest}/{INDEX}.part", f"{dest}/{INDEX}")
     return keys
-
-
-def _index_digest(split_dir: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((Path(split_dir) / INDEX).read_bytes()).hexdigest()
 
 
 def cache_root() -> Path:
