@@ -91,11 +91,16 @@ def test_a_corrupt_file_is_reported_once_and_kept_out(folder, tmp_path):
     assert len(folders.check_decoded(folder / "train", rep, bad, skip_corrupt=True).files) == len(files) - 1
 
 
-def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path):
+def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "PARALLEL_FROM", 0)  # 36 images: spawn encoding processes all the same
+    monkeypatch.setattr(shards, "CHUNK", 5)  # several chunks per shard, chunks across shard ends
     files, classes = _files(folder)
-    one, _ = shards.write_split(files, classes, tmp_path / "one", max_side=64, shard_bytes=4000)
-    two, _ = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=2)
-    assert one == two
+    broken = folder / "train" / "b" / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    files.insert(17, (broken, 1, "b/broken.png"))
+    one, bad1 = shards.write_split(files, classes, tmp_path / "one", max_side=64, shard_bytes=4000)
+    two, bad2 = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=2)
+    assert one == two and len(one) == 36 and bad1 == bad2 and [p for p, _ in bad2] == [broken]
     for name in one.shards:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 

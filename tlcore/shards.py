@@ -11,9 +11,9 @@ Layout of a prepared split directory::
 Each image is decoded once while preparing (so a file that does not decode is found here, once) and stored
 as it came when that loses nothing, else re-encoded at a bounded resolution: the shorter side at most
 ``max_side`` pixels, EXIF orientation, bit depth and transparency resolved as :func:`tlcore.images.decode_image`
-resolves them (PNG for lossless sources, JPEG quality 95 for lossy ones). A shard is written by one process,
-the shards of a split by all of them in parallel; the tar headers are fixed (no times, owners), so the same
-inputs give the same bytes, and DVC stores a shard once.
+resolves them (PNG for lossless sources, JPEG quality 95 for lossy ones). All cores decode and encode the
+images, in small chunks; one process writes the shards, in order; the tar headers are fixed (no times,
+owners), so the same inputs give the same bytes, and DVC stores a shard once.
 
 Reading (:class:`ShardImages`) needs only the index's arrays in memory: an image is one ``pread`` of its bytes and
 one decode, in whichever process asks (a DataLoader's worker processes decode in parallel). Any tar reader (the
@@ -22,12 +22,15 @@ one decode, in whichever process asks (a DataLoader's worker processes decode in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -41,8 +44,9 @@ from .images import ImageDecodeError, is_grey, open_image, show_path, to_pixels
 
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
-SHARD_IMAGES = 1000  # at most, per shard: a split of a few thousand small images still spreads over the cores
-PARALLEL_FROM = 4000  # images: a smaller split is written faster by this process than by starting others
+SHARD_IMAGES = 1000  # at most, per shard
+CHUNK = 64  # images a process encodes per job: small, so that every process stays busy to the split's end
+PARALLEL_FROM = 4000  # images: a smaller split is encoded faster by this process than by starting others
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
 
@@ -139,21 +143,56 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shard(path: str, first_key: int, items: list[tuple[str, int, str]], max_side: int) -> dict:
-    """Write one shard of ``items`` (file, label, name); returns its index rows and the files that did not
-    decode. Runs in a worker process."""
+def _encode_chunk(items: list[tuple[str, str]], max_side: int) -> list[tuple[bytes, str, bool, str] | str]:
+    """:func:`_encode` of each ``(file, name)``, or why it did not decode (a string). Runs in a worker process."""
+    out = []
+    for f, name in items:
+        try:
+            out.append(_encode(Path(f), name, max_side))
+        except ImageDecodeError as e:
+            out.append(str(e))
+        except OSError as e:  # gone, unreadable, a dangling link: corrupt as far as the data goes
+            out.append(f"{name}: cannot be read ({e.strerror or e})")
+    return out
+
+
+def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) -> Iterator:
+    """:func:`_encode_chunk`'s results for ``files``, one per file, in order. With ``processes`` > 1, spawned
+    processes encode chunks of :data:`CHUNK` files, at most ``4 * processes`` chunks ahead of the consumer (memory
+    bounded whatever the split's size); small chunks keep every process busy to the end of the split."""
+    chunks = [[(str(p), name) for p, _, name in files[i : i + CHUNK]] for i in range(0, len(files), CHUNK)]
+    if processes < 2 or len(files) < PARALLEL_FROM:
+        for c in chunks:
+            yield from _encode_chunk(c, max_side)
+        return
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        ahead: deque = deque()
+        todo = iter(chunks)
+        try:
+            for c in itertools.islice(todo, 4 * processes):
+                ahead.append(pool.submit(_encode_chunk, c, max_side))
+            while ahead:
+                done = ahead.popleft().result()
+                for c in itertools.islice(todo, 1):
+                    ahead.append(pool.submit(_encode_chunk, c, max_side))
+                yield from done
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # do not encode the rest of a split that failed
+            raise
+
+
+def _write_shard(path: Path, first_key: int, items: list, encoded: Iterator) -> dict:
+    """Write one shard of ``items`` (file, label, name), taking each one's :func:`_encode_chunk` result from
+    ``encoded``; returns its index rows and the files that did not decode."""
     rows, bad, colour = [], [], 0
-    tmp = path + ".tmp"
+    tmp = path.with_name(path.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         for k, (f, y, name) in enumerate(items):
-            try:
-                data, ext, c, sha = _encode(Path(f), name, max_side)
-            except ImageDecodeError as e:
-                bad.append((f, str(e)))
+            got = next(encoded)
+            if isinstance(got, str):
+                bad.append((Path(f), got))
                 continue
-            except OSError as e:  # gone, unreadable, a dangling link: corrupt as far as the data goes
-                bad.append((f, f"{name}: cannot be read ({e.strerror or e})"))
-                continue
+            data, ext, c, sha = got
             key = f"{first_key + k:08d}"
             _member(tar, f"{key}.{ext}", data)
             _member(tar, f"{key}.cls", str(y).encode())
@@ -192,30 +231,21 @@ def write_split(
     processes: int = 1,
     shard_bytes: int = SHARD_BYTES,
 ) -> tuple[SplitIndex, list]:
-    """Prepare one split into ``split_dir`` (created empty): ``files`` are ``(path, label, name)`` in order.
-    Returns the index and ``[(path, why), ...]`` of the files that did not decode (left out)."""
+    """Prepare one split into ``split_dir`` (created empty): ``files`` are ``(path, label, name)`` in order,
+    encoded by ``processes`` processes. Returns the index and ``[(path, why), ...]`` of the files that did not
+    decode (left out)."""
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=False)
     groups = _groups(files, shard_bytes)
     names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
-    starts = np.cumsum([0] + [len(g) for g in groups])[:-1].tolist()
-    jobs = [
-        (str(split_dir / n), int(s), [(str(p), y, name) for p, y, name in g], max_side)
-        for n, s, g in zip(names, starts, groups)
-    ]
-    if processes > 1 and len(jobs) > 1 and len(files) >= PARALLEL_FROM:
-        with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_write_shard, *j) for j in jobs]
-            try:
-                results = [fut.result() for fut in futures]
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # do not write the other shards of a split that failed
-                raise
-    else:
-        results = [_write_shard(*j) for j in jobs]
+    results, first = [], 0
+    with contextlib.closing(_encoded(files, max_side, processes)) as encoded:  # closed: stops the processes
+        for name, group in zip(names, groups):
+            results.append(_write_shard(split_dir / name, first, group, encoded))
+            first += len(group)
     index, bad = SplitIndex(classes=list(classes), shards=names, max_side=max_side), []
     for s, res in enumerate(results):
-        bad += [(Path(f), why) for f, why in res["bad"]]
+        bad += res["bad"]
         index.colour += res["colour"]
         for r in res["rows"]:
             index.shard.append(s)
