@@ -147,13 +147,19 @@ def project_for(photos: Path, where: Path) -> Path:
     return where
 
 
+HISTORY = {"pretrain": "history", "finetune": "history", "baselines": "scratch_history"}  # in reports/<stage>.json
+
+
 def stages_at(photos: Path, n: int, work: Path, env: dict) -> list[dict]:
     project = project_for(photos, work / f"project-{n}")
     rows = []
     for stage in ("data", "pretrain", "finetune", "baselines", "evaluate"):
         print(f"== {n:,} photos: {stage}", flush=True)
         r = run_stage(project, stage, env)
-        print(f"   {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB {r['log']}", flush=True)
+        if stage in HISTORY:  # the training worker's own peak resident set, as the run's history records it
+            hist = json.loads((project / "reports" / f"{stage}.json").read_text()).get(HISTORY[stage]) or []
+            r["worker_gb"] = max((h.get("peak_rss_mb", 0) for h in hist), default=0) * 2**20 / 1e9
+        print(f"   {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB, worker {r.get('worker_gb', 0):.2f} GB", flush=True)
         rows.append({"n": n, **r})
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     rows[-1]["evaluated"] = metrics["test_images"]
@@ -260,24 +266,32 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         "`evaluate` streams the whole test split. Peak memory: the summed proportional set sizes (PSS) of the "
         "stage's process tree, Ray's processes included, sampled every 0.2 s.",
         "",
-        "| photos | stage | wall time | peak memory (process tree) |",
-        "|---|---|---|---|",
+        "| photos | stage | wall time | peak memory (process tree) | training worker's peak RSS |",
+        "|---|---|---|---|---|",
     ]
     for n in by_n:
         for r in (r for r in rows if r["n"] == n):
             what = r["stage"] + (f" ({r['evaluated']:,} test images)" if r.get("evaluated") else "")
-            lines.append(f"| {n:,} | {what} | {r['seconds']:.0f} s | {r['peak_gb']:.2f} GB |")
-    ft = {r["n"]: r["peak_gb"] for r in rows if r["stage"] == "finetune"}
+            worker = f"{r['worker_gb']:.2f} GB" if r.get("worker_gb") else "-"
+            lines.append(f"| {n:,} | {what} | {r['seconds']:.0f} s | {r['peak_gb']:.2f} GB | {worker} |")
+    ft = {r["n"]: r for r in rows if r["stage"] == "finetune"}
     if len(ft) >= 2:
-        lo, hi = min(ft), max(ft)
-        worst = max(ft, key=ft.get)
+        lo = min(ft)
+        lines += [""]
+        for key, what in (("peak_gb", "the process tree's peak"), ("worker_gb", "the training worker's peak")):
+            if not all(r.get(key) for r in ft.values()):
+                continue
+            worst = max(ft, key=lambda n: ft[n][key])
+            lines.append(
+                f"- `finetune`, {what}: {ft[lo][key]:.2f} GB at {lo:,} photos; at most "
+                f"{ft[worst][key] / ft[lo][key]:.2f}x that at any size ({ft[worst][key]:.2f} GB at {worst:,} "
+                f"photos), for up to {max(ft) / lo:.0f}x the photos."
+            )
         lines += [
             "",
-            f"`finetune`'s peak memory at {hi:,} photos is {ft[hi] / ft[lo]:.2f}x its peak at {lo:,} "
-            f"({ft[lo]:.2f} GB -> {ft[hi]:.2f} GB) for {hi / lo:.0f}x the photos. Its highest peak of any size "
-            f"is {ft[worst]:.2f} GB (at {worst:,} photos, {ft[worst] / ft[lo]:.2f}x): one run per size, so a "
-            "peak also carries the run-to-run spread of Ray's own processes. Before, every stage decoded the "
-            "split into one tensor and Ray shipped a copy to each worker (~0.43 GB more per 1,000 photos at 224).",
+            "One run per size: the process tree's peak also carries the run-to-run spread of Ray's own "
+            "processes. Before, every stage decoded the split into one tensor and Ray shipped a copy to each "
+            "worker (~0.43 GB more per 1,000 photos at 224).",
         ]
     lines += [
         "",
@@ -340,11 +354,12 @@ def main() -> None:
     big = make_photos(work / f"photos-{prep_n * 10 // 9 + 10}", prep_n * 10 // 9 + 10)
     prep = {"n": prep_n, **prep_throughput(big, work, prep_n, reps=2 if args.quick else 5)}
     cost = streaming_cost(first, work, args.quick, reps=1 if args.quick else 3)
-    body = render(rows, prep, cost, args.quick)
     where = QUICK_DIR if args.quick else ROOT / "docs"
-    doc = write_section("data-scale", body, **({"doc": where / "benchmarks.md"} if args.quick else {}))
+    where.mkdir(parents=True, exist_ok=True)
     out = where / "data_scale.json"
-    out.write_text(json.dumps({"stages": rows, "prep": prep, "streaming_cost": cost}, indent=1))
+    out.write_text(json.dumps({"stages": rows, "prep": prep, "streaming_cost": cost}, indent=1))  # before rendering
+    body = render(rows, prep, cost, args.quick)
+    doc = write_section("data-scale", body, **({"doc": where / "benchmarks.md"} if args.quick else {}))
     print(f"wrote {doc} and {out}")
 
 

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import env, prepared_digits
+from helpers import ROOT, env, prepared_digits
 
 from tasks.project.env import free_port
 
@@ -113,7 +113,8 @@ def test_a_node_without_the_data_reads_the_staged_copy(s3, tmp_path, monkeypatch
 def test_ray_train_checkpoints_in_s3_compatible_storage(s3, tmp_path):
     """A Ray Train run (one worker, a streamed split) with ``ray.storage_path=s3://...`` on rclone: trains and
     keeps its checkpoints there. Local mode (``ray.num_workers: 0``) with that storage keeps its own checkpoints on
-    this machine (before, its last checkpoint was a temporary folder, gone when the run returned it)."""
+    this machine (before, its last checkpoint was a temporary folder, gone when the run returned it). A node that
+    does not see a split fetches the staged copy before training, in a task pinned to it."""
     client, root = s3
     split = _split(tmp_path, n=4)
     script = f"""
@@ -134,17 +135,30 @@ print("EPOCHS", [h["epoch"] for h in history], info["ray_run"])
 p = p.model_copy(update={{"ray": p.ray.model_copy(update={{"num_workers": 0}})}})  # local mode, the same storage
 _, history, info = run_job_ray(TrainJob("smallcnn", 10, "scratch", p.finetune, 0, labeled=ds), p, "s3local", m)
 print("LOCAL", [h["epoch"] for h in history])
+# a node that does not see the driver's split (here: a path it has not) fetches the staged copy before training
+from tasks.modeling import shard_staging
+keys = shard_staging.stage(job, "s3://runs/ckpt")
+blind = {{"/not/on/this/node/train": keys[{str(split)!r}]}}
+node = ray.get_runtime_context().get_node_id()
+said = []
+shard_staging.prefetch(blind, "s3://runs/ckpt", [node], log=said.append)
+shard_staging.prefetch(blind, "s3://runs/ckpt", [node], log=said.append)  # the node's copy: not fetched again
+print("PREFETCH", sum("fetched" in s for s in said), keys[{str(split)!r}])
 """
     r = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
-        env={**env(), **client},
+        # this checkout's code (the script runs in tmp_path), its own cache for the node
+        env={**env(), **client, "TL_CACHE_DIR": str(tmp_path / "node-cache"), "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "EPOCHS [1, 2]" in r.stdout and "LOCAL [1, 2]" in r.stdout, r.stdout[-2000:]
+    fetched, key = r.stdout.split("PREFETCH ")[1].split()[:2]
+    assert fetched == "1"  # by a task on the node, once
+    assert (tmp_path / "node-cache" / "shards" / key / "index.json").read_bytes() == (split / "index.json").read_bytes()
     run = r.stdout.split("EPOCHS [1, 2] ")[1].split()[0]
     ckpts = [c for c in (root / "runs" / "ckpt" / run).glob("checkpoint_*") if c.is_dir()]
     assert ckpts and all((c / "state.pt").is_file() for c in ckpts), list((root / "runs" / "ckpt").rglob("*"))[:20]

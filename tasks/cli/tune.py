@@ -222,6 +222,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     if len(nodes := live_nodes()) > 1:
         datasets = [d for j in jobs.values() for d in shard_staging.job_datasets(j)] + [pool]
         staged = shard_staging.stage(datasets, storage, nodes=nodes, log=say)
+        shard_staging.prefetch(staged, storage, nodes, log=say)
     fn = rt.with_resources(
         rt.with_parameters(
             trial, params=params, jobs=jobs, pool=pool, metric=metric, threads=threads, staged=staged, storage=storage

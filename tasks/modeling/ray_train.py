@@ -195,6 +195,7 @@ def run_job_ray(
     # several nodes: the streamed splits go to the shared storage, for workers that do not see this node's data/
     nodes = live_nodes() if rc.num_workers > 0 else []
     staged = shard_staging.stage(job, storage, nodes=nodes, log=say) if len(nodes) > 1 else {}
+    shard_staging.prefetch(staged, storage, nodes, log=say)  # before the process group waits on it
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
     job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus)

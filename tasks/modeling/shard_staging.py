@@ -5,7 +5,9 @@ streams to the run's shared storage (``ray.storage_path``, the storage that
 hash of the split's index (which holds every image's SHA-256 and place), so a split is uploaded once per data
 version, whatever the run. A worker that does not see the driver's split (or sees another version of it) fetches
 the staged copy into a cache on its node's disk, once per node and version (a file lock keeps the node's other
-workers waiting, not copying), and reads from there: memory stays flat, the disk holds one copy per node.
+workers waiting, not copying), and reads from there: memory stays flat, the disk holds one copy per node. The
+driver has each node fetch before training starts (:func:`prefetch`), so no worker copies while the others wait
+for it at their first collective.
 
 Where the driver's ``data/`` is seen by every worker (one node, or a shared mount holding the same bytes) nothing
 is copied.
@@ -101,25 +103,62 @@ def cache_root() -> Path:
 def localize(datasets, keys: dict[str, str], storage: str) -> list[Path]:
     """In a worker: point every streamed view of ``datasets`` (a job: its datasets) at a copy of its split this
     node can read, the driver's folder where it is here with the same index, else this node's cached copy of the
-    staged one (fetched now if missing). Returns the splits fetched by this call."""
+    staged one (fetched now if missing; :func:`prefetch` has fetched it before training). Returns the splits
+    fetched by this call."""
+    fetched: list[Path] = []
+    fs: list = []
+    for images in streamed_images(datasets):
+        key = keys.get(str(images.split_dir))
+        if key is not None:
+            images.split_dir, now = _node_copy(images.split_dir, key, storage, fs)
+            fetched += [images.split_dir] if now else []
+    return fetched
+
+
+def prefetch(keys: dict[str, str], storage: str, nodes: list[str], log=print) -> None:
+    """Before training: every node of ``nodes`` that does not see a staged split (``keys``, from :func:`stage`)
+    where the driver has it fetches the staged copy into its cache now, one task pinned to each node, all at once.
+    Otherwise the workers would fetch inside the training function, after the process group is up, and the first
+    collective would hold a node's other workers for the time a big split takes to copy, up to the group's timeout
+    (30 minutes) and a failed run."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not keys:
+        return
+    task = ray.remote(num_cpus=0)(_fetch_on_node)
+    refs = {
+        nid: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(keys, storage)
+        for nid in nodes
+    }
+    log(f"fetching {len(keys)} staged split(s) onto the nodes that do not see them ({len(nodes)} node(s) asked)")
+    for nid, ref in refs.items():
+        for split in ray.get(ref):
+            log(f"node {nid[:12]}: fetched {split}")
+
+
+def _fetch_on_node(keys: dict[str, str], storage: str) -> list[str]:
+    """On one node: make sure each split of ``keys`` is readable here (:func:`_node_copy`); the ones fetched."""
+    fs: list = []
+    return [str(where) for src, key in keys.items() for where, now in [_node_copy(Path(src), key, storage, fs)] if now]
+
+
+def _node_copy(src: Path, key: str, storage: str, fs: list) -> tuple[Path, bool]:
+    """Where this node reads the split ``src`` of version ``key``: ``src`` itself where it holds that version here,
+    else this node's cached copy of the staged split, fetched now if missing (then ``True``). ``fs``: the storage's
+    filesystem, opened once for several calls (an empty list at first)."""
     import pyarrow.fs as pafs
 
     from tasks.services.ray_runs import storage_filesystem
 
-    fetched: list[Path] = []
-    fs = root = None
-    for images in streamed_images(datasets):
-        key = keys.get(str(images.split_dir))
-        if key is None or _holds(images.split_dir, key):
-            continue
-        cache = cache_root() / key
-        if not _holds(cache, key):
-            if fs is None:
-                fs, root = storage_filesystem(storage)
-            if _fetch(fs, f"{root}/{STAGED}/{key}", cache, key, pafs):
-                fetched.append(cache)
-        images.split_dir = cache
-    return fetched
+    if _holds(src, key):
+        return src, False
+    cache = cache_root() / key
+    if _holds(cache, key):
+        return cache, False
+    if not fs:
+        fs.extend(storage_filesystem(storage))
+    return cache, _fetch(fs[0], f"{fs[1]}/{STAGED}/{key}", cache, key, pafs)
 
 
 def _holds(split_dir: Path, key: str) -> bool:
