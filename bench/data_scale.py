@@ -159,7 +159,8 @@ def stages_at(photos: Path, n: int, work: Path, env: dict) -> list[dict]:
         if stage in HISTORY:  # the training worker's own peak resident set, as the run's history records it
             hist = json.loads((project / "reports" / f"{stage}.json").read_text()).get(HISTORY[stage]) or []
             r["worker_gb"] = max((h.get("peak_rss_mb", 0) for h in hist), default=0) * 2**20 / 1e9
-        print(f"   {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB, worker {r.get('worker_gb', 0):.2f} GB", flush=True)
+        worker = f", training worker {r['worker_gb']:.2f} GB" if "worker_gb" in r else ""
+        print(f"   {r['seconds']:.0f} s, peak {r['peak_gb']:.2f} GB{worker} {r['log']}", flush=True)
         rows.append({"n": n, **r})
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     rows[-1]["evaluated"] = metrics["test_images"]

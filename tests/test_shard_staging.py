@@ -143,6 +143,7 @@ node = ray.get_runtime_context().get_node_id()
 said = []
 shard_staging.prefetch(blind, "s3://runs/ckpt", [node], log=said.append)
 shard_staging.prefetch(blind, "s3://runs/ckpt", [node], log=said.append)  # the node's copy: not fetched again
+shard_staging.prefetch(keys, "s3://runs/ckpt", [node], log=said.append)  # the driver's split is here: nothing
 print("PREFETCH", sum("fetched" in s for s in said), keys[{str(split)!r}])
 """
     r = subprocess.run(
@@ -157,7 +158,7 @@ print("PREFETCH", sum("fetched" in s for s in said), keys[{str(split)!r}])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "EPOCHS [1, 2]" in r.stdout and "LOCAL [1, 2]" in r.stdout, r.stdout[-2000:]
     fetched, key = r.stdout.split("PREFETCH ")[1].split()[:2]
-    assert fetched == "1"  # by a task on the node, once
+    assert fetched == "1"  # by a task on the node, once; not where the node sees the driver's split
     assert (tmp_path / "node-cache" / "shards" / key / "index.json").read_bytes() == (split / "index.json").read_bytes()
     run = r.stdout.split("EPOCHS [1, 2] ")[1].split()[0]
     ckpts = [c for c in (root / "runs" / "ckpt" / run).glob("checkpoint_*") if c.is_dir()]

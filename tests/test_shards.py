@@ -101,8 +101,28 @@ def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path, 
     one, bad1 = shards.write_split(files, classes, tmp_path / "one", max_side=64, shard_bytes=4000)
     two, bad2 = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=2)
     assert one == two and len(one) == 36 and bad1 == bad2 and [p for p, _ in bad2] == [broken]
+    members = []
     for name in one.shards:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+        with tarfile.open(tmp_path / "two" / name) as tar:
+            members += [m.name.split(".")[0] for m in tar if not m.name.endswith(".cls")]
+    # keys are the files' places in the list: the broken file's (17) is left out, the next is 18
+    assert members == [f"{i:08d}" for i in range(37) if i != 17]
+
+
+def test_closing_the_encoder_early_stops_its_processes(folder, monkeypatch):
+    """A split that fails while its shards are written (a full disk) closes the encoding processes' results:
+    they stop, none is left behind."""
+    import multiprocessing
+
+    monkeypatch.setattr(shards, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(shards, "CHUNK", 2)
+    files, _ = _files(folder)
+    encoded = shards._encoded(files, 64, 2)
+    assert isinstance(next(encoded), tuple)  # the processes are up and encoding ahead
+    assert multiprocessing.active_children()
+    encoded.close()
+    assert multiprocessing.active_children() == []
 
 
 def test_streamed_and_in_memory_splits_hold_the_same_pixels_and_labels(folder, tmp_path):

@@ -12,8 +12,8 @@ Each image is decoded once while preparing (so a file that does not decode is fo
 as it came when that loses nothing, else re-encoded at a bounded resolution: the shorter side at most
 ``max_side`` pixels, EXIF orientation, bit depth and transparency resolved as :func:`tlcore.images.decode_image`
 resolves them (PNG for lossless sources, JPEG quality 95 for lossy ones). All cores decode and encode the
-images, in small chunks; one process writes the shards, in order; the tar headers are fixed (no times,
-owners), so the same inputs give the same bytes, and DVC stores a shard once.
+images of a big split (:data:`PARALLEL_FROM`), in small chunks; one process writes the shards, in order; the
+tar headers are fixed (no times, owners), so the same inputs give the same bytes, and DVC stores a shard once.
 
 Reading (:class:`ShardImages`) needs only the index's arrays in memory: an image is one ``pread`` of its bytes and
 one decode, in whichever process asks (a DataLoader's worker processes decode in parallel). Any tar reader (the
@@ -45,7 +45,7 @@ from .images import ImageDecodeError, is_grey, open_image, show_path, to_pixels
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
 SHARD_IMAGES = 1000  # at most, per shard
-CHUNK = 64  # images a process encodes per job: small, so that every process stays busy to the split's end
+CHUNK = 32  # images a process encodes per job: small, so that every process stays busy to the split's end
 PARALLEL_FROM = 4000  # images: a smaller split is encoded faster by this process than by starting others
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
@@ -158,7 +158,7 @@ def _encode_chunk(items: list[tuple[str, str]], max_side: int) -> list[tuple[byt
 
 def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) -> Iterator:
     """:func:`_encode_chunk`'s results for ``files``, one per file, in order. With ``processes`` > 1, spawned
-    processes encode chunks of :data:`CHUNK` files, at most ``4 * processes`` chunks ahead of the consumer (memory
+    processes encode chunks of :data:`CHUNK` files, at most ``2 * processes`` chunks ahead of the consumer (memory
     bounded whatever the split's size); small chunks keep every process busy to the end of the split."""
     chunks = [[(str(p), name) for p, _, name in files[i : i + CHUNK]] for i in range(0, len(files), CHUNK)]
     if processes < 2 or len(files) < PARALLEL_FROM:
@@ -169,7 +169,7 @@ def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) 
         ahead: deque = deque()
         todo = iter(chunks)
         try:
-            for c in itertools.islice(todo, 4 * processes):
+            for c in itertools.islice(todo, 2 * processes):
                 ahead.append(pool.submit(_encode_chunk, c, max_side))
             while ahead:
                 done = ahead.popleft().result()
@@ -177,7 +177,7 @@ def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) 
                     ahead.append(pool.submit(_encode_chunk, c, max_side))
                 yield from done
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # do not encode the rest of a split that failed
+            pool.shutdown(cancel_futures=True)  # failed, or closed by the consumer: encode no more
             raise
 
 

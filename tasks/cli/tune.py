@@ -195,7 +195,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     from tasks.modeling.hardware import trial_resources
     from tasks.modeling.train import target_jobs
     from tasks.services.ray_cluster import cluster_cpus, init_ray
-    from tasks.services.ray_runs import live_nodes, prove_shared_storage, storage_filesystem, storage_path
+    from tasks.services.ray_runs import live_nodes, prove_shared_storage, storage_filesystem, storage_path, worker_nodes
 
     metric, mode = objective(params, manifest)
     name = experiment_name(params, manifest)
@@ -222,7 +222,7 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
     if len(nodes := live_nodes()) > 1:
         datasets = [d for j in jobs.values() for d in shard_staging.job_datasets(j)] + [pool]
         staged = shard_staging.stage(datasets, storage, nodes=nodes, log=say)
-        shard_staging.prefetch(staged, storage, nodes, log=say)
+        shard_staging.prefetch(staged, storage, worker_nodes(per_trial), log=say)
     fn = rt.with_resources(
         rt.with_parameters(
             trial, params=params, jobs=jobs, pool=pool, metric=metric, threads=threads, staged=staged, storage=storage

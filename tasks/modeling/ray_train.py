@@ -41,7 +41,14 @@ from tasks.project.settings import settings
 from tasks.project.stage import say
 from tasks.services.ray_checkpoints import RayReport, load_state, resume_state
 from tasks.services.ray_cluster import cluster_cpus, init_ray
-from tasks.services.ray_runs import live_nodes, mark_done, prove_shared_storage, resolve_run, storage_filesystem
+from tasks.services.ray_runs import (
+    live_nodes,
+    mark_done,
+    prove_shared_storage,
+    resolve_run,
+    storage_filesystem,
+    worker_nodes,
+)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -195,11 +202,12 @@ def run_job_ray(
     # several nodes: the streamed splits go to the shared storage, for workers that do not see this node's data/
     nodes = live_nodes() if rc.num_workers > 0 else []
     staged = shard_staging.stage(job, storage, nodes=nodes, log=say) if len(nodes) > 1 else {}
-    shard_staging.prefetch(staged, storage, nodes, log=say)  # before the process group waits on it
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
     job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus)
     resources = {"CPU": cpus, **({"GPU": int(rc.gpus_per_worker)} if rc.use_gpu else {})}
+    if staged:  # each node that may host a worker fetches now, before the process group waits on it
+        shard_staging.prefetch(staged, storage, worker_nodes(resources), log=say)
     if verbose():
         say(f"{stage}: Ray Train run {name!r} ({rc.num_workers or 'local mode, 0'} worker(s), storage {storage})")
     scratch_dir = rc.num_workers == 0 and local_run_dir is None

@@ -116,15 +116,16 @@ def localize(datasets, keys: dict[str, str], storage: str) -> list[Path]:
 
 
 def prefetch(keys: dict[str, str], storage: str, nodes: list[str], log=print) -> None:
-    """Before training: every node of ``nodes`` that does not see a staged split (``keys``, from :func:`stage`)
-    where the driver has it fetches the staged copy into its cache now, one task pinned to each node, all at once.
-    Otherwise the workers would fetch inside the training function, after the process group is up, and the first
-    collective would hold a node's other workers for the time a big split takes to copy, up to the group's timeout
-    (30 minutes) and a failed run."""
+    """Before training: every node of ``nodes`` (those that may host a worker) that does not see a staged split
+    (``keys``, from :func:`stage`) where the driver has it fetches the staged copy into its cache now, one task
+    pinned to each node, all at once. Otherwise the workers would fetch inside the training function, after the
+    process group is up, and the first collective would hold a node's other workers for the time a big split takes
+    to copy, up to the group's timeout (30 minutes) and a failed run. A node that cannot fetch now (gone, disk
+    full) is reported; its workers try again when they start (:func:`localize`), as does a node that joins later."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if not keys:
+    if not keys or not nodes:
         return
     task = ray.remote(num_cpus=0)(_fetch_on_node)
     refs = {
@@ -133,8 +134,11 @@ def prefetch(keys: dict[str, str], storage: str, nodes: list[str], log=print) ->
     }
     log(f"fetching {len(keys)} staged split(s) onto the nodes that do not see them ({len(nodes)} node(s) asked)")
     for nid, ref in refs.items():
-        for split in ray.get(ref):
-            log(f"node {nid[:12]}: fetched {split}")
+        try:
+            for split in ray.get(ref):
+                log(f"node {nid[:12]}: fetched {split}")
+        except ray.exceptions.RayError as e:
+            log(f"node {nid[:12]} could not fetch the staged splits now; its workers will try when they start: {e}")
 
 
 def _fetch_on_node(keys: dict[str, str], storage: str) -> list[str]:

@@ -82,6 +82,18 @@ def live_nodes() -> list[str]:
     return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
 
 
+def worker_nodes(resources: dict[str, float]) -> list[str]:
+    """The ids of the live nodes whose resources hold one worker's ``resources`` (``{"CPU": 2, "GPU": 1}``): where
+    Ray may place a worker (a head node started with ``num-cpus: 0``, or a CPU node in a GPU run, is not)."""
+    import ray
+
+    return [
+        n["NodeID"]
+        for n in ray.nodes()
+        if n.get("Alive") and all(n.get("Resources", {}).get(k, 0) >= v for k, v in resources.items() if v)
+    ]
+
+
 class StorageNotShared(RuntimeError):
     """``ray.storage_path`` is a folder that some node of the cluster does not see."""
 
