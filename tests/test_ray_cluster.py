@@ -149,7 +149,7 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch
 
     import ray
 
-    from tasks.services.ray_runs import blind_nodes, live_nodes
+    from tasks.services.ray_runs import blind_nodes, live_nodes, worker_nodes
 
     ray.init(address=address, logging_level="WARNING")
     try:
@@ -161,6 +161,9 @@ def test_two_node_cluster_finetune(repo, tmp_path, two_node_cluster, monkeypatch
         assert blind_nodes(repo / "no-such-file", nodes) == nodes
         gone = "ab" * (len(nodes[0]) // 2)  # a node that is not there cannot say it sees anything
         assert blind_nodes(repo / "params.yaml", [*nodes, gone], timeout_s=10) == [gone]
+        # where a worker may be placed, so where a staged split is fetched before training: 1 CPU each, no GPU
+        assert sorted(worker_nodes({"CPU": 1})) == sorted(nodes) and worker_nodes({"CPU": 2}) == []
+        assert worker_nodes({"CPU": 1, "GPU": 1}) == [] and sorted(worker_nodes({"CPU": 1, "GPU": 0})) == sorted(nodes)
     finally:
         ray.shutdown()
     assert "staging " not in out and "fetched the prepared split" not in out, out[-2000:]  # every node sees data/
