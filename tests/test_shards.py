@@ -52,6 +52,18 @@ def test_shards_are_webdataset_tars_and_the_index_points_at_each_images_bytes(fo
         assert index.sha256[i] == hashlib.sha256(f.read_bytes()).hexdigest()
         stored = shards.ShardImages(tmp_path / "out", 8, 3).raw(i)
         assert stored == f.read_bytes()  # a plain PNG/JPEG under max_side is kept as it came
+    # each shard is the file tarfile itself writes for its members (fixed owner, mode, time): the same bytes as
+    # shards prepared before the members were made by the encoding processes
+    for name in index.shards:
+        with (
+            tarfile.open(tmp_path / "out" / name) as tar,
+            tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.PAX_FORMAT) as ref,
+        ):
+            for m in tar:
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mode, info.mtime = m.size, 0o644, 0
+                ref.addfile(info, tar.extractfile(m))
+        assert (tmp_path / "ref.tar").read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
 def test_big_rotated_deep_and_transparent_images_are_stored_as_decode_image_sees_them(tmp_path):

@@ -12,8 +12,9 @@ Each image is decoded once while preparing (so a file that does not decode is fo
 as it came when that loses nothing, else re-encoded at a bounded resolution: the shorter side at most
 ``max_side`` pixels, EXIF orientation, bit depth and transparency resolved as :func:`tlcore.images.decode_image`
 resolves them (PNG for lossless sources, JPEG quality 95 for lossy ones). All cores decode and encode the
-images of a big split (:data:`PARALLEL_FROM`), in small chunks; one process writes the shards, in order; the
-tar headers are fixed (no times, owners), so the same inputs give the same bytes, and DVC stores a shard once.
+images of a big split (:data:`PARALLEL_FROM`), in small chunks, and make their tar members; one process appends
+them to the shards, in order. The tar headers are fixed (no times, owners), so the same inputs give the same bytes,
+and DVC stores a shard once.
 
 Reading (:class:`ShardImages`) needs only the index's arrays in memory: an image is one ``pread`` of its bytes and
 one decode, in whichever process asks (a DataLoader's worker processes decode in parallel). Any tar reader (the
@@ -46,6 +47,8 @@ INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
 SHARD_IMAGES = 1000  # at most, per shard
 CHUNK = 32  # images a process encodes per job: small, so that every process stays busy to the split's end
+AHEAD = 4  # chunks per process encoded ahead of the writer, at most, and at most 64 in all (memory)
+BLOCK = tarfile.BLOCKSIZE
 PARALLEL_FROM = 4000  # images: a smaller split is encoded faster by this process than by starting others
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
@@ -137,30 +140,44 @@ def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str
     return buf.getvalue(), "png", colour, sha
 
 
-def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _member(name: str, data: bytes) -> bytes:
+    """One tar member as ``tarfile`` writes it in a PAX archive (header, data, zero padding to a block): fixed
+    owner, mode and time, so the same member has the same bytes anywhere. Nothing in it depends on where in the
+    archive it goes, so the encoding processes make the members and the writer only appends them."""
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = len(data), 0o644, 0
-    tar.addfile(info, io.BytesIO(data))
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data + tarfile.NUL * (-len(data) % BLOCK)
 
 
-def _encode_chunk(items: list[tuple[str, str]], max_side: int) -> list[tuple[bytes, str, bool, str] | str]:
-    """:func:`_encode` of each ``(file, name)``, or why it did not decode (a string). Runs in a worker process."""
+def _encode_chunk(
+    items: list[tuple[int, str, int, str]], max_side: int
+) -> list[tuple[bytes, int, int, bool, str] | str]:
+    """The tar members of each ``(key, file, label, name)``: ``(the image's and its label's members, where the
+    image's bytes start in them, their length, has colour, SHA-256 of the file)``, or why the file did not decode (a
+    string). Runs in an encoding process."""
     out = []
-    for f, name in items:
+    for key, f, y, name in items:
         try:
-            out.append(_encode(Path(f), name, max_side))
+            data, ext, colour, sha = _encode(Path(f), name, max_side)
         except ImageDecodeError as e:
             out.append(str(e))
+            continue
         except OSError as e:  # gone, unreadable, a dangling link: corrupt as far as the data goes
             out.append(f"{name}: cannot be read ({e.strerror or e})")
+            continue
+        image = _member(f"{key:08d}.{ext}", data)
+        at = len(image) - len(data) - (-len(data) % BLOCK)
+        out.append((image + _member(f"{key:08d}.cls", str(y).encode()), at, len(data), colour, sha))
     return out
 
 
 def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) -> Iterator:
-    """:func:`_encode_chunk`'s results for ``files``, one per file, in order. With ``processes`` > 1, spawned
-    processes encode chunks of :data:`CHUNK` files, at most ``2 * processes`` chunks ahead of the consumer (memory
-    bounded whatever the split's size); small chunks keep every process busy to the end of the split."""
-    chunks = [[(str(p), name) for p, _, name in files[i : i + CHUNK]] for i in range(0, len(files), CHUNK)]
+    """:func:`_encode_chunk`'s results for ``files``, one per file, in order, keyed by their place in ``files``.
+    With ``processes`` > 1, spawned processes encode chunks of :data:`CHUNK` files, at most :data:`AHEAD` chunks per
+    process (64 in all) ahead of the consumer (memory bounded whatever the split's size); small chunks keep every
+    process busy to the end of the split."""
+    items = [(k, str(p), y, name) for k, (p, y, name) in enumerate(files)]
+    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
     if processes < 2 or len(files) < PARALLEL_FROM:
         for c in chunks:
             yield from _encode_chunk(c, max_side)
@@ -169,7 +186,7 @@ def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) 
         ahead: deque = deque()
         todo = iter(chunks)
         try:
-            for c in itertools.islice(todo, 2 * processes):
+            for c in itertools.islice(todo, min(AHEAD * processes, 64)):
                 ahead.append(pool.submit(_encode_chunk, c, max_side))
             while ahead:
                 done = ahead.popleft().result()
@@ -181,27 +198,25 @@ def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) 
             raise
 
 
-def _write_shard(path: Path, first_key: int, items: list, encoded: Iterator) -> dict:
-    """Write one shard of ``items`` (file, label, name), taking each one's :func:`_encode_chunk` result from
-    ``encoded``; returns its index rows and the files that did not decode."""
-    rows, bad, colour = [], [], 0
+def _write_shard(path: Path, items: list, encoded: Iterator) -> dict:
+    """Write one shard of ``items`` (file, label, name), appending each one's members from ``encoded``
+    (:func:`_encode_chunk`), then the end of the archive as ``tarfile`` closes one; returns its index rows and the
+    files that did not decode."""
+    rows, bad, colour, pos = [], [], 0, 0
     tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for k, (f, y, name) in enumerate(items):
+    with open(tmp, "wb") as out:
+        for f, y, name in items:
             got = next(encoded)
             if isinstance(got, str):
                 bad.append((Path(f), got))
                 continue
-            data, ext, c, sha = got
-            key = f"{first_key + k:08d}"
-            _member(tar, f"{key}.{ext}", data)
-            _member(tar, f"{key}.cls", str(y).encode())
+            members, at, length, c, sha = got
+            out.write(members)
+            rows.append({"offset": pos + at, "length": length, "label": y, "name": name, "sha256": sha})
             colour += c
-            rows.append({"key": f"{key}.{ext}", "label": y, "name": name, "sha256": sha})
-    with tarfile.open(tmp) as tar:  # where each image's bytes start in the shard: read back from the headers
-        where = {m.name: (m.offset_data, m.size) for m in tar}
-    for r in rows:
-        r["offset"], r["length"] = where[r.pop("key")]
+            pos += len(members)
+        end = pos + 2 * BLOCK  # two zero blocks, then zeros to a whole record (tar -b20)
+        out.write(tarfile.NUL * (2 * BLOCK + (-end % tarfile.RECORDSIZE)))
     os.replace(tmp, path)
     return {"rows": rows, "bad": bad, "colour": colour}
 
@@ -238,11 +253,8 @@ def write_split(
     split_dir.mkdir(parents=True, exist_ok=False)
     groups = _groups(files, shard_bytes)
     names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
-    results, first = [], 0
     with contextlib.closing(_encoded(files, max_side, processes)) as encoded:  # closed: stops the processes
-        for name, group in zip(names, groups):
-            results.append(_write_shard(split_dir / name, first, group, encoded))
-            first += len(group)
+        results = [_write_shard(split_dir / name, group, encoded) for name, group in zip(names, groups)]
     index, bad = SplitIndex(classes=list(classes), shards=names, max_side=max_side), []
     for s, res in enumerate(results):
         bad += res["bad"]
