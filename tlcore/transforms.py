@@ -70,13 +70,11 @@ def random_photo(
     crop (area ``scale`` of the image, aspect ratio in ``ratio``, resampled to ``out_size`` x ``out_size``, or back
     to ``H`` x ``W``; from a canvas bigger than the output a small crop still samples real pixels), a horizontal
     flip with probability ``flip``, and colour jitter (brightness, contrast, saturation factors in
-    ``[1 - j, 1 + j]``, in that order, clamped to [0, 1] after each), as ``torchvision.transforms.v2``'s
-    ``RandomResizedCrop`` (bilinear, antialiased: a crop bigger than the output is low-pass filtered, not
-    aliased), ``RandomHorizontalFlip`` and ``ColorJitter`` without hue.
+    ``[1 - j, 1 + j]``, in that order, clamped to [0, 1] after each, as ``torchvision.transforms.v2``'s
+    ``RandomResizedCrop``, ``RandomHorizontalFlip`` and ``ColorJitter`` without hue).
 
-    The draws are made for the whole batch at once on its device; each crop is resampled on its own (one
-    ``interpolate`` an image, after one copy of the crop boxes to the host). Unlike torchvision, a crop that does
-    not fit is shrunk to fit rather than redrawn (torchvision retries 10 times, then takes the centre).
+    One ``grid_sample`` for the crop and flip of the whole batch. Unlike torchvision, a crop that does not fit
+    is shrunk to fit rather than redrawn (torchvision retries 10 times, then takes the centre).
     """
     n, c, h, w = x.shape
     dev = x.device
@@ -88,21 +86,13 @@ def random_photo(
     logr = u(float(np.log(ratio[0])), float(np.log(ratio[1])))
     cw = torch.sqrt(area * torch.exp(logr)).clamp(max=1.0)  # crop width, as a fraction of the image width
     ch = torch.sqrt(area / torch.exp(logr)).clamp(max=1.0)
-    cx, cy = (1 - cw) * u(-1, 1), (1 - ch) * u(-1, 1)  # the crop's centre, in [-1, 1] across the image
-    flipped = torch.rand(n, device=dev) < flip
-    # the boxes in whole pixels: (top, left, height, width), inside the image
-    bw, bh = (cw * w).round().clamp(1, w), (ch * h).round().clamp(1, h)
-    left = torch.minimum(((cx + 1) / 2 * w - bw / 2).round().clamp(min=0), w - bw)
-    top = torch.minimum(((cy + 1) / 2 * h - bh / 2).round().clamp(min=0), h - bh)
-    out = (out_size or h, out_size or w)
-    boxes = torch.stack([top, left, bh, bw], 1).long().tolist()
-
-    def crop(i: int, y: int, x0: int, ch_: int, cw_: int) -> torch.Tensor:
-        part = x[i : i + 1, :, y : y + ch_, x0 : x0 + cw_]
-        return torch.nn.functional.interpolate(part, size=out, mode="bilinear", antialias=True, align_corners=False)
-
-    x = torch.cat([crop(i, *b) for i, b in enumerate(boxes)])
-    x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
+    cx, cy = (1 - cw) * u(-1, 1), (1 - ch) * u(-1, 1)  # the crop's centre, in grid_sample's [-1, 1] coords
+    sign = torch.where(torch.rand(n, device=dev) < flip, -1.0, 1.0)
+    zero = torch.zeros(n, device=dev)
+    theta = torch.stack([torch.stack([cw * sign, zero, cx], 1), torch.stack([zero, ch, cy], 1)], 1)
+    out = [n, c, out_size or h, out_size or w]
+    grid = torch.nn.functional.affine_grid(theta, out, align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def factor(j):
         return u(max(0.0, 1 - j), 1 + j)[:, None, None, None]
