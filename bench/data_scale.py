@@ -247,11 +247,9 @@ def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dic
             runs["memory"].append(train_rate(held, spec, augment, steps, batch, workers=0))
             runs["streamed"].append(train_rate(streamed, spec, augment, steps, batch, workers=1))
         mem, stream = (float(np.median(runs[k])) for k in ("memory", "streamed"))
-        # each streamed run against the in-memory run just before it: the machine's slow spells cancel out
-        ratio = float(np.median(np.asarray(runs["streamed"]) / np.asarray(runs["memory"])))
         rows.append(
             {"arch": arch, "size": size, "canvas": canvas, "images": len(files), "memory": mem, "streamed": stream}
-            | {"ratio": ratio, "reps": reps, "runs": runs}
+            | {"reps": reps, "runs": runs}
         )
         print(f"   {arch} at {size}: in memory {runs['memory']} img/s, streamed {runs['streamed']} img/s", flush=True)
     return rows
@@ -303,9 +301,8 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         "",
         "What streaming costs (steady-state training images/s, the same images decoded as the training stages "
         "decode them: a photo split on the random crop's canvas, cropped to the input; streamed: one loader "
-        "process decodes ahead of the training step, at low priority; in memory: decoded once, no loader process. "
-        f"The median of {cost[0].get('reps', 1) if cost else 1} runs each, taken in turn; the ratio is the median "
-        "of each streamed run's rate over the in-memory run's just before it):",
+        "process decodes ahead of the training step; in memory: decoded once, no loader process. The median of "
+        f"{cost[0].get('reps', 1) if cost else 1} runs each, taken in turn):",
         "",
         "| model | input (decoded at) | images | in memory | streamed | ratio |",
         "|---|---|---|---|---|---|",
@@ -314,7 +311,7 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         at = f" ({c['canvas']} px)" if c.get("canvas") else ""
         lines.append(
             f"| {c['arch']} | {c['size']} px{at} | {c['images']:,} | {c['memory']:.1f} img/s | "
-            f"{c['streamed']:.1f} img/s | {c.get('ratio', c['streamed'] / c['memory']):.2f} |"
+            f"{c['streamed']:.1f} img/s | {c['streamed'] / c['memory']:.2f} |"
         )
     lines += [
         "",
@@ -357,7 +354,7 @@ def main() -> None:
     prep_n = PARALLEL_FROM if args.quick else 2 * PARALLEL_FROM  # enough for the data stage to use every core
     big = make_photos(work / f"photos-{prep_n * 10 // 9 + 10}", prep_n * 10 // 9 + 10)
     prep = {"n": prep_n, **prep_throughput(big, work, prep_n, reps=2 if args.quick else 5)}
-    cost = streaming_cost(first, work, args.quick, reps=1 if args.quick else 5)
+    cost = streaming_cost(first, work, args.quick, reps=1 if args.quick else 3)
     where = QUICK_DIR if args.quick else ROOT / "docs"
     where.mkdir(parents=True, exist_ok=True)
     out = where / "data_scale.json"

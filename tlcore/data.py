@@ -229,8 +229,7 @@ def make_loader(
     ``rank``'s shard: the training sampler's shard of one shared permutation, an evaluation loader every
     ``replicas``-th item from ``rank`` on, so the shards cover the set exactly once (no padding: sums over
     them are exact). ``num_workers`` loader processes; ``None``: none for images held in memory,
-    :func:`decode_workers` for a streamed split (they decode ahead of the consumer, at low priority:
-    :func:`background`). ``pin_memory`` (for a
+    :func:`decode_workers` for a streamed split (they decode ahead of the consumer). ``pin_memory`` (for a
     CUDA device) makes the engine's ``non_blocking`` copies overlap with compute.
 
     A training loader over an :class:`ImageDataset` with a batch-capable transform yields uint8 batches and
@@ -270,24 +269,7 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
-        worker_init_fn=background if num_workers > 0 else None,
     )
-
-
-LOADER_NICE = 19
-
-
-def background(_worker: int = 0) -> None:
-    """Run this loader process at the lowest CPU priority (``nice`` 19): it decodes in the gaps the consumer leaves
-    and at full speed while the consumer waits for a batch, but never takes a core from the consumer's threads.
-    On CPU a training or evaluation step keeps every core busy with torch's threads, which wait for each other:
-    a loader process preempting one stalls them all (``bench.data_scale`` measures training from a streamed split
-    against the same split in memory). On a GPU node the thread that feeds the GPU keeps its core whatever the
-    loaders' load. The batches are the same at any priority."""
-    try:
-        os.nice(LOADER_NICE)
-    except OSError:  # not allowed here: the default priority
-        pass
 
 
 def decode_workers() -> int:
