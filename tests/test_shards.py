@@ -152,25 +152,6 @@ def test_streamed_and_in_memory_splits_hold_the_same_pixels_and_labels(folder, t
     assert torch.equal(streamed.images[7], want)  # the pixels a user's file gives, as tl predict sees them
 
 
-def test_loader_processes_of_a_streamed_split_decode_at_low_priority(folder, tmp_path):
-    """They yield the CPU to the consumer's threads (nice 19) and give the same batches as this process does."""
-    import os
-
-    import psutil
-
-    files, classes = _files(folder)
-    shards.write_split(files, classes, tmp_path / "out", max_side=64)
-    streamed = data.open_split(tmp_path / "out", 16, 3, memory_bytes=0)
-    before = {p.pid for p in psutil.Process().children()}
-    loader = data.make_loader(streamed, 8, train=False)
-    assert loader.num_workers >= 1  # a streamed split is decoded in loader processes by default
-    batches = list(loader)
-    mine = [p for p in psutil.Process().children() if p.pid not in before]  # the loader's (persistent) processes
-    assert mine and all(p.nice() == 19 for p in mine) and os.getpriority(os.PRIO_PROCESS, 0) < 19
-    here = list(data.make_loader(streamed, 8, train=False, num_workers=0))
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, here))
-
-
 def test_a_streamed_split_pickles_its_index_only(tmp_path):
     sizes = {}
     for n in (20, 200):
