@@ -247,9 +247,11 @@ def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dic
             runs["memory"].append(train_rate(held, spec, augment, steps, batch, workers=0))
             runs["streamed"].append(train_rate(streamed, spec, augment, steps, batch, workers=1))
         mem, stream = (float(np.median(runs[k])) for k in ("memory", "streamed"))
+        # each streamed run against the in-memory run just before it: the machine's slow spells cancel out
+        ratio = float(np.median(np.asarray(runs["streamed"]) / np.asarray(runs["memory"])))
         rows.append(
             {"arch": arch, "size": size, "canvas": canvas, "images": len(files), "memory": mem, "streamed": stream}
-            | {"reps": reps, "runs": runs}
+            | {"ratio": ratio, "reps": reps, "runs": runs}
         )
         print(f"   {arch} at {size}: in memory {runs['memory']} img/s, streamed {runs['streamed']} img/s", flush=True)
     return rows
@@ -301,8 +303,9 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         "",
         "What streaming costs (steady-state training images/s, the same images decoded as the training stages "
         "decode them: a photo split on the random crop's canvas, cropped to the input; streamed: one loader "
-        "process decodes ahead of the training step; in memory: decoded once, no loader process. The median of "
-        f"{cost[0].get('reps', 1) if cost else 1} runs each, taken in turn):",
+        "process decodes ahead of the training step; in memory: decoded once, no loader process. "
+        f"The median of {cost[0].get('reps', 1) if cost else 1} runs each, taken in turn; the ratio is the median "
+        "of each streamed run's rate over the in-memory run's just before it):",
         "",
         "| model | input (decoded at) | images | in memory | streamed | ratio |",
         "|---|---|---|---|---|---|",
@@ -311,7 +314,7 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         at = f" ({c['canvas']} px)" if c.get("canvas") else ""
         lines.append(
             f"| {c['arch']} | {c['size']} px{at} | {c['images']:,} | {c['memory']:.1f} img/s | "
-            f"{c['streamed']:.1f} img/s | {c['streamed'] / c['memory']:.2f} |"
+            f"{c['streamed']:.1f} img/s | {c.get('ratio', c['streamed'] / c['memory']):.2f} |"
         )
     lines += [
         "",
@@ -328,11 +331,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="where photos and projects go (default: a temp dir)")
     ap.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
+    ap.add_argument("--cost-only", action="store_true", help="measure only what streaming costs; keep the rest saved")
     args = ap.parse_args()
-    if args.render:
+    if args.render or args.cost_only:
         where = QUICK_DIR if args.quick else ROOT / "docs"
         saved = json.loads((where / "data_scale.json").read_text())
         prep = {k if k in ("n", "reps") else int(k): v for k, v in saved["prep"].items()}  # JSON made the keys strings
+        if args.cost_only:
+            work = args.work or Path(tempfile.mkdtemp(prefix="tl-data-scale-"))
+            sizes = args.sizes or ([300, 1200] if args.quick else [2000, 20000])
+            first = make_photos(work / f"photos-{min(sizes)}", min(sizes))
+            saved["streaming_cost"] = streaming_cost(first, work, args.quick, reps=1 if args.quick else 5)
+            (where / "data_scale.json").write_text(json.dumps(saved, indent=1))
         body = render(saved["stages"], prep, saved["streaming_cost"], args.quick)
         print(f"wrote {write_section('data-scale', body, **({'doc': where / 'benchmarks.md'} if args.quick else {}))}")
         return
@@ -354,7 +364,7 @@ def main() -> None:
     prep_n = PARALLEL_FROM if args.quick else 2 * PARALLEL_FROM  # enough for the data stage to use every core
     big = make_photos(work / f"photos-{prep_n * 10 // 9 + 10}", prep_n * 10 // 9 + 10)
     prep = {"n": prep_n, **prep_throughput(big, work, prep_n, reps=2 if args.quick else 5)}
-    cost = streaming_cost(first, work, args.quick, reps=1 if args.quick else 3)
+    cost = streaming_cost(first, work, args.quick, reps=1 if args.quick else 5)
     where = QUICK_DIR if args.quick else ROOT / "docs"
     where.mkdir(parents=True, exist_ok=True)
     out = where / "data_scale.json"
