@@ -333,20 +333,20 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only rewrite the docs section from the saved results")
     ap.add_argument("--cost-only", action="store_true", help="measure only what streaming costs; keep the rest saved")
     args = ap.parse_args()
+    where = QUICK_DIR if args.quick else ROOT / "docs"
+    sizes = args.sizes or ([300, 1200] if args.quick else [2000, 20000])
+    cost_reps = 1 if args.quick else 5
     if args.render or args.cost_only:
-        where = QUICK_DIR if args.quick else ROOT / "docs"
         saved = json.loads((where / "data_scale.json").read_text())
         prep = {k if k in ("n", "reps") else int(k): v for k, v in saved["prep"].items()}  # JSON made the keys strings
         if args.cost_only:
             work = args.work or Path(tempfile.mkdtemp(prefix="tl-data-scale-"))
-            sizes = args.sizes or ([300, 1200] if args.quick else [2000, 20000])
             first = make_photos(work / f"photos-{min(sizes)}", min(sizes))
-            saved["streaming_cost"] = streaming_cost(first, work, args.quick, reps=1 if args.quick else 5)
+            saved["streaming_cost"] = streaming_cost(first, work, args.quick, reps=cost_reps)
             (where / "data_scale.json").write_text(json.dumps(saved, indent=1))
         body = render(saved["stages"], prep, saved["streaming_cost"], args.quick)
         print(f"wrote {write_section('data-scale', body, **({'doc': where / 'benchmarks.md'} if args.quick else {}))}")
         return
-    sizes = args.sizes or ([300, 1200] if args.quick else [2000, 20000])
     e2e = args.e2e if args.e2e is not None else (0 if args.quick else 60000)
     work = args.work or Path(tempfile.mkdtemp(prefix="tl-data-scale-"))
     env = {
@@ -364,8 +364,7 @@ def main() -> None:
     prep_n = PARALLEL_FROM if args.quick else 2 * PARALLEL_FROM  # enough for the data stage to use every core
     big = make_photos(work / f"photos-{prep_n * 10 // 9 + 10}", prep_n * 10 // 9 + 10)
     prep = {"n": prep_n, **prep_throughput(big, work, prep_n, reps=2 if args.quick else 5)}
-    cost = streaming_cost(first, work, args.quick, reps=1 if args.quick else 5)
-    where = QUICK_DIR if args.quick else ROOT / "docs"
+    cost = streaming_cost(first, work, args.quick, reps=cost_reps)
     where.mkdir(parents=True, exist_ok=True)
     out = where / "data_scale.json"
     out.write_text(json.dumps({"stages": rows, "prep": prep, "streaming_cost": cost}, indent=1))  # before rendering

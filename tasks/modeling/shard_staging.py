@@ -71,8 +71,9 @@ def stage(datasets, storage: str, nodes: list[str] | None = None, log=print) -> 
         if str(src) in seen:
             continue
         seen.add(str(src))
-        key = split_key(src)
-        if nodes is not None and not blind_nodes(src / INDEX, nodes, digest=index_key((src / INDEX).read_bytes(), 64)):
+        index = (src / INDEX).read_bytes()
+        key = index_key(index)
+        if nodes is not None and not blind_nodes(src / INDEX, nodes, digest=index_key(index, 64)):
             continue  # every node reads this very split where it lies (one machine, or a shared mount)
         keys[str(src)] = key
         dest = f"{root}/{STAGED}/{key}"
@@ -144,7 +145,12 @@ def prefetch(keys: dict[str, str], storage: str, nodes: list[str], log=print) ->
 def _fetch_on_node(keys: dict[str, str], storage: str) -> list[str]:
     """On one node: make sure each split of ``keys`` is readable here (:func:`_node_copy`); the ones fetched."""
     fs: list = []
-    return [str(where) for src, key in keys.items() for where, now in [_node_copy(Path(src), key, storage, fs)] if now]
+    fetched = []
+    for src, key in keys.items():
+        where, now = _node_copy(Path(src), key, storage, fs)
+        if now:
+            fetched.append(str(where))
+    return fetched
 
 
 def _node_copy(src: Path, key: str, storage: str, fs: list) -> tuple[Path, bool]:
