@@ -217,7 +217,8 @@ def train_rate(ds, spec, augment: str, steps: int, batch: int, workers: int) -> 
 
 def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dict]:
     """Training images/s from a streamed split vs the same split held in memory, decoded as the training stages
-    decode it (a photo split on the random crop's canvas, :func:`tlcore.transforms.train_canvas`)."""
+    decode it (a photo split on the random crop's canvas, :func:`tlcore.transforms.train_canvas`, no bigger than
+    the stored photos)."""
     import dataclasses
 
     import torch
@@ -239,9 +240,12 @@ def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dic
         shards.write_split(files, rep.classes, out, max_side=512, processes=2)
         spec = dataclasses.replace(models.get_spec(arch), input_size=size, default_in_channels=channels)
         augment = "photo" if channels == 3 else "digits"
-        canvas = transforms.train_canvas(spec, augment)
-        held = data.open_split(out, canvas or size, channels, resize=canvas, memory_bytes=2**40)
-        streamed = data.open_split(out, canvas or size, channels, resize=canvas, memory_bytes=0)
+        kw = dict(
+            resize=spec.resize_size, interpolation=spec.interpolation, canvas=transforms.train_canvas(spec, augment)
+        )
+        held = data.open_split(out, size, channels, memory_bytes=2**40, **kw)
+        streamed = data.open_split(out, size, channels, memory_bytes=0, **kw)
+        canvas = held.images.shape[-1] if kw["canvas"] else None
         runs: dict[str, list[float]] = {"memory": [], "streamed": []}
         for _ in range(reps):  # in turn, so that a slow spell of the machine falls on both
             runs["memory"].append(train_rate(held, spec, augment, steps, batch, workers=0))
@@ -302,7 +306,8 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         f"{prep[1]:,.0f} images/s on 1 process, {prep[2]:,.0f} on 2 ({prep[2] / prep[1]:.2f}x).",
         "",
         "What streaming costs (steady-state training images/s, the same images decoded as the training stages "
-        "decode them: a photo split on the random crop's canvas, cropped to the input; streamed: one loader "
+        "decode them: a photo split on the random crop's canvas (no bigger than the stored photos), cropped to the "
+        "input; streamed: one loader "
         "process decodes ahead of the training step; in memory: decoded once, no loader process. "
         f"The median of {cost[0].get('reps', 1) if cost else 1} runs each, taken in turn; the ratio is the median "
         "of each streamed run's rate over the in-memory run's just before it):",

@@ -337,6 +337,46 @@ def test_photo_crops_sample_the_stored_image_beyond_the_evaluation_crop(tmp_path
     assert not ((test(direct.images) * std + mean)[:, 0] > 0.5).any()  # the old path never saw the rim
 
 
+def test_a_training_canvas_is_no_bigger_than_the_stored_photos(tmp_path):
+    """The canvas a photo split is decoded on for random crops is capped by the photos as stored (the median of
+    their shorter sides, which the index records, after any re-encoding): 256 px photos are not upsampled to 379 px
+    at every read (decoding time, and no pixels the crop's resampling does not make itself). Bigger photos fill the
+    whole canvas; photos smaller than the input are decoded at the input size; an index from before sides were
+    recorded keeps the whole canvas."""
+    import dataclasses
+    import json
+
+    from tlcore import shards
+
+    spec = dataclasses.replace(models.get_spec("resnet18"), input_size=224, resize_size=256)
+    canvas = transforms.train_canvas(spec, "photo")
+
+    def split(name, sizes):
+        files = []
+        for i, (w, h) in enumerate(sizes):
+            (tmp_path / name / "a").mkdir(parents=True, exist_ok=True)
+            f = tmp_path / name / "a" / f"{i}.png"
+            Image.fromarray(np.full((h, w, 3), (i * 40, 90, 10), np.uint8)).save(f)
+            files.append((f, 0, f"a/{i}.png"))
+        shards.write_split(files, ["a"], tmp_path / f"{name}-split", max_side=512)
+        return tmp_path / f"{name}-split"
+
+    small = split("small", [(256, 300), (300, 256), (256, 256), (700, 900)])  # the last stored at 512 x 658
+    assert shards.SplitIndex.load(small).side == [256, 256, 256, 512]
+    ds = data.open_split(small, 224, 3, resize=256, canvas=canvas)
+    assert canvas == 379 and ds.images.shape == (4, 3, 256, 256)
+    direct = data.open_split(small, 256, 3, resize=256)  # the same pixels as a direct decode on that square
+    assert torch.equal(ds.images, direct.images)
+    assert data.open_split(split("big", [(600, 600)]), 224, 3, resize=256, canvas=canvas).images.shape[-1] == 379
+    tiny = split("tiny", [(100, 120), (90, 90)])
+    assert data.open_split(tiny, 224, 3, resize=256, canvas=canvas).images.shape[-1] == 224
+    stretched = data.open_split(small, 224, 3, canvas=canvas)  # no resize: the whole photo, stretched
+    assert stretched.images.shape[-1] == 256
+    old = json.loads((small / "index.json").read_text())
+    (small / "index.json").write_text(json.dumps({**old, "side": []}))
+    assert data.open_split(small, 224, 3, resize=256, canvas=canvas).images.shape[-1] == 379
+
+
 def test_colour_randomisation_for_a_grey_source_of_a_colour_target():
     """`digits_colour`: an RGB batch's grey level blended over random colour textures (both polarities appear),
     grey input untouched; `auto` picks it only for a grey source whose target has colour images."""

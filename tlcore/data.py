@@ -136,13 +136,22 @@ def open_split(
     memory_bytes: int = 256 * 2**20,
     max_images: int | None = None,
     seed: int = 0,
+    canvas: int | None = None,
 ) -> ImageDataset:
     """A prepared split (:mod:`tlcore.shards`) as an :class:`ImageDataset` at ``size`` x ``size``, ``channels``
     1 (grey) or 3 (RGB), resized as :func:`load_split` does. Decoded into memory once when its pixels take at
     most ``memory_bytes`` (small data trains fastest from memory), else streamed: each image decoded when read,
     by whichever process reads it. The pixels are the same either way. ``max_images``: only a seeded random
-    sample of that many (in split order), as :func:`load_split` takes it."""
+    sample of that many (in split order), as :func:`load_split` takes it.
+
+    ``canvas`` (a training canvas, :func:`tlcore.transforms.train_canvas`): decode on a square of at most this
+    side instead, and at least ``size``: no bigger than the split's images as stored (their median shorter side),
+    since upsampling them there would add no pixels the random crop does not make itself, only decoding time;
+    ``resize`` (if set) follows the side."""
     images = ShardImages(split_dir, size, channels, resize, interpolation)
+    if canvas is not None:
+        side = max(size, min(canvas, images.stored_side() or canvas))
+        images = ShardImages(split_dir, side, channels, side if resize else None, interpolation, columns=images.columns)
     if max_images is not None and len(images) > max_images:
         images = images.take(np.sort(np.random.default_rng(seed).permutation(len(images))[:max_images]))
     classes, targets = images.classes, torch.from_numpy(images.labels())

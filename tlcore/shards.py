@@ -6,7 +6,8 @@ Layout of a prepared split directory::
     shard-000000.tar   members <key>.png|<key>.jpg (the image) and <key>.cls (its label), key = 8 digits
     shard-000001.tar   ... at most ``shard_bytes`` (256 MiB) or 1,000 images each
     index.json         classes, shard names, and per image: shard, byte offset and length of the image member,
-                       label, the SHA-256 of the original file, and its name (``<class>/<relative path>``)
+                       label, the SHA-256 of the original file, its name (``<class>/<relative path>``) and the stored
+                       image's shorter side in pixels
 
 Each image is decoded once while preparing (so a file that does not decode is found here, once) and stored
 as it came when that loses nothing, else re-encoded at a bounded resolution: the shorter side at most
@@ -66,6 +67,7 @@ class SplitIndex:
     label: list[int] = field(default_factory=list)
     sha256: list[str] = field(default_factory=list)
     name: list[str] = field(default_factory=list)
+    side: list[int] = field(default_factory=list)  # the stored image's shorter side, pixels (empty: not recorded)
     colour: int = 0  # images with colour (the others are grey, whatever their file mode)
     max_side: int = 0
 
@@ -109,9 +111,9 @@ def is_prepared(split_dir: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str]:
-    """``(bytes to store, extension, has colour, SHA-256 of the file)`` of one image file;
-    :class:`ImageDecodeError` if it does not decode."""
+def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str, int]:
+    """``(bytes to store, extension, has colour, SHA-256 of the file, the stored image's shorter side)`` of one
+    image file; :class:`ImageDecodeError` if it does not decode."""
     raw = path.read_bytes()
     im = open_image(raw, name)  # fully decoded (or refused), EXIF orientation applied
     with Image.open(io.BytesIO(raw)) as probe:  # the file as it is, before any change
@@ -126,7 +128,7 @@ def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str
     rgb = to_pixels(im, "RGB", name=name)
     colour, sha = not is_grey(rgb), hashlib.sha256(raw).hexdigest()
     if plain:
-        return raw, KEEP_FORMATS[fmt], colour, sha
+        return raw, KEEP_FORMATS[fmt], colour, sha, min(im.size)
     out = Image.fromarray(rgb if colour else np.ascontiguousarray(rgb[..., 0]), "RGB" if colour else "L")
     w, h = out.size
     if min(w, h) > max_side:
@@ -135,9 +137,9 @@ def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str
     buf = io.BytesIO()
     if fmt in LOSSY_FORMATS:
         out.save(buf, "JPEG", quality=95)
-        return buf.getvalue(), "jpg", colour, sha
+        return buf.getvalue(), "jpg", colour, sha, min(out.size)
     out.save(buf, "PNG")
-    return buf.getvalue(), "png", colour, sha
+    return buf.getvalue(), "png", colour, sha, min(out.size)
 
 
 def _member(name: str, data: bytes) -> bytes:
@@ -151,14 +153,14 @@ def _member(name: str, data: bytes) -> bytes:
 
 def _encode_chunk(
     items: list[tuple[int, str, int, str]], max_side: int
-) -> list[tuple[bytes, int, int, bool, str] | str]:
+) -> list[tuple[bytes, int, int, bool, str, int] | str]:
     """The tar members of each ``(key, file, label, name)``: ``(the image's and its label's members, where the
-    image's bytes start in them, their length, has colour, SHA-256 of the file)``, or why the file did not decode (a
-    string). Runs in an encoding process."""
+    image's bytes start in them, their length, has colour, SHA-256 of the file, the stored shorter side)``, or why
+    the file did not decode (a string). Runs in an encoding process."""
     out = []
     for key, f, y, name in items:
         try:
-            data, ext, colour, sha = _encode(Path(f), name, max_side)
+            data, ext, colour, sha, side = _encode(Path(f), name, max_side)
         except ImageDecodeError as e:
             out.append(str(e))
             continue
@@ -167,7 +169,7 @@ def _encode_chunk(
             continue
         image = _member(f"{key:08d}.{ext}", data)
         at = len(image) - len(data) - (-len(data) % BLOCK)
-        out.append((image + _member(f"{key:08d}.cls", str(y).encode()), at, len(data), colour, sha))
+        out.append((image + _member(f"{key:08d}.cls", str(y).encode()), at, len(data), colour, sha, side))
     return out
 
 
@@ -210,9 +212,9 @@ def _write_shard(path: Path, items: list, encoded: Iterator) -> dict:
             if isinstance(got, str):
                 bad.append((Path(f), got))
                 continue
-            members, at, length, c, sha = got
+            members, at, length, c, sha, side = got
             out.write(members)
-            rows.append({"offset": pos + at, "length": length, "label": y, "name": name, "sha256": sha})
+            rows.append({"offset": pos + at, "length": length, "label": y, "name": name, "sha256": sha, "side": side})
             colour += c
             pos += len(members)
         end = pos + 2 * BLOCK  # two zero blocks, then zeros to a whole record (tar -b20)
@@ -261,7 +263,7 @@ def write_split(
         index.colour += res["colour"]
         for r in res["rows"]:
             index.shard.append(s)
-            for k in ("offset", "length", "label", "sha256", "name"):
+            for k in ("offset", "length", "label", "sha256", "name", "side"):
                 getattr(index, k).append(r[k])
     index.save(split_dir)
     return index, bad
@@ -300,6 +302,7 @@ class _Columns:
     offset: np.ndarray
     length: np.ndarray
     label: np.ndarray
+    side: np.ndarray  # empty for a split prepared before sides were recorded
 
     @classmethod
     def load(cls, split_dir: Path) -> _Columns:
@@ -311,6 +314,7 @@ class _Columns:
             np.asarray(ix.offset, dtype=np.int64),
             np.asarray(ix.length, dtype=np.int64),
             np.asarray(ix.label, dtype=np.int64),
+            np.asarray(ix.side, dtype=np.int32),
         )
 
 
@@ -350,6 +354,12 @@ class ShardImages:
 
     def labels(self) -> np.ndarray:
         return self.columns.label[self.rows]
+
+    def stored_side(self) -> int | None:
+        """The median shorter side of these images as stored, in pixels (what a canvas can hold without
+        upsampling most of them); ``None`` if the index does not record it."""
+        side = self.columns.side
+        return int(np.median(side[self.rows])) if len(side) and len(self.rows) else None
 
     def take(self, idx) -> ShardImages:
         return ShardImages(

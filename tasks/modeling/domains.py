@@ -28,9 +28,7 @@ def load_domain(params: Params, role: str, arch: str, manifest: dict | None = No
     aug = augment(params, role, manifest)
     # a random resized crop cuts from a bigger canvas of the stored image (transforms.train_canvas); every other
     # profile, and the test split, decode at the model's input size
-    canvas = transforms.train_canvas(spec, aug)
-    tr_kw = {**kw, "resize": canvas if spec.resize_size else None} if canvas else kw
-    tr = data.open_split(root / "train", canvas or spec.input_size, c, **tr_kw)  # streamed if big
+    tr = data.open_split(root / "train", spec.input_size, c, **kw, canvas=transforms.train_canvas(spec, aug))
     te = data.open_split(root / "test", spec.input_size, c, **kw)
     tr.transform = transforms.build_transform(spec, train=True, augment=aug)
     te.transform = transforms.build_transform(spec, train=False)  # also what a subset of tr is evaluated with
