@@ -223,6 +223,7 @@ def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dic
 
     import torch
 
+    from tasks.modeling import hardware
     from tlcore import data, datasets, folders, models, shards, transforms
 
     torch.set_num_threads(2)
@@ -246,18 +247,22 @@ def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dic
         held = data.open_split(out, size, channels, memory_bytes=2**40, **kw)
         streamed = data.open_split(out, size, channels, memory_bytes=0, **kw)
         canvas = held.images.shape[-1] if kw["canvas"] else None
-        runs: dict[str, list[float]] = {"memory": [], "streamed": []}
-        for _ in range(reps):  # in turn, so that a slow spell of the machine falls on both
-            runs["memory"].append(train_rate(held, spec, augment, steps, batch, workers=0))
-            runs["streamed"].append(train_rate(streamed, spec, augment, steps, batch, workers=1))
-        mem, stream = (float(np.median(runs[k])) for k in ("memory", "streamed"))
+        # as the training stages load it on this machine's CPU (data.loader_workers: auto), and with one loader
+        # process decoding beside the training threads (as a GPU worker's loaders do)
+        stage = hardware.loader_workers("auto", "cpu", 2, streamed=True)
+        how = {"memory": (held, 0), "streamed": (streamed, stage), "loader": (streamed, 1)}
+        runs: dict[str, list[float]] = {k: [] for k in how}
+        for _ in range(reps):  # in turn, so that a slow spell of the machine falls on all
+            for k, (ds, workers) in how.items():
+                runs[k].append(train_rate(ds, spec, augment, steps, batch, workers=workers))
         # each streamed run against the in-memory run just before it: the machine's slow spells cancel out
-        ratio = float(np.median(np.asarray(runs["streamed"]) / np.asarray(runs["memory"])))
+        ratio = {k: float(np.median(np.asarray(runs[k]) / np.asarray(runs["memory"]))) for k in ("streamed", "loader")}
         rows.append(
-            {"arch": arch, "size": size, "canvas": canvas, "images": len(files), "memory": mem, "streamed": stream}
-            | {"ratio": ratio, "reps": reps, "runs": runs}
+            {"arch": arch, "size": size, "canvas": canvas, "images": len(files), "workers": stage}
+            | {k: float(np.median(runs[k])) for k in how}
+            | {"ratio": ratio["streamed"], "loader_ratio": ratio["loader"], "reps": reps, "runs": runs}
         )
-        print(f"   {arch} at {size}: in memory {runs['memory']} img/s, streamed {runs['streamed']} img/s", flush=True)
+        print(f"   {arch} at {size}: " + ", ".join(f"{k} {v}" for k, v in runs.items()) + " img/s", flush=True)
     return rows
 
 
@@ -305,21 +310,23 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         f"Preparing ({prep['n']:,} photos; the median of {prep.get('reps', 1)} runs each, taken in turn): "
         f"{prep[1]:,.0f} images/s on 1 process, {prep[2]:,.0f} on 2 ({prep[2] / prep[1]:.2f}x).",
         "",
-        "What streaming costs (steady-state training images/s, the same images decoded as the training stages "
-        "decode them: a photo split on the random crop's canvas (no bigger than the stored photos), cropped to the "
-        "input; streamed: one loader "
-        "process decodes ahead of the training step; in memory: decoded once, no loader process. "
-        f"The median of {cost[0].get('reps', 1) if cost else 1} runs each, taken in turn; the ratio is the median "
-        "of each streamed run's rate over the in-memory run's just before it):",
+        "What streaming costs (steady-state training images/s on the CPU, 2 torch threads; the same images decoded "
+        "as the training stages decode them: a photo split on the random crop's canvas, no bigger than the stored "
+        "photos, cropped to the input). In memory: decoded once. Streamed: as the training stages load it here "
+        "(`data.loader_workers: auto` on a CPU: decoded in the training process, batch by batch). With a loader "
+        "process: one process decodes ahead of the training step, beside torch's threads (what a GPU worker's "
+        f"loaders do). The median of {cost[0].get('reps', 1) if cost else 1} runs each, taken in turn; each ratio "
+        "is the median of a run's rate over the in-memory run's just before it.",
         "",
-        "| model | input (decoded at) | images | in memory | streamed | ratio |",
-        "|---|---|---|---|---|---|",
+        "| model | input (decoded at) | images | in memory | streamed | ratio | with a loader process | ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cost:
         at = f" ({c['canvas']} px)" if c.get("canvas") else ""
+        loader = f"{c['loader']:.1f} img/s | {c['loader_ratio']:.2f}" if "loader" in c else "- | -"
         lines.append(
             f"| {c['arch']} | {c['size']} px{at} | {c['images']:,} | {c['memory']:.1f} img/s | "
-            f"{c['streamed']:.1f} img/s | {c.get('ratio', c['streamed'] / c['memory']):.2f} |"
+            f"{c['streamed']:.1f} img/s | {c.get('ratio', c['streamed'] / c['memory']):.2f} | {loader} |"
         )
     lines += [
         "",

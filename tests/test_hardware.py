@@ -112,7 +112,9 @@ def test_loader_workers_auto_is_none_on_cpu_and_a_few_on_a_gpu():
     from tasks.modeling import hardware
 
     assert [hardware.loader_workers("auto", "cpu", c) for c in (1, 2, 16)] == [0, 0, 0]  # threads use every CPU
+    assert [hardware.loader_workers("auto", "cpu", c, streamed=True) for c in (2, 16)] == [0, 0]  # decoded inline
     assert [hardware.loader_workers("auto", "cuda", c) for c in (1, 2, 3, 16)] == [0, 1, 2, 2]  # one CPU feeds the GPU
+    assert [hardware.loader_workers("auto", "cuda", c, streamed=True) for c in (2, 4, 16)] == [1, 3, 4]  # to decode
     assert hardware.loader_workers(3, "cpu", 2) == 3 and hardware.loader_workers(0, "cuda", 8) == 0  # explicit wins
 
 

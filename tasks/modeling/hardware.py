@@ -158,23 +158,25 @@ def trial_resources(nodes: list[dict], concurrent: int, use_gpu: bool) -> dict[s
     return {"CPU": float(cpus), **({"GPU": 1.0} if use_gpu else {})}
 
 
-def loader_workers(requested: int | str, device_type: str, cpus: float) -> int:
-    """Data-loader processes per training stream: ``requested``, or for ``"auto"`` 0 on a CPU and
-    ``min(2, cpus - 1)`` on a GPU, ``cpus`` being the CPUs the training worker has.
+def loader_workers(requested: int | str, device_type: str, cpus: float, streamed: bool = False) -> int:
+    """Data-loader processes per training stream: ``requested``, or for ``"auto"`` 0 on a CPU and on a GPU
+    ``min(2, cpus - 1)`` (``min(4, cpus - 1)`` when the job streams a split, ``streamed``), ``cpus`` being the CPUs
+    the training worker has.
 
-    Images are decoded into memory once and the training transform runs on the training device after the
+    Images held in memory were decoded once, and the training transform runs on the training device after the
     copy (:func:`tlcore.data.make_loader`), so a loader's own work per batch is indexing a uint8 tensor and
-    collating it (and pinning it for a GPU): no augmentation is left for a loader process to take over.
+    collating it (and pinning it for a GPU). A streamed split's loader also decodes each image.
 
-    - CPU: the worker's torch threads already use every CPU it has (``ray.cpus_per_worker``), so a
-      loader process can only compete with them for a share of work too small to matter. Measured on
-      2 cores (``smallcnn``, 32x32, batch 64, 2 threads, fp32): the loader's ``next()`` takes 0.2 ms per
-      batch in the training process, the training step (with the warp, 0.7 ms) about 84 ms (761 img/s),
-      so a loader process could hide at most 0.3% of a step. End-to-end runs with 0, 1 and 2 loader
-      processes on that shared machine differed only by its noise (and trained identically). So 0.
-    - GPU: the thread that feeds the GPU should only launch kernels; one or two processes per stream
-      collate and pin the next batches meanwhile (more buy nothing for in-memory data and each holds a
-      forked copy of the worker). One CPU stays with that thread.
+    - CPU: the worker's torch threads already use every CPU it has (``ray.cpus_per_worker``), so a loader
+      process can only compete with them. Held in memory: measured on 2 cores (``smallcnn``, 32x32, batch 64,
+      2 threads, fp32), the loader's ``next()`` takes 0.2 ms per batch in the training process, the training
+      step (with the warp, 0.7 ms) about 84 ms (761 img/s), so a loader process could hide at most 0.3% of a
+      step; end-to-end runs with 0, 1 and 2 loader processes differed only by the machine's noise. Streamed:
+      decoding in the training process costs the decoding time alone, while one loader process beside torch's
+      threads cost more than that (``bench/data_scale.py``'s streaming rows, docs/benchmarks.md). So 0.
+    - GPU: the thread that feeds the GPU should only launch kernels; processes collate, decode and pin the
+      next batches meanwhile: one or two per stream for data in memory (more buy nothing, and each holds a
+      forked copy of the worker), up to four to decode a streamed split. One CPU stays with that thread.
 
     The choice changes speed only: the batches are the same with any number of loader processes.
     """
@@ -182,7 +184,7 @@ def loader_workers(requested: int | str, device_type: str, cpus: float) -> int:
         return int(requested)
     if device_type != "cuda":
         return 0
-    return max(0, min(2, int(cpus) - 1))
+    return max(0, min(4 if streamed else 2, int(cpus) - 1))
 
 
 def _key(arch: str, input_shape: tuple[int, ...], threads: int, device: str) -> str:

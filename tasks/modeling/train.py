@@ -95,8 +95,8 @@ def build_trainer(
     def loader(ds, train=True, size=bs):
         if ds is None or len(ds) == 0:
             return None
-        # None: make_loader's default, loader processes for a streamed split (tlcore.data.decode_workers) only
-        workers = (job.loader_workers or None) if train else None
+        # training: the job's (tasks.modeling.hardware.loader_workers); validation: make_loader's default
+        workers = job.loader_workers if train else None
         dl = data.make_loader(
             ds,
             size,

@@ -127,7 +127,7 @@ def train_student(params: Params, teacher, student, train_ds, epochs: int, lr: f
         seed=params.base.seed,
         precision=precision,
     )
-    workers = loader_workers(params.data.loader_workers, device.type, local_cpus())
+    workers = loader_workers(params.data.loader_workers, device.type, local_cpus(), labeled.streamed or pool.streamed)
     loaders = Loaders(
         target=data.make_loader(labeled, f.batch_size, True, params.base.seed, workers) if len(labeled) else None,
         unlabeled=data.make_loader(pool, f.batch_size, True, params.base.seed + 1, workers) if len(pool) else None,
