@@ -137,6 +137,35 @@ def test_closing_the_encoder_early_stops_its_processes(folder, monkeypatch):
     assert multiprocessing.active_children() == []
 
 
+def test_reading_a_stored_image_gives_decode_images_pixels_and_anything_else_takes_its_rules(tmp_path, monkeypatch):
+    """A stored image (upright, 8-bit grey or RGB, opaque PNG or JPEG) is decoded directly, to the pixels
+    decode_image gives its bytes, in both modes and at any size and resize; bytes that are not what the writer
+    stores (a shard changed since: rotated by EXIF, transparent) still get decode_image's rules."""
+    root = tmp_path / "imgs" / "train" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / "rgb.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(root / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(root / "wide.png")
+    files, classes = _files(tmp_path / "imgs")
+    index, _ = shards.write_split(files, classes, tmp_path / "out", max_side=512)
+    for size, resize, channels in ((24, None, 3), (16, 20, 1), (30, 30, 3), (64, 64, 3)):
+        images = shards.ShardImages(tmp_path / "out", size, channels, resize)
+        for i in range(len(index)):
+            want = decode_image(images.raw(i), "L" if channels == 1 else "RGB", size, resize)
+            assert np.array_equal(images.decode(i), want), (index.name[i], size, resize, channels)
+    rotated = Image.fromarray(rng.integers(0, 256, (10, 20, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    odd = {"rotated": io.BytesIO(), "alpha": io.BytesIO()}
+    rotated.save(odd["rotated"], "JPEG", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8), "RGBA").save(odd["alpha"], "PNG")
+    images = shards.ShardImages(tmp_path / "out", 12, 3)
+    for raw in (b.getvalue() for b in odd.values()):
+        monkeypatch.setattr(shards.ShardImages, "raw", lambda self, i, raw=raw: raw)
+        assert np.array_equal(images.decode(0), decode_image(raw, "RGB", 12))
+
+
 def test_streamed_and_in_memory_splits_hold_the_same_pixels_and_labels(folder, tmp_path):
     files, classes = _files(folder)
     shards.write_split(files, classes, tmp_path / "out", max_side=64)

@@ -30,6 +30,7 @@ import io
 import itertools
 import json
 import os
+import struct
 import tarfile
 from collections import OrderedDict, deque
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import ImageDecodeError, is_grey, open_image, show_path, to_pixels
+from .images import ImageDecodeError, is_grey, open_image, resize_image, show_path, to_pixels
 
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
@@ -52,6 +53,7 @@ AHEAD = 4  # chunks per process encoded ahead of the writer, at most, and at mos
 BLOCK = tarfile.BLOCKSIZE
 PARALLEL_FROM = 4000  # images: a smaller split is encoded faster by this process than by starting others
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
+STORED_FORMATS = tuple(KEEP_FORMATS)  # every image the writer stores is one of these
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
 
 
@@ -390,8 +392,24 @@ class ShardImages:
         return _names(str(self.split_dir))[int(self.rows[i])]
 
     def decode(self, i: int) -> np.ndarray:
+        """Image ``i``'s pixels ``(size, size, C)``, by :func:`tlcore.images.decode_image`'s rules. What the writer
+        stores is already upright, 8-bit grey or RGB, opaque, PNG or JPEG: that is decoded directly (the general
+        path's EXIF, bit-depth and alpha steps would change nothing, and for small images cost as much as the
+        decoding); anything else (a shard changed since) takes the general path."""
         raw = self.raw(i)
         mode = "L" if self.channels == 1 else "RGB"
+        try:
+            with Image.open(io.BytesIO(raw), formats=STORED_FORMATS) as im:
+                im.load()
+                upright = "exif" not in im.info or im.getexif().get(0x0112, 1) == 1
+                if im.mode in ("L", "RGB") and "transparency" not in im.info and upright:
+                    out = im if im.mode == mode else im.convert(mode)
+                    if out.size != (self.size, self.size) or self.resize not in (None, self.size):
+                        out = resize_image(out, self.size, self.resize, self.interpolation)
+                    a = np.array(out)
+                    return a.reshape(*a.shape[:2], -1)
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+            pass  # the general path names what is wrong
         try:
             return to_pixels(open_image(raw, "image"), mode, self.size, self.resize, self.interpolation)
         except ImageDecodeError as e:  # decoded once when prepared: the shard changed since; name the file

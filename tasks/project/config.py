@@ -183,8 +183,8 @@ class Data(_Section):
 
     loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto",
-        description="data-loader processes per training stream: auto = 0 on CPU, up to 2 on a GPU "
-        "(tasks/modeling/hardware.py says why); a number >= 0 sets it. The batches, and so the "
+        description="data-loader processes per training stream: auto = 0 on CPU, up to 2 on a GPU (4 for a "
+        "streamed split; tasks/modeling/hardware.py says why); a number >= 0 sets it. The batches, and so the "
         "results, do not depend on it",
     )
 
