@@ -138,9 +138,10 @@ def test_closing_the_encoder_early_stops_its_processes(folder, monkeypatch):
 
 
 def test_reading_a_stored_image_gives_decode_images_pixels_and_anything_else_takes_its_rules(tmp_path, monkeypatch):
-    """A stored image (upright, 8-bit grey or RGB, opaque PNG or JPEG) is decoded directly, to the pixels
-    decode_image gives its bytes, in both modes and at any size and resize; bytes that are not what the writer
-    stores (a shard changed since: rotated by EXIF, transparent) still get decode_image's rules."""
+    """A stored image (upright, 8-bit grey or RGB, opaque PNG or JPEG) is decoded directly (torchvision's
+    decoders), to the pixels decode_image (PIL) gives its bytes, in both modes and at any size and resize; bytes
+    that are not what the writer stores (a shard changed since: rotated by EXIF, transparent, 16-bit) still get
+    decode_image's rules."""
     root = tmp_path / "imgs" / "train" / "a"
     root.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -157,9 +158,10 @@ def test_reading_a_stored_image_gives_decode_images_pixels_and_anything_else_tak
     rotated = Image.fromarray(rng.integers(0, 256, (10, 20, 3), dtype=np.uint8))
     exif = rotated.getexif()
     exif[0x0112] = 6
-    odd = {"rotated": io.BytesIO(), "alpha": io.BytesIO()}
+    odd = {"rotated": io.BytesIO(), "alpha": io.BytesIO(), "deep": io.BytesIO()}
     rotated.save(odd["rotated"], "JPEG", exif=exif)
     Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8), "RGBA").save(odd["alpha"], "PNG")
+    Image.fromarray(rng.integers(0, 65536, (12, 12)).astype(np.uint16)).save(odd["deep"], "PNG")
     images = shards.ShardImages(tmp_path / "out", 12, 3)
     for raw in (b.getvalue() for b in odd.values()):
         monkeypatch.setattr(shards.ShardImages, "raw", lambda self, i, raw=raw: raw)
