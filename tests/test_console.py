@@ -6,6 +6,7 @@ function's own lines forwarded from the workers and printed there. The pieces he
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import pytest
@@ -301,3 +302,20 @@ def test_verbose_flags_reach_the_stages(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli.app, ["run", "--verbose"])
     assert r.exit_code == 0, r.output
     assert seen[2:] == [("repro", "1"), ("push", "1")]
+
+
+def test_a_relative_cache_dir_names_one_folder_for_every_ray_process(tmp_path, monkeypatch):
+    """Ray's workers and Tune's trials run in folders of their own: a relative TL_CACHE_DIR is made absolute,
+    against the driver's folder, before Ray starts, so they all find the one cache (staged shards, precision)."""
+    from tasks.modeling.hardware import cache_dir
+    from tasks.project.console import ray_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TL_CACHE_DIR", "cache")
+    ray_env()
+    assert os.environ["TL_CACHE_DIR"] == str(tmp_path / "cache")
+    monkeypatch.chdir(tmp_path.parent)  # a worker's folder
+    assert cache_dir() == tmp_path / "cache"
+    monkeypatch.setenv("TL_CACHE_DIR", "/abs/cache")
+    ray_env()
+    assert os.environ["TL_CACHE_DIR"] == "/abs/cache"

@@ -35,6 +35,7 @@ import re
 import sys
 import threading
 import time
+from pathlib import Path
 
 VERBOSE_ENV = "TL_VERBOSE"
 OURS = re.compile(r"^\[[a-z_0-9]+( w\d+)?\] ")  # a stage's own lines: "[pretrain] ...", "[finetune w0] ..."
@@ -52,8 +53,13 @@ def set_verbose(on: bool) -> None:
 
 
 def ray_env() -> None:
-    """Before Ray starts (its controller and workers inherit these): one copy of each printed line."""
+    """Before Ray starts (its controller and workers inherit these): one copy of each printed line, and a relative
+    ``TL_CACHE_DIR`` made absolute against this folder (Ray's workers and Tune's trials run in folders of their
+    own, where it would name another cache in each)."""
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    cache = os.environ.get("TL_CACHE_DIR")
+    if cache and not Path(cache).expanduser().is_absolute():
+        os.environ["TL_CACHE_DIR"] = str(Path(cache).expanduser().resolve())
 
 
 def ray_log_level() -> str:
