@@ -392,7 +392,8 @@ def main() -> None:
 
     if args.render or args.cost_only or args.prep_only:
         saved = json.loads((where / "data_scale.json").read_text())
-        work = args.work or (Path(tempfile.mkdtemp(prefix="tl-data-scale-")) if not args.render else None)
+        measure = args.cost_only or args.prep_only
+        work = args.work or (Path(tempfile.mkdtemp(prefix="tl-data-scale-")) if measure else None)
         if args.cost_only:
             first = make_photos(work / f"photos-{min(sizes)}", min(sizes))
             saved["streaming_cost"] = streaming_cost(first, work, args.quick, reps=cost_reps)

@@ -342,7 +342,7 @@ def test_a_training_canvas_is_no_bigger_than_the_stored_photos(tmp_path):
     their shorter sides, which the index records, after any re-encoding): 256 px photos are not upsampled to 379 px
     at every read (decoding time, and no pixels the crop's resampling does not make itself). Bigger photos fill the
     whole canvas; photos smaller than the input are decoded at the input size; an index from before sides were
-    recorded keeps the whole canvas."""
+    recorded keeps the whole canvas. The split is held in memory by the size it is decoded at."""
     import dataclasses
     import json
 
@@ -368,10 +368,15 @@ def test_a_training_canvas_is_no_bigger_than_the_stored_photos(tmp_path):
     direct = data.open_split(small, 256, 3, resize=256)  # the same pixels as a direct decode on that square
     assert torch.equal(ds.images, direct.images)
     assert data.open_split(split("big", [(600, 600)]), 224, 3, resize=256, canvas=canvas).images.shape[-1] == 379
-    tiny = split("tiny", [(100, 120), (90, 90)])
-    assert data.open_split(tiny, 224, 3, resize=256, canvas=canvas).images.shape[-1] == 224
+    tiny = split("tiny", [(100, 120), (90, 90)])  # no bigger than the input: decoded as the test split is
+    assert torch.equal(
+        data.open_split(tiny, 224, 3, resize=256, canvas=canvas).images,
+        data.open_split(tiny, 224, 3, resize=256).images,
+    )
     stretched = data.open_split(small, 224, 3, canvas=canvas)  # no resize: the whole photo, stretched
     assert stretched.images.shape[-1] == 256
+    held = data.open_split(small, 224, 3, resize=256, canvas=canvas, memory_bytes=4 * 3 * 224 * 224)
+    assert held.streamed  # 4 images at 256 px take more than that
     old = json.loads((small / "index.json").read_text())
     (small / "index.json").write_text(json.dumps({**old, "side": []}))
     assert data.open_split(small, 224, 3, resize=256, canvas=canvas).images.shape[-1] == 379

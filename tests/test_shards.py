@@ -140,17 +140,24 @@ def test_closing_the_encoder_early_stops_its_processes(folder, monkeypatch):
 def test_reading_a_stored_image_gives_decode_images_pixels_and_anything_else_takes_its_rules(tmp_path, monkeypatch):
     """A stored image (upright, 8-bit grey or RGB, opaque PNG or JPEG) is decoded directly (torchvision's
     decoders), to the pixels decode_image (PIL) gives its bytes, in both modes and at any size and resize; bytes
-    that are not what the writer stores (a shard changed since: rotated by EXIF, transparent, 16-bit) still get
-    decode_image's rules."""
+    that are not what the writer stores (a shard changed since: rotated by EXIF, transparent, 16-bit, a palette)
+    still get decode_image's rules. JPEG: baseline, progressive, 4:4:4, 4:2:2, 4:2:0 and grey; PNG: interlaced too."""
     root = tmp_path / "imgs" / "train" / "a"
     root.mkdir(parents=True)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(root / "rgb.jpg", quality=90)
     Image.fromarray(rng.integers(0, 256, (24, 24), dtype=np.uint8)).save(root / "grey.png")
     Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)).save(root / "wide.png")
+    smooth = np.clip(np.add.outer(np.arange(33), np.arange(27))[..., None] * (3, 5, 7) % 256, 0, 255).astype(np.uint8)
+    Image.fromarray(smooth).save(root / "progressive.jpg", progressive=True, quality=80)
+    Image.fromarray(smooth).save(root / "full-chroma.jpg", subsampling=0, quality=97)
+    Image.fromarray(smooth).save(root / "half-chroma.jpg", subsampling=1, quality=85)  # 4:2:2
+    Image.fromarray(smooth[..., 1]).save(root / "grey.jpg")
+    Image.fromarray(smooth).save(root / "interlaced.png", interlace=1)  # Adam7
+    Image.fromarray(smooth[..., 0] // 16, "L").convert("P").save(root / "palette.png")
     files, classes = _files(tmp_path / "imgs")
     index, _ = shards.write_split(files, classes, tmp_path / "out", max_side=512)
-    for size, resize, channels in ((24, None, 3), (16, 20, 1), (30, 30, 3), (64, 64, 3)):
+    for size, resize, channels in ((24, None, 3), (16, 20, 1), (30, 30, 3), (33, None, 3), (64, 64, 3)):
         images = shards.ShardImages(tmp_path / "out", size, channels, resize)
         for i in range(len(index)):
             want = decode_image(images.raw(i), "L" if channels == 1 else "RGB", size, resize)
@@ -158,10 +165,11 @@ def test_reading_a_stored_image_gives_decode_images_pixels_and_anything_else_tak
     rotated = Image.fromarray(rng.integers(0, 256, (10, 20, 3), dtype=np.uint8))
     exif = rotated.getexif()
     exif[0x0112] = 6
-    odd = {"rotated": io.BytesIO(), "alpha": io.BytesIO(), "deep": io.BytesIO()}
+    odd = {"rotated": io.BytesIO(), "alpha": io.BytesIO(), "deep": io.BytesIO(), "palette": io.BytesIO()}
     rotated.save(odd["rotated"], "JPEG", exif=exif)
     Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8), "RGBA").save(odd["alpha"], "PNG")
     Image.fromarray(rng.integers(0, 65536, (12, 12)).astype(np.uint16)).save(odd["deep"], "PNG")
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).convert("P").save(odd["palette"], "PNG")
     images = shards.ShardImages(tmp_path / "out", 12, 3)
     for raw in (b.getvalue() for b in odd.values()):
         monkeypatch.setattr(shards.ShardImages, "raw", lambda self, i, raw=raw: raw)

@@ -145,17 +145,17 @@ def open_split(
     sample of that many (in split order), as :func:`load_split` takes it.
 
     ``canvas`` (a training canvas, :func:`tlcore.transforms.train_canvas`): decode on a square of at most this
-    side instead, and at least ``size``: no bigger than the split's images as stored (their median shorter side),
-    since upsampling them there would add no pixels the random crop does not make itself, only decoding time;
-    ``resize`` (if set) follows the side."""
+    side instead, no bigger than the split's images as stored (their median shorter side): upsampling most of
+    them there would add no pixels the random crop does not make itself, only decoding time. ``resize`` (if
+    set) follows the side. A side no bigger than ``size`` decodes at ``size``, as without a canvas."""
     images = ShardImages(split_dir, size, channels, resize, interpolation)
-    if canvas is not None:
-        side = max(size, min(canvas, images.stored_side() or canvas))
+    side = min(canvas, images.stored_side() or canvas) if canvas is not None else size
+    if side > size:  # else as if there were no canvas: the transform takes a square of the input size as the view
         images = ShardImages(split_dir, side, channels, side if resize else None, interpolation, columns=images.columns)
     if max_images is not None and len(images) > max_images:
         images = images.take(np.sort(np.random.default_rng(seed).permutation(len(images))[:max_images]))
     classes, targets = images.classes, torch.from_numpy(images.labels())
-    held = images[np.arange(len(images))] if len(images) * channels * size * size <= memory_bytes else images
+    held = images[np.arange(len(images))] if len(images) * channels * images.size**2 <= memory_bytes else images
     return ImageDataset(held, targets, classes)
 
 

@@ -426,21 +426,20 @@ _PNG, _JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 def _decode_stored(raw: bytes, channels: int) -> np.ndarray | None:
     """``(H, W, channels)`` uint8 pixels of an image as the writer stores it (PNG or JPEG, 8-bit grey or RGB, no
-    transparency, no EXIF), decoded by torchvision (libpng, libjpeg-turbo: the same pixels as PIL's decoders, a
-    256 px JPEG in a third of PIL's time, a 32 px PNG in half, since PIL's per-image overhead is Python); ``None``
-    for anything else (EXIF, transparency, 16 bits, colour asked as grey, or a decoder error), which
-    :func:`tlcore.images.decode_image`'s rules then decode."""
+    transparency, no EXIF or XMP orientation, not a palette), decoded by torchvision (libpng, libjpeg-turbo: the
+    same pixels as PIL's decoders, a 256 px JPEG in a third of PIL's time, a 32 px PNG in half, since PIL's
+    per-image overhead is Python); ``None`` for anything else (EXIF, transparency, a palette, 16 bits, colour
+    asked as grey, or a decoder error), which :func:`tlcore.images.decode_image`'s rules then decode."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
-    head = raw[:8]
-    if head == _PNG:
-        if b"tRNS" in raw or b"eXIf" in raw:
+    if b"Exif" in raw or b"eXIf" in raw or b"rientation" in raw:  # EXIF or XMP orientation (or such bytes by chance)
+        return None
+    if raw[:8] == _PNG:  # IHDR: bit depth at byte 24, colour type at 25 (0 grey, 2 RGB; 3 palette, 4/6 alpha)
+        if len(raw) < 26 or raw[24] != 8 or raw[25] not in (0, 2) or b"tRNS" in raw:
             return None
         decode = decode_png
-    elif head[:3] == _JPEG:
-        if b"Exif" in raw[:65536]:  # APP1 segments sit before the image data
-            return None
+    elif raw[:3] == _JPEG:
         decode = decode_jpeg
     else:
         return None

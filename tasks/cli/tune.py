@@ -114,7 +114,15 @@ def trial_key(trial: dict) -> str:
 
 
 def trial(
-    config: dict, params: Params, jobs: dict, pool, metric: str, threads: int, staged: dict, storage: str
+    config: dict,
+    params: Params,
+    jobs: dict,
+    pool,
+    metric: str,
+    threads: int,
+    staged: dict,
+    storage: str,
+    cpus: float = 1,
 ) -> None:
     """One Tune trial: the finetune job with this trial's strategy, learning rate and params. The job and the
     validator's pool come from the driver (its data streamed where they lie, or staged for this node when it
@@ -141,7 +149,7 @@ def trial(
     )
     job.optim = job.optim.model_copy(update={"lr": c["lr"], "epochs": params.tune.epochs, "precision": precision})
     streamed = bool(shard_staging.streamed_images(job))
-    job.loader_workers = loader_workers(params.data.loader_workers, device.type, threads, streamed)
+    job.loader_workers = loader_workers(params.data.loader_workers, device.type, cpus, streamed)
     loader = data.make_loader(pool, params.evaluate.batch_size, train=False) if pool is not None else None
     trainer = build_trainer(job, device, callbacks=[TuneReport(metric, loader, device)], log=None)
     ckpt = tune.get_checkpoint()
@@ -227,7 +235,15 @@ def tune(params: Params, fresh: bool = False, apply_to: Path | None = None, verb
         shard_staging.prefetch(staged, storage, worker_nodes(per_trial), log=say)
     fn = rt.with_resources(
         rt.with_parameters(
-            trial, params=params, jobs=jobs, pool=pool, metric=metric, threads=threads, staged=staged, storage=storage
+            trial,
+            params=params,
+            jobs=jobs,
+            pool=pool,
+            metric=metric,
+            threads=threads,
+            staged=staged,
+            storage=storage,
+            cpus=per_trial["CPU"],
         ),
         per_trial,
     )

@@ -184,6 +184,8 @@ def target_jobs(params: Params, trials: list[tuple[str, dict]]) -> tuple[list[Tr
             + "). Rerun pretrain (dvc repro) so the source model "
             f"is trained on the same channels, or set data.channels: {meta['in_channels']}."
         )
+    from tasks.modeling.hardware import loader_workers, local_cpus
+
     train_ds, test_ds = load_domain(params, "target", meta["arch"], manifest)
     labeled, unlabeled, val = target_splits(params, train_ds, val_transform=test_ds.transform)
     weights, source, jobs = source_model.state_dict(), None, []
@@ -206,6 +208,10 @@ def target_jobs(params: Params, trials: list[tuple[str, dict]]) -> tuple[list[Tr
                 in_channels=channels,
             )
         )
+        # run here (the strategy measurement); a Ray Train run or a Tune trial sets its worker's own
+        streamed = any(getattr(ds, "streamed", False) for ds in (source, labeled, unlabeled))
+        device = "cuda" if params.ray.use_gpu else "cpu"
+        jobs[-1].loader_workers = loader_workers(params.data.loader_workers, device, local_cpus(), streamed)
     return jobs, manifest
 
 
