@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import ImageDecodeError, is_grey, open_image, resize_image, show_path, to_pixels
+from .images import ImageDecodeError, is_grey, open_image, show_path, to_pixels
 
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
@@ -402,8 +402,7 @@ class ShardImages:
             if px.shape[:2] == (self.size, self.size) and self.resize in (None, self.size):
                 return px
             im = Image.fromarray(px[..., 0] if self.channels == 1 else px, mode)
-            a = np.array(resize_image(im, self.size, self.resize, self.interpolation))
-            return a.reshape(*a.shape[:2], -1)
+            return to_pixels(im, mode, self.size, self.resize, self.interpolation)
         try:
             return to_pixels(open_image(raw, "image"), mode, self.size, self.resize, self.interpolation)
         except ImageDecodeError as e:  # decoded once when prepared: the shard changed since; name the file

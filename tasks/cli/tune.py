@@ -148,8 +148,7 @@ def trial(
         job.optim.precision, job.arch, job.num_classes, job.optim.batch_size, device, image_shape=job.image_shape()
     )
     job.optim = job.optim.model_copy(update={"lr": c["lr"], "epochs": params.tune.epochs, "precision": precision})
-    streamed = bool(shard_staging.streamed_images(job))
-    job.loader_workers = loader_workers(params.data.loader_workers, device.type, cpus, streamed)
+    job.loader_workers = loader_workers(params.data.loader_workers, device.type, cpus, job.streams_a_split())
     loader = data.make_loader(pool, params.evaluate.batch_size, train=False) if pool is not None else None
     trainer = build_trainer(job, device, callbacks=[TuneReport(metric, loader, device)], log=None)
     ckpt = tune.get_checkpoint()

@@ -204,8 +204,8 @@ def run_job_ray(
     staged = shard_staging.stage(job, storage, nodes=nodes, log=say) if len(nodes) > 1 else {}
     cpus = worker_cpus(rc.num_workers, rc.cpus_per_worker, cluster_cpus() if rc.num_workers > 0 else None)
     threads = params.base.num_threads or max(1, int(cpus))
-    streamed = bool(shard_staging.streamed_images(job))
-    job.loader_workers = loader_workers(params.data.loader_workers, "cuda" if rc.use_gpu else "cpu", cpus, streamed)
+    device = "cuda" if rc.use_gpu else "cpu"
+    job.loader_workers = loader_workers(params.data.loader_workers, device, cpus, job.streams_a_split())
     resources = {"CPU": cpus, **({"GPU": int(rc.gpus_per_worker)} if rc.use_gpu else {})}
     if staged:  # each node that may host a worker fetches now, before the process group waits on it
         shard_staging.prefetch(staged, storage, worker_nodes(resources), log=say)

@@ -43,6 +43,11 @@ class TrainJob:
         size = getattr(ds.transform, "size", None)  # what the model sees: a training canvas is cropped to it
         return (c, size, size) if size else (c, h, w)
 
+    def streams_a_split(self) -> bool:
+        """Whether a training stream reads a split image by image (:attr:`tlcore.data.ImageDataset.streamed`): its
+        loaders then decode, which :func:`tasks.modeling.hardware.loader_workers` sizes for."""
+        return any(getattr(ds, "streamed", False) for ds in (self.source, self.labeled, self.unlabeled))
+
     loader_workers: int = 0  # data-loader processes per training stream (tasks.modeling.hardware.loader_workers)
 
 
@@ -209,9 +214,10 @@ def target_jobs(params: Params, trials: list[tuple[str, dict]]) -> tuple[list[Tr
             )
         )
         # run here (the strategy measurement); a Ray Train run or a Tune trial sets its worker's own
-        streamed = any(getattr(ds, "streamed", False) for ds in (source, labeled, unlabeled))
         device = "cuda" if params.ray.use_gpu else "cpu"
-        jobs[-1].loader_workers = loader_workers(params.data.loader_workers, device, local_cpus(), streamed)
+        jobs[-1].loader_workers = loader_workers(
+            params.data.loader_workers, device, local_cpus(), jobs[-1].streams_a_split()
+        )
     return jobs, manifest
 
 
