@@ -104,12 +104,22 @@ def test_a_corrupt_file_is_reported_once_and_kept_out(folder, tmp_path):
 
 
 def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "PARALLEL_FROM", 0)  # 36 images: spawn encoding processes all the same
+    monkeypatch.setattr(shards, "SPREAD_FROM", -1)  # 36 images: start an encoding process all the same
     monkeypatch.setattr(shards, "CHUNK", 5)  # several chunks per shard, chunks across shard ends
     files, classes = _files(folder)
     broken = folder / "train" / "b" / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
     files.insert(17, (broken, 1, "b/broken.png"))
+
+    # this process and the one it starts both encode (this one alone until the other is up), in order
+    tally: dict = {}
+    encoded = shards._encoded(files, 64, 2, tally)
+    got = [next(encoded)]
+    tally["up"].result(timeout=120)  # the other process runs: chunks from here on are shared
+    got += list(encoded)
+    assert tally["here"] >= 1 and tally["others"] >= 1 and tally["here"] + tally["others"] == 8
+    assert got == list(shards._encoded(files, 64, 1))
+
     one, bad1 = shards.write_split(files, classes, tmp_path / "one", max_side=64, shard_bytes=4000)
     two, bad2 = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=2)
     assert one == two and len(one) == 36 and bad1 == bad2 and [p for p, _ in bad2] == [broken]
@@ -127,11 +137,11 @@ def test_closing_the_encoder_early_stops_its_processes(folder, monkeypatch):
     they stop, none is left behind."""
     import multiprocessing
 
-    monkeypatch.setattr(shards, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(shards, "SPREAD_FROM", -1)
     monkeypatch.setattr(shards, "CHUNK", 2)
     files, _ = _files(folder)
     encoded = shards._encoded(files, 64, 2)
-    assert isinstance(next(encoded), tuple)  # the processes are up and encoding ahead
+    assert isinstance(next(encoded), tuple)  # the other process is started
     assert multiprocessing.active_children()
     encoded.close()
     assert multiprocessing.active_children() == []

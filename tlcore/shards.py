@@ -13,9 +13,9 @@ Each image is decoded once while preparing (so a file that does not decode is fo
 as it came when that loses nothing, else re-encoded at a bounded resolution: the shorter side at most
 ``max_side`` pixels, EXIF orientation, bit depth and transparency resolved as :func:`tlcore.images.decode_image`
 resolves them (PNG for lossless sources, JPEG quality 95 for lossy ones). All cores decode and encode the
-images of a big split (:data:`PARALLEL_FROM`), in small chunks, and make their tar members; one process appends
-them to the shards, in order. The tar headers are fixed (no times, owners), so the same inputs give the same bytes,
-and DVC stores a shard once.
+images of a split that would take one more than :data:`SPREAD_FROM` seconds, in small chunks, and make their tar
+members; the process writing the split encodes too, and appends every member to the shards, in order. The tar
+headers are fixed (no times, owners), so the same inputs give the same bytes, and DVC stores a shard once.
 
 Reading (:class:`ShardImages`) needs only the index's arrays in memory: an image is one ``pread`` of its bytes and
 one decode, in whichever process asks (a DataLoader's worker processes decode in parallel). Any tar reader (the
@@ -27,13 +27,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import json
 import os
 import tarfile
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from multiprocessing import get_context
@@ -49,8 +49,11 @@ SHARD_BYTES = 256 * 2**20
 SHARD_IMAGES = 1000  # at most, per shard
 CHUNK = 32  # images a process encodes per job: small, so that every process stays busy to the split's end
 AHEAD = 4  # chunks per process encoded ahead of the writer, at most, and at most 64 in all (memory)
+QUEUED = 3  # chunks given to each other process at a time: it never waits for the writer, nor the writer long for it
 BLOCK = tarfile.BLOCKSIZE
-PARALLEL_FROM = 4000  # images: a smaller split is encoded faster by this process than by starting others
+# seconds of encoding left, as this process measures it, from which other processes are started to share it (one
+# takes ~0.3 s of a core to start; this process goes on encoding meanwhile): a small split never starts any
+SPREAD_FROM = 1.0
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")
 
@@ -173,31 +176,53 @@ def _encode_chunk(
     return out
 
 
-def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int) -> Iterator:
+def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int, tally: dict | None = None) -> Iterator:
     """:func:`_encode_chunk`'s results for ``files``, one per file, in order, keyed by their place in ``files``.
-    With ``processes`` > 1, spawned processes encode chunks of :data:`CHUNK` files, at most :data:`AHEAD` chunks per
-    process (64 in all) ahead of the consumer (memory bounded whatever the split's size); small chunks keep every
-    process busy to the end of the split."""
+
+    This process encodes chunks of :data:`CHUNK` files, in order, as the consumer asks for them. With ``processes``
+    > 1 and more than :data:`SPREAD_FROM` seconds of work left by its own pace, it starts ``processes - 1``
+    spawned processes; once one is up, each is given :data:`QUEUED` chunks at a time, and this process encodes the
+    next chunk itself whenever the one due is not back yet. Nothing waits for the processes to start, and the
+    writer's core encodes too. At most :data:`AHEAD` chunks per process (64 in all) are held ahead of the
+    consumer: memory is bounded whatever the split's size. ``tally`` (if given) counts the chunks encoded
+    ``"here"`` and by the ``"others"``, and holds ``"up"``, done once another process runs (None while none is
+    started)."""
     items = [(k, str(p), y, name) for k, (p, y, name) in enumerate(files)]
     chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
-    if processes < 2 or len(files) < PARALLEL_FROM:
-        for c in chunks:
-            yield from _encode_chunk(c, max_side)
-        return
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-        ahead: deque = deque()
-        todo = iter(chunks)
-        try:
-            for c in itertools.islice(todo, min(AHEAD * processes, 64)):
-                ahead.append(pool.submit(_encode_chunk, c, max_side))
-            while ahead:
-                done = ahead.popleft().result()
-                for c in itertools.islice(todo, 1):
+    todo, ahead = iter(chunks), deque()  # ahead: per chunk, in order, its results or another process's Future
+    tally = {} if tally is None else tally
+    tally.update(here=0, others=0, up=None)
+    window, pool, up, t0 = min(AHEAD * processes, 64), None, None, time.perf_counter()
+    try:
+        while True:
+            if pool is None and processes > 1 and tally["here"]:
+                left = (len(chunks) - tally["here"]) * (time.perf_counter() - t0) / tally["here"]
+                if left > SPREAD_FROM:
+                    pool = ProcessPoolExecutor(processes - 1, mp_context=get_context("spawn"))
+                    # done once a process runs: until then this one encodes alone
+                    up = tally["up"] = pool.submit(os.getpid)
+            if up is not None and up.done():
+                given = sum(isinstance(a, Future) and not a.done() for a in ahead)
+                while given < QUEUED * (processes - 1) and len(ahead) < window:
+                    c = next(todo, None)
+                    if c is None:
+                        break
                     ahead.append(pool.submit(_encode_chunk, c, max_side))
-                yield from done
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # failed, or closed by the consumer: encode no more
-            raise
+                    tally["others"] += 1
+                    given += 1
+            if ahead and (isinstance(ahead[0], list) or ahead[0].done()):
+                head = ahead.popleft()
+                yield from head if isinstance(head, list) else head.result()
+            elif len(ahead) < window and (c := next(todo, None)) is not None:
+                ahead.append(_encode_chunk(c, max_side))
+                tally["here"] += 1
+            elif ahead:
+                wait([ahead[0]])  # the one due is another process's, and there is nothing left to encode here
+            else:
+                return
+    finally:
+        if pool is not None:  # done, failed, or closed by the consumer: encode no more
+            pool.shutdown(cancel_futures=True)
 
 
 def _write_shard(path: Path, items: list, encoded: Iterator) -> dict:
