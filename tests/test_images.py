@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tlcore import data, folders
-from tlcore.images import ImageDecodeError, decode_image, show_path
+from tlcore.images import ImageDecodeError, decode_image, has_colour, is_grey, open_image, show_path, to_pixels
 
 
 def _png(path, arr, mode=None, **save):
@@ -159,3 +159,29 @@ def test_colour_is_counted_per_split_and_grey_stored_as_rgb_is_grey(tmp_path):
     rep = folders.validate_split(tmp_path / "train")
     assert rep.colour == 1
     assert is_grey(grey) and not is_grey(colour) and is_grey(grey[..., :1])
+
+
+def test_has_colour_is_is_grey_of_the_pixels_and_a_big_jpeg_decodes_shrunk_only_when_asked(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    one_pixel = np.stack([grey] * 3, -1)
+    one_pixel[7, 9, 2] ^= 1
+    for im in (
+        Image.fromarray(grey, "L"),
+        Image.fromarray(np.stack([grey] * 3, -1), "RGB"),  # grey stored as RGB
+        Image.fromarray(one_pixel, "RGB"),
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), "RGB"),
+    ):
+        assert has_colour(im) == (not is_grey(to_pixels(im, "RGB"))), im.mode
+    assert has_colour(Image.fromarray(one_pixel, "RGB"))
+
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((1200, 900), Image.BICUBIC)
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    raw = (tmp_path / "photo.jpg").read_bytes()
+    full = open_image(raw, "photo.jpg")
+    assert full.size == (1200, 900) and open_image(raw, "photo.jpg", shrink_to=300).size == (1200, 900)  # < 4x
+    shrunk = open_image(raw, "photo.jpg", shrink_to=100)  # 1/4 by libjpeg: the shorter side still >= 200
+    assert shrunk.size == (300, 225) and shrunk.mode == full.mode
+    # what it is shrunk for: at the bounded size, the same picture as the full decode resized
+    a, b = (np.asarray(im.resize((133, 100), Image.BICUBIC), dtype=float) for im in (shrunk, full))
+    assert np.abs(a - b).mean() < 2

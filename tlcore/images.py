@@ -8,13 +8,14 @@ files that are not images, truncated, or decompression bombs (refused with the f
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 # torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS; a test keeps them equal).
 # Not imported from there: importing torchvision costs ~2 s per process on a 2-core machine.
@@ -50,14 +51,30 @@ def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def open_image(src: Path | bytes, name: str) -> Image.Image:
+# Pillow frees every decoded image's memory at once by default (PILLOW_BLOCKS_MAX=0): decoding images one after
+# another then hands memory back to the system and faults it in again, ~1 M page faults and a sixth of the time
+# of preparing 8,000 photos. Keeping a few blocks (at most 16 MiB each) for the next image ends that.
+KEEP_BLOCKS = 4
+
+
+def open_image(src: Path | bytes, name: str, shrink_to: int | None = None) -> Image.Image:
     """Open and fully decode ``src`` (a file, or a file's bytes); every failure (decompression bombs included) as
-    :class:`ImageDecodeError` naming ``name``."""
+    :class:`ImageDecodeError` naming ``name``.
+
+    ``shrink_to``, for a caller that resizes the image to that shorter side anyway: a JPEG at least 4 times bigger
+    is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (``Image.draft``), its shorter side never
+    under twice ``shrink_to`` (``Image.thumbnail``'s default ``reducing_gap``): a 12-megapixel photo bound for 512
+    px decodes and resizes ~2x faster."""
     path = name
+    if Image.core.get_blocks_max() < KEEP_BLOCKS:
+        Image.core.set_blocks_max(KEEP_BLOCKS)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refused, not just warned
         try:
             with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src) as im:
+                if shrink_to and im.format == "JPEG" and min(im.size) >= 4 * shrink_to:
+                    s = 2 * shrink_to / min(im.size)
+                    im.draft(im.mode, (math.ceil(im.width * s), math.ceil(im.height * s)))
                 im.load()
                 return ImageOps.exif_transpose(im)  # a rotated phone photo stands upright, as viewers show it
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -96,6 +113,14 @@ def resize_image(im: Image.Image, size: int, resize: int | None = None, interpol
         im, (nw, nh) = canvas, canvas.size
     left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return im.crop((left, top, left + size, top + size))
+
+
+def has_colour(im: Image.Image) -> bool:
+    """Whether an ``L`` or ``RGB`` image has colour: ``not is_grey(to_pixels(im))`` without making the array."""
+    if im.mode == "L":
+        return False
+    r, g, b = im.split()
+    return ImageChops.difference(r, g).getbbox() is not None or ImageChops.difference(g, b).getbbox() is not None
 
 
 def is_grey(a: np.ndarray) -> bool:

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import ImageDecodeError, is_grey, open_image, show_path, to_pixels
+from .images import ImageDecodeError, has_colour, is_grey, open_image, show_path, to_pixels
 
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
@@ -118,7 +118,7 @@ def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str
     """``(bytes to store, extension, has colour, SHA-256 of the file, the stored image's shorter side)`` of one
     image file; :class:`ImageDecodeError` if it does not decode."""
     raw = path.read_bytes()
-    im = open_image(raw, name)  # fully decoded (or refused), EXIF orientation applied
+    im = open_image(raw, name, shrink_to=max_side)  # fully decoded (or refused), EXIF orientation applied
     with Image.open(io.BytesIO(raw)) as probe:  # the file as it is, before any change
         fmt = probe.format
         plain = (
@@ -128,10 +128,11 @@ def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str
             and probe.getexif().get(0x0112, 1) == 1
             and min(probe.size) <= max_side
         )
-    rgb = to_pixels(im, "RGB", name=name)
-    colour, sha = not is_grey(rgb), hashlib.sha256(raw).hexdigest()
+    sha = hashlib.sha256(raw).hexdigest()
     if plain:
-        return raw, KEEP_FORMATS[fmt], colour, sha, min(im.size)
+        return raw, KEEP_FORMATS[fmt], has_colour(im), sha, min(im.size)
+    rgb = to_pixels(im, "RGB", name=name)
+    colour = not is_grey(rgb)
     out = Image.fromarray(rgb if colour else np.ascontiguousarray(rgb[..., 0]), "RGB" if colour else "L")
     w, h = out.size
     if min(w, h) > max_side:
