@@ -49,6 +49,39 @@ def _photo(i: int, cls: int, size: int = 256) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+CAMERA = (4032, 3024)  # a 12-megapixel phone photo
+
+
+def _write_camera_photos(args) -> None:
+    """Camera-size JPEGs (quality 92, ~4 MB: a textured picture with sensor-like noise)."""
+    from PIL import Image
+
+    root, lo, hi = args
+    w, h = CAMERA
+    for i in range(lo, hi):
+        rng = np.random.default_rng(i)
+        coarse = Image.fromarray(rng.integers(0, 256, (h // 16, w // 16, 3), dtype=np.uint8)).resize((w, h))
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.normal(0, 6, (h, w, 3)).astype(np.int16)
+        d = Path(root) / "train" / CLASSES[i % 3]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(d / f"cam-{i:04d}.jpg", quality=92)
+
+
+def make_camera_photos(root: Path, n: int) -> Path:
+    """``n`` camera-size photos under ``root/train/<class>/``, written by all cores; kept if already there."""
+    marker = root / f".complete-{n}"
+    if marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    from concurrent.futures import ProcessPoolExecutor
+
+    step = -(-n // (os.cpu_count() or 1))
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(_write_camera_photos, [(str(root), lo, min(n, lo + step)) for lo in range(0, n, step)]))
+    marker.write_text("")
+    return root
+
+
 def _write_photos(args) -> None:
     from PIL import Image
 
@@ -173,7 +206,7 @@ def _write_half(files: list, classes: list[str], d: Path) -> None:
     shards.write_split(files, classes, d, max_side=512, processes=1, shard_bytes=8 * 2**20)
 
 
-def prep_throughput(photos: Path, work: Path, n: int, reps: int) -> dict:
+def prep_throughput(photos: Path, work: Path, n: int, reps: int, apart: bool = True) -> dict:
     """The data stage's images/s preparing the same ``n`` photos with 1 and with 2 processes, and what 2 cores of
     this machine give with no coordination at all (``"apart"``: two processes each preparing half of the photos
     into a split of its own, at once, started as the data stage starts its encoders): the median of ``reps`` runs
@@ -184,7 +217,7 @@ def prep_throughput(photos: Path, work: Path, n: int, reps: int) -> dict:
 
     rep = folders.list_split(photos / "train")
     files = [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files][:n]
-    runs: dict = {1: [], 2: [], "apart": []}
+    runs: dict = {1: [], 2: [], **({"apart": []} if apart else {})}
     for _ in range(reps):
         for procs in runs:
             d = work / f"prep-{procs}"
@@ -204,10 +237,10 @@ def prep_throughput(photos: Path, work: Path, n: int, reps: int) -> dict:
                 shards.write_split(files, rep.classes, d, max_side=512, processes=procs, shard_bytes=8 * 2**20)
             runs[procs].append(len(files) / (time.perf_counter() - t))
             shutil.rmtree(d, ignore_errors=True)
-    print(f"   preparing: 1 process {runs[1]}, 2 {runs[2]}, 2 apart {runs['apart']} images/s", flush=True)
+    print(f"   preparing {photos.name}: " + ", ".join(f"{k} {v}" for k, v in runs.items()) + " images/s", flush=True)
     out = {procs: float(np.median(r)) for procs, r in runs.items()}
-    ratio = {k: float(np.median(np.asarray(runs[k]) / np.asarray(runs[1]))) for k in (2, "apart")}
-    return out | {"reps": reps, "ratio": ratio[2], "apart_ratio": ratio["apart"], "runs": runs}
+    ratio = {k: float(np.median(np.asarray(runs[k]) / np.asarray(runs[1]))) for k in runs if k != 1}
+    return out | {"reps": reps, "ratio": ratio[2], "runs": runs} | ({"apart_ratio": ratio["apart"]} if apart else {})
 
 
 def train_rate(ds, spec, augment: str, steps: int, batch: int, workers: int) -> float:
@@ -288,6 +321,29 @@ def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dic
     return rows
 
 
+def _prep_rows(prep: dict) -> list[str]:
+    """The preparation table's rows: the small photos, and the camera-size ones if measured."""
+    out = []
+    for what, p in (
+        (f"{prep['n']:,} of 256 x 256 px (JPEG, ~10 KB, stored as they are)", prep),
+        (f"{prep['camera']['n']} of {CAMERA[0]} x {CAMERA[1]} px (JPEG, ~4 MB, stored at 512 px)", prep.get("camera")),
+    ):
+        if not p:
+            continue
+        runs = {str(k): np.asarray(v) for k, v in p["runs"].items()}
+        fastest = runs["2"].max() / runs["1"].max()
+        apart = "- | - | -"
+        if "apart" in runs:
+            vs = float(np.median(runs["2"] / runs["apart"]))
+            apart = f"{np.median(runs['apart']):,.0f} | {p['apart_ratio']:.2f}x | {vs:.2f}"
+        digits = 0 if np.median(runs["1"]) > 100 else 1
+        out.append(
+            f"| {what} | {len(runs['1'])} | {np.median(runs['1']):,.{digits}f} | {np.median(runs['2']):,.{digits}f} | "
+            f"{p['ratio']:.2f}x | {fastest:.2f}x | {apart} |"
+        )
+    return out
+
+
 def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
     by_n = sorted({r["n"] for r in rows})
     lines = [
@@ -329,17 +385,15 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         ]
     lines += [
         "",
-        f"Preparing ({prep['n']:,} photos; the median of {prep.get('reps', 1)} runs each, taken in turn; a ratio is "
-        "the median of a run's rate over the 1-process run's just before it): "
-        f"{prep[1]:,.0f} images/s on 1 process, {prep[2]:,.0f} on 2 "
-        f"({prep.get('ratio', prep[2] / prep[1]):.2f}x)."
-        + (
-            f" For scale, what this machine's 2 cores give with no coordination at all: two processes at once, each "
-            f"preparing half of the photos into a split of its own, {prep['apart']:,.0f} images/s "
-            f"({prep['apart_ratio']:.2f}x)."
-            if "apart" in prep
-            else ""
-        ),
+        "Preparing (`data`: decode, check, store, hash, write the shards), in images/s: the median of the runs of "
+        "each, taken in turn (1, 2, apart, 1, ...); a ratio is the median of a run's rate over the 1-process run's "
+        "just before it; *fastest* divides the fastest run of each, the one the machine disturbed least (timeit's "
+        "rule). *Apart*: two processes at once, each preparing half of the photos into a split of its own, sharing "
+        "nothing: what this machine's 2 cores give with no coordination at all.",
+        "",
+        "| photos | runs | 1 process | 2 processes | ratio | fastest | apart | ratio | 2 processes / apart |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *_prep_rows(prep),
         "",
         "What streaming costs (steady-state training images/s on the CPU, 2 torch threads; the same images decoded "
         "as the training stages decode them: a photo split on the random crop's canvas, no bigger than the stored "
@@ -387,7 +441,11 @@ def main() -> None:
 
     def measure_prep(work: Path) -> dict:
         big = make_photos(work / f"photos-{prep_n * 10 // 9 + 10}", prep_n * 10 // 9 + 10)
-        return {"n": prep_n, **prep_throughput(big, work, prep_n, reps=prep_reps)}
+        cam_n = 16 if args.quick else 64  # several seconds on one core
+        cam = make_camera_photos(work / f"camera-{cam_n}", cam_n)
+        camera = prep_throughput(cam, work, cam_n, reps=1 if args.quick else 3, apart=False)
+        camera = {str(k): v for k, v in camera.items()} | {"n": cam_n}  # as JSON will read it back
+        return {"n": prep_n, **prep_throughput(big, work, prep_n, reps=prep_reps), "camera": camera}
 
     if args.render or args.cost_only or args.prep_only:
         saved = json.loads((where / "data_scale.json").read_text())

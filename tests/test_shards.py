@@ -248,8 +248,13 @@ def test_shards_are_the_same_on_any_machine_and_an_unreadable_file_counts_as_cor
         (root / f"{i:04d}.png").write_bytes(b"x" * 10)
     files = [(p, 0, f"a/{p.name}") for p in sorted(root.iterdir())]
     # groups by size and count only, never by this machine's cores: the same shards, the same DVC hashes
-    assert [len(g) for g in shards._groups(files, shards.SHARD_BYTES)] == [1000, 1000, 500]
-    assert [len(g) for g in shards._groups(files, 8_000)] == [800, 800, 800, 100]  # or at the bytes
+    sizes = [shards._size(p) for p, _, _ in files]
+    assert [len(g) for g in shards._groups(files, sizes, shards.SHARD_BYTES)] == [1000, 1000, 500]
+    assert [len(g) for g in shards._groups(files, sizes, 8_000)] == [800, 800, 800, 100]  # or at the bytes
+    # what one process encodes at a time: 32 small files, or fewer big ones (a camera photo alone)
+    assert [len(c) for c in shards._chunks(files[:70], sizes[:70])] == [32, 32, 6]
+    mib = 2**20
+    assert shards._chunks(list("abcde"), [3 * mib, 10, 10, mib, mib // 2]) == [["a"], ["b", "c"], ["d"], ["e"]]
     good = image_folder(tmp_path / "ok", ("a",), n_train=2, n_test=0)
     (good / "train" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link
     listed, classes = _files(good)

@@ -47,9 +47,13 @@ from .images import ImageDecodeError, has_colour, is_grey, open_image, show_path
 INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
 SHARD_IMAGES = 1000  # at most, per shard
-CHUNK = 32  # images a process encodes per job: small, so that every process stays busy to the split's end
+# a process's job: consecutive files, at most CHUNK of them and, past the first, at most CHUNK_BYTES of them on disk
+# (a chunk of ~30 ms of work whether the files are 10 KB thumbnails or 4 MB camera photos): small, so that every
+# process stays busy to the split's end
+CHUNK = 32
+CHUNK_BYTES = 2**20
 AHEAD = 4  # chunks per process encoded ahead of the writer, at most, and at most 64 in all (memory)
-QUEUED = 3  # chunks given to each other process at a time: it never waits for the writer, nor the writer long for it
+QUEUED = 2  # chunks given to each other process at a time: it never waits for the writer, nor the writer long for it
 BLOCK = tarfile.BLOCKSIZE
 # seconds of encoding left, as this process measures it, from which other processes are started to share it (one
 # takes ~0.3 s of a core to start; this process goes on encoding meanwhile): a small split never starts any
@@ -177,10 +181,38 @@ def _encode_chunk(
     return out
 
 
-def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int, tally: dict | None = None) -> Iterator:
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # unreadable: reported when it is encoded
+
+
+def _chunks(items: list, sizes: list[int]) -> list[list]:
+    """``items`` cut into consecutive chunks of at most :data:`CHUNK` items and, past the first item of each, at
+    most :data:`CHUNK_BYTES` by ``sizes``."""
+    chunks: list[list] = []
+    size = 0
+    for item, n in zip(items, sizes):
+        if not chunks or len(chunks[-1]) >= CHUNK or size + n > CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
+
+
+def _encoded(
+    files: list[tuple[Path, int, str]],
+    max_side: int,
+    processes: int,
+    tally: dict | None = None,
+    sizes: list[int] | None = None,
+) -> Iterator:
     """:func:`_encode_chunk`'s results for ``files``, one per file, in order, keyed by their place in ``files``.
 
-    This process encodes chunks of :data:`CHUNK` files, in order, as the consumer asks for them. With ``processes``
+    This process encodes chunks of files (:func:`_chunks`, by ``sizes`` on disk, each file's if not given), in
+    order, as the consumer asks for them. With ``processes``
     > 1 and more than :data:`SPREAD_FROM` seconds of work left by its own pace, it starts ``processes - 1``
     spawned processes; once one is up, each is given :data:`QUEUED` chunks at a time, and this process encodes the
     next chunk itself whenever the one due is not back yet. Nothing waits for the processes to start, and the
@@ -189,7 +221,7 @@ def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int, 
     ``"here"`` and by the ``"others"``, and holds ``"up"``, done once another process runs (None while none is
     started)."""
     items = [(k, str(p), y, name) for k, (p, y, name) in enumerate(files)]
-    chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+    chunks = _chunks(items, sizes if sizes is not None else [_size(p) for p, _, _ in files])
     todo, ahead = iter(chunks), deque()  # ahead: per chunk, in order, its results or another process's Future
     tally = {} if tally is None else tally
     tally.update(here=0, others=0, up=None)
@@ -197,7 +229,8 @@ def _encoded(files: list[tuple[Path, int, str]], max_side: int, processes: int, 
     try:
         while True:
             if pool is None and processes > 1 and tally["here"]:
-                left = (len(chunks) - tally["here"]) * (time.perf_counter() - t0) / tally["here"]
+                done = sum(map(len, chunks[: tally["here"]]))  # files: chunks differ in length
+                left = (len(items) - done) * (time.perf_counter() - t0) / done
                 if left > SPREAD_FROM:
                     pool = ProcessPoolExecutor(processes - 1, mp_context=get_context("spawn"))
                     # done once a process runs: until then this one encodes alone
@@ -249,15 +282,13 @@ def _write_shard(path: Path, items: list, encoded: Iterator) -> dict:
     return {"rows": rows, "bad": bad, "colour": colour}
 
 
-def _groups(files: list[tuple[Path, int, str]], shard_bytes: int) -> list[list[tuple[Path, int, str]]]:
-    """Consecutive files in groups of at most ``shard_bytes`` (by their size on disk) and :data:`SHARD_IMAGES`
-    images: the same groups on any machine, and several per split for all cores to write."""
+def _groups(
+    files: list[tuple[Path, int, str]], sizes: list[int], shard_bytes: int
+) -> list[list[tuple[Path, int, str]]]:
+    """Consecutive files in groups of at most ``shard_bytes`` (by their ``sizes`` on disk) and :data:`SHARD_IMAGES`
+    images: the same groups on any machine."""
     groups, cur, size = [], [], 0
-    for item in files:
-        try:
-            n = item[0].stat().st_size
-        except OSError:
-            n = 0  # unreadable: reported when its shard is written
+    for item, n in zip(files, sizes):
         if cur and (size + n > shard_bytes or len(cur) >= SHARD_IMAGES):
             groups.append(cur)
             cur, size = [], 0
@@ -279,9 +310,10 @@ def write_split(
     decode (left out)."""
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=False)
-    groups = _groups(files, shard_bytes)
+    sizes = [_size(p) for p, _, _ in files]
+    groups = _groups(files, sizes, shard_bytes)
     names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
-    with contextlib.closing(_encoded(files, max_side, processes)) as encoded:  # closed: stops the processes
+    with contextlib.closing(_encoded(files, max_side, processes, sizes=sizes)) as encoded:  # closed: processes stop
         results = [_write_shard(split_dir / name, group, encoded) for name, group in zip(names, groups)]
     index, bad = SplitIndex(classes=list(classes), shards=names, max_side=max_side), []
     for s, res in enumerate(results):
