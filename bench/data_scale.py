@@ -5,7 +5,7 @@
     python -m bench.data_scale --quick              # 300 and 1,200 photos: a smoke run, into bench_out/
 
 For each size N, a folder of N synthetic 256 px JPEG photos (3 classes, 90 % train) goes through the real
-stages, each its own process as `dvc repro` runs it: ``data`` (prepare shards on all cores); ``pretrain``,
+stages, each its own process as `dvc repro` runs it: ``data`` (prepare shards); ``pretrain``,
 ``finetune`` and ``baselines`` (resnet18 at 224, random init, 2 steps of 16 images each: memory, not accuracy, is
 measured) under Ray Train with one worker; ``evaluate`` (streams the whole test split). Each stage's peak memory
 is the sum of the proportional set sizes (PSS) of its whole process tree (Ray's processes included), sampled
@@ -324,12 +324,14 @@ def streaming_cost(photos: Path, work: Path, quick: bool, reps: int) -> list[dic
 def _prep_rows(prep: dict) -> list[str]:
     """The preparation table's rows: the small photos, and the camera-size ones if measured."""
     out = []
-    for what, p in (
-        (f"{prep['n']:,} of 256 x 256 px (JPEG, ~10 KB, stored as they are)", prep),
-        (f"{prep['camera']['n']} of {CAMERA[0]} x {CAMERA[1]} px (JPEG, ~4 MB, stored at 512 px)", prep.get("camera")),
-    ):
+    for p in (prep, prep.get("camera")):
         if not p:
             continue
+        what = (
+            f"{p['n']} of {CAMERA[0]} x {CAMERA[1]} px (JPEG, ~4 MB, stored at 512 px)"
+            if p is not prep
+            else f"{p['n']:,} of 256 x 256 px (JPEG, ~10 KB, stored as they are)"
+        )
         runs = {str(k): np.asarray(v) for k, v in p["runs"].items()}
         fastest = runs["2"].max() / runs["1"].max()
         apart = "- | - | -"
@@ -351,7 +353,7 @@ def render(rows: list[dict], prep: dict, cost: list[dict], quick: bool) -> str:
         "",
         f"`python -m bench.data_scale{' --quick' if quick else ''}` on {machine()}. A folder of N synthetic "
         "256 px JPEG photos (3 classes, 90 % train) through the real stages, each its own process: `data` "
-        "prepares tar shards on all cores; `pretrain`, `finetune` and `baselines` (scratch) train resnet18 at 224 "
+        "prepares tar shards (on both cores); `pretrain`, `finetune` and `baselines` (scratch) train resnet18 at 224 "
         "(random init, 2 steps of 16: memory is measured, not accuracy) under Ray Train with one worker; "
         "`evaluate` streams the whole test split. Peak memory: the summed proportional set sizes (PSS) of the "
         "stage's process tree, Ray's processes included, sampled every 0.2 s.",

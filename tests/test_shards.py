@@ -77,6 +77,10 @@ def test_big_rotated_deep_and_transparent_images_are_stored_as_decode_image_sees
     rotated.save(root / "rotated.jpg", exif=exif, quality=95)
     Image.fromarray((rng.integers(0, 65536, (12, 12))).astype(np.uint16)).save(root / "deep.png")
     Image.fromarray(rng.integers(0, 256, (12, 12, 4), dtype=np.uint8), "RGBA").save(root / "alpha.png")
+    photo = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).resize((900, 600), Image.BICUBIC)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # a camera photo stored sideways, big enough to be decoded at a reduced scale
+    photo.save(root / "camera.jpg", exif=exif, quality=95)
     files, classes = _files(tmp_path / "imgs")
     index, bad = shards.write_split(files, classes, tmp_path / "out", max_side=100)
     assert bad == []
@@ -89,6 +93,13 @@ def test_big_rotated_deep_and_transparent_images_are_stored_as_decode_image_sees
         assert np.array_equal(got, decode_image(root / name, "RGB")), name
     upright = decode_image(stored.raw(by_name["rotated.jpg"]), "RGB")
     assert upright.shape == decode_image(root / "rotated.jpg", "RGB").shape == (20, 10, 3)
+    camera = decode_image(stored.raw(by_name["camera.jpg"]), "RGB")  # upright, the shorter side bounded
+    assert camera.shape == (150, 100, 3) and index.side[by_name["camera.jpg"]] == 100
+    whole = decode_image(root / "camera.jpg", "RGB", size=None)
+    assert whole.shape == (900, 600, 3)
+    buf = io.BytesIO()  # the same picture as a full decode resized and stored
+    Image.fromarray(whole).resize((100, 150), Image.BICUBIC).save(buf, "JPEG", quality=95)
+    assert np.abs(camera - decode_image(buf.getvalue(), "RGB").astype(float)).mean() < 2  # of 0-255
 
 
 def test_a_corrupt_file_is_reported_once_and_kept_out(folder, tmp_path):
@@ -114,14 +125,14 @@ def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path, 
     # this process and the one it starts both encode (this one alone until the other is up), in order
     tally: dict = {}
     encoded = shards._encoded(files, 64, 2, tally)
-    got = [next(encoded)]
+    got = [next(encoded) for _ in range(6)]  # two chunks here: then the other process is started
     tally["up"].result(timeout=120)  # the other process runs: chunks from here on are shared
     got += list(encoded)
     assert tally["here"] >= 1 and tally["others"] >= 1 and tally["here"] + tally["others"] == 8
     assert got == list(shards._encoded(files, 64, 1))
 
     one, bad1 = shards.write_split(files, classes, tmp_path / "one", max_side=64, shard_bytes=4000)
-    two, bad2 = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=2)
+    two, bad2 = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=3)
     assert one == two and len(one) == 36 and bad1 == bad2 and [p for p, _ in bad2] == [broken]
     members = []
     for name in one.shards:
@@ -138,12 +149,34 @@ def test_closing_the_encoder_early_stops_its_processes(folder, monkeypatch):
     import multiprocessing
 
     monkeypatch.setattr(shards, "SPREAD_FROM", -1)
-    monkeypatch.setattr(shards, "CHUNK", 2)
+    monkeypatch.setattr(shards, "CHUNK", 1)
     files, _ = _files(folder)
     encoded = shards._encoded(files, 64, 2)
-    assert isinstance(next(encoded), tuple)  # the other process is started
+    assert all(isinstance(next(encoded), tuple) for _ in range(2))  # two chunks here: the other process starts
     assert multiprocessing.active_children()
     encoded.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_an_encoding_process_that_dies_leaves_its_chunks_to_the_writer(folder, monkeypatch):
+    """Killed (out of memory, by an operator): the split is still whole and in order, encoded here instead."""
+    import multiprocessing
+    import os
+    import signal
+
+    monkeypatch.setattr(shards, "SPREAD_FROM", -1)
+    monkeypatch.setattr(shards, "CHUNK", 1)
+    files, _ = _files(folder)
+    tally: dict = {}
+    encoded = shards._encoded(files, 64, 2, tally)
+    got = [next(encoded) for _ in range(2)]
+    tally["up"].result(timeout=120)
+    got.append(next(encoded))  # chunks given to the other process now
+    for p in multiprocessing.active_children():
+        os.kill(p.pid, signal.SIGKILL)
+        p.join()
+    got += list(encoded)
+    assert got == list(shards._encoded(files, 64, 1)) and len(got) == len(files)
     assert multiprocessing.active_children() == []
 
 

@@ -34,6 +34,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from multiprocessing import get_context
@@ -48,8 +49,8 @@ INDEX = "index.json"
 SHARD_BYTES = 256 * 2**20
 SHARD_IMAGES = 1000  # at most, per shard
 # a process's job: consecutive files, at most CHUNK of them and, past the first, at most CHUNK_BYTES of them on disk
-# (a chunk of ~30 ms of work whether the files are 10 KB thumbnails or 4 MB camera photos): small, so that every
-# process stays busy to the split's end
+# (~20 ms of 10 KB thumbnails; a 4 MB camera photo, ~0.1 s, alone): small, so that every process stays busy to the
+# split's end
 CHUNK = 32
 CHUNK_BYTES = 2**20
 AHEAD = 4  # chunks per process encoded ahead of the writer, at most, and at most 64 in all (memory)
@@ -122,7 +123,8 @@ def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str
     """``(bytes to store, extension, has colour, SHA-256 of the file, the stored image's shorter side)`` of one
     image file; :class:`ImageDecodeError` if it does not decode."""
     raw = path.read_bytes()
-    im = open_image(raw, name, shrink_to=max_side)  # fully decoded (or refused), EXIF orientation applied
+    # decoded whole (a big JPEG at a reduced scale, never under 2x max_side) or refused; EXIF orientation applied
+    im = open_image(raw, name, shrink_to=max_side)
     with Image.open(io.BytesIO(raw)) as probe:  # the file as it is, before any change
         fmt = probe.format
         plain = (
@@ -160,11 +162,14 @@ def _member(name: str, data: bytes) -> bytes:
 
 
 def _encode_chunk(
-    items: list[tuple[int, str, int, str]], max_side: int
+    items: list[tuple[int, str, int, str]], max_side: int, max_pixels: int | None | str = "as is"
 ) -> list[tuple[bytes, int, int, bool, str, int] | str]:
     """The tar members of each ``(key, file, label, name)``: ``(the image's and its label's members, where the
     image's bytes start in them, their length, has colour, SHA-256 of the file, the stored shorter side)``, or why
-    the file did not decode (a string). Runs in an encoding process."""
+    the file did not decode (a string). Runs in any encoding process; ``max_pixels``, PIL's decompression-bomb
+    limit as the writing process has it (None: none), is set here first."""
+    if max_pixels != "as is":
+        Image.MAX_IMAGE_PIXELS = max_pixels
     out = []
     for key, f, y, name in items:
         try:
@@ -193,13 +198,23 @@ def _chunks(items: list, sizes: list[int]) -> list[list]:
     most :data:`CHUNK_BYTES` by ``sizes``."""
     chunks: list[list] = []
     size = 0
-    for item, n in zip(items, sizes):
+    for item, n in zip(items, sizes, strict=True):
         if not chunks or len(chunks[-1]) >= CHUNK or size + n > CHUNK_BYTES:
             chunks.append([])
             size = 0
         chunks[-1].append(item)
         size += n
     return chunks
+
+
+def _here(chunk: list, *args) -> Future:
+    """A chunk encoded in this process, as a done Future: its results, or what it raised, in its turn."""
+    f: Future = Future()
+    try:
+        f.set_result(_encode_chunk(chunk, *args))
+    except Exception as e:  # raised when the consumer reaches this chunk, as one process would
+        f.set_exception(e)
+    return f
 
 
 def _encoded(
@@ -211,52 +226,73 @@ def _encoded(
 ) -> Iterator:
     """:func:`_encode_chunk`'s results for ``files``, one per file, in order, keyed by their place in ``files``.
 
-    This process encodes chunks of files (:func:`_chunks`, by ``sizes`` on disk, each file's if not given), in
-    order, as the consumer asks for them. With ``processes``
-    > 1 and more than :data:`SPREAD_FROM` seconds of work left by its own pace, it starts ``processes - 1``
-    spawned processes; once one is up, each is given :data:`QUEUED` chunks at a time, and this process encodes the
-    next chunk itself whenever the one due is not back yet. Nothing waits for the processes to start, and the
-    writer's core encodes too. At most :data:`AHEAD` chunks per process (64 in all) are held ahead of the
-    consumer: memory is bounded whatever the split's size. ``tally`` (if given) counts the chunks encoded
-    ``"here"`` and by the ``"others"``, and holds ``"up"``, done once another process runs (None while none is
-    started)."""
+    This process encodes the files in chunks (:func:`_chunks`, by ``sizes`` on disk, each file's if not given), in
+    order, as the consumer asks for them. When its own pace (from its second chunk on: the first carries one-time
+    costs) leaves more than :data:`SPREAD_FROM` seconds of work, it starts ``processes - 1`` spawned processes.
+    Once one is up they hold up to :data:`QUEUED` chunks each, and this process encodes the next chunk itself
+    whenever the one due is not back yet. Nothing waits for a process to start, the writer's core encodes too,
+    and a process that fails to start or dies leaves its chunks to this one. At most :data:`AHEAD` chunks per
+    process (64 in all) are held ahead of the consumer: memory is bounded whatever the split's size. ``tally``
+    (if given) counts the chunks encoded ``"here"`` and by the ``"others"``, and holds ``"up"``, done once another
+    process runs (None while none is started)."""
+    processes = max(1, processes)
     items = [(k, str(p), y, name) for k, (p, y, name) in enumerate(files)]
     chunks = _chunks(items, sizes if sizes is not None else [_size(p) for p, _, _ in files])
-    todo, ahead = iter(chunks), deque()  # ahead: per chunk, in order, its results or another process's Future
+    todo = iter(chunks)
+    ahead: deque[tuple[Future, list]] = deque()  # per chunk, in order: its Future (done at once if encoded here)
     tally = {} if tally is None else tally
     tally.update(here=0, others=0, up=None)
-    window, pool, up, t0 = min(AHEAD * processes, 64), None, None, time.perf_counter()
+    args = (max_side, Image.MAX_IMAGE_PIXELS)  # a spawned process starts with PIL's default limit
+    window, pool, up, finished = min(AHEAD * processes, 64), None, None, False
+    files_here, since = 0, 0.0  # files encoded here, and when the first chunk was
     try:
         while True:
-            if pool is None and processes > 1 and tally["here"]:
-                done = sum(map(len, chunks[: tally["here"]]))  # files: chunks differ in length
-                left = (len(items) - done) * (time.perf_counter() - t0) / done
+            if pool is None and processes > 1 and tally["here"] >= 2:
+                timed = files_here - len(chunks[0])
+                left = (len(items) - files_here) * (time.perf_counter() - since) / timed
                 if left > SPREAD_FROM:
                     pool = ProcessPoolExecutor(processes - 1, mp_context=get_context("spawn"))
                     # done once a process runs: until then this one encodes alone
                     up = tally["up"] = pool.submit(os.getpid)
             if up is not None and up.done():
-                given = sum(isinstance(a, Future) and not a.done() for a in ahead)
-                while given < QUEUED * (processes - 1) and len(ahead) < window:
-                    c = next(todo, None)
-                    if c is None:
+                if up.exception() is not None:  # no process could start: this one encodes alone
+                    up = None
+                given = sum(not f.done() for f, _ in ahead)  # only another process's can be pending
+                while up is not None and given < QUEUED * (processes - 1) and len(ahead) < window:
+                    if (c := next(todo, None)) is None:
                         break
-                    ahead.append(pool.submit(_encode_chunk, c, max_side))
-                    tally["others"] += 1
-                    given += 1
-            if ahead and (isinstance(ahead[0], list) or ahead[0].done()):
-                head = ahead.popleft()
-                yield from head if isinstance(head, list) else head.result()
+                    try:
+                        ahead.append((pool.submit(_encode_chunk, c, *args), c))
+                        tally["others"] += 1
+                        given += 1
+                    except BrokenProcessPool:  # its process died since: this chunk and the rest are encoded here
+                        ahead.append((_here(c, *args), c))
+                        tally["here"] += 1
+                        files_here += len(c)
+                        up = None
+            if ahead and ahead[0][0].done():
+                f, c = ahead.popleft()
+                try:
+                    got = f.result()
+                except BrokenProcessPool:  # its process died (killed, out of memory): encoded here instead
+                    got, up = _encode_chunk(c, *args), None
+                yield from got
             elif len(ahead) < window and (c := next(todo, None)) is not None:
-                ahead.append(_encode_chunk(c, max_side))
+                ahead.append((_here(c, *args), c))
                 tally["here"] += 1
+                files_here += len(c)
+                since = since or time.perf_counter()
             elif ahead:
-                wait([ahead[0]])  # the one due is another process's, and there is nothing left to encode here
+                wait([ahead[0][0]])  # the one due is another process's, and the window is full or all given out
             else:
+                finished = True
                 return
     finally:
-        if pool is not None:  # done, failed, or closed by the consumer: encode no more
-            pool.shutdown(cancel_futures=True)
+        if pool is not None:
+            # failed or closed by the consumer: encode no more, and leave no process behind; done before any
+            # process came up: none holds a chunk, so the writer does not wait for one to start
+            started = tally["up"].done()
+            pool.shutdown(wait=started or not finished, cancel_futures=True)
 
 
 def _write_shard(path: Path, items: list, encoded: Iterator) -> dict:
@@ -288,7 +324,7 @@ def _groups(
     """Consecutive files in groups of at most ``shard_bytes`` (by their ``sizes`` on disk) and :data:`SHARD_IMAGES`
     images: the same groups on any machine."""
     groups, cur, size = [], [], 0
-    for item, n in zip(files, sizes):
+    for item, n in zip(files, sizes, strict=True):
         if cur and (size + n > shard_bytes or len(cur) >= SHARD_IMAGES):
             groups.append(cur)
             cur, size = [], 0

@@ -3,7 +3,8 @@
 For the source and the target (an embedded dataset, rendered here, or a user's ImageFolder tree), each split
 is checked (class folders, stray files, names), every image decoded once (a corrupt file stops the run, or is
 skipped with ``data.skip_corrupt``) and written into WebDataset-style tar shards with an index
-(:mod:`tlcore.shards`): ``<data_dir>/<role>/<split>/shard-*.tar`` and ``index.json``, by all cores in parallel.
+(:mod:`tlcore.shards`): ``<data_dir>/<role>/<split>/shard-*.tar`` and ``index.json``, on all cores when a split
+would take one more than a second.
 Images are kept as they came, or re-encoded with the shorter side at most :data:`MAX_SIDE` pixels. Later stages
 never walk or decode the user's folder again. Writes ``<data_dir>/manifest.json``: class names, counts,
 colour, and a per-split content hash (names and original bytes).
