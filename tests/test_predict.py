@@ -198,3 +198,21 @@ def test_parse_model_spec():
     for bad in ("digits", "digits/0", "digits/", "digits@", "a@b/2"):
         with pytest.raises(registry.RegistryError, match="NAME@ALIAS"):
             registry.parse_model(bad, "d")
+
+
+def test_a_users_big_jpeg_is_decoded_shrunk_and_a_prepared_image_as_training_decodes_it(tmp_path, monkeypatch):
+    """A camera photo bound for 72 px is decoded by libjpeg at a reduced scale (never under 144 px), within a grey
+    level of the full decode; a prepared image's bytes (what evaluate reads) are decoded whole."""
+    from tlcore import images
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((1200, 900), Image.BICUBIC)
+    photo.save(tmp_path / "big.jpg", quality=90)
+    seen, real = [], images.open_image
+    monkeypatch.setattr(
+        images, "open_image", lambda src, name, shrink_to=None: seen.append(shrink_to) or real(src, name, shrink_to)
+    )
+    shrunk = serving._decode(tmp_path / "big.jpg", "RGB", 64, 72, "bilinear", "big.jpg")
+    whole = serving._decode((tmp_path / "big.jpg").read_bytes(), "RGB", 64, 72, "bilinear", "big.jpg")
+    assert seen == [72, None] and shrunk[0] == whole[0] == "ok" and shrunk[1].shape == whole[1].shape == (64, 64, 3)
+    assert np.abs(shrunk[1].astype(float) - whole[1]).mean() < 1

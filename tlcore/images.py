@@ -139,6 +139,7 @@ def decode_image(
     resize: int | None = None,
     interpolation: str = "bilinear",
     name: str | None = None,
+    shrink: bool = False,
 ) -> np.ndarray:
     """Decode one image file as a user has it into ``uint8 (H, W, C)`` pixels, ``C`` = 1 (``mode="L"``) or 3.
 
@@ -149,12 +150,16 @@ def decode_image(
     ``size`` resizes to ``size`` x ``size`` (bilinear), stretched, or with ``resize`` by a centre crop (see
     :func:`resize_image`). Raises :class:`ImageDecodeError` naming the file:
     not an image, truncated, or larger than PIL's decompression-bomb limit. ``path`` may also be a file's bytes
-    (as a prepared shard holds them; ``name`` then says which file they came from).
+    (as a prepared shard holds them; ``name`` then says which file they came from). ``shrink`` (with a ``size``):
+    a big JPEG may be decoded at a reduced scale, never under twice the side it is resized to (see
+    :func:`open_image`), for a caller that does not need the very pixels training saw (``tl predict`` on a
+    user's camera photos: ~2x faster, within a fraction of a grey level).
     """
     if not isinstance(path, (bytes, bytearray, memoryview)):
         path = Path(path)
     name = name or (show_path(path) if isinstance(path, Path) else "image bytes")
-    return to_pixels(open_image(path, name), mode, size, resize, interpolation, name)
+    shrink_to = (resize or size) if shrink else None
+    return to_pixels(open_image(path, name, shrink_to), mode, size, resize, interpolation, name)
 
 
 def to_pixels(

@@ -113,11 +113,13 @@ PARALLEL_FROM = 64  # images: fewer are decoded here, faster than starting decod
 
 
 def _decode(src, mode: str, size: int, resize: int | None, interpolation: str, name: str):
-    """``("ok", pixels)`` or ``("error", why)`` of one image: runs in a decoding process."""
+    """``("ok", pixels)`` or ``("error", why)`` of one image: runs in a decoding process. A user's file (not a
+    prepared image's bytes, decoded as training decodes them) may be decoded shrunk (a big JPEG: ``decode_image``'s
+    ``shrink``)."""
     from tlcore.images import ImageDecodeError, decode_image
 
     try:
-        return "ok", decode_image(src, mode, size, resize, interpolation, name=name)
+        return "ok", decode_image(src, mode, size, resize, interpolation, name=name, shrink=not isinstance(src, bytes))
     except ImageDecodeError as e:
         return "error", str(e)
 
