@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -193,18 +194,23 @@ def _size(path: Path) -> int:
         return 0  # unreadable: reported when it is encoded
 
 
-def _chunks(items: list, sizes: list[int]) -> list[list]:
-    """``items`` cut into consecutive chunks of at most :data:`CHUNK` items and, past the first item of each, at
-    most :data:`CHUNK_BYTES` by ``sizes``."""
-    chunks: list[list] = []
+def _runs(items: list, sizes: list[int], most: int, most_bytes: int) -> list[list]:
+    """``items`` cut into consecutive runs of at most ``most`` items and, past the first item of each, at most
+    ``most_bytes`` by ``sizes``: a shard's images (:func:`_groups`), or a process's job (:func:`_chunks`)."""
+    runs: list[list] = []
     size = 0
     for item, n in zip(items, sizes, strict=True):
-        if not chunks or len(chunks[-1]) >= CHUNK or size + n > CHUNK_BYTES:
-            chunks.append([])
+        if not runs or len(runs[-1]) >= most or size + n > most_bytes:
+            runs.append([])
             size = 0
-        chunks[-1].append(item)
+        runs[-1].append(item)
         size += n
-    return chunks
+    return runs
+
+
+def _chunks(items: list, sizes: list[int]) -> list[list]:
+    """A process's jobs: at most :data:`CHUNK` items and, past the first, :data:`CHUNK_BYTES` by ``sizes``."""
+    return _runs(items, sizes, CHUNK, CHUNK_BYTES)
 
 
 def _here(chunk: list, *args) -> Future:
@@ -266,10 +272,7 @@ def _encoded(
                         tally["others"] += 1
                         given += 1
                     except BrokenProcessPool:  # its process died since: this chunk and the rest are encoded here
-                        ahead.append((_here(c, *args), c))
-                        tally["here"] += 1
-                        files_here += len(c)
-                        up = None
+                        todo, up = itertools.chain([c], todo), None
             if ahead and ahead[0][0].done():
                 f, c = ahead.popleft()
                 try:
@@ -323,14 +326,7 @@ def _groups(
 ) -> list[list[tuple[Path, int, str]]]:
     """Consecutive files in groups of at most ``shard_bytes`` (by their ``sizes`` on disk) and :data:`SHARD_IMAGES`
     images: the same groups on any machine."""
-    groups, cur, size = [], [], 0
-    for item, n in zip(files, sizes, strict=True):
-        if cur and (size + n > shard_bytes or len(cur) >= SHARD_IMAGES):
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(item)
-        size += n
-    return groups + ([cur] if cur else [])
+    return _runs(files, sizes, SHARD_IMAGES, shard_bytes)
 
 
 def write_split(
