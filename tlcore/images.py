@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageChops, ImageOps, UnidentifiedImageError
 
 # torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS; a test keeps them equal).
 # Not imported from there: importing torchvision costs ~2 s per process on a 2-core machine.
@@ -58,9 +58,13 @@ KEEP_BLOCKS = 4
 DRAFT_FORMATS = ("JPEG", "MPO")  # libjpeg can decode these at 1/2, 1/4, 1/8 scale (MPO: a phone's JPEG)
 
 
-def open_image(src: Path | bytes, name: str, shrink_to: int | None = None) -> Image.Image:
+def open_image(
+    src: Path | bytes, name: str, shrink_to: int | None = None, as_stored: dict | None = None
+) -> Image.Image:
     """Open and fully decode ``src`` (a file, or a file's bytes); every failure (decompression bombs included) as
-    :class:`ImageDecodeError` naming ``name``.
+    :class:`ImageDecodeError` naming ``name``. ``as_stored``, if given, receives what the file itself holds, read
+    before any change: ``format``, ``mode``, ``size``, ``transparency`` (a transparency key) and ``orientation``
+    (EXIF or XMP; 1 when none).
 
     ``shrink_to``, for a caller that resizes the image to that shorter side anyway: a JPEG at least 4 times bigger
     is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (``Image.draft``), its shorter side never
@@ -74,11 +78,19 @@ def open_image(src: Path | bytes, name: str, shrink_to: int | None = None) -> Im
         try:
             with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src) as im:
                 short = min(im.size)
+                if as_stored is not None:
+                    as_stored.update(
+                        format=im.format, mode=im.mode, size=im.size, transparency="transparency" in im.info
+                    )
                 if shrink_to and im.format in DRAFT_FORMATS and short >= 4 * shrink_to:
                     # rounded down: libjpeg's scale is the whole quotient, so the shorter side stays >= 2x
                     im.draft(im.mode, (im.width * 2 * shrink_to // short, im.height * 2 * shrink_to // short))
                 im.load()
-                return ImageOps.exif_transpose(im)  # a rotated phone photo stands upright, as viewers show it
+                if as_stored is not None:
+                    as_stored["orientation"] = im.getexif().get(ExifTags.Base.Orientation, 1)
+                # a rotated phone photo stands upright, as viewers show it; in place: no copy of an upright one
+                ImageOps.exif_transpose(im, in_place=True)
+                return im
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(
                 f"{path}: refused as a possible decompression bomb ({e}; the limit is PIL's "

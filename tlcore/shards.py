@@ -125,16 +125,16 @@ def _encode(path: Path, name: str, max_side: int) -> tuple[bytes, str, bool, str
     image file; :class:`ImageDecodeError` if it does not decode."""
     raw = path.read_bytes()
     # decoded whole (a big JPEG at a reduced scale, never under 2x max_side) or refused; EXIF orientation applied
-    im = open_image(raw, name, shrink_to=max_side)
-    with Image.open(io.BytesIO(raw)) as probe:  # the file as it is, before any change
-        fmt = probe.format
-        plain = (
-            fmt in KEEP_FORMATS
-            and probe.mode in ("L", "RGB")
-            and "transparency" not in probe.info
-            and probe.getexif().get(0x0112, 1) == 1
-            and min(probe.size) <= max_side
-        )
+    stored: dict = {}  # the file as it is, before any change
+    im = open_image(raw, name, shrink_to=max_side, as_stored=stored)
+    fmt = stored["format"]
+    plain = (
+        fmt in KEEP_FORMATS
+        and stored["mode"] in ("L", "RGB")
+        and not stored["transparency"]
+        and stored["orientation"] == 1
+        and min(stored["size"]) <= max_side
+    )
     sha = hashlib.sha256(raw).hexdigest()
     if plain:
         return raw, KEEP_FORMATS[fmt], has_colour(im), sha, min(im.size)
