@@ -185,3 +185,22 @@ def test_has_colour_is_is_grey_of_the_pixels_and_a_big_jpeg_decodes_shrunk_only_
     # what it is shrunk for: at the bounded size, the same picture as the full decode resized
     a, b = (np.asarray(im.resize((133, 100), Image.BICUBIC), dtype=float) for im in (shrunk, full))
     assert np.abs(a - b).mean() < 2
+
+
+def test_open_image_reports_the_file_as_stored_before_it_turns_or_shrinks_it(tmp_path):
+    """What the data stage decides on (store the file as it came, or re-encode it) is read from the same open as the
+    decode: the file's own format, mode, size, transparency key and orientation, not the upright, shrunk image's."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((1200, 900), Image.BICUBIC)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored sideways
+    photo.save(tmp_path / "sideways.jpg", exif=exif, quality=90)
+    stored: dict = {}
+    im = open_image((tmp_path / "sideways.jpg").read_bytes(), "sideways.jpg", shrink_to=100, as_stored=stored)
+    assert stored == {"format": "JPEG", "mode": "RGB", "size": (1200, 900), "transparency": False, "orientation": 6}
+    assert im.size == (225, 300)  # shrunk 1/4 by libjpeg, then turned upright
+    assert np.array_equal(np.asarray(im), np.asarray(open_image(tmp_path / "sideways.jpg", "x", shrink_to=100)))
+    Image.fromarray(rng.integers(0, 256, (5, 7), dtype=np.uint8), "L").save(tmp_path / "key.png", transparency=3)
+    stored = {}
+    open_image(tmp_path / "key.png", "key.png", as_stored=stored)
+    assert stored == {"format": "PNG", "mode": "L", "size": (7, 5), "transparency": True, "orientation": 1}
