@@ -139,6 +139,7 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     jobs: list = []
     _in_process(monkeypatch, jobs)
     monkeypatch.setattr(tl_metrics, "throughput", lambda *a, **k: 0.0)  # batch-256 timing: not what is tested here
+    monkeypatch.setattr("tasks.stages.data.PROGRESS_EVERY", 0.0)  # a progress line per image, not per 10 s
 
     manifest = prepare(params)
     assert (manifest["source"]["channels"], manifest["target"]["channels"]) == (1, 3)
@@ -175,6 +176,8 @@ def test_resnet18_with_cached_imagenet_weights_on_rgb_photos_of_mixed_sizes(proj
     out = capsys.readouterr().out
     assert "pretrain: resnet18 sees 32x32 RGB images (shorter side resized to 37, centre crop)" in out
     assert f"data: target {photos}: train 12, test 6 (18 in colour)" in out
+    progress = [line for line in out.splitlines() if line.startswith("data: test: ") and " of 6 images " in line]
+    assert [line.split()[2] for line in progress[-6:]] == ["1", "2", "3", "4", "5", "6"] and "(100%)" in progress[-1]
     print(f"resnet18 photo pipeline: {time.perf_counter() - start:.1f} s")
 
 

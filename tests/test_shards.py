@@ -132,7 +132,11 @@ def test_parallel_writing_gives_the_same_bytes_as_one_process(folder, tmp_path, 
     assert got == list(shards._encoded(files, 64, 1))
 
     one, bad1 = shards.write_split(files, classes, tmp_path / "one", max_side=64, shard_bytes=4000)
-    two, bad2 = shards.write_split(files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=3)
+    done: list[int] = []  # what progress sees: one call per file, left-out ones too
+    two, bad2 = shards.write_split(
+        files, classes, tmp_path / "two", max_side=64, shard_bytes=4000, processes=3, progress=done.append
+    )
+    assert done == list(range(1, len(files) + 1))
     assert one == two and len(one) == 36 and bad1 == bad2 and [p for p, _ in bad2] == [broken]
     members = []
     for name in one.shards:

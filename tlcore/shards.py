@@ -33,7 +33,7 @@ import os
 import tarfile
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -321,6 +321,13 @@ def _write_shard(path: Path, items: list, encoded: Iterator) -> dict:
     return {"rows": rows, "bad": bad, "colour": colour}
 
 
+def _counted(encoded: Iterator, progress: Callable[[int], None]) -> Iterator:
+    """``encoded``, calling ``progress`` with the count of items taken from it so far as each one is taken."""
+    for done, got in enumerate(encoded, 1):
+        progress(done)
+        yield got
+
+
 def _groups(
     files: list[tuple[Path, int, str]], sizes: list[int], shard_bytes: int
 ) -> list[list[tuple[Path, int, str]]]:
@@ -336,17 +343,19 @@ def write_split(
     max_side: int,
     processes: int = 1,
     shard_bytes: int = SHARD_BYTES,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[SplitIndex, list]:
     """Prepare one split into ``split_dir`` (created empty): ``files`` are ``(path, label, name)`` in order,
-    encoded by ``processes`` processes. Returns the index and ``[(path, why), ...]`` of the files that did not
-    decode (left out)."""
+    encoded by ``processes`` processes; ``progress(done)``, if given, is called as each file comes to be written
+    (or left out). Returns the index and ``[(path, why), ...]`` of the files that did not decode (left out)."""
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=False)
     sizes = [_size(p) for p, _, _ in files]
     groups = _groups(files, sizes, shard_bytes)
     names = [f"shard-{i:06d}.tar" for i in range(len(groups))]
     with contextlib.closing(_encoded(files, max_side, processes, sizes=sizes)) as encoded:  # closed: processes stop
-        results = [_write_shard(split_dir / name, group, encoded) for name, group in zip(names, groups)]
+        counted = _counted(encoded, progress) if progress is not None else encoded
+        results = [_write_shard(split_dir / name, group, counted) for name, group in zip(names, groups)]
     index, bad = SplitIndex(classes=list(classes), shards=names, max_side=max_side), []
     for s, res in enumerate(results):
         bad += res["bad"]

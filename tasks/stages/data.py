@@ -26,6 +26,27 @@ from tlcore.embedded import EMBEDDED
 # the shorter side of a stored image, at most: room for a random-resized crop at 448 px, a quarter of the
 # bytes of a 1024 px photo
 MAX_SIDE = 512
+PROGRESS_EVERY = 10.0  # seconds between two progress lines while a split is prepared
+
+
+class _Progress:
+    """``write_split``'s progress callback: a line at most every :data:`PROGRESS_EVERY` seconds while one split
+    is prepared (how far, how fast, about how long is left); a split done sooner prints none."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        say(
+            f"data: {self.what}: {done:,} of {self.total:,} images ({done / self.total:.0%}), "
+            f"{rate:,.0f} images/s, ~{(self.total - done) / max(rate, 1e-9):.0f} s left"
+        )
 
 
 def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
@@ -56,7 +77,9 @@ def _prepare_tree(src: Path, dst: Path, skip_corrupt: bool) -> dict:
             ]
             t0 = time.perf_counter()
             classes = [show_path(c) for c in rep.classes]  # a name that is not UTF-8: its odd bytes as \xNN
-            index, bad = shards.write_split(files, classes, tmp / split, MAX_SIDE, processes=local_cpus())
+            index, bad = shards.write_split(
+                files, classes, tmp / split, MAX_SIDE, processes=local_cpus(), progress=_Progress(split, len(files))
+            )
             folders.check_decoded(src / split, rep, bad, skip_corrupt)  # raises unless skip_corrupt
             if bad:
                 say(f"data: skipped {len(bad)} corrupt image(s) in {where}")
