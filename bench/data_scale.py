@@ -159,7 +159,8 @@ def run_stage(project: Path, stage: str, env: dict) -> dict:
     rss = peak.stop()
     if proc.returncode != 0:
         raise SystemExit(f"{stage} failed on {project}:\n{out[-4000:]}")
-    line = next((ln for ln in out.splitlines() if "images/s" in ln and ln.startswith("data: train")), "")
+    # the split's closing line, not a progress line
+    line = next((ln for ln in out.splitlines() if ln.startswith("data: train: ") and " images in " in ln), "")
     return {"stage": stage, "seconds": time.perf_counter() - t, "peak_gb": rss / 1e9, "log": line}
 
 
@@ -201,17 +202,26 @@ def stages_at(photos: Path, n: int, work: Path, env: dict) -> list[dict]:
     return rows
 
 
+UNSHARED_TIMEOUT = 600  # seconds: longer than any of these runs takes, short of hanging the benchmark
+
+
 def _encode_share(chunks: list, ready, done) -> None:
     """One process of :func:`unshared`: encode ``chunks`` as the data stage's encoders do, from the moment all are
-    up (``ready``), and report the seconds that took (``done``)."""
-    from tlcore import shards
+    up (``ready``), and report the seconds that took (``done``; None if it failed, after breaking ``ready`` so
+    that no one waits for it)."""
+    try:
+        from tlcore import shards
 
-    shards._encode_chunk(chunks[0], 512)  # warm: imports, codecs, allocator
-    ready.wait()
-    t = time.perf_counter()
-    for c in chunks:
-        shards._encode_chunk(c, 512)
-    done.put(time.perf_counter() - t)
+        shards._encode_chunk(chunks[0], 512)  # warm: imports, codecs, allocator
+        ready.wait(timeout=UNSHARED_TIMEOUT)
+        t = time.perf_counter()
+        for c in chunks:
+            shards._encode_chunk(c, 512)
+        done.put(time.perf_counter() - t)
+    except BaseException:
+        ready.abort()
+        done.put(None)
+        raise
 
 
 def unshared(chunks: list) -> float:
@@ -220,6 +230,8 @@ def unshared(chunks: list) -> float:
     already running and start together, alternate chunks each. Returns 2 processes' images/s over 1's."""
     from multiprocessing import get_context
 
+    if len(chunks) < 2:
+        raise ValueError(f"{len(chunks)} chunk(s): two processes need at least two")
     ctx = get_context("spawn")
     took = {}
     for procs in (1, 2):
@@ -227,10 +239,15 @@ def unshared(chunks: list) -> float:
         ps = [ctx.Process(target=_encode_share, args=(chunks[k::procs], ready, done)) for k in range(procs)]
         for p in ps:
             p.start()
-        ready.wait()
-        took[procs] = max(done.get() for _ in ps)  # each one's own clock: not its exit
-        for p in ps:
-            p.join()
+        try:
+            ready.wait(timeout=UNSHARED_TIMEOUT)  # broken (raises) if a process failed or never came up
+            times = [done.get(timeout=UNSHARED_TIMEOUT) for _ in ps]  # each one's own clock: not its exit
+        finally:
+            for p in ps:
+                p.join(timeout=UNSHARED_TIMEOUT)
+        if None in times or any(p.exitcode != 0 for p in ps):
+            raise RuntimeError(f"an encoding process failed: exit codes {[p.exitcode for p in ps]}")
+        took[procs] = max(times)
     return took[1] / took[2]
 
 

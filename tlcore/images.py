@@ -56,6 +56,7 @@ def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
 # PILLOW_BLOCKS_MAX the user set is left as it is.
 KEEP_BLOCKS = 4
 DRAFT_FORMATS = ("JPEG", "MPO")  # libjpeg can decode these at 1/2, 1/4, 1/8 scale (MPO: a phone's JPEG)
+OWN_MEMORY_FORMATS = ("JPEG", "MPO", "PNG")  # decoded into memory of their own: no map of the file, no codec kept
 
 
 def open_image(
@@ -64,7 +65,7 @@ def open_image(
     """Open and fully decode ``src`` (a file, or a file's bytes); every failure (decompression bombs included) as
     :class:`ImageDecodeError` naming ``name``. ``as_stored``, if given, receives what the file itself holds, read
     before any change: ``format``, ``mode``, ``size``, ``transparency`` (a transparency key) and ``orientation``
-    (EXIF or XMP; 1 when none).
+    (EXIF or XMP; 1 when none; a TIFF's is 1 and its size upright: Pillow turns a TIFF upright as it opens it).
 
     ``shrink_to``, for a caller that resizes the image to that shorter side anyway: a JPEG at least 4 times bigger
     is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (``Image.draft``), its shorter side never
@@ -90,7 +91,9 @@ def open_image(
                     as_stored["orientation"] = im.getexif().get(ExifTags.Base.Orientation, 1)
                 # a rotated phone photo stands upright, as viewers show it; in place: no copy of an upright one
                 ImageOps.exif_transpose(im, in_place=True)
-                return im
+                # a JPEG or PNG is decoded whole into memory and returned as it is; any other format is copied, so
+                # that nothing of the file (a memory map of it, a codec's state) outlives this call
+                return im if im.format in OWN_MEMORY_FORMATS else im.copy()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageDecodeError(
                 f"{path}: refused as a possible decompression bomb ({e}; the limit is PIL's "
