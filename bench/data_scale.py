@@ -259,8 +259,7 @@ def prep_throughput(photos: Path, work: Path, n: int, reps: int) -> dict:
 
     rep = folders.list_split(photos / "train")
     files = [(p, y, f"{rep.classes[y]}/{p.name}") for p, y in rep.files][:n]
-    items = [(k, str(p), y, name) for k, (p, y, name) in enumerate(files)]
-    chunks = shards._chunks(items, [shards._size(p) for p, _, _ in files])  # as write_split cuts them
+    chunks = shards._jobs(files, [shards._size(p) for p, _, _ in files])  # as write_split cuts them
     runs: dict = {1: [], 2: [], "unshared": []}
     for _ in range(reps):
         for procs in (1, 2):

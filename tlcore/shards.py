@@ -213,6 +213,12 @@ def _chunks(items: list, sizes: list[int]) -> list[list]:
     return _runs(items, sizes, CHUNK, CHUNK_BYTES)
 
 
+def _jobs(files: list[tuple[Path, int, str]], sizes: list[int]) -> list[list[tuple[int, str, int, str]]]:
+    """``files`` as the encoding processes take them: ``(key, file, label, name)`` (the key: the file's place in
+    ``files``), in :func:`_chunks` by ``sizes``."""
+    return _chunks([(k, str(p), y, name) for k, (p, y, name) in enumerate(files)], sizes)
+
+
 def _here(chunk: list, *args) -> Future:
     """A chunk encoded in this process, as a done Future: its results, or what it raised, in its turn."""
     f: Future = Future()
@@ -242,8 +248,7 @@ def _encoded(
     (if given) counts the chunks encoded ``"here"`` and by the ``"others"``, and holds ``"up"``, done once another
     process runs (None while none is started)."""
     processes = max(1, processes)
-    items = [(k, str(p), y, name) for k, (p, y, name) in enumerate(files)]
-    chunks = _chunks(items, sizes if sizes is not None else [_size(p) for p, _, _ in files])
+    chunks = _jobs(files, sizes if sizes is not None else [_size(p) for p, _, _ in files])
     todo = iter(chunks)
     ahead: deque[tuple[Future, list]] = deque()  # per chunk, in order: its Future (done at once if encoded here)
     tally = {} if tally is None else tally
@@ -255,7 +260,7 @@ def _encoded(
         while True:
             if pool is None and processes > 1 and tally["here"] >= 2:
                 timed = files_here - len(chunks[0])
-                left = (len(items) - files_here) * (time.perf_counter() - since) / timed
+                left = (len(files) - files_here) * (time.perf_counter() - since) / timed
                 if left > SPREAD_FROM:
                     pool = ProcessPoolExecutor(processes - 1, mp_context=get_context("spawn"))
                     # done once a process runs: until then this one encodes alone
